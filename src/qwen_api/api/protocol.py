@@ -1,0 +1,49 @@
+"""Request and response schemas of the seed API (`/generate`), with their limits in `Field(...)`.
+
+Defaults and shapes are exactly those of the specification; each request converts itself to engine
+parameters. Limits that operators configure (caps) are checked by the route against the settings.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from qwen_api.engine.base import SamplingParams
+
+
+class GenerateRequest(BaseModel):
+    """Body of POST /generate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., min_length=1, description="The user's message; sent through the chat template.")
+    max_length: int = Field(512, ge=1, description="Most new tokens to generate (the prompt is not counted).")
+    temperature: float = Field(
+        0.7, ge=0.0, le=2.0, allow_inf_nan=False, description="Sampling temperature; 0 means greedy."
+    )
+    top_p: float = Field(0.9, gt=0.0, le=1.0, allow_inf_nan=False, description="Nucleus sampling mass.")
+    top_k: int = Field(50, ge=0, description="Keep the k most likely tokens; 0 disables top-k.")
+    num_return_sequences: int = Field(1, ge=1, description="Number of independent samples to return.")
+
+    def to_sampling_params(self) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=self.max_length, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k
+        )
+
+
+class GenerateResponse(BaseModel):
+    """Answer of POST /generate: the texts, and every effective parameter, defaults included."""
+
+    generated_texts: list[str]
+    parameters: GenerateRequest
+
+
+class RootResponse(BaseModel):
+    name: str
+    version: str
+    status: str
+    model: str
+
+
+class HealthResponse(BaseModel):
+    status: str

@@ -1,0 +1,60 @@
+"""The seed API, exactly as the specification shows it: GET /, GET /health, POST /generate."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from qwen_api import __version__
+from qwen_api.api.deps import GeneratorDep, RuntimeDep, SettingsDep
+from qwen_api.api.errors import NOT_LOADED, invalid_field
+from qwen_api.api.protocol import GenerateRequest, GenerateResponse, HealthResponse, RootResponse
+from qwen_api.engine.base import EngineError
+
+router = APIRouter()
+
+
+@router.get("/", response_model=RootResponse)
+async def root(runtime: RuntimeDep) -> RootResponse:
+    return RootResponse(
+        name="Qwen2-7B-Instruct API", version=__version__, status="active", model=runtime.model_name
+    )
+
+
+@router.get(
+    "/health",
+    response_model=HealthResponse,
+    responses={503: {"description": "The model is loading, failed to load, or its engine died."}},
+)
+async def health(runtime: RuntimeDep) -> HealthResponse | JSONResponse:
+    if not runtime.healthy():
+        return JSONResponse({"detail": NOT_LOADED}, status_code=503)
+    return HealthResponse(status="healthy")
+
+
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    responses={500: {"description": "Generation failed"}, 503: {"description": NOT_LOADED}},
+)
+async def generate(body: GenerateRequest, settings: SettingsDep, generator: GeneratorDep) -> GenerateResponse:
+    if body.max_length > settings.max_new_tokens_limit:
+        raise invalid_field(
+            "max_length", f"must be at most {settings.max_new_tokens_limit} on this server", body.max_length
+        )
+    if body.num_return_sequences > settings.max_num_return_sequences:
+        raise invalid_field(
+            "num_return_sequences",
+            f"must be at most {settings.max_num_return_sequences} on this server",
+            body.num_return_sequences,
+        )
+    prompt_ids = generator.chat_prompt_ids([{"role": "user", "content": body.prompt}])
+    try:
+        completions = await generator.complete(
+            prompt_ids, body.to_sampling_params(), n=body.num_return_sequences
+        )
+    except (EngineError, ValueError):
+        raise
+    except Exception as exc:  # anything else the engine throws is still "generation failed", never a bare 500
+        raise EngineError(f"{type(exc).__name__}: {exc}") from exc
+    return GenerateResponse(generated_texts=[c.text for c in completions], parameters=body)

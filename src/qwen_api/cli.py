@@ -1,0 +1,52 @@
+"""`qwen-api serve`: parse flags and environment through the one settings schema, resolve the model, serve.
+
+The model is resolved before the server starts, so a model that cannot be had fails fast with one line
+(exit code 2) instead of a server that is never healthy.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from qwen_api.settings import Settings
+
+USAGE = "usage: qwen-api serve [--model MODEL] [--host HOST] [--port PORT] [...]  (qwen-api serve --help)"
+
+
+def serve(settings: Settings) -> int:
+    import uvicorn
+
+    from qwen_api.api.app import create_app
+    from qwen_api.engine.loading import ModelUnavailable, resolve_model
+    from qwen_api.runtime import Runtime, transformers_loader
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        source = resolve_model(settings.model)
+    except ModelUnavailable as exc:
+        print(f"qwen-api: {exc}", file=sys.stderr)
+        return 2
+    runtime = Runtime(transformers_loader(settings, source), settings.served_model_name or source.name)
+    app = create_app(settings, runtime)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "serve":
+        settings = Settings(_cli_parse_args=rest, _cli_prog_name="qwen-api serve")  # type: ignore[call-arg]
+        return serve(settings)
+    print(f"qwen-api: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

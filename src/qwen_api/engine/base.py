@@ -1,0 +1,68 @@
+"""The engine contract: token ids in, an async stream of token ids out, per sequence.
+
+An engine knows nothing of HTTP, chat templates or text. `generate` starts one sequence and yields
+`TokenChunk`s as the engine produces them; closing the iterator early (a client went away, a stop string
+matched) cancels the sequence and frees its batch slot. Engines raise the `EngineError` family only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence is sampled. temperature 0 means greedy; top_k 0 disables top-k."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """Tokens produced since the previous chunk; the last chunk of a sequence carries its finish reason."""
+
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load, read by /health, metrics and tests."""
+
+    running: int  # sequences admitted and not yet finished
+    waiting: int  # sequences the scheduler has not started yet
+    steps: int  # forward steps run so far
+    peak_batch_size: int  # most sequences seen together in one forward step
+
+
+class EngineError(Exception):
+    """Generation failed."""
+
+
+class EngineDead(EngineError):
+    """The engine's worker has died; no request can be served until the process restarts."""
+
+
+class Engine(Protocol):
+    """What the HTTP layer may ask of an engine."""
+
+    max_context_tokens: int  # prompt + generated tokens one sequence may hold
+
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, incremental: bool = True
+    ) -> AsyncIterator[TokenChunk]:
+        """Start one sequence. With incremental=False the engine may deliver all tokens in one final chunk."""
+        ...
+
+    def is_healthy(self) -> bool: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def shutdown(self) -> None: ...

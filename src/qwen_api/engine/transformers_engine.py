@@ -1,0 +1,181 @@
+"""The transformers engine: continuous batching with `ContinuousBatchingManager` on a background thread.
+
+The manager owns one generation thread that steps all running sequences together (paged KV cache, new
+requests join between steps). Each sequence gets its own asyncio queue, fed by `register_result_handler`
+on the event loop: FACTS.md measured the shared `request_id_iter` queue at 32 s for a 20-token stream
+beside another request, against 0.05 s alone. Sampling parameters are per request
+(`per_request_processors=True`); greedy is top-k 1, because the manager's `do_sample` is global.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from qwen_api.engine.base import EngineDead, EngineError, EngineStats, FinishReason, SamplingParams, TokenChunk
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_TOKENS = 32768
+_PAGE_SIZE = 256
+
+
+class TransformersEngine:
+    """Serves many concurrent sequences from one transformers model through continuous batching."""
+
+    def __init__(
+        self,
+        model: Any,
+        eos_token_ids: Iterable[int],
+        max_batch_size: int = 32,
+        kv_cache_tokens: int | None = None,
+    ) -> None:
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        self._eos = sorted(set(eos_token_ids))
+        self._vocab_size = int(model.config.get_text_config().vocab_size)
+        if kv_cache_tokens is None and model.device.type == "cpu":
+            # The library sizes the cache from 60% of all RAM on a CPU; a bounded default leaves room for others.
+            kv_cache_tokens = CPU_DEFAULT_KV_TOKENS
+        num_blocks = None if kv_cache_tokens is None else -(-kv_cache_tokens // _PAGE_SIZE)
+        # A per-request logits processor only exists when its default is not neutral, so the defaults below
+        # are placeholders that make all three exist; every request passes its own values.
+        generation_config = GenerationConfig(
+            do_sample=True, temperature=0.7, top_p=0.9, top_k=50, max_new_tokens=256, eos_token_id=self._eos
+        )
+        cb_config = ContinuousBatchingConfig(
+            per_request_processors=True,
+            page_size=_PAGE_SIZE,
+            num_blocks=num_blocks,
+            max_requests_per_batch=max_batch_size,
+        )
+        self._manager = model.init_continuous_batching(
+            generation_config=generation_config, continuous_batching_config=cb_config
+        )
+        self._ids = itertools.count()
+        self._running = 0
+        self._steps = 0
+        self._peak_batch = 0
+        self._count_steps_of_each_batch_processor()
+        self._manager.start()
+        self.max_context_tokens = min(self._wait_for_cache_capacity(), _model_context(model))
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def _count_steps_of_each_batch_processor(self) -> None:
+        """Record how many sequences each forward step carries: the proof that requests share the model."""
+        manager = self._manager
+        create = manager._create_batch_processor
+
+        def create_counted() -> Any:
+            processor = create()
+            schedule = processor.scheduler.schedule_batch
+
+            def schedule_counted(*args: Any, **kwargs: Any) -> Any:
+                result = schedule(*args, **kwargs)
+                if result[0]:
+                    self._steps += 1
+                    self._peak_batch = max(self._peak_batch, len(result[0]))
+                return result
+
+            processor.scheduler.schedule_batch = schedule_counted
+            return processor
+
+        manager._create_batch_processor = create_counted
+
+    def _wait_for_cache_capacity(self, timeout: float = 600.0) -> int:
+        """The cache is built on the generation thread; wait for it and return how many tokens it holds."""
+        deadline = time.monotonic() + timeout
+        while self._manager.batch_processor is None:
+            if not self._manager.is_running() or time.monotonic() > deadline:
+                raise EngineDead(f"the generation thread failed to start: {self._fatal_error()}")
+            time.sleep(0.01)
+        return int(self._manager.batch_processor.cache.max_tokens_read)
+
+    # ----------------------------------------------------------------------------------------- requests
+    def _processor_kwargs(self, params: SamplingParams) -> dict[str, Any]:
+        if params.temperature == 0:  # greedy: keep only the most likely token, then "sample" it
+            return {"temperature": 1.0, "top_p": 1.0, "top_k": 1}
+        top_k = params.top_k if params.top_k > 0 else self._vocab_size
+        return {"temperature": float(params.temperature), "top_p": float(params.top_p), "top_k": int(top_k)}
+
+    def _finish_reason(self, tokens: list[int]) -> FinishReason:
+        return "stop" if tokens and tokens[-1] in self._eos else "length"
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, incremental: bool = True
+    ) -> AsyncIterator[TokenChunk]:
+        """Run one sequence; see `Engine.generate`. Leaving the loop early cancels it in the engine."""
+        if not self.is_healthy():
+            raise EngineDead(f"the generation thread is not running: {self._fatal_error()}")
+        request_id = f"seq-{next(self._ids)}"
+        outputs: asyncio.Queue[Any] = asyncio.Queue()
+        self._manager.register_result_handler(request_id, outputs.put_nowait)
+        self._manager.add_request(
+            list(prompt_ids),
+            request_id=request_id,
+            max_new_tokens=params.max_new_tokens,
+            streaming=incremental,
+            **self._processor_kwargs(params),
+        )
+        self._running += 1
+        sent = 0
+        finished = False
+        try:
+            while not finished:
+                output = await self._next_output(outputs)
+                if output.error is not None:
+                    finished = True
+                    raise EngineError(output.error)
+                tokens = output.generated_tokens
+                new, sent = tokens[sent:], len(tokens)
+                finished = output.is_finished()
+                if finished:
+                    yield TokenChunk(new, self._finish_reason(tokens))
+                elif new:
+                    yield TokenChunk(new)
+        finally:
+            self._running -= 1
+            if not finished:
+                self._manager.cancel_request(request_id)
+                with self._manager.output_router._lock:
+                    self._manager.output_router.result_handlers.pop(request_id, None)
+
+    async def _next_output(self, outputs: asyncio.Queue[Any]) -> Any:
+        """Wait for the next output, but notice a dead generation thread instead of waiting forever."""
+        while True:
+            try:
+                return await asyncio.wait_for(outputs.get(), timeout=1.0)
+            except TimeoutError:
+                if not self.is_healthy():
+                    raise EngineDead(f"the generation thread died: {self._fatal_error()}") from None
+
+    # ----------------------------------------------------------------------------------------- state
+    def _fatal_error(self) -> str:
+        return str(self._manager.background_thread_status.fatal_error or "stopped")
+
+    def is_healthy(self) -> bool:
+        return self._manager.is_running() and self._manager.background_thread_status.fatal_error is None
+
+    def stats(self) -> EngineStats:
+        processor = self._manager.batch_processor
+        waiting = self._manager.input_queue.qsize()
+        if processor is not None:
+            waiting += len(processor.scheduler.waiting_requests)
+        return EngineStats(
+            running=self._running, waiting=waiting, steps=self._steps, peak_batch_size=self._peak_batch
+        )
+
+    def shutdown(self) -> None:
+        if self._manager.is_running():
+            self._manager.stop(block=True, timeout=10)
+
+
+def _model_context(model: Any) -> int:
+    config = model.config.get_text_config()
+    return int(getattr(config, "max_position_embeddings", None) or 1 << 30)
+

@@ -1,0 +1,103 @@
+"""The model's life in the server: loaded in the background while the server already answers, then held.
+
+`/health` is 503 until loading finishes and again if the engine dies; routes ask `Runtime.generator()`
+for a ready `TextGenerator` and get `ModelNotReady` otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, Literal
+
+from qwen_api.engine.loading import ModelSource, load_model, pick_device, pick_dtype
+from qwen_api.settings import Settings
+from qwen_api.textgen import TextGenerator
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[], TextGenerator]
+
+
+class ModelNotReady(Exception):
+    """The model is still loading, failed to load, or its engine has died."""
+
+
+class Runtime:
+    """Loads the model off the event loop and hands out the TextGenerator once it is ready."""
+
+    def __init__(self, loader: Loader, model_name: str) -> None:
+        self._loader = loader
+        self.model_name = model_name
+        self._generator: TextGenerator | None = None
+        self.state: Literal["idle", "loading", "ready", "failed"] = "idle"
+        self.error: BaseException | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.state = "loading"
+        self._task = asyncio.create_task(self._load())
+
+    async def _load(self) -> None:
+        try:
+            self._generator = await asyncio.to_thread(self._loader)
+        except Exception as exc:
+            log.exception("loading the model failed")
+            self.state, self.error = "failed", exc
+        else:
+            self.state = "ready"
+            log.info("model loaded; serving")
+
+    async def wait_ready(self) -> None:
+        if self._task is not None:
+            await self._task
+
+    def healthy(self) -> bool:
+        return self._generator is not None and self._generator.engine.is_healthy()
+
+    def generator(self) -> TextGenerator:
+        if self._generator is None or not self._generator.engine.is_healthy():
+            raise ModelNotReady()
+        return self._generator
+
+    async def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)  # a half-loaded model cannot be interrupted; let it finish
+        if self._generator is not None:
+            await asyncio.to_thread(self._generator.engine.shutdown)
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Every token that ends the assistant's turn: the model's EOS ids, the tokenizer's, and ChatML's <|im_end|>."""
+    ids: set[int] = set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if configured is not None:
+        ids.update(configured if isinstance(configured, list) else [configured])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return ids
+
+
+def transformers_loader(settings: Settings, source: ModelSource) -> Loader:
+    """The default loader: weights through transformers, served by the continuous-batching engine."""
+
+    def load() -> TextGenerator:
+        from qwen_api.engine.transformers_engine import TransformersEngine
+
+        device = pick_device(settings.device)
+        dtype = pick_dtype(settings.dtype, device, is_gguf=source.gguf_file is not None)
+        log.info("loading %s from %s on %s as %s", source.name, source.path, device, dtype)
+        model, tokenizer = load_model(source, device, dtype, settings.trust_remote_code)
+        engine = TransformersEngine(
+            model,
+            eos_token_ids(model, tokenizer),
+            max_batch_size=settings.max_batch_size,
+            kv_cache_tokens=settings.kv_cache_tokens,
+        )
+        return TextGenerator(engine, tokenizer)
+
+    return load

@@ -1,0 +1,53 @@
+"""The one settings schema: every field is a `--kebab-case` CLI flag and a `QWEN_API_*` environment variable.
+
+CLI flags win over environment variables, which win over the defaults here. Limits that clients can hit
+(caps on `max_length` and `num_return_sequences`) live here so that operators can tune them.
+"""
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "Qwen/Qwen2-7B-Instruct"
+
+
+class Settings(BaseSettings):
+    """Everything `qwen-api serve` can be told."""
+
+    model_config = SettingsConfigDict(env_prefix="QWEN_API_", extra="forbid", cli_kebab_case=True, cli_implicit_flags=True)
+
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="Hugging Face hub id, local model directory, GGUF file, or 'demo' for the embedded "
+        "SmolLM2-135M-Instruct.",
+    )
+    served_model_name: str | None = Field(
+        None, description="Name reported by GET / (default: derived from --model)."
+    )
+    host: str = Field("0.0.0.0", description="Interface to listen on.")
+    port: int = Field(2025, ge=1, le=65535, description="TCP port to listen on.")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (CUDA when present), cpu, cuda, cuda:N."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: bf16 where the GPU/CPU supports it (fp32 for GGUF on CPU), else fp16/fp32."
+    )
+    max_new_tokens_limit: int = Field(
+        4096, ge=1, description="Largest max_length a request may ask for (further bounded by the context)."
+    )
+    max_num_return_sequences: int = Field(
+        8, ge=1, le=256, description="Largest num_return_sequences a request may ask for."
+    )
+    max_batch_size: int = Field(
+        32, ge=1, description="Most sequences decoded together in one engine step."
+    )
+    kv_cache_tokens: int | None = Field(
+        None,
+        ge=256,
+        description="KV-cache capacity in tokens shared by all running sequences "
+        "(default: 32768 on CPU, most of the free memory on GPU).",
+    )
+    trust_remote_code: bool = Field(False, description="Allow model repos to run their own Python code.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
