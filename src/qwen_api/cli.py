@@ -21,9 +21,7 @@ def serve(settings: Settings) -> int:
     from qwen_api.engine.loading import ModelUnavailable, resolve_model
     from qwen_api.runtime import Runtime, transformers_loader
 
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         source = resolve_model(settings.model)
     except ModelUnavailable as exc:

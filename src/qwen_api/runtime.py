@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -30,6 +31,7 @@ class Runtime:
     def __init__(self, loader: Loader, model_name: str) -> None:
         self._loader = loader
         self.model_name = model_name
+        self.created = int(time.time())
         self._generator: TextGenerator | None = None
         self.state: Literal["idle", "loading", "ready", "failed"] = "idle"
         self.error: BaseException | None = None

@@ -15,16 +15,16 @@ DEFAULT_MODEL = "Qwen/Qwen2-7B-Instruct"
 class Settings(BaseSettings):
     """Everything `qwen-api serve` can be told."""
 
-    model_config = SettingsConfigDict(env_prefix="QWEN_API_", extra="forbid", cli_kebab_case=True, cli_implicit_flags=True)
+    model_config = SettingsConfigDict(
+        env_prefix="QWEN_API_", extra="forbid", cli_kebab_case=True, cli_implicit_flags=True
+    )
 
     model: str = Field(
         DEFAULT_MODEL,
         description="Hugging Face hub id, local model directory, GGUF file, or 'demo' for the embedded "
         "SmolLM2-135M-Instruct.",
     )
-    served_model_name: str | None = Field(
-        None, description="Name reported by GET / (default: derived from --model)."
-    )
+    served_model_name: str | None = Field(None, description="Name reported by GET / (default: derived from --model).")
     host: str = Field("0.0.0.0", description="Interface to listen on.")
     port: int = Field(2025, ge=1, le=65535, description="TCP port to listen on.")
     device: str = Field(
@@ -39,9 +39,7 @@ class Settings(BaseSettings):
     max_num_return_sequences: int = Field(
         8, ge=1, le=256, description="Largest num_return_sequences a request may ask for."
     )
-    max_batch_size: int = Field(
-        32, ge=1, description="Most sequences decoded together in one engine step."
-    )
+    max_batch_size: int = Field(32, ge=1, description="Most sequences decoded together in one engine step.")
     kv_cache_tokens: int | None = Field(
         None,
         ge=256,
@@ -50,4 +48,3 @@ class Settings(BaseSettings):
     )
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own Python code.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
-

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from qwen_api.engine.base import Engine, FinishReason, SamplingParams, TokenChunk
+from qwen_api.detokenize import IncrementalDetokenizer, StopMatcher
+from qwen_api.engine.base import Engine, EngineError, FinishReason, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,16 @@ class PromptTooLong(ValueError):
             f"the prompt has {prompt_tokens} tokens and up to {max_new_tokens} new tokens were requested: "
             f"{prompt_tokens + max_new_tokens} exceeds this model's limit of {limit} tokens"
         )
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New text of sequence `index`; its last delta carries the finish reason and its token count."""
+
+    index: int
+    text: str
+    finish_reason: FinishReason | None = None
+    completion_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,22 +77,86 @@ class TextGenerator:
             raise PromptTooLong(len(prompt_ids), max_new_tokens, limit)
 
     # ------------------------------------------------------------------------------------------ output
-    def decode(self, token_ids: list[int]) -> str:
-        """Text of generated tokens, without special tokens (the end-of-turn token among them)."""
-        return str(self.tokenizer.decode([t for t in token_ids if t not in self._special_ids]))
-
-    async def complete(self, prompt_ids: list[int], params: SamplingParams, n: int = 1) -> list[Completion]:
+    async def complete(
+        self, prompt_ids: list[int], params: SamplingParams, n: int = 1, stop: Sequence[str] = ()
+    ) -> list[Completion]:
         """Generate n independent sequences for one prompt and return them once all have finished."""
         self.check_fits(prompt_ids, params.max_new_tokens)
-        return await _gather_all([self._complete_one(prompt_ids, params) for _ in range(n)])
+        # Without stop strings nothing needs the text early: the engine may deliver each sequence in one piece.
+        incremental = bool(stop)
+        runs = [self._collect(self._sequence(i, prompt_ids, params, stop, incremental)) for i in range(n)]
+        return await _gather_all(runs)
 
-    async def _complete_one(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
-        tokens: list[int] = []
-        last: TokenChunk | None = None
-        async for last in self.engine.generate(prompt_ids, params, incremental=False):
-            tokens.extend(last.token_ids)
-        assert last is not None and last.finish_reason is not None, "an engine stream ends with a finish reason"
-        return Completion(self.decode(tokens), last.finish_reason, len(tokens))
+    def stream(
+        self, prompt_ids: list[int], params: SamplingParams, n: int = 1, stop: Sequence[str] = ()
+    ) -> AsyncIterator[TextDelta]:
+        """Generate n sequences, yielding their deltas interleaved as they come. Closing it cancels them all.
+
+        The context check runs now, not at the first iteration, so a caller can still answer with an error status.
+        """
+        self.check_fits(prompt_ids, params.max_new_tokens)
+        return self._interleave(prompt_ids, params, n, stop)
+
+    async def _interleave(
+        self, prompt_ids: list[int], params: SamplingParams, n: int, stop: Sequence[str]
+    ) -> AsyncIterator[TextDelta]:
+        queue: asyncio.Queue[TextDelta | BaseException] = asyncio.Queue()
+
+        async def pump(index: int) -> None:
+            try:
+                async for delta in self._sequence(index, prompt_ids, params, stop, incremental=True):
+                    queue.put_nowait(delta)
+            except Exception as exc:
+                queue.put_nowait(exc)
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(n)]
+        try:
+            unfinished = n
+            while unfinished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                unfinished -= item.finish_reason is not None
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _sequence(
+        self, index: int, prompt_ids: list[int], params: SamplingParams, stop: Sequence[str], incremental: bool
+    ) -> AsyncIterator[TextDelta]:
+        """One sequence as text deltas; a stop string ends it (and cancels it in the engine) at once."""
+        detokenizer = IncrementalDetokenizer(self.tokenizer, skip_ids=self._special_ids)
+        matcher = StopMatcher(stop)
+        produced = 0
+        tokens = self.engine.generate(prompt_ids, params, incremental=incremental)
+        try:
+            async for chunk in tokens:
+                produced += len(chunk.token_ids)
+                text = matcher.push(detokenizer.push(chunk.token_ids))
+                if chunk.finish_reason is not None:
+                    text += matcher.push(detokenizer.flush())
+                    text += matcher.flush()
+                if matcher.stopped:
+                    yield TextDelta(index, text, "stop", produced)
+                    return
+                if chunk.finish_reason is not None:
+                    yield TextDelta(index, text, chunk.finish_reason, produced)
+                    return
+                if text:
+                    yield TextDelta(index, text)
+        finally:
+            await tokens.aclose()  # type: ignore[attr-defined]
+
+    @staticmethod
+    async def _collect(deltas: AsyncIterator[TextDelta]) -> Completion:
+        parts: list[str] = []
+        async for delta in deltas:
+            parts.append(delta.text)
+            if delta.finish_reason is not None:
+                return Completion("".join(parts), delta.finish_reason, delta.completion_tokens)
+        raise EngineError("the engine ended a sequence without a finish reason")
 
 
 async def _gather_all(coros: list[Any]) -> list[Any]:
@@ -91,4 +167,3 @@ async def _gather_all(coros: list[Any]) -> list[Any]:
     finally:
         for task in tasks:
             task.cancel()
-

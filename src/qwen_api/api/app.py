@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from qwen_api import __version__
-from qwen_api.api import seed
+from qwen_api.api import openai, seed
 from qwen_api.api.errors import register_error_handlers
 from qwen_api.runtime import Runtime
 from qwen_api.settings import Settings
@@ -32,4 +32,5 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
     app.state.runtime = runtime
     register_error_handlers(app)
     app.include_router(seed.router)
+    app.include_router(openai.router)
     return app

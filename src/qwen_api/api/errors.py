@@ -1,19 +1,25 @@
-"""Errors as types, mapped to HTTP once. The seed API's shape is `{"detail": ...}` for every status.
+"""Errors as types, mapped to HTTP once, in the shape of the API family the request came to.
 
+Seed API (`/`, `/health`, `/generate`): `{"detail": ...}` as the specification shows it:
 - 503 `{"detail": "Model or tokenizer not loaded"}` while the model loads or after its engine died;
 - 500 `{"detail": "Generation failed: ..."}` when generation fails;
 - 422 in FastAPI's validation shape (a list of `{loc, msg, type}`) for any bad request, including the
   checks that need the model (context length) or the settings (caps).
+
+OpenAI API (`/v1/...`): `{"error": {"message", "type", "param", "code"}}`, 400 for any bad request.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from qwen_api.api.openai_protocol import Unsupported, error_body
 from qwen_api.engine.base import EngineError
 from qwen_api.runtime import ModelNotReady
 from qwen_api.textgen import PromptTooLong
@@ -21,26 +27,93 @@ from qwen_api.textgen import PromptTooLong
 NOT_LOADED = "Model or tokenizer not loaded"
 
 
+class ModelNotFound(Exception):
+    """An OpenAI request named a model this server does not serve."""
+
+    def __init__(self, requested: str, served: str) -> None:
+        super().__init__(f"The model {requested!r} does not exist on this server; it serves {served!r}")
+
+
 def invalid_field(field: str, message: str, value: Any) -> RequestValidationError:
     """A 422 for one body field, in the same shape as pydantic's own validation errors."""
     return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message, "input": value}])
 
 
+def failure_detail(exc: Exception) -> str:
+    """The seed API's text for a failed generation."""
+    return f"Generation failed: {exc}"
+
+
+def openai_error_payload(exc: Exception) -> dict[str, Any]:
+    """OpenAI's error object for a failure after a stream began."""
+    return error_body(str(exc), "server_error")
+
+
+def _json_safe(value: Any) -> Any:
+    """Replace non-finite floats (echoed back from a bad input) by their text: strict JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+def _is_openai(request: Request) -> bool:
+    return request.url.path.startswith("/v1/")
+
+
+def _openai(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code), status_code=status)
+
+
 async def _not_ready(request: Request, exc: Exception) -> JSONResponse:
+    if _is_openai(request):
+        return _openai(503, NOT_LOADED, "service_unavailable")
     return JSONResponse({"detail": NOT_LOADED}, status_code=503)
 
 
 async def _generation_failed(request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse({"detail": f"Generation failed: {exc}"}, status_code=500)
+    if _is_openai(request):
+        return _openai(500, str(exc), "server_error")
+    return JSONResponse({"detail": failure_detail(exc)}, status_code=500)
 
 
 async def _prompt_too_long(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, PromptTooLong)
+    if _is_openai(request):
+        param = "messages" if request.url.path.endswith("/chat/completions") else "prompt"
+        return _openai(400, str(exc), "invalid_request_error", param, "context_length_exceeded")
     detail = [{"type": "value_error", "loc": ["body", "prompt"], "msg": str(exc), "input": exc.prompt_tokens}]
     return JSONResponse({"detail": detail}, status_code=422)
+
+
+async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    if not _is_openai(request):  # FastAPI's own shape, but NaN/inf inputs must not break the JSON encoder
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}" for e in errors)
+    return _openai(400, message or "invalid request", "invalid_request_error", param)
+
+
+async def _unsupported(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Unsupported)
+    return _openai(400, str(exc), "invalid_request_error", exc.param, "unsupported_parameter")
+
+
+async def _model_not_found(request: Request, exc: Exception) -> JSONResponse:
+    return _openai(404, str(exc), "invalid_request_error", "model", "model_not_found")
 
 
 def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ModelNotReady, _not_ready)
     app.add_exception_handler(EngineError, _generation_failed)
     app.add_exception_handler(PromptTooLong, _prompt_too_long)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(Unsupported, _unsupported)
+    app.add_exception_handler(ModelNotFound, _model_not_found)

@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from qwen_api.engine.base import SamplingParams
 
 
-class GenerateRequest(BaseModel):
-    """Body of POST /generate."""
+class GenerateParameters(BaseModel):
+    """The specification's generation parameters, echoed back in every answer."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -26,16 +26,26 @@ class GenerateRequest(BaseModel):
     num_return_sequences: int = Field(1, ge=1, description="Number of independent samples to return.")
 
     def to_sampling_params(self) -> SamplingParams:
+        """Engine parameters for one sequence."""
         return SamplingParams(
             max_new_tokens=self.max_length, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k
         )
+
+
+class GenerateRequest(GenerateParameters):
+    """Body of POST /generate: the parameters, plus `stream` to receive text as server-sent events."""
+
+    stream: bool = Field(False, description="Answer text/event-stream: a delta per event, then [DONE].")
+
+    def parameters(self) -> GenerateParameters:
+        return GenerateParameters.model_validate(self.model_dump(exclude={"stream"}))
 
 
 class GenerateResponse(BaseModel):
     """Answer of POST /generate: the texts, and every effective parameter, defaults included."""
 
     generated_texts: list[str]
-    parameters: GenerateRequest
+    parameters: GenerateParameters
 
 
 class RootResponse(BaseModel):

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from typing import Any
+
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from qwen_api import __version__
 from qwen_api.api.deps import GeneratorDep, RuntimeDep, SettingsDep
-from qwen_api.api.errors import NOT_LOADED, invalid_field
+from qwen_api.api.errors import NOT_LOADED, failure_detail, invalid_field
 from qwen_api.api.protocol import GenerateRequest, GenerateResponse, HealthResponse, RootResponse
+from qwen_api.api.sse import sse_response
 from qwen_api.engine.base import EngineError
+from qwen_api.settings import Settings
+from qwen_api.textgen import TextDelta
 
 router = APIRouter()
 
 
 @router.get("/", response_model=RootResponse)
 async def root(runtime: RuntimeDep) -> RootResponse:
-    return RootResponse(
-        name="Qwen2-7B-Instruct API", version=__version__, status="active", model=runtime.model_name
-    )
+    return RootResponse(name="Qwen2-7B-Instruct API", version=__version__, status="active", model=runtime.model_name)
 
 
 @router.get(
@@ -35,9 +39,32 @@ async def health(runtime: RuntimeDep) -> HealthResponse | JSONResponse:
 @router.post(
     "/generate",
     response_model=GenerateResponse,
-    responses={500: {"description": "Generation failed"}, 503: {"description": NOT_LOADED}},
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events with stream"},
+        500: {"description": "Generation failed"},
+        503: {"description": NOT_LOADED},
+    },
 )
-async def generate(body: GenerateRequest, settings: SettingsDep, generator: GeneratorDep) -> GenerateResponse:
+async def generate(
+    body: GenerateRequest, settings: SettingsDep, generator: GeneratorDep
+) -> GenerateResponse | StreamingResponse:
+    check_caps(body, settings)
+    prompt_ids = generator.chat_prompt_ids([{"role": "user", "content": body.prompt}])
+    params, n = body.to_sampling_params(), body.num_return_sequences
+    if body.stream:
+        deltas = generator.stream(prompt_ids, params, n=n)
+        return sse_response(_generate_events(deltas, len(prompt_ids)), lambda e: {"detail": failure_detail(e)})
+    try:
+        completions = await generator.complete(prompt_ids, params, n=n)
+    except (EngineError, ValueError):
+        raise
+    except Exception as exc:  # anything else the engine throws is still "generation failed", never a bare 500
+        raise EngineError(f"{type(exc).__name__}: {exc}") from exc
+    return GenerateResponse(generated_texts=[c.text for c in completions], parameters=body.parameters())
+
+
+def check_caps(body: GenerateRequest, settings: Settings) -> None:
+    """The operator's caps, which the schema cannot know."""
     if body.max_length > settings.max_new_tokens_limit:
         raise invalid_field(
             "max_length", f"must be at most {settings.max_new_tokens_limit} on this server", body.max_length
@@ -48,13 +75,20 @@ async def generate(body: GenerateRequest, settings: SettingsDep, generator: Gene
             f"must be at most {settings.max_num_return_sequences} on this server",
             body.num_return_sequences,
         )
-    prompt_ids = generator.chat_prompt_ids([{"role": "user", "content": body.prompt}])
+
+
+async def _generate_events(deltas: AsyncIterator[TextDelta], prompt_tokens: int) -> AsyncIterator[dict[str, Any]]:
+    """/generate's stream: {"index", "text"} per delta, then per sequence {"index", "finish_reason", counts}."""
     try:
-        completions = await generator.complete(
-            prompt_ids, body.to_sampling_params(), n=body.num_return_sequences
-        )
-    except (EngineError, ValueError):
-        raise
-    except Exception as exc:  # anything else the engine throws is still "generation failed", never a bare 500
-        raise EngineError(f"{type(exc).__name__}: {exc}") from exc
-    return GenerateResponse(generated_texts=[c.text for c in completions], parameters=body)
+        async for delta in deltas:
+            if delta.text:
+                yield {"index": delta.index, "text": delta.text}
+            if delta.finish_reason is not None:
+                yield {
+                    "index": delta.index,
+                    "finish_reason": delta.finish_reason,
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": delta.completion_tokens,
+                }
+    finally:
+        await deltas.aclose()  # type: ignore[attr-defined]

@@ -16,12 +16,17 @@ FinishReason = Literal["stop", "length"]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one sequence is sampled. temperature 0 means greedy; top_k 0 disables top-k."""
+    """How one sequence is sampled. temperature 0 means greedy; top_k 0 disables top-k.
+
+    A seed makes the sequence's sampling draws its own: the same prompt, parameters and seed give the same
+    tokens whatever else shares the batch (up to floating-point differences between batch shapes).
+    """
 
     max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    seed: int | None = None
 
 
 @dataclass(frozen=True)

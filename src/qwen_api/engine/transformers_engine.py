@@ -4,7 +4,8 @@ The manager owns one generation thread that steps all running sequences together
 requests join between steps). Each sequence gets its own asyncio queue, fed by `register_result_handler`
 on the event loop: FACTS.md measured the shared `request_id_iter` queue at 32 s for a 20-token stream
 beside another request, against 0.05 s alone. Sampling parameters are per request
-(`per_request_processors=True`); greedy is top-k 1, because the manager's `do_sample` is global.
+(`per_request_processors=True`); greedy is top-k 1, because the manager's `do_sample` is global, and
+seeds are honoured per request by `seeded_sampling`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
+from qwen_api.engine import seeded_sampling
 from qwen_api.engine.base import EngineDead, EngineError, EngineStats, FinishReason, SamplingParams, TokenChunk
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ class TransformersEngine:
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+        self.model = model
         self._eos = sorted(set(eos_token_ids))
         self._vocab_size = int(model.config.get_text_config().vocab_size)
         if kv_cache_tokens is None and model.device.type == "cpu":
@@ -57,6 +60,7 @@ class TransformersEngine:
         self._manager = model.init_continuous_batching(
             generation_config=generation_config, continuous_batching_config=cb_config
         )
+        seeded_sampling.install(self._manager)
         self._ids = itertools.count()
         self._running = 0
         self._steps = 0
@@ -101,7 +105,11 @@ class TransformersEngine:
         if params.temperature == 0:  # greedy: keep only the most likely token, then "sample" it
             return {"temperature": 1.0, "top_p": 1.0, "top_k": 1}
         top_k = params.top_k if params.top_k > 0 else self._vocab_size
-        return {"temperature": float(params.temperature), "top_p": float(params.top_p), "top_k": int(top_k)}
+        kwargs: dict[str, Any] = {"temperature": float(params.temperature), "top_p": float(params.top_p)}
+        kwargs["top_k"] = int(top_k)
+        if params.seed is not None:
+            kwargs["seed"] = int(params.seed)
+        return kwargs
 
     def _finish_reason(self, tokens: list[int]) -> FinishReason:
         return "stop" if tokens and tokens[-1] in self._eos else "length"
@@ -166,9 +174,7 @@ class TransformersEngine:
         waiting = self._manager.input_queue.qsize()
         if processor is not None:
             waiting += len(processor.scheduler.waiting_requests)
-        return EngineStats(
-            running=self._running, waiting=waiting, steps=self._steps, peak_batch_size=self._peak_batch
-        )
+        return EngineStats(running=self._running, waiting=waiting, steps=self._steps, peak_batch_size=self._peak_batch)
 
     def shutdown(self) -> None:
         if self._manager.is_running():
@@ -178,4 +184,3 @@ class TransformersEngine:
 def _model_context(model: Any) -> int:
     config = model.config.get_text_config()
     return int(getattr(config, "max_position_embeddings", None) or 1 << 30)
-

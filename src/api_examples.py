@@ -1,0 +1,88 @@
+"""Example client for the Qwen2-7B-Instruct API: calls GET /health, then POST /generate, and prints the texts.
+
+    python src/api_examples.py
+    python src/api_examples.py --prompt "写一个递归函数来计算 Python 中的阶乘"
+    python src/api_examples.py --max-length 256 --temperature 0.8 --top-p 0.95 --num-sequences 2
+    python src/api_examples.py --url "http://your-server-address:2025"
+
+Exits 0 on success; on an unreachable server or an error answer it prints one line to stderr and exits 1.
+Needs only `requests`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import requests
+
+DEFAULT_PROMPT = "用 Python 编写一个计算斐波那契数列的函数"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Call the Qwen2-7B-Instruct API and print what it generates.")
+    parser.add_argument("--url", default="http://localhost:2025", help="API base URL")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt to send")
+    parser.add_argument("--max-length", type=int, default=512, help="most new tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
+    parser.add_argument("--top-k", type=int, default=50, help="top-k sampling (0 disables it)")
+    parser.add_argument("--num-sequences", type=int, default=1, help="number of texts to generate")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
+    return parser.parse_args(argv)
+
+
+class ApiError(Exception):
+    """The server could not be reached or answered with an error."""
+
+
+def _describe_error(response: requests.Response) -> str:
+    try:
+        detail: Any = response.json().get("detail", response.text)
+    except ValueError:
+        detail = response.text
+    if isinstance(detail, list):  # validation errors: one "field: message" per problem
+        detail = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', [])[1:])}: {e.get('msg')}" for e in detail)
+    return f"HTTP {response.status_code}: {detail}"
+
+
+def call(method: str, url: str, timeout: float, **kwargs: Any) -> dict[str, Any]:
+    try:
+        response = requests.request(method, url, timeout=timeout, **kwargs)
+    except requests.RequestException as exc:
+        raise ApiError(f"cannot reach {url}: {type(exc).__name__}") from exc
+    if response.status_code != 200:
+        raise ApiError(f"{method} {url} failed with {_describe_error(response)}")
+    return response.json()  # type: ignore[no-any-return]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    base = args.url.rstrip("/")
+    payload = {
+        "prompt": args.prompt,
+        "max_length": args.max_length,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "num_return_sequences": args.num_sequences,
+    }
+    try:
+        health = call("GET", f"{base}/health", timeout=10)
+        print(f"Server: {base} ({health.get('status')})")
+        print(f"Prompt: {args.prompt}\n")
+        result = call("POST", f"{base}/generate", timeout=args.timeout, json=payload)
+    except ApiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    texts = result["generated_texts"]
+    for i, text in enumerate(texts, 1):
+        if len(texts) > 1:
+            print(f"--- Sequence {i} of {len(texts)} ---")
+        print(text.strip() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

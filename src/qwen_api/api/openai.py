@@ -1,0 +1,141 @@
+"""OpenAI-compatible routes: chat and text completions (plain and streamed) and the model list.
+
+Routes stay thin: validate what the schema cannot (model name, caps, context), convert to engine
+parameters, and shape TextGenerator's output as OpenAI objects and chunks.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from qwen_api.api.deps import GeneratorDep, RuntimeDep, SettingsDep
+from qwen_api.api.errors import ModelNotFound, openai_error_payload
+from qwen_api.api.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    Unsupported,
+    _SamplingRequest,
+    usage,
+)
+from qwen_api.api.sse import sse_response
+from qwen_api.settings import Settings
+from qwen_api.textgen import Completion, TextDelta, TextGenerator
+
+router = APIRouter(prefix="/v1")
+
+
+@router.get("/models")
+async def list_models(runtime: RuntimeDep) -> dict[str, Any]:
+    model = {"id": runtime.model_name, "object": "model", "created": runtime.created, "owned_by": "qwen-api"}
+    return {"object": "list", "data": [model]}
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(
+    body: ChatCompletionRequest, settings: SettingsDep, runtime: RuntimeDep, generator: GeneratorDep
+) -> dict[str, Any] | StreamingResponse:
+    _validate(body, settings, runtime.model_name)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    prompt_ids = generator.chat_prompt_ids(messages)
+    return await _serve(body, settings, generator, prompt_ids, "chat.completion", f"chatcmpl-{uuid.uuid4().hex}")
+
+
+@router.post("/completions", response_model=None)
+async def completions(
+    body: CompletionRequest, settings: SettingsDep, runtime: RuntimeDep, generator: GeneratorDep
+) -> dict[str, Any] | StreamingResponse:
+    _validate(body, settings, runtime.model_name)
+    prompts = body.prompts()
+    if len(prompts) != 1:
+        raise Unsupported("prompt", "send one prompt per request")
+    prompt_ids = generator.text_prompt_ids(prompts[0])
+    return await _serve(body, settings, generator, prompt_ids, "text_completion", f"cmpl-{uuid.uuid4().hex}")
+
+
+def _validate(body: ChatCompletionRequest | CompletionRequest, settings: Settings, model_name: str) -> None:
+    if body.model != model_name:
+        raise ModelNotFound(body.model, model_name)
+    body.check_supported()
+    if body.n > settings.max_num_return_sequences:
+        raise Unsupported("n", f"must be at most {settings.max_num_return_sequences} on this server")
+    requested = body.requested_max_tokens()
+    if requested is not None and requested > settings.max_new_tokens_limit:
+        raise Unsupported("max_tokens", f"must be at most {settings.max_new_tokens_limit} on this server")
+
+
+async def _serve(
+    body: ChatCompletionRequest | CompletionRequest,
+    settings: Settings,
+    generator: TextGenerator,
+    prompt_ids: list[int],
+    kind: str,
+    response_id: str,
+) -> dict[str, Any] | StreamingResponse:
+    requested = body.requested_max_tokens()
+    if requested is None:  # as much as fits, up to the server's cap
+        room = generator.engine.max_context_tokens - len(prompt_ids)
+        requested = max(1, min(settings.max_new_tokens_limit, room))
+    params = body.sampling_params(requested)
+    head = {"id": response_id, "created": int(time.time()), "model": body.model}
+    if body.stream:
+        deltas = generator.stream(prompt_ids, params, n=body.n, stop=body.stop_list())
+        chunks = _chunks(deltas, body, kind, head, len(prompt_ids))
+        return sse_response(chunks, openai_error_payload, error_event=None)
+    results = await generator.complete(prompt_ids, params, n=body.n, stop=body.stop_list())
+    return {
+        **head,
+        "object": kind,
+        "choices": [_choice(kind, i, c) for i, c in enumerate(results)],
+        "usage": usage(len(prompt_ids), sum(c.completion_tokens for c in results)),
+    }
+
+
+def _choice(kind: str, index: int, c: Completion) -> dict[str, Any]:
+    if kind == "chat.completion":
+        message = {"role": "assistant", "content": c.text}
+        return {"index": index, "message": message, "finish_reason": c.finish_reason, "logprobs": None}
+    return {"index": index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
+
+
+async def _chunks(
+    deltas: AsyncIterator[TextDelta], body: _SamplingRequest, kind: str, head: dict[str, Any], prompt_tokens: int
+) -> AsyncIterator[dict[str, Any]]:
+    """OpenAI chunks: for chat a role chunk first per choice, then content deltas, then a finish chunk."""
+    chat = kind == "chat.completion"
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    with_usage = body.include_usage()
+
+    def chunk(index: int, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            if text:
+                delta["content"] = text
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+        out = {**head, "object": obj, "choices": [choice]}
+        if with_usage:
+            out["usage"] = None
+        return out
+
+    completion_tokens = 0
+    try:
+        if chat:
+            for i in range(body.n):
+                yield chunk(i, None, None, first=True)
+        async for d in deltas:
+            if d.text:
+                yield chunk(d.index, d.text, None)
+            if d.finish_reason is not None:
+                completion_tokens += d.completion_tokens
+                yield chunk(d.index, None, d.finish_reason)
+        if with_usage:
+            yield {**head, "object": obj, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+    finally:
+        await deltas.aclose()  # type: ignore[attr-defined]

@@ -1,0 +1,1 @@
+"""Developer tools: models built offline for tests and benchmarks (no weights downloaded)."""

@@ -1,0 +1,123 @@
+"""Shared fixtures: real models built or shipped offline, and real servers on free loopback ports.
+
+- `tiny_qwen2_dir`: a random-weight Qwen2ForCausalLM (2 layers) with Qwen2-7B-Instruct's real tokenizer and
+  chat template, so the exact Qwen2 path runs without the 15 GB weights.
+- `tiny_server`: that model served in-process by uvicorn, so tests can also read the engine's own stats.
+- `demo_server`: `qwen-api serve --model demo` as a subprocess: the real CLI on the real SmolLM2 model.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from qwen_api.api.app import create_app
+from qwen_api.engine.loading import resolve_model
+from qwen_api.runtime import Runtime, transformers_loader
+from qwen_api.settings import Settings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_healthy(base_url: str, timeout: float = 180.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before becoming healthy")
+        try:
+            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{base_url} did not become healthy in {timeout} s")
+
+
+@dataclass
+class LiveServer:
+    base_url: str
+    runtime: Runtime | None = None
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from qwen_api.dev.random_qwen2 import write_random_qwen2
+
+    return write_random_qwen2(tmp_path_factory.mktemp("tiny-qwen2"), shape="tiny")
+
+
+class InProcessServer:
+    """uvicorn serving create_app(...) on a thread, stopped cleanly at teardown."""
+
+    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+        self.settings, self.runtime = settings, runtime
+        config = uvicorn.Config(
+            create_app(settings, runtime), host="127.0.0.1", port=settings.port, log_level="warning"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.base_url = f"http://127.0.0.1:{settings.port}"
+
+    def __enter__(self) -> InProcessServer:
+        self.thread.start()
+        wait_healthy(self.base_url, timeout=120)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def serve_in_process(model_dir: Path, **overrides: object) -> InProcessServer:
+    settings = Settings(model=str(model_dir), port=free_port(), **overrides)  # type: ignore[arg-type]
+    source = resolve_model(settings.model)
+    return InProcessServer(settings, Runtime(transformers_loader(settings, source), source.name))
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_qwen2_dir: Path) -> Iterator[InProcessServer]:
+    with serve_in_process(tiny_qwen2_dir, max_num_return_sequences=4, max_new_tokens_limit=2048) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("demo") / "server.log", "wb")  # noqa: SIM115 (closed at teardown)
+    env = {**os.environ, "QWEN_API_PORT": str(port), "QWEN_API_HOST": "127.0.0.1"}
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "qwen-api"), "serve", "--model", "demo", "--log-level", "warning"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base_url, timeout=240, proc=proc)
+        yield LiveServer(base_url)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

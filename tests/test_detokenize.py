@@ -1,0 +1,57 @@
+"""Incremental detokenisation and stop strings, on the real Qwen2 vocabulary (CJK and emoji split into bytes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from qwen_api.detokenize import REPLACEMENT, IncrementalDetokenizer, StopMatcher
+
+MIXED = "你好，世界！犇 嵇 𠀀𪚥龘 are rare characters. 🦜🧬🫠🎉👍🏽 Émoji and English, 日本語も。"
+
+
+@pytest.fixture(scope="module")
+def qwen_tokenizer():  # type: ignore[no-untyped-def]
+    from qwen_api.dev.random_qwen2 import build_qwen2_tokenizer
+
+    return build_qwen2_tokenizer()
+
+
+def test_cjk_and_emoji_split_across_tokens_stream_whole(qwen_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    ids = qwen_tokenizer(MIXED, add_special_tokens=False)["input_ids"]
+    # The premise: some single tokens are not valid UTF-8 on their own.
+    assert any(REPLACEMENT in qwen_tokenizer.decode([i]) for i in ids)
+    detok = IncrementalDetokenizer(qwen_tokenizer)
+    deltas = [detok.push([i]) for i in ids] + [detok.flush()]
+    assert all(REPLACEMENT not in d for d in deltas)
+    assert "".join(deltas) == MIXED
+
+
+def test_special_tokens_are_skipped(qwen_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    im_end = qwen_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    detok = IncrementalDetokenizer(qwen_tokenizer, skip_ids={im_end})
+    ids = qwen_tokenizer("Paris.", add_special_tokens=False)["input_ids"]
+    assert detok.push(ids) + detok.push([im_end]) + detok.flush() == "Paris."
+
+
+@pytest.mark.parametrize(
+    ("pieces", "stops", "emitted", "stopped"),
+    [
+        (["Hello", " wor", "ld"], ["STOP"], "Hello world", False),
+        (["Hello ST", "O", "P and more"], ["STOP"], "Hello ", True),  # spans three chunks
+        (["abc<", "|end", "|>tail"], ["<|end|>"], "abc", True),
+        (["one\n\n", "two"], ["\n\n", "two"], "one", True),  # the earliest stop wins
+        (["keep S", "TO"], ["STOP"], "keep STO", False),  # a held-back tail that never completes is released
+        (["x", "y"], [], "xy", False),
+    ],
+)
+def test_stop_strings_never_leak(pieces: list[str], stops: list[str], emitted: str, stopped: bool) -> None:
+    matcher = StopMatcher(stops)
+    out = []
+    for piece in pieces:
+        chunk = matcher.push(piece)
+        for stop in stops:  # no emitted chunk ever carries the start of a stop string that later completes
+            assert stop not in chunk
+        out.append(chunk)
+    out.append(matcher.flush())
+    assert "".join(out) == emitted
+    assert matcher.stopped is stopped
