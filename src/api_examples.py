@@ -4,6 +4,7 @@
     python src/api_examples.py --prompt "写一个递归函数来计算 Python 中的阶乘"
     python src/api_examples.py --max-length 256 --temperature 0.8 --top-p 0.95 --num-sequences 2
     python src/api_examples.py --url "http://your-server-address:2025"
+    python src/api_examples.py --stream          # print the text as it is generated
 
 Exits 0 on success; on an unreachable server or an error answer it prints one line to stderr and exits 1.
 Needs only `requests`.
@@ -12,6 +13,7 @@ Needs only `requests`.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
@@ -29,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
     parser.add_argument("--top-k", type=int, default=50, help="top-k sampling (0 disables it)")
     parser.add_argument("--num-sequences", type=int, default=1, help="number of texts to generate")
+    parser.add_argument("--stream", action="store_true", help="print the text as it is generated")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
     return parser.parse_args(argv)
 
@@ -57,6 +60,36 @@ def call(method: str, url: str, timeout: float, **kwargs: Any) -> dict[str, Any]
     return response.json()  # type: ignore[no-any-return]
 
 
+def stream(url: str, payload: dict[str, Any], timeout: float) -> int:
+    """POST with stream: true and print each text delta as its server-sent event arrives."""
+    try:
+        response = requests.post(url, json={**payload, "stream": True}, stream=True, timeout=timeout)
+    except requests.RequestException as exc:
+        raise ApiError(f"cannot reach {url}: {type(exc).__name__}") from exc
+    if response.status_code != 200:
+        raise ApiError(f"POST {url} failed with {_describe_error(response)}")
+    current, event = None, None
+    for line in response.iter_lines(decode_unicode=True):
+        if line.startswith("event: "):
+            event = line[len("event: ") :]
+        elif line.startswith("data: "):
+            data = line[len("data: ") :]
+            if data == "[DONE]":
+                break
+            message = json.loads(data)
+            if event == "error":
+                raise ApiError(message.get("detail", data))
+            if "text" in message:
+                if message["index"] != current and payload["num_return_sequences"] > 1:
+                    print(f"\n--- Sequence {message['index'] + 1} ---")
+                current = message["index"]
+                print(message["text"], end="", flush=True)
+        else:
+            event = None
+    print()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     base = args.url.rstrip("/")
@@ -72,9 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         health = call("GET", f"{base}/health", timeout=10)
         print(f"Server: {base} ({health.get('status')})")
         print(f"Prompt: {args.prompt}\n")
+        if args.stream:
+            return stream(f"{base}/generate", payload, args.timeout)
         result = call("POST", f"{base}/generate", timeout=args.timeout, json=payload)
     except ApiError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"\nerror: {exc}" if args.stream else f"error: {exc}", file=sys.stderr)
         return 1
     texts = result["generated_texts"]
     for i, text in enumerate(texts, 1):

@@ -93,6 +93,23 @@ def serve_in_process(model_dir: Path, **overrides: object) -> InProcessServer:
     return InProcessServer(settings, Runtime(transformers_loader(settings, source), source.name))
 
 
+# What the scripted model answers to any chat prompt: CJK, emoji split across byte tokens, a multi-token stop.
+SCRIPT = "你好，世界！🦜🧬 The answer is 42. <<STOP>> then more words"
+
+
+@pytest.fixture(scope="session")
+def scripted_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from qwen_api.dev.random_qwen2 import write_scripted_qwen2
+
+    return write_scripted_qwen2(tmp_path_factory.mktemp("scripted-qwen2"), SCRIPT)
+
+
+@pytest.fixture(scope="session")
+def scripted_server(scripted_qwen2_dir: Path) -> Iterator[InProcessServer]:
+    with serve_in_process(scripted_qwen2_dir) as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def tiny_server(tiny_qwen2_dir: Path) -> Iterator[InProcessServer]:
     with serve_in_process(tiny_qwen2_dir, max_num_return_sequences=4, max_new_tokens_limit=2048) as server:
