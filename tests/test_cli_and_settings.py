@@ -7,10 +7,11 @@ import subprocess
 import time
 
 import pytest
-from conftest import VENV_BIN
 
 from qwen_api.engine.loading import DEMO_NAME, ModelUnavailable, resolve_model
 from qwen_api.settings import Settings
+
+from conftest import VENV_BIN
 
 
 def test_flags_override_environment_which_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import httpx
+
 from conftest import REPO, LiveServer, free_port
 
 CLIENT = REPO / "src" / "api_examples.py"

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import InProcessServer, free_port, serve_in_process
 
 from qwen_api.engine.loading import resolve_model
 from qwen_api.runtime import Runtime, transformers_loader
 from qwen_api.settings import Settings
+
+from conftest import InProcessServer, free_port, serve_in_process
 
 SPEC_DEFAULTS = {"max_length": 512, "temperature": 0.7, "top_p": 0.9, "top_k": 50, "num_return_sequences": 1}
 
