@@ -22,9 +22,11 @@ import httpx
 import pytest
 import uvicorn
 
+from qwen_api.admission import Admission
 from qwen_api.api.app import create_app
 from qwen_api.engine.loading import resolve_model
 from qwen_api.runtime import Runtime, transformers_loader
+from qwen_api.server import Server
 from qwen_api.settings import Settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -85,14 +87,14 @@ def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class InProcessServer:
-    """uvicorn serving create_app(...) on a thread, stopped cleanly at teardown."""
+    """qwen-api's server (uvicorn plus drain and fatal exit) serving create_app(...) on a thread."""
 
     def __init__(self, settings: Settings, runtime: Runtime) -> None:
         self.settings, self.runtime = settings, runtime
-        config = uvicorn.Config(
-            create_app(settings, runtime), host="127.0.0.1", port=settings.port, log_level="warning"
-        )
-        self.server = uvicorn.Server(config)
+        self.admission = Admission(settings.admission_capacity())
+        app = create_app(settings, runtime, self.admission)
+        config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning")
+        self.server = Server(config, runtime, self.admission, settings.drain_timeout)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.base_url = f"http://127.0.0.1:{settings.port}"
 

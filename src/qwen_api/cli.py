@@ -17,9 +17,11 @@ USAGE = "usage: qwen-api serve [--model MODEL] [--host HOST] [--port PORT] [...]
 def serve(settings: Settings) -> int:
     import uvicorn
 
+    from qwen_api.admission import Admission
     from qwen_api.api.app import create_app
     from qwen_api.engine.loading import ModelUnavailable, resolve_model
     from qwen_api.runtime import Runtime, transformers_loader
+    from qwen_api.server import Server
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -28,9 +30,11 @@ def serve(settings: Settings) -> int:
         print(f"qwen-api: {exc}", file=sys.stderr)
         return 2
     runtime = Runtime(transformers_loader(settings, source), settings.served_model_name or source.name)
-    app = create_app(settings, runtime)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
-    return 0
+    admission = Admission(settings.admission_capacity())
+    app = create_app(settings, runtime, admission)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    Server(config, runtime, admission, settings.drain_timeout).run()
+    return runtime.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """The model's life in the server: loaded in the background while the server already answers, then held.
 
-`/health` is 503 until loading finishes and again if the engine dies; routes ask `Runtime.generator()`
-for a ready `TextGenerator` and get `ModelNotReady` otherwise.
+`/health` is 503 until loading finishes, while draining, and for good if loading fails or the engine dies;
+routes ask `Runtime.generator()` for a ready `TextGenerator` and get `ModelNotReady` otherwise. A failed load
+or a dead engine calls `on_fatal`, so the server can exit non-zero and a supervisor can restart it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
+from qwen_api.engine.base import EngineStats
 from qwen_api.engine.loading import ModelSource, load_model, pick_device, pick_dtype
 from qwen_api.settings import Settings
 from qwen_api.textgen import TextGenerator
@@ -33,9 +35,13 @@ class Runtime:
         self.model_name = model_name
         self.created = int(time.time())
         self._generator: TextGenerator | None = None
-        self.state: Literal["idle", "loading", "ready", "failed"] = "idle"
+        self.state: Literal["idle", "loading", "ready", "failed", "dead"] = "idle"
         self.error: BaseException | None = None
+        self.draining = False
+        self.on_fatal: Callable[[], None] | None = None
+        self.on_ready: list[Callable[[TextGenerator], None]] = []
         self._task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self.state = "loading"
@@ -47,16 +53,40 @@ class Runtime:
         except Exception as exc:
             log.exception("loading the model failed")
             self.state, self.error = "failed", exc
+            self._fatal()
         else:
+            for hook in self.on_ready:
+                hook(self._generator)
             self.state = "ready"
             log.info("model loaded; serving")
+            self._watchdog = asyncio.create_task(self._watch())
+
+    async def _watch(self, period: float = 0.5) -> None:
+        """Notice a dead engine even when no request is running."""
+        assert self._generator is not None
+        while self._generator.engine.is_healthy():
+            await asyncio.sleep(period)
+        log.error("the engine has died; the server will exit so that it can be restarted")
+        self.state = "dead"
+        self._fatal()
+
+    def _fatal(self) -> None:
+        if self.on_fatal is not None:
+            self.on_fatal()
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.state in ("failed", "dead") else 0
 
     async def wait_ready(self) -> None:
         if self._task is not None:
             await self._task
 
     def healthy(self) -> bool:
-        return self._generator is not None and self._generator.engine.is_healthy()
+        return not self.draining and self._generator is not None and self._generator.engine.is_healthy()
+
+    def stats(self) -> EngineStats | None:
+        return None if self._generator is None else self._generator.engine.stats()
 
     def generator(self) -> TextGenerator:
         if self._generator is None or not self._generator.engine.is_healthy():
@@ -64,6 +94,8 @@ class Runtime:
         return self._generator
 
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._task is not None and not self._task.done():
             await asyncio.shield(self._task)  # a half-loaded model cannot be interrupted; let it finish
         if self._generator is not None:

@@ -6,7 +6,7 @@ CLI flags win over environment variables, which win over the defaults here. Limi
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "Qwen/Qwen2-7B-Instruct"
@@ -40,6 +40,25 @@ class Settings(BaseSettings):
         8, ge=1, le=256, description="Largest num_return_sequences a request may ask for."
     )
     max_batch_size: int = Field(32, ge=1, description="Most sequences decoded together in one engine step.")
+    max_waiting_sequences: int = Field(
+        64,
+        ge=0,
+        description="Sequences that may wait for a batch slot; past max-batch-size plus these, requests get 429.",
+    )
+    request_timeout: float = Field(
+        600.0, gt=0, description="Seconds a request may take; past it, it is cancelled and answered with an error."
+    )
+    drain_timeout: float = Field(
+        30.0, ge=0, description="On SIGTERM, seconds to let admitted requests finish before exiting."
+    )
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="Largest request body; beyond it, 413.")
+    api_key: SecretStr | None = Field(
+        None, description="If set, /generate and /v1/* need 'Authorization: Bearer <key>'; / and /health stay open."
+    )
+    cors_allow_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed by CORS (none: CORS off). '*' allows any."
+    )
+    log_prompts: bool = Field(False, description="Log prompts and generated texts (off: they never reach logs).")
     kv_cache_tokens: int | None = Field(
         None,
         ge=256,
@@ -48,3 +67,7 @@ class Settings(BaseSettings):
     )
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own Python code.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    def admission_capacity(self) -> int:
+        """Sequences in flight at most: those decoding plus those waiting for a slot."""
+        return self.max_batch_size + self.max_waiting_sequences

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from qwen_api.detokenize import IncrementalDetokenizer, StopMatcher
 from qwen_api.engine.base import Engine, EngineError, FinishReason, SamplingParams
@@ -48,12 +49,19 @@ class Completion:
     completion_tokens: int
 
 
+class SequenceObserver(Protocol):
+    """Told about every sequence that ends normally (metrics)."""
+
+    def sequence_finished(self, completion_tokens: int, ttft: float, e2e: float) -> None: ...
+
+
 class TextGenerator:
     """Turns prompts and chat messages into token ids, and engine tokens back into text."""
 
-    def __init__(self, engine: Engine, tokenizer: Any) -> None:
+    def __init__(self, engine: Engine, tokenizer: Any, observer: SequenceObserver | None = None) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
+        self.observer = observer
         self._special_ids = set(tokenizer.all_special_ids)
         if not getattr(tokenizer, "chat_template", None):
             log.warning("this tokenizer has no chat template: prompts are sent to the model as raw text")
@@ -82,9 +90,7 @@ class TextGenerator:
     ) -> list[Completion]:
         """Generate n independent sequences for one prompt and return them once all have finished."""
         self.check_fits(prompt_ids, params.max_new_tokens)
-        # Without stop strings nothing needs the text early: the engine may deliver each sequence in one piece.
-        incremental = bool(stop)
-        runs = [self._collect(self._sequence(i, prompt_ids, params, stop, incremental)) for i in range(n)]
+        runs = [self._collect(self._sequence(i, prompt_ids, params, stop)) for i in range(n)]
         return await _gather_all(runs)
 
     def stream(
@@ -104,7 +110,7 @@ class TextGenerator:
 
         async def pump(index: int) -> None:
             try:
-                async for delta in self._sequence(index, prompt_ids, params, stop, incremental=True):
+                async for delta in self._sequence(index, prompt_ids, params, stop):
                     queue.put_nowait(delta)
             except Exception as exc:
                 queue.put_nowait(exc)
@@ -124,25 +130,28 @@ class TextGenerator:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _sequence(
-        self, index: int, prompt_ids: list[int], params: SamplingParams, stop: Sequence[str], incremental: bool
+        self, index: int, prompt_ids: list[int], params: SamplingParams, stop: Sequence[str]
     ) -> AsyncIterator[TextDelta]:
         """One sequence as text deltas; a stop string ends it (and cancels it in the engine) at once."""
         detokenizer = IncrementalDetokenizer(self.tokenizer, skip_ids=self._special_ids)
         matcher = StopMatcher(stop)
         produced = 0
-        tokens = self.engine.generate(prompt_ids, params, incremental=incremental)
+        start, first = time.perf_counter(), 0.0
+        tokens = self.engine.generate(prompt_ids, params)
         try:
             async for chunk in tokens:
+                if not produced and chunk.token_ids:
+                    first = time.perf_counter() - start
                 produced += len(chunk.token_ids)
                 text = matcher.push(detokenizer.push(chunk.token_ids))
                 if chunk.finish_reason is not None:
                     text += matcher.push(detokenizer.flush())
                     text += matcher.flush()
-                if matcher.stopped:
-                    yield TextDelta(index, text, "stop", produced)
-                    return
-                if chunk.finish_reason is not None:
-                    yield TextDelta(index, text, chunk.finish_reason, produced)
+                finish = "stop" if matcher.stopped else chunk.finish_reason
+                if finish is not None:
+                    if self.observer is not None:
+                        self.observer.sequence_finished(produced, first, time.perf_counter() - start)
+                    yield TextDelta(index, text, finish, produced)
                     return
                 if text:
                     yield TextDelta(index, text)

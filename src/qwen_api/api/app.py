@@ -9,16 +9,33 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response
 
 from qwen_api import __version__
+from qwen_api.admission import Admission
 from qwen_api.api import openai, seed
+from qwen_api.api.deps import require_api_key
 from qwen_api.api.errors import register_error_handlers
+from qwen_api.api.guard import Guard
+from qwen_api.api.middleware import BodyLimit, RequestId, RequestMetrics
+from qwen_api.metrics import Metrics
 from qwen_api.runtime import Runtime
 from qwen_api.settings import Settings
+from qwen_api.textgen import TextGenerator
 
 
-def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
+def create_app(settings: Settings, runtime: Runtime, admission: Admission | None = None) -> FastAPI:
+    admission = admission or Admission(settings.admission_capacity())
+    metrics = Metrics(engine_stats=runtime.stats, admitted=lambda: admission.in_use)
+
+    def observe(generator: TextGenerator) -> None:
+        generator.observer = metrics
+        generator.engine.on_step = metrics.batch_size.observe
+
+    runtime.on_ready.append(observe)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.start()
@@ -30,7 +47,25 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
     app = FastAPI(title="Qwen2-7B-Instruct API", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.runtime = runtime
+    app.state.metrics = metrics
+    app.state.guard = Guard(admission, metrics, settings.request_timeout)
     register_error_handlers(app)
     app.include_router(seed.router)
-    app.include_router(openai.router)
+    app.include_router(seed.inference_router, dependencies=[Depends(require_api_key)])
+    app.include_router(openai.router, dependencies=[Depends(require_api_key)])
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    if settings.cors_allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_allow_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+        )
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestId)
+    app.add_middleware(RequestMetrics, metrics=metrics)
     return app

@@ -1,14 +1,20 @@
-"""Dependency aliases shared by the routers: the settings, the runtime, and a ready text generator."""
+"""Dependency aliases shared by the routers (settings, runtime, guard, a ready text generator) and the API-key check."""
 
 from __future__ import annotations
 
+import hmac
+import logging
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from qwen_api.api.errors import Unauthorized
+from qwen_api.api.guard import Guard
 from qwen_api.runtime import Runtime
 from qwen_api.settings import Settings
 from qwen_api.textgen import TextGenerator
+
+log = logging.getLogger("qwen_api.requests")
 
 
 def _settings(request: Request) -> Settings:
@@ -23,6 +29,32 @@ def _generator(request: Request) -> TextGenerator:
     return _runtime(request).generator()
 
 
+def _guard(request: Request) -> Guard:
+    return request.app.state.guard  # type: ignore[no-any-return]
+
+
+def require_api_key(request: Request) -> None:
+    """When an API key is configured, inference routes need `Authorization: Bearer <key>` (constant-time check)."""
+    key = _settings(request).api_key
+    if key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
+        raise Unauthorized()
+
+
+def log_prompt(settings: Settings, prompt: object) -> None:
+    """Prompts reach the log only when the operator asked for it (--log-prompts)."""
+    if settings.log_prompts:
+        log.info("prompt: %r", prompt)
+
+
+def log_outputs(settings: Settings, texts: list[str]) -> None:
+    if settings.log_prompts:
+        log.info("generated: %r", texts)
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 RuntimeDep = Annotated[Runtime, Depends(_runtime)]
 GeneratorDep = Annotated[TextGenerator, Depends(_generator)]
+GuardDep = Annotated[Guard, Depends(_guard)]

@@ -7,6 +7,9 @@ Seed API (`/`, `/health`, `/generate`): `{"detail": ...}` as the specification s
   checks that need the model (context length) or the settings (caps).
 
 OpenAI API (`/v1/...`): `{"error": {"message", "type", "param", "code"}}`, 400 for any bad request.
+
+Both families: 401 without the API key (when one is set), 429 + Retry-After when overloaded, 503 +
+Retry-After while draining, 504 past the request deadline, 413 for a body over the limit.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from qwen_api.admission import Draining, Overloaded
+from qwen_api.api.guard import ClientDisconnected, RequestTimeout
 from qwen_api.api.openai_protocol import Unsupported, error_body
 from qwen_api.engine.base import EngineError
 from qwen_api.runtime import ModelNotReady
@@ -68,16 +73,59 @@ def _openai(status: int, message: str, type_: str, param: str | None = None, cod
     return JSONResponse(error_body(message, type_, param, code), status_code=status)
 
 
+def _reply(
+    request: Request,
+    status: int,
+    message: str,
+    type_: str,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """One error, in the shape of the route family it came to."""
+    body = error_body(message, type_, param, code) if _is_openai(request) else {"detail": message}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _count_rejection(request: Request, reason: str) -> None:
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.rejections.labels(reason).inc()
+
+
 async def _not_ready(request: Request, exc: Exception) -> JSONResponse:
-    if _is_openai(request):
-        return _openai(503, NOT_LOADED, "service_unavailable")
-    return JSONResponse({"detail": NOT_LOADED}, status_code=503)
+    _count_rejection(request, "not_ready")
+    return _reply(request, 503, NOT_LOADED, "service_unavailable")
 
 
 async def _generation_failed(request: Request, exc: Exception) -> JSONResponse:
-    if _is_openai(request):
-        return _openai(500, str(exc), "server_error")
-    return JSONResponse({"detail": failure_detail(exc)}, status_code=500)
+    message = str(exc) if _is_openai(request) else failure_detail(exc)
+    return _reply(request, 500, message, "server_error")
+
+
+async def _overloaded(request: Request, exc: Exception) -> JSONResponse:
+    _count_rejection(request, "overloaded")
+    return _reply(request, 429, str(exc), "server_overloaded", "overloaded", headers={"Retry-After": "1"})
+
+
+async def _draining(request: Request, exc: Exception) -> JSONResponse:
+    _count_rejection(request, "draining")
+    return _reply(request, 503, str(exc), "service_unavailable", "shutting_down", headers={"Retry-After": "5"})
+
+
+async def _timed_out(request: Request, exc: Exception) -> JSONResponse:
+    message = str(exc) if _is_openai(request) else failure_detail(exc)
+    return _reply(request, 504, message, "timeout", "request_timeout")
+
+
+async def _client_gone(request: Request, exc: Exception) -> JSONResponse:
+    return _reply(request, 499, "client closed the request", "client_closed_request")
+
+
+async def _unauthorized(request: Request, exc: Exception) -> JSONResponse:
+    _count_rejection(request, "unauthorized")
+    headers = {"WWW-Authenticate": "Bearer"}
+    return _reply(request, 401, str(exc), "authentication_error", "invalid_api_key", headers=headers)
 
 
 async def _prompt_too_long(request: Request, exc: Exception) -> JSONResponse:
@@ -110,7 +158,17 @@ async def _model_not_found(request: Request, exc: Exception) -> JSONResponse:
     return _openai(404, str(exc), "invalid_request_error", "model", "model_not_found")
 
 
+class Unauthorized(Exception):
+    def __init__(self) -> None:
+        super().__init__("Invalid or missing API key: send 'Authorization: Bearer <key>'")
+
+
 def register_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(Overloaded, _overloaded)
+    app.add_exception_handler(Draining, _draining)
+    app.add_exception_handler(RequestTimeout, _timed_out)
+    app.add_exception_handler(ClientDisconnected, _client_gone)
+    app.add_exception_handler(Unauthorized, _unauthorized)
     app.add_exception_handler(ModelNotReady, _not_ready)
     app.add_exception_handler(EngineError, _generation_failed)
     app.add_exception_handler(PromptTooLong, _prompt_too_long)

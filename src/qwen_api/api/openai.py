@@ -9,12 +9,12 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from qwen_api.api.deps import GeneratorDep, RuntimeDep, SettingsDep
+from qwen_api.api.deps import GeneratorDep, GuardDep, RuntimeDep, SettingsDep, log_outputs, log_prompt
 from qwen_api.api.errors import ModelNotFound, openai_error_payload
 from qwen_api.api.openai_protocol import (
     ChatCompletionRequest,
@@ -24,10 +24,52 @@ from qwen_api.api.openai_protocol import (
     usage,
 )
 from qwen_api.api.sse import sse_response
-from qwen_api.settings import Settings
-from qwen_api.textgen import Completion, TextDelta, TextGenerator
+from qwen_api.textgen import Completion, TextDelta
 
 router = APIRouter(prefix="/v1")
+
+
+class _Context:
+    """What both completion routes need: the settings, the served name, a ready generator, the guard."""
+
+    def __init__(self, settings: SettingsDep, runtime: RuntimeDep, generator: GeneratorDep, guard: GuardDep) -> None:
+        self.settings, self.model_name, self.generator, self.guard = settings, runtime.model_name, generator, guard
+
+    def validate(self, body: ChatCompletionRequest | CompletionRequest) -> None:
+        if body.model != self.model_name:
+            raise ModelNotFound(body.model, self.model_name)
+        body.check_supported()
+        if body.n > self.settings.max_num_return_sequences:
+            raise Unsupported("n", f"must be at most {self.settings.max_num_return_sequences} on this server")
+        requested = body.requested_max_tokens()
+        if requested is not None and requested > self.settings.max_new_tokens_limit:
+            raise Unsupported("max_tokens", f"must be at most {self.settings.max_new_tokens_limit} on this server")
+
+    async def serve(
+        self,
+        request: Request,
+        body: ChatCompletionRequest | CompletionRequest,
+        prompt_ids: list[int],
+        kind: str,
+        response_id: str,
+    ) -> dict[str, Any] | StreamingResponse:
+        generator = self.generator
+        requested = body.requested_max_tokens()
+        if requested is None:  # as much as fits, up to the server's cap
+            room = generator.engine.max_context_tokens - len(prompt_ids)
+            requested = max(1, min(self.settings.max_new_tokens_limit, room))
+        params = body.sampling_params(requested)
+        generator.check_fits(prompt_ids, params.max_new_tokens)
+        ticket = self.guard.admit(body.n, len(prompt_ids))
+        head = {"id": response_id, "created": int(time.time()), "model": body.model}
+        if body.stream:
+            deltas = generator.stream(prompt_ids, params, n=body.n, stop=body.stop_list())
+            chunks = self.guard.stream(ticket, _chunks(deltas, body, kind, head, len(prompt_ids)))
+            return sse_response(chunks, openai_error_payload, error_event=None, on_close=ticket.release)
+        work = generator.complete(prompt_ids, params, n=body.n, stop=body.stop_list())
+        results = await self.guard.complete(request, ticket, work)
+        log_outputs(self.settings, [c.text for c in results])
+        return _response(kind, head, results, len(prompt_ids))
 
 
 @router.get("/models")
@@ -38,61 +80,34 @@ async def list_models(runtime: RuntimeDep) -> dict[str, Any]:
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
-    body: ChatCompletionRequest, settings: SettingsDep, runtime: RuntimeDep, generator: GeneratorDep
+    body: ChatCompletionRequest, request: Request, ctx: Annotated[_Context, Depends()]
 ) -> dict[str, Any] | StreamingResponse:
-    _validate(body, settings, runtime.model_name)
+    ctx.validate(body)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    prompt_ids = generator.chat_prompt_ids(messages)
-    return await _serve(body, settings, generator, prompt_ids, "chat.completion", f"chatcmpl-{uuid.uuid4().hex}")
+    log_prompt(ctx.settings, messages)
+    prompt_ids = ctx.generator.chat_prompt_ids(messages)
+    return await ctx.serve(request, body, prompt_ids, "chat.completion", f"chatcmpl-{uuid.uuid4().hex}")
 
 
 @router.post("/completions", response_model=None)
 async def completions(
-    body: CompletionRequest, settings: SettingsDep, runtime: RuntimeDep, generator: GeneratorDep
+    body: CompletionRequest, request: Request, ctx: Annotated[_Context, Depends()]
 ) -> dict[str, Any] | StreamingResponse:
-    _validate(body, settings, runtime.model_name)
+    ctx.validate(body)
     prompts = body.prompts()
     if len(prompts) != 1:
         raise Unsupported("prompt", "send one prompt per request")
-    prompt_ids = generator.text_prompt_ids(prompts[0])
-    return await _serve(body, settings, generator, prompt_ids, "text_completion", f"cmpl-{uuid.uuid4().hex}")
+    log_prompt(ctx.settings, prompts[0])
+    prompt_ids = ctx.generator.text_prompt_ids(prompts[0])
+    return await ctx.serve(request, body, prompt_ids, "text_completion", f"cmpl-{uuid.uuid4().hex}")
 
 
-def _validate(body: ChatCompletionRequest | CompletionRequest, settings: Settings, model_name: str) -> None:
-    if body.model != model_name:
-        raise ModelNotFound(body.model, model_name)
-    body.check_supported()
-    if body.n > settings.max_num_return_sequences:
-        raise Unsupported("n", f"must be at most {settings.max_num_return_sequences} on this server")
-    requested = body.requested_max_tokens()
-    if requested is not None and requested > settings.max_new_tokens_limit:
-        raise Unsupported("max_tokens", f"must be at most {settings.max_new_tokens_limit} on this server")
-
-
-async def _serve(
-    body: ChatCompletionRequest | CompletionRequest,
-    settings: Settings,
-    generator: TextGenerator,
-    prompt_ids: list[int],
-    kind: str,
-    response_id: str,
-) -> dict[str, Any] | StreamingResponse:
-    requested = body.requested_max_tokens()
-    if requested is None:  # as much as fits, up to the server's cap
-        room = generator.engine.max_context_tokens - len(prompt_ids)
-        requested = max(1, min(settings.max_new_tokens_limit, room))
-    params = body.sampling_params(requested)
-    head = {"id": response_id, "created": int(time.time()), "model": body.model}
-    if body.stream:
-        deltas = generator.stream(prompt_ids, params, n=body.n, stop=body.stop_list())
-        chunks = _chunks(deltas, body, kind, head, len(prompt_ids))
-        return sse_response(chunks, openai_error_payload, error_event=None)
-    results = await generator.complete(prompt_ids, params, n=body.n, stop=body.stop_list())
+def _response(kind: str, head: dict[str, Any], results: list[Completion], prompt_tokens: int) -> dict[str, Any]:
     return {
         **head,
         "object": kind,
         "choices": [_choice(kind, i, c) for i, c in enumerate(results)],
-        "usage": usage(len(prompt_ids), sum(c.completion_tokens for c in results)),
+        "usage": usage(prompt_tokens, sum(c.completion_tokens for c in results)),
     }
 
 

@@ -5,19 +5,21 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from qwen_api import __version__
-from qwen_api.api.deps import GeneratorDep, RuntimeDep, SettingsDep
+from qwen_api.api.deps import GeneratorDep, GuardDep, RuntimeDep, SettingsDep, log_outputs, log_prompt
 from qwen_api.api.errors import NOT_LOADED, failure_detail, invalid_field
+from qwen_api.api.guard import ClientDisconnected, RequestTimeout
 from qwen_api.api.protocol import GenerateRequest, GenerateResponse, HealthResponse, RootResponse
 from qwen_api.api.sse import sse_response
 from qwen_api.engine.base import EngineError
 from qwen_api.settings import Settings
 from qwen_api.textgen import TextDelta
 
-router = APIRouter()
+router = APIRouter()  # open to all
+inference_router = APIRouter()  # behind the API key when one is set
 
 
 @router.get("/", response_model=RootResponse)
@@ -36,7 +38,7 @@ async def health(runtime: RuntimeDep) -> HealthResponse | JSONResponse:
     return HealthResponse(status="healthy")
 
 
-@router.post(
+@inference_router.post(
     "/generate",
     response_model=GenerateResponse,
     responses={
@@ -46,20 +48,25 @@ async def health(runtime: RuntimeDep) -> HealthResponse | JSONResponse:
     },
 )
 async def generate(
-    body: GenerateRequest, settings: SettingsDep, generator: GeneratorDep
+    body: GenerateRequest, request: Request, settings: SettingsDep, generator: GeneratorDep, guard: GuardDep
 ) -> GenerateResponse | StreamingResponse:
     check_caps(body, settings)
     prompt_ids = generator.chat_prompt_ids([{"role": "user", "content": body.prompt}])
     params, n = body.to_sampling_params(), body.num_return_sequences
+    generator.check_fits(prompt_ids, params.max_new_tokens)
+    log_prompt(settings, body.prompt)
+    ticket = guard.admit(n, len(prompt_ids))
     if body.stream:
         deltas = generator.stream(prompt_ids, params, n=n)
-        return sse_response(_generate_events(deltas, len(prompt_ids)), lambda e: {"detail": failure_detail(e)})
+        events = guard.stream(ticket, _generate_events(deltas, len(prompt_ids)))
+        return sse_response(events, lambda e: {"detail": failure_detail(e)}, on_close=ticket.release)
     try:
-        completions = await generator.complete(prompt_ids, params, n=n)
-    except (EngineError, ValueError):
+        completions = await guard.complete(request, ticket, generator.complete(prompt_ids, params, n=n))
+    except (EngineError, ValueError, RequestTimeout, ClientDisconnected):
         raise
     except Exception as exc:  # anything else the engine throws is still "generation failed", never a bare 500
         raise EngineError(f"{type(exc).__name__}: {exc}") from exc
+    log_outputs(settings, [c.text for c in completions])
     return GenerateResponse(generated_texts=[c.text for c in completions], parameters=body.parameters())
 
 

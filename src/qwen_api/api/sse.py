@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import anyio
 from fastapi.responses import StreamingResponse
 
 log = logging.getLogger(__name__)
@@ -19,8 +20,25 @@ def sse(data: Any, event: str | None = None) -> str:
     return f"{head}data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+class _ClosingStream(StreamingResponse):
+    """Runs `on_close` when the response is over, even if its body was never iterated (client gone early)."""
+
+    def __init__(self, body: AsyncIterator[str], on_close: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(body, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
 def sse_response(
-    events: AsyncIterator[Any], error_payload: Callable[[Exception], Any], error_event: str | None = "error"
+    events: AsyncIterator[Any],
+    error_payload: Callable[[Exception], Any],
+    error_event: str | None = "error",
+    on_close: Callable[[], None] = lambda: None,
 ) -> StreamingResponse:
     """Stream `events` (JSON-able objects) as SSE, then [DONE]. A failure mid-stream becomes one error event."""
 
@@ -32,8 +50,11 @@ def sse_response(
             log.warning("stream failed after it began: %s", exc)
             yield sse(error_payload(exc), event=error_event)
         finally:
-            await events.aclose()  # type: ignore[attr-defined]
+            # Starlette cancels a stream whose client left; anyio would re-cancel this await: shield it, so the
+            # engine's sequences are cancelled now rather than whenever the generator is collected.
+            with anyio.CancelScope(shield=True):
+                await events.aclose()  # type: ignore[attr-defined]
         yield DONE
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+    return _ClosingStream(body(), on_close, media_type="text/event-stream", headers=headers)

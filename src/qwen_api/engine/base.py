@@ -7,7 +7,7 @@ matched) cancels the sequence and frees its batch slot. Engines raise the `Engin
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -41,8 +41,9 @@ class TokenChunk:
 class EngineStats:
     """A snapshot of the engine's load, read by /health, metrics and tests."""
 
-    running: int  # sequences admitted and not yet finished
-    waiting: int  # sequences the scheduler has not started yet
+    running: int  # sequences submitted and not yet finished or cancelled
+    waiting: int  # of those, sequences the scheduler has not started yet
+    active: int  # sequences holding a batch slot and KV cache in the scheduler
     steps: int  # forward steps run so far
     peak_batch_size: int  # most sequences seen together in one forward step
 
@@ -59,11 +60,10 @@ class Engine(Protocol):
     """What the HTTP layer may ask of an engine."""
 
     max_context_tokens: int  # prompt + generated tokens one sequence may hold
+    on_step: Callable[[int], None] | None  # told each forward step's batch size, on the engine's thread
 
-    def generate(
-        self, prompt_ids: list[int], params: SamplingParams, incremental: bool = True
-    ) -> AsyncIterator[TokenChunk]:
-        """Start one sequence. With incremental=False the engine may deliver all tokens in one final chunk."""
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenChunk]:
+        """Start one sequence; chunks arrive as the engine steps."""
         ...
 
     def is_healthy(self) -> bool: ...

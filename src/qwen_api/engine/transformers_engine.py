@@ -14,7 +14,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from qwen_api.engine import seeded_sampling
@@ -65,6 +65,7 @@ class TransformersEngine:
         self._running = 0
         self._steps = 0
         self._peak_batch = 0
+        self.on_step: Callable[[int], None] | None = None
         self._count_steps_of_each_batch_processor()
         self._manager.start()
         self.max_context_tokens = min(self._wait_for_cache_capacity(), _model_context(model))
@@ -84,6 +85,8 @@ class TransformersEngine:
                 if result[0]:
                     self._steps += 1
                     self._peak_batch = max(self._peak_batch, len(result[0]))
+                    if self.on_step is not None:
+                        self.on_step(len(result[0]))
                 return result
 
             processor.scheduler.schedule_batch = schedule_counted
@@ -114,9 +117,7 @@ class TransformersEngine:
     def _finish_reason(self, tokens: list[int]) -> FinishReason:
         return "stop" if tokens and tokens[-1] in self._eos else "length"
 
-    async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, incremental: bool = True
-    ) -> AsyncIterator[TokenChunk]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenChunk]:
         """Run one sequence; see `Engine.generate`. Leaving the loop early cancels it in the engine."""
         if not self.is_healthy():
             raise EngineDead(f"the generation thread is not running: {self._fatal_error()}")
@@ -127,7 +128,7 @@ class TransformersEngine:
             list(prompt_ids),
             request_id=request_id,
             max_new_tokens=params.max_new_tokens,
-            streaming=incremental,
+            streaming=True,  # token by token: time to first token, stop strings and cancellation need it
             **self._processor_kwargs(params),
         )
         self._running += 1
@@ -171,10 +172,13 @@ class TransformersEngine:
 
     def stats(self) -> EngineStats:
         processor = self._manager.batch_processor
-        waiting = self._manager.input_queue.qsize()
+        waiting, active = self._manager.input_queue.qsize(), 0
         if processor is not None:
             waiting += len(processor.scheduler.waiting_requests)
-        return EngineStats(running=self._running, waiting=waiting, steps=self._steps, peak_batch_size=self._peak_batch)
+            active = len(processor.scheduler.active_requests)
+        return EngineStats(
+            running=self._running, waiting=waiting, active=active, steps=self._steps, peak_batch_size=self._peak_batch
+        )
 
     def shutdown(self) -> None:
         if self._manager.is_running():

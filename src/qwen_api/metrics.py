@@ -1,0 +1,75 @@
+"""Prometheus metrics: one registry per app (so several apps can live in one process, as in tests).
+
+Requests by route and status, rejections and cancellations by reason, tokens in and out, per-sequence time to
+first token, time per output token and end-to-end latency, the engine's batch size per step, and gauges read
+from the engine and admission at scrape time (running, waiting, admitted sequences).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from qwen_api.engine.base import EngineStats
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 600)
+PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class _LoadCollector(Collector):
+    def __init__(self, engine_stats: Callable[[], EngineStats | None], admitted: Callable[[], int]) -> None:
+        self._engine_stats, self._admitted = engine_stats, admitted
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        stats = self._engine_stats()
+        running = GaugeMetricFamily("qwen_api_running_sequences", "Sequences in the engine, not finished")
+        waiting = GaugeMetricFamily("qwen_api_waiting_sequences", "Sequences waiting for a batch slot (queue depth)")
+        running.add_metric([], stats.running if stats else 0)
+        waiting.add_metric([], stats.waiting if stats else 0)
+        admitted = GaugeMetricFamily("qwen_api_admitted_sequences", "Sequences holding an admission slot")
+        admitted.add_metric([], self._admitted())
+        yield from (running, waiting, admitted)
+
+
+class Metrics:
+    def __init__(self, engine_stats: Callable[[], EngineStats | None], admitted: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "qwen_api_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.rejections = Counter(
+            "qwen_api_rejections", "Requests refused before any work, by reason", ["reason"], registry=r
+        )
+        self.cancellations = Counter("qwen_api_cancellations", "Requests cancelled, by reason", ["reason"], registry=r)
+        self.prompt_tokens = Counter("qwen_api_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.generation_tokens = Counter("qwen_api_generation_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram(
+            "qwen_api_time_to_first_token_seconds", "Per sequence", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.tpot = Histogram(
+            "qwen_api_time_per_output_token_seconds",
+            "Per sequence, after the first",
+            buckets=PER_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram("qwen_api_e2e_latency_seconds", "Per sequence", buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "qwen_api_batch_size", "Sequences per engine forward step", buckets=BATCH_BUCKETS, registry=r
+        )
+        r.register(_LoadCollector(engine_stats, admitted))
+
+    def sequence_finished(self, completion_tokens: int, ttft: float, e2e: float) -> None:
+        """Called by the text layer when a sequence ends normally."""
+        self.generation_tokens.inc(completion_tokens)
+        self.ttft.observe(ttft)
+        self.e2e.observe(e2e)
+        if completion_tokens > 1:
+            self.tpot.observe((e2e - ttft) / (completion_tokens - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
