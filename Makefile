@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv demo serve test check lint
+.PHONY: venv demo serve test test-tools check lint
 
 $(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
@@ -24,8 +24,12 @@ demo: venv
 serve: venv
 	$(VENV)/bin/qwen-api serve $(if $(MODEL),--model $(MODEL))
 
+## Tools the tests drive as real peers: Debian's prometheus (needs root or an existing install).
+test-tools:
+	@command -v prometheus >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; }
+
 ## The whole test suite (GPU tests are deselected where no GPU exists, and pytest says so).
-test: venv
+test: venv test-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv

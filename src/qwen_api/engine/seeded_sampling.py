@@ -5,6 +5,10 @@ with a seed, this processor draws Gumbel noise from a counter-based hash of (see
 picks argmax(scores + noise) -- an exact sample from softmax(scores) -- and leaves only that token, so the
 batch's own multinomial draw can only return it. Rows without a seed are untouched. The hash is plain
 integer tensor arithmetic (no Python loop over rows, no host sync on GPU), so it also runs in CUDA graphs.
+
+Being last, it also guards the batch: the draw is one `torch.multinomial` for every row, and a single row
+with NaN or without any finite score makes it raise, which stops the engine for everybody. Such a row
+becomes uniform instead: that one request gets noise, the others are unharmed.
 """
 
 from __future__ import annotations
@@ -36,6 +40,13 @@ def _uniform(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     return (x.to(torch.float64) + 0.5) / 2.0**32
 
 
+def _sane(scores: torch.Tensor) -> torch.Tensor:
+    """NaN becomes -inf, +inf the largest float; a row left with no finite score becomes uniform."""
+    scores = torch.nan_to_num(scores, nan=float("-inf"), posinf=torch.finfo(scores.dtype).max)
+    dead = torch.isneginf(scores).all(dim=-1, keepdim=True)  # [B, 1]
+    return torch.where(dead, torch.zeros_like(scores), scores)
+
+
 class SeededSampling(ContinuousBatchingLogitsProcessor):
     """Must run after temperature, top-k and top-p: it samples from the distribution they leave."""
 
@@ -53,6 +64,7 @@ class SeededSampling(ContinuousBatchingLogitsProcessor):
         return torch.tensor(keys, dtype=torch.int32, device="cpu")
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        scores = _sane(scores)
         keys = tensor_arg[: scores.size(0)]  # [B]
         seeded = keys != _NO_SEED
         if scores.device.type == "cpu" and not bool(seeded.any()):

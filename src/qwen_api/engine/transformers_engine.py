@@ -23,6 +23,9 @@ from qwen_api.engine.base import EngineDead, EngineError, EngineStats, FinishRea
 log = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_TOKENS = 32768
+# Dividing logits by a temperature near zero overflows to inf, and inf - inf is NaN in the softmax: so tiny
+# temperatures mean greedy, as they do in the limit.
+GREEDY_BELOW = 1e-5
 _PAGE_SIZE = 256
 
 
@@ -105,7 +108,7 @@ class TransformersEngine:
 
     # ----------------------------------------------------------------------------------------- requests
     def _processor_kwargs(self, params: SamplingParams) -> dict[str, Any]:
-        if params.temperature == 0:  # greedy: keep only the most likely token, then "sample" it
+        if params.temperature < GREEDY_BELOW:  # greedy: keep only the most likely token, then "sample" it
             return {"temperature": 1.0, "top_p": 1.0, "top_k": 1}
         top_k = params.top_k if params.top_k > 0 else self._vocab_size
         kwargs: dict[str, Any] = {"temperature": float(params.temperature), "top_p": float(params.top_p)}

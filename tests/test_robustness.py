@@ -1,0 +1,447 @@
+"""Load, faults and bad input: limits, overload, disconnects, timeouts, drain, engine death, auth, metrics.
+
+Every test talks to real servers on loopback only, and every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from conftest import VENV_BIN, InProcessServer, free_port, serve_in_process, wait_healthy
+
+LONG = 4000  # new tokens: many seconds of decoding for the tiny model, so the request is surely still running
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def raw_post(port: int, path: str, body: dict) -> socket.socket:
+    """Send a request on a bare socket and return it unread, so the test can hang up at a moment of its choosing."""
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port))
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + payload)
+    return sock
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+BAD_INPUTS: list[tuple[str, object, int, str | None]] = [
+    # (path, body (bytes are sent raw), status, the field the error must name)
+    ("/generate", {}, 422, "prompt"),
+    ("/generate", {"prompt": ""}, 422, "prompt"),
+    ("/generate", {"prompt": None}, 422, "prompt"),
+    ("/generate", {"prompt": ["a", "b"]}, 422, "prompt"),
+    ("/generate", {"prompt": "hi", "max_length": -5}, 422, "max_length"),
+    ("/generate", {"prompt": "hi", "max_length": 10**12}, 422, "max_length"),
+    ("/generate", {"prompt": "hi", "max_length": 1.5}, 422, "max_length"),
+    ("/generate", {"prompt": "hi", "temperature": "hot"}, 422, "temperature"),
+    ("/generate", b'{"prompt": "hi", "temperature": 1e309}', 422, "temperature"),
+    ("/generate", b'{"prompt": "hi", "top_p": Infinity}', 422, "top_p"),
+    ("/generate", b'{"prompt": "hi", "top_k": NaN}', 422, "top_k"),
+    ("/generate", {"prompt": "hi", "num_return_sequences": 10**9}, 422, "num_return_sequences"),
+    ("/generate", {"prompt": "hi", "num_return_sequences": -1}, 422, "num_return_sequences"),
+    ("/generate", {"prompt": "hi", "stream": "yes please"}, 422, "stream"),
+    ("/generate", {"prompt": "hi", "chat_template": "{{ evil }}"}, 422, "chat_template"),
+    ("/generate", b"", 422, None),
+    ("/generate", b"null", 422, None),
+    ("/generate", b'"just a string"', 422, None),
+    ("/generate", b'{"prompt": "unterminated', 422, None),
+    ("/v1/chat/completions", {"model": "m", "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "tool", "content": "x"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["x" * 300]}, 400, None),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}], "chat_template": "x"}, 400, "chat_template"),
+    ("/v1/completions", {"model": "m", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "m", "prompt": "x", "seed": 2**70}, 400, "seed"),
+    ("/v1/completions", {"model": "m", "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", b"{]", 400, None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "body", "status", "field"), BAD_INPUTS)
+def test_bad_input_is_a_clear_4xx_in_the_route_shape(
+    tiny_server: InProcessServer, path: str, body: object, status: int, field: str | None
+) -> None:
+    url = f"{tiny_server.base_url}{path}"
+    if isinstance(body, bytes):
+        r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
+    else:
+        r = httpx.post(url, json=body, timeout=30)
+    assert r.status_code == status, r.text
+    payload = r.json()
+    if path.startswith("/v1/"):
+        error = payload["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+        where = f"{error['param']} {error['message']}"
+    else:
+        assert isinstance(payload["detail"], list) and payload["detail"]
+        where = " ".join(str(e["loc"]) for e in payload["detail"])
+    if field is not None:
+        assert field in where, payload
+
+
+def test_extreme_sampling_values_answer_and_leave_the_engine_alive(tiny_server: InProcessServer) -> None:
+    def text(**params: object) -> str:
+        r = httpx.post(f"{tiny_server.base_url}/generate", json={"prompt": "hi", "max_length": 6, **params}, timeout=60)
+        assert r.status_code == 200, r.text
+        return str(r.json()["generated_texts"][0])
+
+    greedy = text(temperature=0)
+    assert text(temperature=1e-300) == greedy  # would be inf/NaN logits: treated as greedy
+    text(temperature=2.0, top_p=1e-300, top_k=1)
+    text(temperature=2.0, top_p=1.0, top_k=0)
+    assert httpx.get(f"{tiny_server.base_url}/health").status_code == 200
+
+
+def test_body_over_the_limit_is_413(tiny_qwen2_dir: Path) -> None:
+    with serve_in_process(tiny_qwen2_dir, max_body_bytes=4096) as server:
+        big = {"prompt": "x" * 5000}
+        r = httpx.post(f"{server.base_url}/generate", json=big)
+        assert r.status_code == 413 and "4096" in r.json()["detail"]
+        r = httpx.post(f"{server.base_url}/v1/completions", json={"model": "m", "prompt": "x" * 5000})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+        def chunked() -> object:  # no Content-Length: counted as it arrives
+            yield b'{"prompt": "'
+            for _ in range(10):
+                yield b"y" * 1000
+            yield b'"}'
+
+        r = httpx.post(f"{server.base_url}/generate", content=chunked(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert httpx.post(f"{server.base_url}/generate", json={"prompt": "hi", "max_length": 2}).status_code == 200
+
+
+def test_schemathesis_finds_no_server_error(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
+    with serve_in_process(tiny_qwen2_dir, max_new_tokens_limit=8, max_num_return_sequences=2) as server:
+        result = subprocess.run(
+            [str(VENV_BIN / "schemathesis"), "run", f"{server.base_url}/openapi.json",
+             "--checks", "not_a_server_error", "--max-examples", "25", "--workers", "2",
+             "--report-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=600, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+        assert httpx.get(f"{server.base_url}/health").status_code == 200
+
+
+# ------------------------------------------------------------------------------------------------ overload
+def test_overload_is_refused_fast_and_nothing_is_lost(tiny_qwen2_dir: Path) -> None:
+    with serve_in_process(tiny_qwen2_dir, max_batch_size=2, max_waiting_sequences=2) as server:
+        health: list[int] = []
+        stop = threading.Event()
+
+        def watch_health() -> None:
+            while not stop.is_set():
+                health.append(httpx.get(f"{server.base_url}/health", timeout=10).status_code)
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch_health)
+        watcher.start()
+
+        async def one(client: httpx.AsyncClient, i: int) -> tuple[int, float, httpx.Response]:
+            start = time.monotonic()
+            r = await client.post("/generate", json={"prompt": f"req {i}", "max_length": 64, "temperature": 0})
+            return r.status_code, time.monotonic() - start, r
+
+        async def burst() -> list[tuple[int, float, httpx.Response]]:
+            async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as client:
+                return await asyncio.gather(*[one(client, i) for i in range(16)])  # 4x the 4 admitted
+
+        try:
+            results = asyncio.run(burst())
+        finally:
+            stop.set()
+            watcher.join()
+        statuses = [s for s, _, _ in results]
+        assert len(results) == 16 and set(statuses) <= {200, 429}
+        assert statuses.count(200) >= 4
+        refused = [(t, r) for s, t, r in results if s == 429]
+        assert refused, "16 requests against 4 slots must see refusals"
+        for elapsed, r in refused:
+            assert elapsed < 2.0 and r.headers["retry-after"] == "1"
+            assert r.json()["detail"].startswith("Server overloaded")
+        assert health and set(health) == {200}
+        assert server.admission.in_use == 0 and server.runtime.generator().engine.stats().running == 0
+
+
+# ------------------------------------------------------------------------------------------------ cancellation
+@pytest.fixture
+def long_server(tiny_qwen2_dir: Path) -> InProcessServer:
+    with serve_in_process(tiny_qwen2_dir, max_new_tokens_limit=LONG, max_batch_size=1) as server:
+        yield server  # type: ignore[misc]
+
+
+def engine_of(server: InProcessServer):  # type: ignore[no-untyped-def]
+    return server.runtime.generator().engine
+
+
+def test_disconnect_while_streaming_cancels(long_server: InProcessServer) -> None:
+    engine = engine_of(long_server)
+    body = {"prompt": "go", "max_length": LONG, "stream": True, "temperature": 0}
+    with httpx.stream("POST", f"{long_server.base_url}/generate", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert engine.stats().running == 1
+    # the client hung up after one event: the sequence must leave the engine within a step or two
+    assert wait_until(lambda: engine.stats().running == 0 and engine.stats().active == 0, 10), engine.stats()
+    assert wait_until(lambda: long_server.admission.in_use == 0, 5)
+    ok = httpx.post(f"{long_server.base_url}/generate", json={"prompt": "hi", "max_length": 3}, timeout=60)
+    assert ok.status_code == 200
+
+
+def test_disconnect_while_waiting_for_a_plain_answer_cancels(long_server: InProcessServer) -> None:
+    engine = engine_of(long_server)
+    sock = raw_post(int(long_server.settings.port), "/generate", {"prompt": "go", "max_length": LONG})
+    assert wait_until(lambda: engine.stats().active == 1, 10)
+    sock.close()
+    assert wait_until(lambda: engine.stats().running == 0 and engine.stats().active == 0, 10), engine.stats()
+    assert wait_until(lambda: long_server.admission.in_use == 0, 5)
+
+
+def test_disconnect_while_queued_cancels_and_spares_the_running_one(long_server: InProcessServer) -> None:
+    engine = engine_of(long_server)  # max_batch_size=1: a second request has to wait
+    port = int(long_server.settings.port)
+    first = raw_post(port, "/generate", {"prompt": "first", "max_length": 200, "temperature": 0})
+    assert wait_until(lambda: engine.stats().active == 1, 10)
+    queued = raw_post(
+        port, "/v1/completions", {"model": long_server.runtime.model_name, "prompt": "x", "max_tokens": LONG}
+    )
+    assert wait_until(lambda: engine.stats().waiting == 1, 10), engine.stats()
+    queued.close()
+    assert wait_until(lambda: engine.stats().waiting == 0, 10), engine.stats()
+    first.settimeout(60)
+    reply = b""
+    while b"generated_texts" not in reply:
+        chunk = first.recv(65536)
+        assert chunk, "the running request was lost"
+        reply += chunk
+    first.close()
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert wait_until(lambda: engine.stats().running == 0, 10)
+
+
+def test_deadline_cancels_and_answers_with_a_clear_error(tiny_qwen2_dir: Path) -> None:
+    with serve_in_process(tiny_qwen2_dir, request_timeout=1.0, max_new_tokens_limit=LONG) as server:
+        start = time.monotonic()
+        r = httpx.post(f"{server.base_url}/generate", json={"prompt": "go", "max_length": LONG}, timeout=60)
+        assert r.status_code == 504 and time.monotonic() - start < 10
+        assert r.json()["detail"].startswith("Generation failed: timed out after 1 s")
+        body = {"prompt": "go", "max_length": LONG, "stream": True}
+        with httpx.stream("POST", f"{server.base_url}/generate", json=body, timeout=60) as s:
+            events = "".join(s.iter_text()).strip().split("\n\n")
+        assert events[-1] == "data: [DONE]" and events[-2].startswith("event: error")
+        assert "timed out" in events[-2]
+        engine = server.runtime.generator().engine
+        assert wait_until(lambda: engine.stats().running == 0, 10)
+
+
+# ------------------------------------------------------------------------------------------------ faults
+def test_engine_death_turns_health_503_and_ends_the_server_with_exit_code_1(tiny_qwen2_dir: Path) -> None:
+    server = serve_in_process(tiny_qwen2_dir)
+    with server:
+
+        def injected_fault(module: object, args: object) -> None:
+            raise RuntimeError("injected fault")
+
+        server.runtime.generator().engine.model.register_forward_pre_hook(injected_fault)
+        r = httpx.post(f"{server.base_url}/generate", json={"prompt": "hi", "max_length": 4}, timeout=30)
+        assert r.status_code == 500
+        server.thread.join(timeout=30)  # the watchdog shuts the server down by itself
+        assert not server.thread.is_alive()
+        assert server.runtime.exit_code == 1
+
+
+def serve_subprocess(model_dir: Path, *flags: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "qwen-api"), "serve", "--model", str(model_dir), "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "warning", *flags],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def test_a_model_that_fails_to_load_exits_non_zero(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')  # a directory that is not a loadable model
+    proc, _ = serve_subprocess(tmp_path)
+    assert proc.wait(timeout=120) == 1
+
+
+def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(tiny_qwen2_dir: Path) -> None:
+    proc, base = serve_subprocess(tiny_qwen2_dir, "--drain-timeout", "60", "--max-new-tokens-limit", str(LONG))
+    try:
+        wait_healthy(base, timeout=120, proc=proc)
+        results: list[httpx.Response] = []
+
+        def long_request() -> None:
+            body = {"prompt": "go", "max_length": 600, "temperature": 0}
+            results.append(httpx.post(f"{base}/generate", json=body, timeout=120))
+
+        threads = [threading.Thread(target=long_request) for _ in range(3)]
+        for t in threads:
+            t.start()
+        assert wait_until(lambda: "qwen_api_admitted_sequences 3.0" in httpx.get(f"{base}/metrics").text, 20)
+        proc.send_signal(signal.SIGTERM)
+        assert wait_until(lambda: httpx.get(f"{base}/health").status_code == 503, 10)
+        refused = httpx.post(f"{base}/generate", json={"prompt": "late"}, timeout=10)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+        assert refused.json()["detail"].startswith("Server is shutting down")
+        for t in threads:
+            t.join(timeout=120)
+        assert [r.status_code for r in results] == [200, 200, 200]
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+# ------------------------------------------------------------------------------------------------ security
+def test_api_key_guards_inference_routes_only(tiny_qwen2_dir: Path) -> None:
+    with serve_in_process(tiny_qwen2_dir, api_key="s3cret") as server:
+        base = server.base_url
+        assert httpx.get(f"{base}/").status_code == 200 and httpx.get(f"{base}/health").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+            r = httpx.post(f"{base}/generate", json={"prompt": "hi"}, headers=headers)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            assert r.json() == {"detail": "Invalid or missing API key: send 'Authorization: Bearer <key>'"}
+        assert httpx.get(f"{base}/v1/models").json()["error"]["code"] == "invalid_api_key"
+        ok = httpx.post(
+            f"{base}/generate", json={"prompt": "hi", "max_length": 2}, headers={"Authorization": "Bearer s3cret"}
+        )
+        assert ok.status_code == 200
+        sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0)
+        assert sdk.models.list().data[0].id == server.runtime.model_name
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_cors_is_off_unless_allowed(tiny_server: InProcessServer, tiny_qwen2_dir: Path) -> None:
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    r = httpx.options(f"{tiny_server.base_url}/generate", headers=preflight)
+    assert "access-control-allow-origin" not in r.headers
+    with serve_in_process(tiny_qwen2_dir, cors_allow_origins=["https://app.example"]) as server:
+        r = httpx.options(f"{server.base_url}/generate", headers=preflight)
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+        r = httpx.options(f"{server.base_url}/generate", headers={**preflight, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+
+
+# ------------------------------------------------------------------------------------------------ observability
+def test_request_id_is_echoed_or_made(tiny_server: InProcessServer) -> None:
+    given = httpx.get(f"{tiny_server.base_url}/health", headers={"X-Request-ID": "abc-123"})
+    assert given.headers["x-request-id"] == "abc-123"
+    made = httpx.post(f"{tiny_server.base_url}/generate", json={})
+    assert made.status_code == 422 and len(made.headers["x-request-id"]) == 32
+    odd = httpx.get(f"{tiny_server.base_url}/", headers={"X-Request-ID": "bad id\twith spaces"})
+    assert odd.headers["x-request-id"] != "bad id\twith spaces"
+
+
+def test_metrics_count_requests_tokens_latency_and_batches(tiny_qwen2_dir: Path) -> None:
+    with serve_in_process(tiny_qwen2_dir) as server:
+        base = server.base_url
+
+        async def some() -> None:
+            async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+                await asyncio.gather(*[c.post("/generate", json={"prompt": "hi", "max_length": 5}) for _ in range(4)])
+
+        asyncio.run(some())
+        httpx.post(f"{base}/generate", json={"prompt": ""})
+        text = httpx.get(f"{base}/metrics").text
+        assert 'qwen_api_requests_total{route="/generate",status="200"} 4.0' in text
+        assert 'qwen_api_requests_total{route="/generate",status="422"} 1.0' in text
+        assert "qwen_api_time_to_first_token_seconds_count 4.0" in text
+        assert "qwen_api_e2e_latency_seconds_count 4.0" in text
+        assert "qwen_api_generation_tokens_total" in text and "qwen_api_prompt_tokens_total" in text
+        assert "qwen_api_running_sequences 0.0" in text and "qwen_api_waiting_sequences 0.0" in text
+        batch_count = next(line for line in text.splitlines() if line.startswith("qwen_api_batch_size_count"))
+        assert float(batch_count.split()[-1]) > 0
+
+
+def test_a_real_prometheus_scrapes_the_metrics(tiny_server: InProcessServer, tmp_path: Path) -> None:
+    prometheus = "/usr/bin/prometheus"
+    assert os.path.exists(prometheus), "Debian's prometheus package is installed by `make test-tools`"
+    httpx.post(f"{tiny_server.base_url}/generate", json={"prompt": "hi", "max_length": 2}, timeout=60)
+    target = tiny_server.base_url.removeprefix("http://")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        f"global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: qwen\n    static_configs:\n"
+        f"      - targets: ['{target}']\n"
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    query = 'qwen_api_requests_total{route="/generate",status="200"}'
+    try:
+
+        def scraped() -> bool:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": query}, timeout=5)
+                return bool(r.json()["data"]["result"])
+            except (httpx.HTTPError, KeyError, ValueError):
+                return False
+
+        assert wait_until(scraped, 60), "prometheus never saw the metric"
+        r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": query}).json()
+        assert float(r["data"]["result"][0]["value"][1]) >= 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_soak_of_1000_requests_keeps_server_memory_bounded(tiny_qwen2_dir: Path) -> None:
+    """The server in its own process, so that its resident memory is not mixed with the test client's."""
+    proc, base = serve_subprocess(tiny_qwen2_dir)
+    try:
+        wait_healthy(base, timeout=120, proc=proc)
+        server = psutil.Process(proc.pid)
+
+        async def run(count: int) -> list[int]:
+            async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+                sem = asyncio.Semaphore(8)
+
+                async def one(i: int) -> int:
+                    async with sem:
+                        body = {"prompt": f"soak {i}", "max_length": 2, "stream": i % 2 == 0}
+                        return (await client.post("/generate", json=body)).status_code
+
+                return await asyncio.gather(*[one(i) for i in range(count)])
+
+        assert set(asyncio.run(run(300))) == {200}  # warm-up: allocator arenas reach their working size
+        before = server.memory_info().rss
+        assert set(asyncio.run(run(1000))) == {200}
+        growth_mb = (server.memory_info().rss - before) / 2**20
+        print(f"\nsoak: server RSS growth over 1000 requests: {growth_mb:.1f} MiB")
+        metrics = httpx.get(f"{base}/metrics").text
+        assert "qwen_api_admitted_sequences 0.0" in metrics and "qwen_api_running_sequences 0.0" in metrics
+        # A leak of 100 KiB per request would pass 100 MiB; allocator arenas move RSS by tens of MiB.
+        assert growth_mb < 100, f"server resident memory grew {growth_mb:.1f} MiB over 1000 requests"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
