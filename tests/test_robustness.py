@@ -275,12 +275,13 @@ def test_engine_death_turns_health_503_and_ends_the_server_with_exit_code_1(tiny
         assert server.runtime.exit_code == 1
 
 
-def serve_subprocess(model_dir: Path, *flags: str) -> tuple[subprocess.Popen[bytes], str]:
+def serve_subprocess(model_dir: Path, *flags: str, log: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 (the child holds it; closed with it)
     proc = subprocess.Popen(
         [str(VENV_BIN / "qwen-api"), "serve", "--model", str(model_dir), "--host", "127.0.0.1",
          "--port", str(port), "--log-level", "warning", *flags],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     return proc, f"http://127.0.0.1:{port}"
 
@@ -337,6 +338,27 @@ def test_api_key_guards_inference_routes_only(tiny_qwen2_dir: Path) -> None:
         assert sdk.models.list().data[0].id == server.runtime.model_name
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{base}/v1", api_key="nope", max_retries=0).models.list()
+
+
+@pytest.mark.parametrize("log_prompts", [False, True])
+def test_prompts_reach_the_logs_only_when_asked_and_logs_carry_request_ids(
+    tiny_qwen2_dir: Path, tmp_path: Path, log_prompts: bool
+) -> None:
+    log = tmp_path / "server.log"
+    flags = ["--log-level", "debug", *(["--log-prompts"] if log_prompts else [])]
+    proc, base = serve_subprocess(tiny_qwen2_dir, *flags, log=log)
+    try:
+        wait_healthy(base, timeout=120, proc=proc)
+        body = {"prompt": "SECRET-PROMPT-4711", "max_length": 3}
+        assert httpx.post(f"{base}/generate", json=body, headers={"X-Request-ID": "req-4711"}).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    text = log.read_text()
+    assert ("SECRET-PROMPT-4711" in text) is log_prompts
+    if log_prompts:
+        [line] = [line for line in text.splitlines() if "SECRET-PROMPT-4711" in line]
+        assert "[req-4711]" in line
 
 
 def test_cors_is_off_unless_allowed(tiny_server: InProcessServer, tiny_qwen2_dir: Path) -> None:

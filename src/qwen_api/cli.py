@@ -19,11 +19,16 @@ def serve(settings: Settings) -> int:
 
     from qwen_api.admission import Admission
     from qwen_api.api.app import create_app
+    from qwen_api.api.middleware import RequestIdFilter
     from qwen_api.engine.loading import ModelUnavailable, resolve_model
     from qwen_api.runtime import Runtime, transformers_loader
     from qwen_api.server import Server
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+    )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())  # every line names the request it belongs to, or "-"
     try:
         source = resolve_model(settings.model)
     except ModelUnavailable as exc:
