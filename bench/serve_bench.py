@@ -1,0 +1,294 @@
+"""Serving benchmark: drive OpenAI-compatible servers with concurrent streaming requests, side by side.
+
+For each concurrency level, each server in turn gets the same prompts (so all servers see the same machine
+noise, level by level), through the official `openai` async client, streaming. Per server and level it
+reports time to first token, time per output token and end-to-end latency (p50, p99), output tokens/s
+and requests/s; it prints a table, writes the raw numbers as JSON and draws a PNG chart.
+
+Servers are given as NAME=URL (already running), or launched with --launch:
+  qwen-api            qwen-api serve --model demo (this repository)
+  llama-cpp-python    python -m llama_cpp.server on the demo GGUF (needs llama-cpp-python[server])
+  transformers-serve  transformers serve --continuous-batching (needs transformers[serving])
+
+    .venv/bin/python bench/serve_bench.py --launch qwen-api --concurrency 1,4,16,64 --max-tokens 64
+    .venv/bin/python bench/serve_bench.py --server mine=http://127.0.0.1:2025 --server other=http://...:8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import openai
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a bicycle stays upright.",
+    "List some tips for learning a new language.",
+    "Describe the water cycle.",
+    "What makes a good cup of tea?",
+    "Explain recursion to a child.",
+    "Describe a busy market in the morning.",
+    "Why is the sky blue?",
+]
+
+
+@dataclass
+class Sample:
+    ttft: float
+    e2e: float
+    tokens: int
+
+
+@dataclass
+class Level:
+    server: str
+    concurrency: int
+    requests: int
+    wall_s: float
+    samples: list[Sample] = field(default_factory=list)
+    errors: int = 0
+
+    def summary(self) -> dict[str, float]:
+        ok = self.samples
+        tokens = sum(s.tokens for s in ok)
+        tpots = [(s.e2e - s.ttft) / (s.tokens - 1) for s in ok if s.tokens > 1]
+        return {
+            "ttft_p50_s": _pct([s.ttft for s in ok], 50),
+            "ttft_p99_s": _pct([s.ttft for s in ok], 99),
+            "tpot_p50_s": _pct(tpots, 50),
+            "tpot_p99_s": _pct(tpots, 99),
+            "e2e_p50_s": _pct([s.e2e for s in ok], 50),
+            "e2e_p99_s": _pct([s.e2e for s in ok], 99),
+            "output_tok_s": tokens / self.wall_s if self.wall_s else 0.0,
+            "requests_s": len(ok) / self.wall_s if self.wall_s else 0.0,
+            "errors": float(self.errors),
+        }
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if q < 100 else max(values)
+
+
+# ------------------------------------------------------------------------------------------------ load
+async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: int) -> Sample:
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    usage_tokens = None
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        temperature=0.7,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    async for chunk in stream:
+        if chunk.usage is not None:
+            usage_tokens = chunk.usage.completion_tokens
+        if chunk.choices and chunk.choices[0].delta.content:
+            tokens += 1  # a fallback count: one content chunk per token on the servers measured here
+            if first is None:
+                first = time.perf_counter() - start
+    e2e = time.perf_counter() - start
+    return Sample(ttft=first if first is not None else e2e, e2e=e2e, tokens=usage_tokens or tokens)
+
+
+async def run_level(name: str, base_url: str, concurrency: int, requests: int, max_tokens: int) -> Level:
+    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="bench", max_retries=0, timeout=1800) as client:
+        model = (await client.models.list()).data[0].id
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(requests):
+            queue.put_nowait(i)
+        level = Level(name, concurrency, requests, 0.0)
+
+        async def worker() -> None:
+            while not queue.empty():
+                i = queue.get_nowait()
+                try:
+                    level.samples.append(await one_request(client, model, PROMPTS[i % len(PROMPTS)], max_tokens))
+                except openai.OpenAIError:
+                    level.errors += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        level.wall_s = time.perf_counter() - start
+        return level
+
+
+# ------------------------------------------------------------------------------------------------ servers
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def demo_gguf() -> Path:
+    from qwen_api.engine.loading import resolve_model
+
+    source = resolve_model("demo")
+    assert source.gguf_file is not None
+    return source.path / source.gguf_file
+
+
+def launch_command(kind: str, port: int, extra: list[str]) -> list[str]:
+    bin_dir = Path(sys.executable).parent
+    if kind == "qwen-api":
+        return [
+            str(bin_dir / "qwen-api"),
+            "serve",
+            "--model",
+            "demo",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *extra,
+        ]
+    if kind == "llama-cpp-python":
+        return [sys.executable, "-m", "llama_cpp.server", "--model", str(demo_gguf()), "--port", str(port),
+                "--n_ctx", "8192", *extra]  # fmt: skip
+    if kind == "transformers-serve":
+        return [str(bin_dir / "transformers"), "serve", "--continuous-batching", "--port", str(port), *extra]
+    raise SystemExit(f"unknown server kind {kind!r}")
+
+
+class Launched:
+    def __init__(self, kind: str, extra: list[str], log_dir: Path) -> None:
+        self.kind, self.port = kind, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log = open(log_dir / f"{kind}.log", "wb")  # noqa: SIM115 (closed in stop)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        self.proc = subprocess.Popen(
+            launch_command(kind, self.port, extra), stdout=self.log, stderr=subprocess.STDOUT, env=env
+        )
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"{self.kind} exited with {self.proc.returncode}; see its log")
+            try:
+                if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise SystemExit(f"{self.kind} not ready after {timeout} s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+# ------------------------------------------------------------------------------------------------ report
+def table(levels: list[Level]) -> str:
+    head = f"{'server':<20} {'conc':>4} {'req':>4} {'ttft p50':>9} {'ttft p99':>9} {'tpot p50':>9} {'e2e p50':>8} {'e2e p99':>8} {'tok/s':>7} {'req/s':>6} {'err':>4}"
+    lines = [head, "-" * len(head)]
+    for lv in levels:
+        s = lv.summary()
+        lines.append(
+            f"{lv.server:<20} {lv.concurrency:>4} {len(lv.samples):>4} {s['ttft_p50_s']:>8.3f}s {s['ttft_p99_s']:>8.3f}s "
+            f"{s['tpot_p50_s'] * 1000:>7.1f}ms {s['e2e_p50_s']:>7.2f}s {s['e2e_p99_s']:>7.2f}s "
+            f"{s['output_tok_s']:>7.1f} {s['requests_s']:>6.2f} {lv.errors:>4}"
+        )
+    return "\n".join(lines)
+
+
+def chart(levels: list[Level], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    panels = [("output_tok_s", "output tokens/s"), ("ttft_p50_s", "time to first token p50 (s)"),
+              ("tpot_p50_s", "time per output token p50 (s)")]  # fmt: skip
+    for server in dict.fromkeys(lv.server for lv in levels):
+        mine = sorted((lv for lv in levels if lv.server == server), key=lambda lv: lv.concurrency)
+        xs = [lv.concurrency for lv in mine]
+        for ax, (key, _) in zip(axes, panels, strict=True):
+            ax.plot(xs, [lv.summary()[key] for lv in mine], marker="o", label=server)
+    for ax, (_, title) in zip(axes, panels, strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent requests")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--server", action="append", default=[], metavar="NAME=URL", help="a running server")
+    parser.add_argument(
+        "--launch", action="append", default=[], metavar="KIND", help="start a server on the demo model"
+    )
+    parser.add_argument(
+        "--launch-args", action="append", default=[], metavar="KIND=ARGS", help="extra flags for a launched server"
+    )
+    parser.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels")
+    parser.add_argument(
+        "--requests", type=int, default=0, help="requests per level (default: 2 x concurrency, at least 8)"
+    )
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--out-dir", default="bench-results")
+    args = parser.parse_args(argv)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    extras = {k: v.split() for k, _, v in (a.partition("=") for a in args.launch_args)}
+    servers = [tuple(s.split("=", 1)) for s in args.server]
+    launched = [Launched(kind, extras.get(kind, []), out / "logs") for kind in args.launch]
+    try:
+        for server in launched:
+            server.wait_ready()
+            servers.append((server.kind, server.url))
+        if not servers:
+            parser.error("give at least one --server or --launch")
+        levels: list[Level] = []
+        for concurrency in [int(c) for c in args.concurrency.split(",")]:
+            count = args.requests or max(8, 2 * concurrency)
+            for name, url in servers:
+                asyncio.run(run_level(name, url, 1, 2, 4))  # warm-up, not measured
+                level = asyncio.run(run_level(name, url, concurrency, count, args.max_tokens))
+                levels.append(level)
+                print(f"{name}: concurrency {concurrency} done in {level.wall_s:.1f} s", file=sys.stderr)
+    finally:
+        for server in launched:
+            server.stop()
+    report = {
+        "max_tokens": args.max_tokens,
+        "servers": dict(servers),
+        "levels": [{**asdict(lv), "summary": lv.summary()} for lv in levels],
+    }
+    (out / "serve_bench.json").write_text(json.dumps(report, indent=2))
+    chart(levels, out / "serve_bench.png")
+    print(table(levels))
+    print(f"\nraw numbers: {out / 'serve_bench.json'}\nchart: {out / 'serve_bench.png'}")
+    return 1 if any(lv.errors for lv in levels) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
