@@ -6,8 +6,10 @@ reports time to first token, time per output token and end-to-end latency (p50, 
 and requests/s; it prints a table, writes the raw numbers as JSON and draws a PNG chart.
 
 Servers are given as NAME=URL (already running), or launched with --launch:
-  qwen-api            qwen-api serve --model demo (this repository)
-  llama-cpp-python    python -m llama_cpp.server on the demo GGUF (needs llama-cpp-python[server])
+  qwen-api            qwen-api serve --model demo (this repository; engine auto: llama.cpp for the GGUF)
+  qwen-api-transformers, qwen-api-llamacpp   the same with the engine named
+  llama-cpp-python    python -m llama_cpp.server on the demo GGUF (needs llama-cpp-python[server]); with
+                      --interrupt_requests False, else each new request cuts the running one short
   transformers-serve  transformers serve --continuous-batching (needs transformers[serving])
 
     .venv/bin/python bench/serve_bench.py --launch qwen-api --concurrency 1,4,16,64 --max-tokens 64
@@ -148,21 +150,13 @@ def demo_gguf() -> Path:
 
 def launch_command(kind: str, port: int, extra: list[str]) -> list[str]:
     bin_dir = Path(sys.executable).parent
-    if kind == "qwen-api":
-        return [
-            str(bin_dir / "qwen-api"),
-            "serve",
-            "--model",
-            "demo",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            *extra,
-        ]
+    if kind.startswith("qwen-api"):  # qwen-api (engine auto), qwen-api-transformers, qwen-api-llamacpp
+        engine = kind.removeprefix("qwen-api").removeprefix("-") or "auto"
+        return [str(bin_dir / "qwen-api"), "serve", "--model", "demo", "--engine", engine, "--host", "127.0.0.1",
+                "--port", str(port), *extra]  # fmt: skip
     if kind == "llama-cpp-python":
         return [sys.executable, "-m", "llama_cpp.server", "--model", str(demo_gguf()), "--port", str(port),
-                "--n_ctx", "8192", *extra]  # fmt: skip
+                "--n_ctx", "8192", "--interrupt_requests", "False", *extra]  # fmt: skip
     if kind == "transformers-serve":
         return [str(bin_dir / "transformers"), "serve", "--continuous-batching", "--port", str(port), *extra]
     raise SystemExit(f"unknown server kind {kind!r}")
@@ -184,9 +178,13 @@ class Launched:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise SystemExit(f"{self.kind} exited with {self.proc.returncode}; see its log")
-            try:
-                if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
-                    return
+            try:  # ready means answering a completion: some servers list models before their model has loaded
+                models = httpx.get(f"{self.url}/v1/models", timeout=2)
+                if models.status_code == 200:
+                    body = {"model": models.json()["data"][0]["id"], "messages": [{"role": "user", "content": "hi"}],
+                            "max_tokens": 1}  # fmt: skip
+                    if httpx.post(f"{self.url}/v1/chat/completions", json=body, timeout=60).status_code == 200:
+                        return
             except httpx.HTTPError:
                 pass
             time.sleep(0.25)
@@ -229,6 +227,7 @@ def chart(levels: list[Level], path: Path) -> None:
         xs = [lv.concurrency for lv in mine]
         for ax, (key, _) in zip(axes, panels, strict=True):
             ax.plot(xs, [lv.summary()[key] for lv in mine], marker="o", label=server)
+    axes[1].set_yscale("log")  # queueing at high concurrency would flatten the low-concurrency differences
     for ax, (_, title) in zip(axes, panels, strict=True):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent requests")
@@ -255,7 +254,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--out-dir", default="bench-results")
+    parser.add_argument("--from-json", metavar="FILE", help="only redraw the table and chart of an earlier run")
     args = parser.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        levels = [
+            Level(
+                lv["server"],
+                lv["concurrency"],
+                lv["requests"],
+                lv["wall_s"],
+                [Sample(**x) for x in lv["samples"]],
+                lv["errors"],
+            )
+            for lv in saved["levels"]
+        ]
+        chart(levels, Path(args.from_json).with_suffix(".png"))
+        print(table(levels))
+        return 0
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     extras = {k: v.split() for k, _, v in (a.partition("=") for a in args.launch_args)}

@@ -23,7 +23,9 @@ def test_engine_on_cuda_batches_streams_and_honours_seeds(tiny_qwen2_dir: Path) 
     dtype = pick_dtype("auto", "cuda", is_gguf=False)
     assert dtype in (torch.bfloat16, torch.float16)
     model, tokenizer = load_model(resolve_model(str(tiny_qwen2_dir)), "cuda", dtype)
-    engine = TransformersEngine(model, eos_token_ids(model, tokenizer), max_batch_size=16)
+    engine = TransformersEngine(
+        model, eos_token_ids(tokenizer, model.generation_config.eos_token_id), max_batch_size=16
+    )
     try:
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True

@@ -54,12 +54,12 @@ def test_chat_completion_with_exact_usage(scripted_server: InProcessServer) -> N
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
-def test_chat_system_message_reaches_the_template(tiny_server: InProcessServer) -> None:
-    generator = tiny_server.runtime.generator()
+def test_chat_system_message_reaches_the_template(api_server: InProcessServer) -> None:
+    generator = api_server.runtime.generator()
     ids = generator.chat_prompt_ids([{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}])
     assert generator.tokenizer.decode(ids).startswith("<|im_start|>system\nBe terse.<|im_end|>")
-    r = client(tiny_server).chat.completions.create(
-        model=model_name(tiny_server),
+    r = client(api_server).chat.completions.create(
+        model=model_name(api_server),
         messages=[{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}],
         max_tokens=2,
     )
@@ -115,9 +115,9 @@ def test_max_tokens_finishes_with_length(scripted_server: InProcessServer) -> No
     assert SCRIPT.startswith(r.choices[0].message.content or "-")
 
 
-def test_n_choices(tiny_server: InProcessServer) -> None:
-    r = client(tiny_server).chat.completions.create(
-        model=model_name(tiny_server), messages=[{"role": "user", "content": "Hi"}], n=3, max_tokens=8
+def test_n_choices(api_server: InProcessServer) -> None:
+    r = client(api_server).chat.completions.create(
+        model=model_name(api_server), messages=[{"role": "user", "content": "Hi"}], n=3, max_tokens=8
     )
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert len({c.message.content for c in r.choices}) == 3
@@ -160,10 +160,10 @@ def test_async_client_streams_concurrently(scripted_server: InProcessServer) -> 
     assert asyncio.run(main()) == [SCRIPT] * 4
 
 
-def test_seed_gives_the_same_text_beside_other_traffic(tiny_server: InProcessServer) -> None:
+def test_seed_gives_the_same_text_beside_other_traffic(api_server: InProcessServer) -> None:
     async def sample(c: openai.AsyncOpenAI, seed: int | None) -> str:
         r = await c.chat.completions.create(
-            model=model_name(tiny_server),
+            model=model_name(api_server),
             messages=[{"role": "user", "content": "Tell me something."}],
             temperature=1.0,
             max_tokens=16,
@@ -172,7 +172,7 @@ def test_seed_gives_the_same_text_beside_other_traffic(tiny_server: InProcessSer
         return r.choices[0].message.content or ""
 
     async def main() -> tuple[list[str], list[str]]:
-        async with aclient(tiny_server) as c:
+        async with aclient(api_server) as c:
             alone = [await sample(c, 1234)]
             crowded = await asyncio.gather(sample(c, 1234), sample(c, None), sample(c, 1234), sample(c, 99))
             return alone, list(crowded)
@@ -211,16 +211,16 @@ def test_unsupported_or_invalid_parameters_are_400_naming_them(
         assert param in (error["param"] or "") or param in error["message"]
 
 
-def test_unknown_model_is_404_in_openai_shape(tiny_server: InProcessServer) -> None:
+def test_unknown_model_is_404_in_openai_shape(api_server: InProcessServer) -> None:
     with pytest.raises(openai.NotFoundError) as info:
-        client(tiny_server).chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "Hi"}])
+        client(api_server).chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "Hi"}])
     assert isinstance(info.value.body, dict) and info.value.body["code"] == "model_not_found"
 
 
-def test_prompt_beyond_context_is_400_context_length_exceeded(tiny_server: InProcessServer) -> None:
+def test_prompt_beyond_context_is_400_context_length_exceeded(api_server: InProcessServer) -> None:
     r = httpx.post(
-        f"{tiny_server.base_url}/v1/completions",
-        json={"model": model_name(tiny_server), "prompt": "hello " * 40000, "max_tokens": 10},
+        f"{api_server.base_url}/v1/completions",
+        json={"model": model_name(api_server), "prompt": "hello " * 40000, "max_tokens": 10},
         timeout=60,
     )
     assert r.status_code == 400

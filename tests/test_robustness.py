@@ -21,9 +21,10 @@ import openai
 import psutil
 import pytest
 
-from conftest import VENV_BIN, InProcessServer, free_port, serve_in_process, wait_healthy
+from conftest import ENGINES, VENV_BIN, InProcessServer, free_port, serve_engine, serve_in_process, wait_healthy
 
-LONG = 4000  # new tokens: many seconds of decoding for the tiny model, so the request is surely still running
+LONG = 4000  # new tokens: many seconds of decoding, so the request is surely still running
+LONG_PROMPT = "Count from 1 to 1000, one number per line."  # a real model, too, keeps writing
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
@@ -84,9 +85,9 @@ BAD_INPUTS: list[tuple[str, object, int, str | None]] = [
 
 @pytest.mark.parametrize(("path", "body", "status", "field"), BAD_INPUTS)
 def test_bad_input_is_a_clear_4xx_in_the_route_shape(
-    tiny_server: InProcessServer, path: str, body: object, status: int, field: str | None
+    api_server: InProcessServer, path: str, body: object, status: int, field: str | None
 ) -> None:
-    url = f"{tiny_server.base_url}{path}"
+    url = f"{api_server.base_url}{path}"
     if isinstance(body, bytes):
         r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
     else:
@@ -104,9 +105,9 @@ def test_bad_input_is_a_clear_4xx_in_the_route_shape(
         assert field in where, payload
 
 
-def test_extreme_sampling_values_answer_and_leave_the_engine_alive(tiny_server: InProcessServer) -> None:
+def test_extreme_sampling_values_answer_and_leave_the_engine_alive(api_server: InProcessServer) -> None:
     def text(**params: object) -> str:
-        r = httpx.post(f"{tiny_server.base_url}/generate", json={"prompt": "hi", "max_length": 6, **params}, timeout=60)
+        r = httpx.post(f"{api_server.base_url}/generate", json={"prompt": "hi", "max_length": 6, **params}, timeout=60)
         assert r.status_code == 200, r.text
         return str(r.json()["generated_texts"][0])
 
@@ -114,7 +115,7 @@ def test_extreme_sampling_values_answer_and_leave_the_engine_alive(tiny_server: 
     assert text(temperature=1e-300) == greedy  # would be inf/NaN logits: treated as greedy
     text(temperature=2.0, top_p=1e-300, top_k=1)
     text(temperature=2.0, top_p=1.0, top_k=0)
-    assert httpx.get(f"{tiny_server.base_url}/health").status_code == 200
+    assert httpx.get(f"{api_server.base_url}/health").status_code == 200
 
 
 def test_body_over_the_limit_is_413(tiny_qwen2_dir: Path) -> None:
@@ -149,8 +150,9 @@ def test_schemathesis_finds_no_server_error(tiny_qwen2_dir: Path, tmp_path: Path
 
 
 # ------------------------------------------------------------------------------------------------ overload
-def test_overload_is_refused_fast_and_nothing_is_lost(tiny_qwen2_dir: Path) -> None:
-    with serve_in_process(tiny_qwen2_dir, max_batch_size=2, max_waiting_sequences=2) as server:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_overload_is_refused_fast_and_nothing_is_lost(engine: str, tiny_qwen2_dir: Path) -> None:
+    with serve_engine(engine, tiny_qwen2_dir, max_batch_size=2, max_waiting_sequences=2) as server:
         health: list[int] = []
         stop = threading.Event()
 
@@ -189,9 +191,9 @@ def test_overload_is_refused_fast_and_nothing_is_lost(tiny_qwen2_dir: Path) -> N
 
 
 # ------------------------------------------------------------------------------------------------ cancellation
-@pytest.fixture
-def long_server(tiny_qwen2_dir: Path) -> InProcessServer:
-    with serve_in_process(tiny_qwen2_dir, max_new_tokens_limit=LONG, max_batch_size=1) as server:
+@pytest.fixture(params=ENGINES)
+def long_server(request: pytest.FixtureRequest, tiny_qwen2_dir: Path) -> InProcessServer:
+    with serve_engine(request.param, tiny_qwen2_dir, max_new_tokens_limit=LONG, max_batch_size=1) as server:
         yield server  # type: ignore[misc]
 
 
@@ -201,7 +203,7 @@ def engine_of(server: InProcessServer):  # type: ignore[no-untyped-def]
 
 def test_disconnect_while_streaming_cancels(long_server: InProcessServer) -> None:
     engine = engine_of(long_server)
-    body = {"prompt": "go", "max_length": LONG, "stream": True, "temperature": 0}
+    body = {"prompt": LONG_PROMPT, "max_length": LONG, "stream": True, "temperature": 0}
     with httpx.stream("POST", f"{long_server.base_url}/generate", json=body, timeout=60) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
@@ -215,7 +217,7 @@ def test_disconnect_while_streaming_cancels(long_server: InProcessServer) -> Non
 
 def test_disconnect_while_waiting_for_a_plain_answer_cancels(long_server: InProcessServer) -> None:
     engine = engine_of(long_server)
-    sock = raw_post(int(long_server.settings.port), "/generate", {"prompt": "go", "max_length": LONG})
+    sock = raw_post(int(long_server.settings.port), "/generate", {"prompt": LONG_PROMPT, "max_length": LONG})
     assert wait_until(lambda: engine.stats().active == 1, 10)
     sock.close()
     assert wait_until(lambda: engine.stats().running == 0 and engine.stats().active == 0, 10), engine.stats()
@@ -228,7 +230,7 @@ def test_disconnect_while_queued_cancels_and_spares_the_running_one(long_server:
     first = raw_post(port, "/generate", {"prompt": "first", "max_length": 200, "temperature": 0})
     assert wait_until(lambda: engine.stats().active == 1, 10)
     queued = raw_post(
-        port, "/v1/completions", {"model": long_server.runtime.model_name, "prompt": "x", "max_tokens": LONG}
+        port, "/v1/completions", {"model": long_server.runtime.model_name, "prompt": LONG_PROMPT, "max_tokens": LONG}
     )
     assert wait_until(lambda: engine.stats().waiting == 1, 10), engine.stats()
     queued.close()
@@ -244,13 +246,16 @@ def test_disconnect_while_queued_cancels_and_spares_the_running_one(long_server:
     assert wait_until(lambda: engine.stats().running == 0, 10)
 
 
-def test_deadline_cancels_and_answers_with_a_clear_error(tiny_qwen2_dir: Path) -> None:
-    with serve_in_process(tiny_qwen2_dir, request_timeout=1.0, max_new_tokens_limit=LONG) as server:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_deadline_cancels_and_answers_with_a_clear_error(engine: str, tiny_qwen2_dir: Path) -> None:
+    with serve_engine(
+        engine, tiny_qwen2_dir, request_timeout=0.5, max_new_tokens_limit=LONG, max_batch_size=2
+    ) as server:
         start = time.monotonic()
-        r = httpx.post(f"{server.base_url}/generate", json={"prompt": "go", "max_length": LONG}, timeout=60)
+        r = httpx.post(f"{server.base_url}/generate", json={"prompt": LONG_PROMPT, "max_length": LONG}, timeout=60)
         assert r.status_code == 504 and time.monotonic() - start < 10
-        assert r.json()["detail"].startswith("Generation failed: timed out after 1 s")
-        body = {"prompt": "go", "max_length": LONG, "stream": True}
+        assert r.json()["detail"].startswith("Generation failed: timed out after 0.5 s")
+        body = {"prompt": LONG_PROMPT, "max_length": LONG, "stream": True}
         with httpx.stream("POST", f"{server.base_url}/generate", json=body, timeout=60) as s:
             events = "".join(s.iter_text()).strip().split("\n\n")
         assert events[-1] == "data: [DONE]" and events[-2].startswith("event: error")

@@ -10,10 +10,10 @@ import httpx
 import pytest
 
 from qwen_api.engine.loading import resolve_model
-from qwen_api.runtime import Runtime, transformers_loader
+from qwen_api.runtime import Runtime, default_loader
 from qwen_api.settings import Settings
 
-from conftest import InProcessServer, free_port, serve_in_process
+from conftest import ENGINES, InProcessServer, free_port, serve_engine, serve_in_process
 
 SPEC_DEFAULTS = {"max_length": 512, "temperature": 0.7, "top_p": 0.9, "top_k": 50, "num_return_sequences": 1}
 
@@ -22,24 +22,25 @@ def post(server: InProcessServer, body: object, **kwargs: object) -> httpx.Respo
     return httpx.post(f"{server.base_url}/generate", json=body, timeout=120, **kwargs)  # type: ignore[arg-type]
 
 
-def test_root_reports_the_served_model(tiny_server: InProcessServer, tiny_qwen2_dir: Path) -> None:
-    r = httpx.get(f"{tiny_server.base_url}/")
+def test_root_reports_the_served_model(api_server: InProcessServer) -> None:
+    r = httpx.get(f"{api_server.base_url}/")
     assert r.status_code == 200
     assert r.json() == {
         "name": "Qwen2-7B-Instruct API",
         "version": "1.0.0",
         "status": "active",
-        "model": tiny_qwen2_dir.name,
+        "model": api_server.runtime.model_name,
     }
+    assert api_server.runtime.model_name in ("tiny-qwen20", "SmolLM2-135M-Instruct.Q4_1")
 
 
-def test_health_is_healthy_once_loaded(tiny_server: InProcessServer) -> None:
-    r = httpx.get(f"{tiny_server.base_url}/health")
+def test_health_is_healthy_once_loaded(api_server: InProcessServer) -> None:
+    r = httpx.get(f"{api_server.base_url}/health")
     assert (r.status_code, r.json()) == (200, {"status": "healthy"})
 
 
-def test_generate_with_only_a_prompt_echoes_every_default(tiny_server: InProcessServer) -> None:
-    r = post(tiny_server, {"prompt": "用 Python 编写一个计算斐波那契数列的函数", "max_length": 8})
+def test_generate_with_only_a_prompt_echoes_every_default(api_server: InProcessServer) -> None:
+    r = post(api_server, {"prompt": "用 Python 编写一个计算斐波那契数列的函数", "max_length": 8})
     assert r.status_code == 200
     body = r.json()
     assert set(body) == {"generated_texts", "parameters"}
@@ -64,16 +65,16 @@ def test_answer_holds_only_new_tokens_and_max_length_counts_new_tokens(tiny_serv
     assert 1 <= len(generator.text_prompt_ids(text)) <= 6 + 2  # re-encoding may merge or split a little
 
 
-def test_temperature_zero_is_greedy_and_repeatable(tiny_server: InProcessServer) -> None:
+def test_temperature_zero_is_greedy_and_repeatable(api_server: InProcessServer) -> None:
     body = {"prompt": "Count to ten.", "max_length": 12, "temperature": 0, "num_return_sequences": 2}
-    first, second = post(tiny_server, body).json(), post(tiny_server, body).json()
+    first, second = post(api_server, body).json(), post(api_server, body).json()
     texts = first["generated_texts"] + second["generated_texts"]
     assert len(texts) == 4 and len(set(texts)) == 1
 
 
-def test_num_return_sequences_gives_independent_samples(tiny_server: InProcessServer) -> None:
+def test_num_return_sequences_gives_independent_samples(api_server: InProcessServer) -> None:
     body = {"prompt": "Say something.", "max_length": 12, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-    r = post(tiny_server, {**body, "num_return_sequences": 3})
+    r = post(api_server, {**body, "num_return_sequences": 3})
     assert r.status_code == 200
     texts = r.json()["generated_texts"]
     # Random weights spread probability over 152k tokens: three 12-token samples cannot all coincide.
@@ -100,8 +101,8 @@ def test_num_return_sequences_gives_independent_samples(tiny_server: InProcessSe
         ({"prompt": "hi", "stream_please": True}, "stream_please"),
     ],
 )
-def test_invalid_request_is_422_naming_the_field(tiny_server: InProcessServer, body: dict, field: str) -> None:
-    r = post(tiny_server, body)
+def test_invalid_request_is_422_naming_the_field(api_server: InProcessServer, body: dict, field: str) -> None:
+    r = post(api_server, body)
     assert r.status_code == 422, r.text
     detail = r.json()["detail"]
     assert isinstance(detail, list) and detail
@@ -109,15 +110,15 @@ def test_invalid_request_is_422_naming_the_field(tiny_server: InProcessServer, b
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b'{"prompt": "hi", "temperature": NaN}', b'["prompt"]', b"{}" * 3])
-def test_malformed_body_is_422(tiny_server: InProcessServer, raw: bytes) -> None:
-    r = httpx.post(f"{tiny_server.base_url}/generate", content=raw, headers={"content-type": "application/json"})
+def test_malformed_body_is_422(api_server: InProcessServer, raw: bytes) -> None:
+    r = httpx.post(f"{api_server.base_url}/generate", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text
     assert isinstance(r.json()["detail"], list)
 
 
-def test_body_that_is_not_utf8_is_400_with_a_detail(tiny_server: InProcessServer) -> None:
+def test_body_that_is_not_utf8_is_400_with_a_detail(api_server: InProcessServer) -> None:
     raw = b'{"prompt": "\xff\xfe"}'
-    r = httpx.post(f"{tiny_server.base_url}/generate", content=raw, headers={"content-type": "application/json"})
+    r = httpx.post(f"{api_server.base_url}/generate", content=raw, headers={"content-type": "application/json"})
     assert (r.status_code, r.json()) == (400, {"detail": "There was an error parsing the body"})
 
 
@@ -136,8 +137,9 @@ def test_prompt_beyond_the_context_is_422_naming_both_numbers(tiny_qwen2_dir: Pa
         assert ok.status_code == 200
 
 
-def test_concurrent_requests_all_succeed_and_share_engine_steps(tiny_qwen2_dir: Path) -> None:
-    with serve_in_process(tiny_qwen2_dir) as server:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_concurrent_requests_all_succeed_and_share_engine_steps(engine: str, tiny_qwen2_dir: Path) -> None:
+    with serve_engine(engine, tiny_qwen2_dir) as server:
         engine = server.runtime.generator().engine
         assert engine.stats().peak_batch_size == 0
 
@@ -159,7 +161,7 @@ def test_concurrent_requests_all_succeed_and_share_engine_steps(tiny_qwen2_dir: 
 def test_503_while_the_model_loads_then_healthy(tiny_qwen2_dir: Path) -> None:
     settings = Settings(model=str(tiny_qwen2_dir), port=free_port())
     source = resolve_model(settings.model)
-    real_loader = transformers_loader(settings, source)
+    real_loader = default_loader(settings, source)
     release = threading.Event()
 
     def slow_loader():  # the real loader, held back until the test has looked at the loading state

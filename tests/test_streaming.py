@@ -66,9 +66,9 @@ def test_generate_stream_length_finish(scripted_server: InProcessServer) -> None
     assert SCRIPT.startswith("".join(p.get("text", "") for p in payloads))
 
 
-def test_generate_stream_interleaves_sequences_by_index(tiny_server: InProcessServer) -> None:
+def test_generate_stream_interleaves_sequences_by_index(api_server: InProcessServer) -> None:
     body = {"prompt": "Go.", "max_length": 10, "num_return_sequences": 3, "stream": True, "temperature": 1.0}
-    payloads, last = data_of(raw_events(tiny_server.base_url, body)[1])
+    payloads, last = data_of(raw_events(api_server.base_url, body)[1])
     assert last == "data: [DONE]"
     finals = [p for p in payloads if "finish_reason" in p]
     assert sorted(p["index"] for p in finals) == [0, 1, 2]
@@ -76,8 +76,8 @@ def test_generate_stream_interleaves_sequences_by_index(tiny_server: InProcessSe
     assert {p["index"] for p in payloads if "text" in p} <= {0, 1, 2}
 
 
-def test_generate_stream_validation_errors_come_before_the_stream(tiny_server: InProcessServer) -> None:
-    r = httpx.post(f"{tiny_server.base_url}/generate", json={"prompt": "", "stream": True})
+def test_generate_stream_validation_errors_come_before_the_stream(api_server: InProcessServer) -> None:
+    r = httpx.post(f"{api_server.base_url}/generate", json={"prompt": "", "stream": True})
     assert r.status_code == 422 and r.headers["content-type"] == "application/json"
 
 

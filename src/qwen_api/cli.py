@@ -21,7 +21,7 @@ def serve(settings: Settings) -> int:
     from qwen_api.api.app import create_app
     from qwen_api.api.middleware import RequestIdFilter
     from qwen_api.engine.loading import ModelUnavailable, resolve_model
-    from qwen_api.runtime import Runtime, transformers_loader
+    from qwen_api.runtime import Runtime, default_loader
     from qwen_api.server import Server
 
     logging.basicConfig(
@@ -34,7 +34,7 @@ def serve(settings: Settings) -> int:
     except ModelUnavailable as exc:
         print(f"qwen-api: {exc}", file=sys.stderr)
         return 2
-    runtime = Runtime(transformers_loader(settings, source), settings.served_model_name or source.name)
+    runtime = Runtime(default_loader(settings, source), settings.served_model_name or source.name)
     admission = Admission(settings.admission_capacity())
     app = create_app(settings, runtime, admission)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)

@@ -8,6 +8,7 @@ or a dead engine calls `on_fatal`, so the server can exit non-zero and a supervi
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import time
 from collections.abc import Callable
@@ -102,10 +103,9 @@ class Runtime:
             await asyncio.to_thread(self._generator.engine.shutdown)
 
 
-def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+def eos_token_ids(tokenizer: Any, configured: int | list[int] | None = None) -> set[int]:
     """Every token that ends the assistant's turn: the model's EOS ids, the tokenizer's, and ChatML's <|im_end|>."""
     ids: set[int] = set()
-    configured = getattr(model.generation_config, "eos_token_id", None)
     if configured is not None:
         ids.update(configured if isinstance(configured, list) else [configured])
     if tokenizer.eos_token_id is not None:
@@ -116,22 +116,56 @@ def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
-def transformers_loader(settings: Settings, source: ModelSource) -> Loader:
-    """The default loader: weights through transformers, served by the continuous-batching engine."""
+def choose_engine(requested: str, source: ModelSource, device: str) -> str:
+    """`auto`: llama.cpp for GGUF weights on the CPU (several times faster there), transformers otherwise."""
+    if requested != "auto":
+        return requested
+    if source.gguf_file and device == "cpu" and importlib.util.find_spec("llama_cpp") is not None:
+        return "llamacpp"
+    return "transformers"
+
+
+def default_loader(settings: Settings, source: ModelSource) -> Loader:
+    """Load the model with the engine `--engine` names (`auto`: the fastest for it), behind a TextGenerator."""
 
     def load() -> TextGenerator:
-        from qwen_api.engine.transformers_engine import TransformersEngine
-
         device = pick_device(settings.device)
-        dtype = pick_dtype(settings.dtype, device, is_gguf=source.gguf_file is not None)
-        log.info("loading %s from %s on %s as %s", source.name, source.path, device, dtype)
-        model, tokenizer = load_model(source, device, dtype, settings.trust_remote_code)
-        engine = TransformersEngine(
-            model,
-            eos_token_ids(model, tokenizer),
-            max_batch_size=settings.max_batch_size,
-            kv_cache_tokens=settings.kv_cache_tokens,
-        )
-        return TextGenerator(engine, tokenizer)
+        if choose_engine(settings.engine, source, device) == "llamacpp":
+            return _load_llamacpp(settings, source, device)
+        return _load_transformers(settings, source, device)
 
     return load
+
+
+def _load_transformers(settings: Settings, source: ModelSource, device: str) -> TextGenerator:
+    from qwen_api.engine.transformers_engine import TransformersEngine
+
+    dtype = pick_dtype(settings.dtype, device, is_gguf=source.gguf_file is not None)
+    log.info("loading %s from %s on %s as %s (transformers engine)", source.name, source.path, device, dtype)
+    model, tokenizer = load_model(source, device, dtype, settings.trust_remote_code)
+    engine = TransformersEngine(
+        model,
+        eos_token_ids(tokenizer, getattr(model.generation_config, "eos_token_id", None)),
+        max_batch_size=settings.max_batch_size,
+        kv_cache_tokens=settings.kv_cache_tokens,
+    )
+    return TextGenerator(engine, tokenizer)
+
+
+def _load_llamacpp(settings: Settings, source: ModelSource, device: str) -> TextGenerator:
+    from transformers import AutoTokenizer
+
+    from qwen_api.engine.llamacpp_engine import LlamaCppEngine
+
+    if source.gguf_file is None or device != "cpu":
+        raise ValueError("the llama.cpp engine serves GGUF files on the CPU")
+    log.info("loading %s from %s (llama.cpp engine)", source.name, source.path / source.gguf_file)
+    # The same tokenizer as the transformers path (read from the GGUF), so templates and ids agree.
+    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    engine = LlamaCppEngine(
+        source.path / source.gguf_file,
+        eos_token_ids(tokenizer),
+        max_batch_size=settings.max_batch_size,
+        kv_cache_tokens=settings.kv_cache_tokens,
+    )
+    return TextGenerator(engine, tokenizer)

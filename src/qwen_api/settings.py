@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(None, description="Name reported by GET / (default: derived from --model).")
     host: str = Field("0.0.0.0", description="Interface to listen on.")
     port: int = Field(2025, ge=1, le=65535, description="TCP port to listen on.")
+    engine: Literal["auto", "transformers", "llamacpp"] = Field(
+        "auto",
+        description="auto: llama.cpp for a GGUF file on the CPU, transformers otherwise (llamacpp: GGUF on CPU only).",
+    )
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (CUDA when present), cpu, cuda, cuda:N."
     )
