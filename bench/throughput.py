@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,23 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
-
-PROMPTS = [
-    "Write a short story about a lighthouse keeper.",
-    "Explain how a bicycle stays upright.",
-    "List some tips for learning a new language.",
-    "Describe the water cycle.",
-    "What makes a good cup of tea?",
-    "Explain recursion to a child.",
-    "Describe a busy market in the morning.",
-    "Why is the sky blue?",
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from serve_bench import PROMPTS, free_port  # same prompts and helper as the serving benchmark
 
 
 def start_server(model: str, port: int, extra: list[str]) -> tuple[subprocess.Popen[bytes], float]:

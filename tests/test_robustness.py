@@ -217,7 +217,7 @@ def test_disconnect_while_streaming_cancels(long_server: InProcessServer) -> Non
 
 def test_disconnect_while_waiting_for_a_plain_answer_cancels(long_server: InProcessServer) -> None:
     engine = engine_of(long_server)
-    sock = raw_post(int(long_server.settings.port), "/generate", {"prompt": LONG_PROMPT, "max_length": LONG})
+    sock = raw_post(int(long_server.settings.port), "/generate", {"prompt": LONG_PROMPT, "max_length": LONG, "temperature": 0})
     assert wait_until(lambda: engine.stats().active == 1, 10)
     sock.close()
     assert wait_until(lambda: engine.stats().running == 0 and engine.stats().active == 0, 10), engine.stats()
@@ -252,11 +252,12 @@ def test_deadline_cancels_and_answers_with_a_clear_error(engine: str, tiny_qwen2
         engine, tiny_qwen2_dir, request_timeout=0.5, max_new_tokens_limit=LONG, max_batch_size=2
     ) as server:
         start = time.monotonic()
-        r = httpx.post(f"{server.base_url}/generate", json={"prompt": LONG_PROMPT, "max_length": LONG}, timeout=60)
+        # Greedy: a sampled answer from the demo model may end early, well inside the deadline.
+        greedy = {"prompt": LONG_PROMPT, "max_length": LONG, "temperature": 0}
+        r = httpx.post(f"{server.base_url}/generate", json=greedy, timeout=60)
         assert r.status_code == 504 and time.monotonic() - start < 10
         assert r.json()["detail"].startswith("Generation failed: timed out after 0.5 s")
-        body = {"prompt": LONG_PROMPT, "max_length": LONG, "stream": True}
-        with httpx.stream("POST", f"{server.base_url}/generate", json=body, timeout=60) as s:
+        with httpx.stream("POST", f"{server.base_url}/generate", json={**greedy, "stream": True}, timeout=60) as s:
             events = "".join(s.iter_text()).strip().split("\n\n")
         assert events[-1] == "data: [DONE]" and events[-2].startswith("event: error")
         assert "timed out" in events[-2]
