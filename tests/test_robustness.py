@@ -217,7 +217,9 @@ def test_disconnect_while_streaming_cancels(long_server: InProcessServer) -> Non
 
 def test_disconnect_while_waiting_for_a_plain_answer_cancels(long_server: InProcessServer) -> None:
     engine = engine_of(long_server)
-    sock = raw_post(int(long_server.settings.port), "/generate", {"prompt": LONG_PROMPT, "max_length": LONG, "temperature": 0})
+    sock = raw_post(
+        int(long_server.settings.port), "/generate", {"prompt": LONG_PROMPT, "max_length": LONG, "temperature": 0}
+    )
     assert wait_until(lambda: engine.stats().active == 1, 10)
     sock.close()
     assert wait_until(lambda: engine.stats().running == 0 and engine.stats().active == 0, 10), engine.stats()
