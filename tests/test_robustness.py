@@ -21,6 +21,8 @@ import openai
 import psutil
 import pytest
 
+from qwen_api.engine.base import next_output
+
 from conftest import ENGINES, VENV_BIN, InProcessServer, free_port, serve_engine, serve_in_process, wait_healthy
 
 LONG = 4000  # new tokens: many seconds of decoding, so the request is surely still running
@@ -265,6 +267,25 @@ def test_deadline_cancels_and_answers_with_a_clear_error(engine: str, tiny_qwen2
         assert "timed out" in events[-2]
         engine = server.runtime.generator().engine
         assert wait_until(lambda: engine.stats().running == 0, 10)
+
+
+def test_a_cancel_that_lands_with_a_token_is_never_swallowed() -> None:
+    """The race behind a CI failure: on Python 3.11 `asyncio.wait_for` returned the token and dropped the cancel,
+    so a request past its deadline decoded on to its last token. Cancel and token arrive in one tick here."""
+
+    async def race() -> tuple[str, str]:
+        outputs: asyncio.Queue[int] = asyncio.Queue()
+        waiter = asyncio.ensure_future(next_output(outputs, lambda: None))
+        for _ in range(3):
+            await asyncio.sleep(0)  # the waiter now sits in outputs.get()
+        outputs.put_nowait(7)
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        dead = asyncio.ensure_future(next_output(asyncio.Queue(), lambda: "worker gone"))
+        await asyncio.gather(dead, return_exceptions=True)
+        return ("cancelled" if waiter.cancelled() else f"returned {waiter.result()}"), repr(dead.exception())
+
+    assert asyncio.run(race()) == ("cancelled", "EngineDead('worker gone')")
 
 
 # ------------------------------------------------------------------------------------------------ faults

@@ -9,7 +9,6 @@ that leaves a stream is noticed by Starlette, which cancels the response and so 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
@@ -66,11 +65,14 @@ class Guard:
 
     async def stream(self, ticket: Ticket, events: AsyncIterator[T]) -> AsyncIterator[T]:
         """Relay `events` until the deadline; the ticket is released however the stream ends."""
-        deadline = time.monotonic() + self.timeout
+        # One `asyncio.timeout` over each wait, never `asyncio.wait_for`: on Python 3.11 wait_for can swallow
+        # the cancellation Starlette sends when the client leaves (see `engine.base.next_output`).
+        deadline = asyncio.get_running_loop().time() + self.timeout
         try:
             while True:
                 try:
-                    item = await asyncio.wait_for(anext(events), deadline - time.monotonic())
+                    async with asyncio.timeout_at(deadline):
+                        item = await anext(events)
                 except StopAsyncIteration:
                     return
                 except TimeoutError:

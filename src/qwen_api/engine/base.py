@@ -7,9 +7,12 @@ matched) cancels the sequence and frees its batch slot. Engines raise the `Engin
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
+
+T = TypeVar("T")
 
 FinishReason = Literal["stop", "length"]
 
@@ -54,6 +57,23 @@ class EngineError(Exception):
 
 class EngineDead(EngineError):
     """The engine's worker has died; no request can be served until the process restarts."""
+
+
+async def next_output(outputs: asyncio.Queue[T], death: Callable[[], str | None]) -> T:
+    """The next item an engine's worker put on one sequence's queue; `EngineDead` if the worker dies first.
+
+    `death()` returns why the worker is gone, or None while it runs; it is asked each second of waiting.
+    The wait is `asyncio.timeout`, never `asyncio.wait_for`: on Python 3.11, `wait_for` swallows a
+    cancellation that lands in the same loop tick as an item, so a request cancelled for its deadline or
+    a departed client went on decoding to its last token (seen in CI: a 0.5 s deadline answered after 60 s).
+    """
+    while True:
+        try:
+            async with asyncio.timeout(1.0):
+                return await outputs.get()
+        except TimeoutError:
+            if (why := death()) is not None:
+                raise EngineDead(why) from None
 
 
 class Engine(Protocol):

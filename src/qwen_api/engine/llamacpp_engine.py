@@ -30,7 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwen_api.engine.base import EngineDead, EngineError, EngineStats, FinishReason, SamplingParams, TokenChunk
+from qwen_api.engine.base import (
+    EngineDead,
+    EngineError,
+    EngineStats,
+    FinishReason,
+    SamplingParams,
+    TokenChunk,
+    next_output,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +123,7 @@ class LlamaCppEngine:
         finished = False
         try:
             while not finished:
-                item = await self._next(seq)
+                item = await next_output(seq.out, self._death)
                 if isinstance(item, BaseException):
                     finished = True
                     raise EngineError(str(item)) from item
@@ -127,13 +135,8 @@ class LlamaCppEngine:
                 seq.cancelled = True  # the worker drops it at its next step and frees its KV cells
                 self._wake.set()
 
-    async def _next(self, seq: _Sequence) -> TokenChunk | BaseException:
-        while True:
-            try:
-                return await asyncio.wait_for(seq.out.get(), timeout=1.0)
-            except TimeoutError:
-                if not self.is_healthy():
-                    raise EngineDead(f"the llama.cpp worker died: {self._fatal}") from None
+    def _death(self) -> str | None:
+        return None if self.is_healthy() else f"the llama.cpp worker died: {self._fatal}"
 
     # ----------------------------------------------------------------------------------------- worker
     def _run(self) -> None:

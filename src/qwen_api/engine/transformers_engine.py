@@ -18,7 +18,15 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from qwen_api.engine import seeded_sampling
-from qwen_api.engine.base import EngineDead, EngineError, EngineStats, FinishReason, SamplingParams, TokenChunk
+from qwen_api.engine.base import (
+    EngineDead,
+    EngineError,
+    EngineStats,
+    FinishReason,
+    SamplingParams,
+    TokenChunk,
+    next_output,
+)
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +147,7 @@ class TransformersEngine:
         finished = False
         try:
             while not finished:
-                output = await self._next_output(outputs)
+                output = await next_output(outputs, self._death)
                 if output.error is not None:
                     finished = True
                     raise EngineError(output.error)
@@ -157,14 +165,8 @@ class TransformersEngine:
                 with self._manager.output_router._lock:
                     self._manager.output_router.result_handlers.pop(request_id, None)
 
-    async def _next_output(self, outputs: asyncio.Queue[Any]) -> Any:
-        """Wait for the next output, but notice a dead generation thread instead of waiting forever."""
-        while True:
-            try:
-                return await asyncio.wait_for(outputs.get(), timeout=1.0)
-            except TimeoutError:
-                if not self.is_healthy():
-                    raise EngineDead(f"the generation thread died: {self._fatal_error()}") from None
+    def _death(self) -> str | None:
+        return None if self.is_healthy() else f"the generation thread died: {self._fatal_error()}"
 
     # ----------------------------------------------------------------------------------------- state
     def _fatal_error(self) -> str:
