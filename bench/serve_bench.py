@@ -9,8 +9,11 @@ Servers are given as NAME=URL (already running), or launched with --launch:
   qwen-api            qwen-api serve --model demo (this repository; engine auto: llama.cpp for the GGUF)
   qwen-api-transformers, qwen-api-llamacpp   the same with the engine named
   llama-cpp-python    python -m llama_cpp.server on the demo GGUF (needs llama-cpp-python[server]); with
-                      --interrupt_requests False, else each new request cuts the running one short
-  transformers-serve  transformers serve --continuous-batching (needs transformers[serving])
+                      --interrupt_requests False, else each new request cuts the running one short, and
+                      --n_threads set to the CPU count as qwen-api uses (its own default is one thread)
+  transformers-serve  transformers serve --continuous-batching (needs transformers[serving]) on the demo's
+                      weights written out as a plain fp32 checkpoint (bench/export_demo.py; it cannot read
+                      the GGUF file itself)
 
     .venv/bin/python bench/serve_bench.py --launch qwen-api --concurrency 1,4,16,64 --max-tokens 64
     .venv/bin/python bench/serve_bench.py --server mine=http://127.0.0.1:2025 --server other=http://...:8000
@@ -148,29 +151,37 @@ def demo_gguf() -> Path:
     return source.path / source.gguf_file
 
 
-def launch_command(kind: str, port: int, extra: list[str]) -> list[str]:
+def launch_command(kind: str, port: int, extra: list[str], work_dir: Path) -> list[str]:
     bin_dir = Path(sys.executable).parent
+    threads = str(os.cpu_count() or 1)
     if kind.startswith("qwen-api"):  # qwen-api (engine auto), qwen-api-transformers, qwen-api-llamacpp
         engine = kind.removeprefix("qwen-api").removeprefix("-") or "auto"
         return [str(bin_dir / "qwen-api"), "serve", "--model", "demo", "--engine", engine, "--host", "127.0.0.1",
                 "--port", str(port), *extra]  # fmt: skip
     if kind == "llama-cpp-python":
         return [sys.executable, "-m", "llama_cpp.server", "--model", str(demo_gguf()), "--port", str(port),
-                "--n_ctx", "8192", "--interrupt_requests", "False", *extra]  # fmt: skip
+                "--n_ctx", "8192", "--interrupt_requests", "False", "--n_threads", threads, "--n_threads_batch", threads,
+                *extra]  # fmt: skip
     if kind == "transformers-serve":
+        if not extra:  # default: the demo's own weights, de-quantised once into the output directory
+            from export_demo import export
+
+            checkpoint = work_dir / "smollm2-fp32"
+            extra = [str(checkpoint if (checkpoint / "config.json").is_file() else export(checkpoint))]
         return [str(bin_dir / "transformers"), "serve", "--continuous-batching", "--port", str(port), *extra]
     raise SystemExit(f"unknown server kind {kind!r}")
 
 
 class Launched:
-    def __init__(self, kind: str, extra: list[str], log_dir: Path) -> None:
+    def __init__(self, kind: str, extra: list[str], work_dir: Path) -> None:
         self.kind, self.port = kind, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        log_dir = work_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(log_dir / f"{kind}.log", "wb")  # noqa: SIM115 (closed in stop)
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         self.proc = subprocess.Popen(
-            launch_command(kind, self.port, extra), stdout=self.log, stderr=subprocess.STDOUT, env=env
+            launch_command(kind, self.port, extra, work_dir), stdout=self.log, stderr=subprocess.STDOUT, env=env
         )
 
     def wait_ready(self, timeout: float = 600) -> None:
@@ -276,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     extras = {k: v.split() for k, _, v in (a.partition("=") for a in args.launch_args)}
     servers = [tuple(s.split("=", 1)) for s in args.server]
-    launched = [Launched(kind, extras.get(kind, []), out / "logs") for kind in args.launch]
+    launched = [Launched(kind, extras.get(kind, []), out) for kind in args.launch]
     try:
         for server in launched:
             server.wait_ready()
