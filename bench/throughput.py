@@ -1,4 +1,4 @@
-"""Concurrency benchmark for the seed API: aggregate output tokens/s, N requests at once versus one at a time.
+"""Concurrency benchmark: aggregate output tokens/s of N chat completions at once versus one at a time.
 
 Starts `qwen-api serve` (the demo model unless --model says otherwise) as a subprocess, times how long it
 takes to answer 200 on /health, then alternates rounds of "one at a time" and "all at once" on the same
