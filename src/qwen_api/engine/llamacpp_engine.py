@@ -89,6 +89,7 @@ class LlamaCppEngine:
         self._ctx = _internals.LlamaContext(model=self.model, params=params, verbose=False)
         self._batch = _internals.LlamaBatch(n_tokens=params.n_batch, embd=0, n_seq_max=1, verbose=False)
         self._vocab = llama_cpp.llama_model_get_vocab(self.model.model)
+        self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self._eos = set(eos_token_ids)
         per_sequence = int(llama_cpp.llama_n_ctx_seq(self._ctx.ctx))
         self.max_context_tokens = min(per_sequence, int(self.model.n_ctx_train()))
@@ -178,7 +179,7 @@ class LlamaCppEngine:
         if params.temperature < GREEDY_BELOW:
             sampler.add_greedy()
             return sampler
-        if params.top_k > 0:
+        if 0 < params.top_k < self._n_vocab:  # a k past the vocabulary keeps every token (and would wrap in int32)
             sampler.add_top_k(params.top_k)
         sampler.add_top_p(params.top_p, 1)
         sampler.add_temp(params.temperature)

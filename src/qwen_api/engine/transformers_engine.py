@@ -118,7 +118,8 @@ class TransformersEngine:
     def _processor_kwargs(self, params: SamplingParams) -> dict[str, Any]:
         if params.temperature < GREEDY_BELOW:  # greedy: keep only the most likely token, then "sample" it
             return {"temperature": 1.0, "top_p": 1.0, "top_k": 1}
-        top_k = params.top_k if params.top_k > 0 else self._vocab_size
+        # top-k past the vocabulary keeps every token, as 0 does (and a huge k would overflow the kernels' int32)
+        top_k = min(params.top_k, self._vocab_size) if params.top_k > 0 else self._vocab_size
         kwargs: dict[str, Any] = {"temperature": float(params.temperature), "top_p": float(params.top_p)}
         kwargs["top_k"] = int(top_k)
         if params.seed is not None:
