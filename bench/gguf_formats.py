@@ -1,11 +1,11 @@
 """Decode speed of the llama.cpp engine by GGUF weight type: which file to serve on a CPU.
 
 The demo's Q4_1 weights are re-quantised with llama.cpp's own `llama_model_quantize` into other types (Q8_0
-and F16 keep them almost exactly; Q4_0 rounds them again, so its text differs), then each file is loaded in
+and F16 keep them almost exactly; Q4_0 rounds them again, so its text can differ), then each file is loaded in
 `LlamaCppEngine` and decodes 64 greedy tokens for 1 sequence and for 8 at once, in alternating rounds.
 Engine only, no HTTP: what the kernels allow. Prints a table and writes `gguf_formats.json`.
 
-    .venv/bin/python bench/gguf_formats.py --rounds 3
+    .venv/bin/python bench/gguf_formats.py --rounds 5
 """
 
 from __future__ import annotations
