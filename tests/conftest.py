@@ -26,7 +26,7 @@ from qwen_api.admission import Admission
 from qwen_api.api.app import create_app
 from qwen_api.engine.loading import resolve_model
 from qwen_api.runtime import Runtime, default_loader
-from qwen_api.server import Server
+from qwen_api.server import Server, bounded_h11
 from qwen_api.settings import Settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -93,7 +93,8 @@ class InProcessServer:
         self.settings, self.runtime = settings, runtime
         self.admission = Admission(settings.admission_capacity())
         app = create_app(settings, runtime, self.admission)
-        config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning")
+        http = bounded_h11(settings.max_connections, settings.header_timeout)
+        config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning", http=http)
         self.server = Server(config, runtime, self.admission, settings.drain_timeout)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.base_url = f"http://127.0.0.1:{settings.port}"

@@ -22,7 +22,7 @@ def serve(settings: Settings) -> int:
     from qwen_api.api.middleware import RequestIdFilter
     from qwen_api.engine.loading import ModelUnavailable, resolve_model
     from qwen_api.runtime import Runtime, default_loader
-    from qwen_api.server import Server
+    from qwen_api.server import Server, bounded_h11, connection_bound
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
@@ -34,12 +34,19 @@ def serve(settings: Settings) -> int:
     except ModelUnavailable as exc:
         print(f"qwen-api: {exc}", file=sys.stderr)
         return 2
-    runtime = Runtime(default_loader(settings, source), settings.served_model_name or source.name)
-    admission = Admission(settings.admission_capacity())
-    app = create_app(settings, runtime, admission)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
-    Server(config, runtime, admission, settings.drain_timeout).run()
-    return runtime.exit_code
+    if settings.ray:  # engine replicas on a Ray cluster behind this front
+        from qwen_api.cluster.front import create_cluster_app
+
+        runtime, admission, app = create_cluster_app(settings, source)
+    else:
+        runtime = Runtime(default_loader(settings, source), settings.served_model_name or source.name)
+        admission = Admission(settings.admission_capacity())
+        app = create_app(settings, runtime, admission)
+    http = bounded_h11(connection_bound(settings.max_connections), settings.header_timeout)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, http=http)
+    server = Server(config, runtime, admission, settings.drain_timeout)
+    server.run()
+    return 1 if server.cut_off else runtime.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:

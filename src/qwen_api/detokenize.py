@@ -1,8 +1,11 @@
 """Token ids to text, piece by piece: incremental detokenisation and stop strings that never leak.
 
-`IncrementalDetokenizer` emits text only once it is whole: a byte-level BPE token can hold part of a
-UTF-8 character (Qwen2 splits most CJK characters and emoji across tokens), and decoding such a prefix
-gives U+FFFD. It decodes a small window of recent tokens rather than the whole sequence each time.
+`IncrementalDetokenizer` emits text only once it is whole: a byte-level BPE token can hold part of a UTF-8
+character (Qwen2 splits most CJK characters and emoji across tokens). For byte-level tokenizers (Qwen2, GPT-2
+style, SmolLM2) it maps each token to its bytes once and runs them through an incremental UTF-8 decoder: constant
+work per token, an incomplete character is held back, bytes that can never become a character are emitted as
+U+FFFD at once, and a character that the sequence's end cuts short is dropped. Other tokenizers (SentencePiece)
+decode a small window of recent tokens and hold back a trailing U+FFFD for at most a few tokens.
 
 `StopMatcher` holds back any tail of the text that could still grow into a stop string, so a stop string
 split across tokens or chunks is never sent, not even its first characters.
@@ -10,10 +13,57 @@ split across tokens or chunks is never sent, not even its first characters.
 
 from __future__ import annotations
 
+import codecs
+import json
 from collections.abc import Iterable
+from functools import cache
 from typing import Any
 
 REPLACEMENT = "\ufffd"
+# A UTF-8 character has at most 4 bytes, and a token holds at least one: past 4 held-back tokens a trailing U+FFFD
+# is no incomplete character but invalid bytes.
+_MAX_HELD_TOKENS = 4
+
+
+@cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the printable character that stands for each byte -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+def _is_byte_level(tokenizer: Any) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.decoder is None:
+        return False
+    return bool(json.loads(backend.decoder.__getstate__()).get("type") == "ByteLevel")
+
+
+class _TokenBytes:
+    """Each token id's bytes, computed once per id: added tokens are their text, the rest byte-level symbols."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._added = {int(i): str(t.content) for i, t in (tokenizer.added_tokens_decoder or {}).items()}
+        self._memo: dict[int, bytes] = {}
+
+    def __call__(self, token_id: int) -> bytes:
+        if (found := self._memo.get(token_id)) is not None:
+            return found
+        if token_id in self._added:
+            data = self._added[token_id].encode()
+        else:
+            piece = self._tokenizer.convert_ids_to_tokens(token_id) or ""
+            decoder = _byte_decoder()
+            data = bytes(decoder[c] for c in piece if c in decoder)
+        self._memo[token_id] = data
+        return data
 
 
 class IncrementalDetokenizer:
@@ -22,28 +72,38 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, skip_ids: Iterable[int] = ()) -> None:
         self._tokenizer = tokenizer
         self._skip = set(skip_ids)
+        self._bytes = _TokenBytes(tokenizer) if _is_byte_level(tokenizer) else None
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # The window method (non-byte-level tokenizers)
         self._ids: list[int] = []
         self._prefix = 0  # start of the window decoded for context (merges depend on neighbours)
         self._read = 0  # end of the text already emitted
 
-    def _decode(self, ids: list[int]) -> str:
-        return str(self._tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
-
     def push(self, token_ids: Iterable[int]) -> str:
-        self._ids.extend(t for t in token_ids if t not in self._skip)
+        ids = [t for t in token_ids if t not in self._skip]
+        if self._bytes is not None:
+            return str(self._utf8.decode(b"".join(self._bytes(t) for t in ids)))
+        self._ids.extend(ids)
         before = self._decode(self._ids[self._prefix : self._read])
         after = self._decode(self._ids[self._prefix :])
-        if len(after) <= len(before) or after.endswith(REPLACEMENT):
+        held = len(self._ids) - self._read
+        if len(after) <= len(before) or (after.endswith(REPLACEMENT) and held < _MAX_HELD_TOKENS):
             return ""  # nothing new yet, or a character still incomplete: wait for the next token
         self._prefix, self._read = self._read, len(self._ids)
         return after[len(before) :]
 
     def flush(self) -> str:
-        """Whatever is left at the end of the sequence (an incomplete character stays U+FFFD: it is the truth)."""
+        """What is left at the end of the sequence; a character the end cut short is dropped, never sent as U+FFFD."""
+        if self._bytes is not None:
+            self._utf8.reset()  # drops the bytes of an unfinished character
+            return ""
         before = self._decode(self._ids[self._prefix : self._read])
         after = self._decode(self._ids[self._prefix :])
         self._prefix = self._read = len(self._ids)
-        return after[len(before) :]
+        return after[len(before) :].rstrip(REPLACEMENT)
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self._tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
 
 
 class StopMatcher:
@@ -53,6 +113,7 @@ class StopMatcher:
         self._stops = [s for s in stops if s]
         self._pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text, once one has
 
     def push(self, text: str) -> str:
         """Return the text that is safe to emit now. After a stop string, returns "" forever."""
@@ -61,8 +122,9 @@ class StopMatcher:
         if not self._stops:
             return text
         self._pending += text
-        cut = min((i for i in (self._pending.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self._stops if (i := self._pending.find(s)) >= 0]
+        if found:
+            cut, self.matched = min(found)
             self.stopped = True
             out, self._pending = self._pending[:cut], ""
             return out

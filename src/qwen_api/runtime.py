@@ -39,6 +39,7 @@ class Runtime:
         self.state: Literal["idle", "loading", "ready", "failed", "dead"] = "idle"
         self.error: BaseException | None = None
         self.draining = False
+        self._closing = False
         self.on_fatal: Callable[[], None] | None = None
         self.on_ready: list[Callable[[TextGenerator], None]] = []
         self._task: asyncio.Task[None] | None = None
@@ -60,13 +61,16 @@ class Runtime:
                 hook(self._generator)
             self.state = "ready"
             log.info("model loaded; serving")
-            self._watchdog = asyncio.create_task(self._watch())
+            if not self._closing:  # a SIGTERM during the load: the engine is about to be shut down, not watched
+                self._watchdog = asyncio.create_task(self._watch())
 
     async def _watch(self, period: float = 0.5) -> None:
         """Notice a dead engine even when no request is running."""
         assert self._generator is not None
         while self._generator.engine.is_healthy():
             await asyncio.sleep(period)
+        if self._closing:  # shut down on purpose
+            return
         log.error("the engine has died; the server will exit so that it can be restarted")
         self.state = "dead"
         self._fatal()
@@ -95,10 +99,11 @@ class Runtime:
         return self._generator
 
     async def close(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        self._closing = True
         if self._task is not None and not self._task.done():
             await asyncio.shield(self._task)  # a half-loaded model cannot be interrupted; let it finish
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._generator is not None:
             await asyncio.to_thread(self._generator.engine.shutdown)
 
@@ -117,11 +122,17 @@ def eos_token_ids(tokenizer: Any, configured: int | list[int] | None = None) -> 
 
 
 def choose_engine(requested: str, source: ModelSource, device: str) -> str:
-    """`auto`: llama.cpp for GGUF weights on the CPU (several times faster there), transformers otherwise."""
+    """`auto`: llama.cpp for GGUF weights on the CPU (several times faster there), the native engine for
+    Qwen2/Llama safetensors on CUDA, transformers otherwise."""
     if requested != "auto":
         return requested
     if source.gguf_file and device == "cpu" and importlib.util.find_spec("llama_cpp") is not None:
         return "llamacpp"
+    if not source.gguf_file and device.startswith("cuda"):
+        from qwen_api.engine.native import supports_model_dir
+
+        if supports_model_dir(source.path):
+            return "native"
     return "transformers"
 
 
@@ -130,8 +141,11 @@ def default_loader(settings: Settings, source: ModelSource) -> Loader:
 
     def load() -> TextGenerator:
         device = pick_device(settings.device)
-        if choose_engine(settings.engine, source, device) == "llamacpp":
+        engine = choose_engine(settings.engine, source, device)
+        if engine == "llamacpp":
             return _load_llamacpp(settings, source, device)
+        if engine == "native":
+            return _load_native(settings, source, device)
         return _load_transformers(settings, source, device)
 
     return load
@@ -165,6 +179,31 @@ def _load_llamacpp(settings: Settings, source: ModelSource, device: str) -> Text
     engine = LlamaCppEngine(
         source.path / source.gguf_file,
         eos_token_ids(tokenizer),
+        max_batch_size=settings.max_batch_size,
+        kv_cache_tokens=settings.kv_cache_tokens,
+    )
+    return TextGenerator(engine, tokenizer)
+
+
+def _load_native(settings: Settings, source: ModelSource, device: str) -> TextGenerator:
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from qwen_api.engine.native.engine import NativeEngine
+
+    if source.gguf_file is not None:
+        raise ValueError("the native engine reads safetensors model directories, not GGUF files")
+    dtype = pick_dtype(settings.dtype, device, is_gguf=False)
+    log.info("loading %s from %s on %s as %s (native engine)", source.name, source.path, device, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=settings.trust_remote_code)
+    try:
+        configured = GenerationConfig.from_pretrained(source.path).eos_token_id
+    except OSError:  # no generation_config.json
+        configured = None
+    engine = NativeEngine(
+        source.path,
+        eos_token_ids(tokenizer, configured),
+        device=device,
+        dtype=dtype,
         max_batch_size=settings.max_batch_size,
         kv_cache_tokens=settings.kv_cache_tokens,
     )

@@ -27,9 +27,10 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(None, description="Name reported by GET / (default: derived from --model).")
     host: str = Field("0.0.0.0", description="Interface to listen on.")
     port: int = Field(2025, ge=1, le=65535, description="TCP port to listen on.")
-    engine: Literal["auto", "transformers", "llamacpp"] = Field(
+    engine: Literal["auto", "transformers", "llamacpp", "native"] = Field(
         "auto",
-        description="auto: llama.cpp for a GGUF file on the CPU, transformers otherwise (llamacpp: GGUF on CPU only).",
+        description="auto: llama.cpp for a GGUF file on the CPU, native for Qwen2/Llama safetensors on CUDA, "
+        "transformers otherwise (llamacpp: GGUF on CPU only; native: Qwen2/Llama model directories).",
     )
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (CUDA when present), cpu, cuda, cuda:N."
@@ -56,6 +57,12 @@ class Settings(BaseSettings):
         30.0, ge=0, description="On SIGTERM, seconds to let admitted requests finish before exiting."
     )
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="Largest request body; beyond it, 413.")
+    max_connections: int = Field(
+        1024, ge=1, description="Open connections at most (bounded by file descriptors); past it, 503 and close."
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, description="Seconds a connection has to send a request's headers; past it, it is closed."
+    )
     api_key: SecretStr | None = Field(
         None, description="If set, /generate and /v1/* need 'Authorization: Bearer <key>'; / and /health stay open."
     )
@@ -63,6 +70,7 @@ class Settings(BaseSettings):
         default_factory=list, description="Origins allowed by CORS (none: CORS off). '*' allows any."
     )
     log_prompts: bool = Field(False, description="Log prompts and generated texts (off: they never reach logs).")
+    playground: bool = Field(True, description="Serve the chat page at /playground (off: /playground is 404).")
     kv_cache_tokens: int | None = Field(
         None,
         ge=256,
@@ -71,6 +79,17 @@ class Settings(BaseSettings):
     )
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own Python code.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    ray: bool = Field(False, description="Serve from engine replicas on a Ray cluster (Ray Serve) behind this front.")
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join ('auto', 'HOST:6379'); none: start a local one (with --ray)."
+    )
+    replicas: int = Field(1, ge=1, description="With --ray: engine replicas (one engine and model each).")
+    min_replicas: int | None = Field(
+        None, ge=1, description="With --ray: autoscale from this many replicas (with --max-replicas)."
+    )
+    max_replicas: int | None = Field(
+        None, ge=1, description="With --ray: autoscale up to this many replicas, on ongoing requests per replica."
+    )
 
     def admission_capacity(self) -> int:
         """Sequences in flight at most: those decoding plus those waiting for a slot."""

@@ -7,14 +7,18 @@ every API. It knows nothing of HTTP; the API layers map its exceptions to status
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from qwen_api.detokenize import IncrementalDetokenizer, StopMatcher
 from qwen_api.engine.base import Engine, EngineError, FinishReason, SamplingParams
+from qwen_api.engine.sampling import choice_seed
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,13 @@ class PromptTooLong(ValueError):
         )
 
 
+class EmptyPrompt(ValueError):
+    """The prompt is no tokens at all: there is nothing to continue (and an engine must never see it)."""
+
+    def __init__(self) -> None:
+        super().__init__("the prompt is empty: it must hold at least one token")
+
+
 @dataclass(frozen=True)
 class TextDelta:
     """New text of sequence `index`; its last delta carries the finish reason and its token count."""
@@ -38,6 +49,7 @@ class TextDelta:
     text: str
     finish_reason: FinishReason | None = None
     completion_tokens: int = 0
+    stop_string: str | None = None  # the stop string that ended it, if one did
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,7 @@ class Completion:
     text: str
     finish_reason: FinishReason
     completion_tokens: int
+    stop_string: str | None = None
 
 
 class SequenceObserver(Protocol):
@@ -63,23 +76,60 @@ class TextGenerator:
         self.tokenizer = tokenizer
         self.observer = observer
         self._special_ids = set(tokenizer.all_special_ids)
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        self._special_texts = {str(t) for t in tokenizer.all_special_tokens} | {
+            str(t.content) for t in added.values() if getattr(t, "special", False)
+        }
         if not getattr(tokenizer, "chat_template", None):
             log.warning("this tokenizer has no chat template: prompts are sent to the model as raw text")
 
     # ------------------------------------------------------------------------------------------ prompts
     def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of `messages` in the model's chat template, ending with the assistant's turn opener."""
+        """Token ids of `messages` in the model's chat template, ending with the assistant's turn opener.
+
+        Message content is text, always: a `<|im_end|>` typed inside a message is tokenised as the characters it
+        is, never as the control token, so only the template itself can open or close a turn.
+        """
         if not getattr(self.tokenizer, "chat_template", None):
-            return self.text_prompt_ids("\n".join(m["content"] for m in messages))
+            return self._content_ids("\n".join(m["content"] for m in messages))
+        if not any(self._holds_special(m["content"]) for m in messages):
+            return self._template_ids(messages)  # the common case: exactly the template's own tokenisation
+        # Render with a placeholder per message, then tokenise the template's text with its control tokens and
+        # each content as plain text.
+        marks = [f"\x00{uuid.uuid4().hex}\x00" for _ in messages]
+        rendered = self._render([{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)])
+        ids: list[int] = []
+        for mark, message in zip(marks, messages, strict=True):
+            before, found, rendered = rendered.partition(mark)
+            if not found:  # the template dropped or altered a message: never guess, refuse
+                raise ValueError("the chat template did not render every message")
+            ids += self.text_prompt_ids(before) + self._content_ids(message["content"])
+        return ids + self.text_prompt_ids(rendered)
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        return str(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+
+    def _template_ids(self, messages: list[dict[str, str]]) -> list[int]:
         encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
         return [int(i) for i in ids]
 
+    def _holds_special(self, text: str) -> bool:
+        return any(token in text for token in self._special_texts)
+
+    def _content_ids(self, text: str) -> list[int]:
+        """Token ids of user-supplied text in which control tokens' texts are plain characters."""
+        encoded = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)
+        return [int(i) for i in encoded["input_ids"]]
+
     def text_prompt_ids(self, text: str) -> list[int]:
-        """Token ids of raw text, no template."""
+        """Token ids of raw text, no template (control tokens written in it are parsed: raw prompts may use them)."""
         return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
 
     def check_fits(self, prompt_ids: list[int], max_new_tokens: int) -> None:
+        """The one check that a request can run: some prompt, and prompt plus new tokens within the context."""
+        if not prompt_ids:
+            raise EmptyPrompt()
         limit = self.engine.max_context_tokens
         if len(prompt_ids) + max_new_tokens > limit:
             raise PromptTooLong(len(prompt_ids), max_new_tokens, limit)
@@ -90,7 +140,7 @@ class TextGenerator:
     ) -> list[Completion]:
         """Generate n independent sequences for one prompt and return them once all have finished."""
         self.check_fits(prompt_ids, params.max_new_tokens)
-        runs = [self._collect(self._sequence(i, prompt_ids, params, stop)) for i in range(n)]
+        runs = [self._collect(self._sequence(i, prompt_ids, _for_choice(params, i), stop)) for i in range(n)]
         return await _gather_all(runs)
 
     def stream(
@@ -110,7 +160,7 @@ class TextGenerator:
 
         async def pump(index: int) -> None:
             try:
-                async for delta in self._sequence(index, prompt_ids, params, stop):
+                async for delta in self._sequence(index, prompt_ids, _for_choice(params, index), stop):
                     queue.put_nowait(delta)
             except Exception as exc:
                 queue.put_nowait(exc)
@@ -151,7 +201,7 @@ class TextGenerator:
                 if finish is not None:
                     if self.observer is not None:
                         self.observer.sequence_finished(produced, first, time.perf_counter() - start)
-                    yield TextDelta(index, text, finish, produced)
+                    yield TextDelta(index, text, finish, produced, stop_string=matcher.matched)
                     return
                 if text:
                     yield TextDelta(index, text)
@@ -160,12 +210,23 @@ class TextGenerator:
 
     @staticmethod
     async def _collect(deltas: AsyncIterator[TextDelta]) -> Completion:
+        # aclosing: leaving at the finish delta (a stop string matched) closes the sequence now, which cancels it in
+        # the engine; without it the engine decoded on until garbage collection closed the generator.
         parts: list[str] = []
-        async for delta in deltas:
-            parts.append(delta.text)
-            if delta.finish_reason is not None:
-                return Completion("".join(parts), delta.finish_reason, delta.completion_tokens)
+        async with aclosing(deltas):  # type: ignore[type-var]
+            async for delta in deltas:
+                parts.append(delta.text)
+                if delta.finish_reason is not None:
+                    return Completion(
+                        "".join(parts), delta.finish_reason, delta.completion_tokens, stop_string=delta.stop_string
+                    )
         raise EngineError("the engine ended a sequence without a finish reason")
+
+
+def _for_choice(params: SamplingParams, index: int) -> SamplingParams:
+    """Sample `index` of a request: its own seed, so n seeded samples are n different reproducible draws."""
+    seed = choice_seed(params.seed, index)
+    return params if seed == params.seed else dataclasses.replace(params, seed=seed)
 
 
 async def _gather_all(coros: list[Any]) -> list[Any]:

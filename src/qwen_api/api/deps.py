@@ -34,12 +34,16 @@ def _guard(request: Request) -> Guard:
 
 
 def require_api_key(request: Request) -> None:
-    """When an API key is configured, inference routes need `Authorization: Bearer <key>` (constant-time check)."""
+    """When an API key is configured, inference routes need it as `Authorization: Bearer <key>` or, as Anthropic's
+    clients send it, `x-api-key: <key>` (constant-time checks)."""
     key = _settings(request).api_key
     if key is None:
         return
+    expected = key.get_secret_value().encode()
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
+    bearer_ok = scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), expected)
+    header_ok = hmac.compare_digest(request.headers.get("x-api-key", "").encode(), expected)
+    if not (bearer_ok or header_ok):
         raise Unauthorized()
 
 

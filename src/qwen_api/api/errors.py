@@ -15,19 +15,21 @@ Retry-After while draining, 504 past the request deadline, 413 for a body over t
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwen_api.admission import Draining, Overloaded
 from qwen_api.api.guard import ClientDisconnected, RequestTimeout
 from qwen_api.api.openai_protocol import Unsupported, error_body
 from qwen_api.engine.base import EngineError
 from qwen_api.runtime import ModelNotReady
-from qwen_api.textgen import PromptTooLong
+from qwen_api.textgen import EmptyPrompt, PromptTooLong
 
 NOT_LOADED = "Model or tokenizer not loaded"
 
@@ -50,14 +52,19 @@ def failure_detail(exc: Exception) -> str:
 
 
 def openai_error_payload(exc: Exception) -> dict[str, Any]:
-    """OpenAI's error object for a failure after a stream began."""
+    """OpenAI's error object for a failure after a stream began: the same type and code as before it began."""
+    if isinstance(exc, RequestTimeout):
+        return error_body(str(exc), "timeout", code="request_timeout")
     return error_body(str(exc), "server_error")
 
 
 def _json_safe(value: Any) -> Any:
-    """Replace non-finite floats (echoed back from a bad input) by their text: strict JSON has no NaN."""
+    """Make a bad input that is echoed back encodable: strict JSON has no NaN (non-finite floats become their text),
+    and UTF-8 has no lone surrogates (they become their escapes)."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
     if isinstance(value, list):
         return [_json_safe(v) for v in value]
     if isinstance(value, dict):
@@ -65,12 +72,42 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+Family = Literal["seed", "openai", "anthropic"]
+
+
+def error_family(path: str) -> Family:
+    """Whose error shape a path answers in: Anthropic's for /v1/messages, OpenAI's for the rest of /v1 (and
+    vLLM's /tokenize, /detokenize), else the seed API's."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "anthropic"
+    if path in ("/tokenize", "/detokenize"):  # vLLM's routes, beside /v1 but answering as it does
+        return "openai"
+    return "openai" if path == "/v1" or path.startswith("/v1/") else "seed"
+
+
+def anthropic_error_body(message: str, type_: str) -> dict[str, Any]:
+    """Anthropic's error shape."""
+    return {"type": "error", "error": {"type": type_, "message": message}}
+
+
+# Anthropic names its error types by status.
+_ANTHROPIC_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
+
+
+def _anthropic_type(status: int) -> str:
+    return _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+
+
 def _is_openai(request: Request) -> bool:
-    return request.url.path.startswith("/v1/")
-
-
-def _openai(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, param, code), status_code=status)
+    return error_family(request.url.path) != "seed"
 
 
 def _reply(
@@ -83,8 +120,20 @@ def _reply(
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     """One error, in the shape of the route family it came to."""
-    body = error_body(message, type_, param, code) if _is_openai(request) else {"detail": message}
+    body = error_payload(request.url.path, status, message, type_, code, param)
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_payload(
+    path: str, status: int, message: str, type_: str, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    """The body of one error in the shape of `path`'s family: the one place each shape is built."""
+    family = error_family(path)
+    if family == "anthropic":
+        return anthropic_error_body(message, _anthropic_type(status))
+    if family == "openai":
+        return error_body(message, type_, param, code)
+    return {"detail": message}
 
 
 def _count_rejection(request: Request, reason: str) -> None:
@@ -128,13 +177,33 @@ async def _unauthorized(request: Request, exc: Exception) -> JSONResponse:
     return _reply(request, 401, str(exc), "authentication_error", "invalid_api_key", headers=headers)
 
 
+def _prompt_param(request: Request) -> str:
+    return "prompt" if request.url.path.endswith("/completions") and "/chat/" not in request.url.path else "messages"
+
+
 async def _prompt_too_long(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, PromptTooLong)
     if _is_openai(request):
-        param = "messages" if request.url.path.endswith("/chat/completions") else "prompt"
-        return _openai(400, str(exc), "invalid_request_error", param, "context_length_exceeded")
+        return _reply(
+            request, 400, str(exc), "invalid_request_error", "context_length_exceeded", _prompt_param(request)
+        )
     detail = [{"type": "value_error", "loc": ["body", "prompt"], "msg": str(exc), "input": exc.prompt_tokens}]
     return JSONResponse({"detail": detail}, status_code=422)
+
+
+async def _empty_prompt(request: Request, exc: Exception) -> JSONResponse:
+    if _is_openai(request):
+        return _reply(request, 400, str(exc), "invalid_request_error", "empty_prompt", _prompt_param(request))
+    detail = [{"type": "value_error", "loc": ["body", "prompt"], "msg": str(exc), "input": ""}]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+def _error_text(error: Any) -> str:
+    where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+    what = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    if error.get("type") == "json_invalid":
+        return f"the body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')} at position {where})"
+    return f"{where}: {what}" if where else what
 
 
 async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
@@ -144,18 +213,29 @@ async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}" for e in errors)
-    return _openai(400, message or "invalid request", "invalid_request_error", param)
+    param = None if first.get("type") == "json_invalid" else ".".join(loc) or None
+    message = "; ".join(_error_text(e) for e in errors)
+    return _reply(request, 400, message or "invalid request", "invalid_request_error", param=param)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (404 no such route, 405 wrong method, 400 a body that cannot be read) in the shape
+    of the family the path belongs to; the seed API keeps FastAPI's `{"detail": ...}`."""
+    assert isinstance(exc, StarletteHTTPException)
+    if not _is_openai(request):
+        return await http_exception_handler(request, exc)
+    type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return _reply(request, exc.status_code, str(exc.detail), type_, code, headers=getattr(exc, "headers", None))
 
 
 async def _unsupported(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, Unsupported)
-    return _openai(400, str(exc), "invalid_request_error", exc.param, "unsupported_parameter")
+    return _reply(request, 400, str(exc), "invalid_request_error", "unsupported_parameter", exc.param)
 
 
 async def _model_not_found(request: Request, exc: Exception) -> JSONResponse:
-    return _openai(404, str(exc), "invalid_request_error", "model", "model_not_found")
+    return _reply(request, 404, str(exc), "invalid_request_error", "model_not_found", "model")
 
 
 class Unauthorized(Exception):
@@ -172,6 +252,8 @@ def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ModelNotReady, _not_ready)
     app.add_exception_handler(EngineError, _generation_failed)
     app.add_exception_handler(PromptTooLong, _prompt_too_long)
+    app.add_exception_handler(EmptyPrompt, _empty_prompt)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(Unsupported, _unsupported)
     app.add_exception_handler(ModelNotFound, _model_not_found)

@@ -60,8 +60,10 @@ class Guard:
         finally:
             for t in (task, watcher):
                 t.cancel()
-            await asyncio.gather(task, watcher, return_exceptions=True)
-            ticket.release()
+            try:  # a second cancellation may land in this await: the slots are released all the same
+                await asyncio.gather(task, watcher, return_exceptions=True)
+            finally:
+                ticket.release()
 
     async def stream(self, ticket: Ticket, events: AsyncIterator[T]) -> AsyncIterator[T]:
         """Relay `events` until the deadline; the ticket is released however the stream ends."""
@@ -83,5 +85,5 @@ class Guard:
             self.metrics.cancellations.labels("disconnect").inc()
             raise
         finally:
-            ticket.release()
+            ticket.release()  # first: a cancellation landing in the await below must not keep the slots
             await events.aclose()  # type: ignore[attr-defined]

@@ -13,7 +13,10 @@ import re
 import uuid
 from typing import Any
 
+from qwen_api.api.errors import error_payload
 from qwen_api.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -89,16 +92,42 @@ class BodyLimit:
 
     async def _refuse(self, scope: Scope, send: Any) -> None:
         message = f"Request body too large: the limit is {self.max_bytes} bytes"
-        if scope["path"].startswith("/v1/"):
-            payload: dict[str, Any] = {
-                "error": {"message": message, "type": "invalid_request_error", "param": None, "code": "body_too_large"}
-            }
-        else:
-            payload = {"detail": message}
-        body = json.dumps(payload).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        payload = error_payload(scope["path"], 413, message, "invalid_request_error", "body_too_large")
+        await _send_json(send, 413, payload)
+
+
+class CatchAll:
+    """The last resort: an exception no handler took becomes a 500 in the route's error shape, inside the request-id
+    middleware (so it carries X-Request-ID) and without re-raising (so the keep-alive connection stays usable)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            log.exception("unhandled error on %s", scope.get("path"))
+            if started:  # the answer has begun: nothing more can be said on this response
+                return
+            message = f"Internal server error ({type(exc).__name__}); request id {request_id_var.get()}"
+            await _send_json(send, 500, error_payload(scope["path"], 500, message, "server_error"))
+
+
+async def _send_json(send: Any, status: int, payload: dict[str, Any]) -> None:
+    body = json.dumps(payload).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class RequestMetrics:

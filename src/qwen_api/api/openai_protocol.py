@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, field_validator
 
+from qwen_api.api.schema import RequestModel
 from qwen_api.engine.base import SamplingParams
 
 MAX_STOP_STRINGS = 8
@@ -25,14 +26,16 @@ class Unsupported(ValueError):
         super().__init__(f"{param}: {why}")
 
 
-class TextPart(BaseModel):
+class _OpenAIRequest(RequestModel):
+    null_means_default = True
+
+
+class TextPart(_OpenAIRequest):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ChatMessage(_OpenAIRequest):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
@@ -41,14 +44,12 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(_OpenAIRequest):
     include_usage: bool = False
 
 
-class _SamplingRequest(BaseModel):
-    """Fields shared by chat and text completions."""
-
-    model_config = ConfigDict(extra="forbid")
+class _SamplingRequest(_OpenAIRequest):
+    """Fields shared by chat and text completions. A field sent as null takes its default."""
 
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
@@ -64,12 +65,13 @@ class _SamplingRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = Field(None, max_length=256, description="Accepted for compatibility; not used.")
 
-    @model_validator(mode="after")
-    def _bounded_stops(self) -> _SamplingRequest:
-        stops = self.stop_list()
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
         if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_LENGTH for s in stops):
-            raise ValueError(f"stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_LENGTH} characters")
-        return self
+            raise ValueError(f"at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_LENGTH} characters")
+        return stop
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

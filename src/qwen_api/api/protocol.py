@@ -6,15 +6,14 @@ parameters. Limits that operators configure (caps) are checked by the route agai
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
+from qwen_api.api.schema import RequestModel
 from qwen_api.engine.base import SamplingParams
 
 
-class GenerateParameters(BaseModel):
+class GenerateParameters(RequestModel):
     """The specification's generation parameters, echoed back in every answer."""
-
-    model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(..., min_length=1, description="The user's message; sent through the chat template.")
     max_length: int = Field(512, ge=1, description="Most new tokens to generate (the prompt is not counted).")

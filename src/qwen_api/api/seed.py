@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from qwen_api import __version__
+from qwen_api.admission import Draining
 from qwen_api.api.deps import GeneratorDep, GuardDep, RuntimeDep, SettingsDep, log_outputs, log_prompt
 from qwen_api.api.errors import NOT_LOADED, failure_detail, invalid_field
 from qwen_api.api.guard import ClientDisconnected, RequestTimeout
@@ -22,17 +23,21 @@ router = APIRouter()  # open to all
 inference_router = APIRouter()  # behind the API key when one is set
 
 
-@router.get("/", response_model=RootResponse)
+# HEAD too: load balancers probe with it.
+@router.api_route("/", methods=["GET", "HEAD"], response_model=RootResponse)
 async def root(runtime: RuntimeDep) -> RootResponse:
     return RootResponse(name="Qwen2-7B-Instruct API", version=__version__, status="active", model=runtime.model_name)
 
 
-@router.get(
+@router.api_route(
     "/health",
+    methods=["GET", "HEAD"],
     response_model=HealthResponse,
-    responses={503: {"description": "The model is loading, failed to load, or its engine died."}},
+    responses={503: {"description": "The model is loading, failed to load, its engine died, or it is shutting down."}},
 )
 async def health(runtime: RuntimeDep) -> HealthResponse | JSONResponse:
+    if runtime.draining:
+        return JSONResponse({"detail": str(Draining())}, status_code=503, headers={"Retry-After": "5"})
     if not runtime.healthy():
         return JSONResponse({"detail": NOT_LOADED}, status_code=503)
     return HealthResponse(status="healthy")

@@ -59,6 +59,18 @@ class EngineDead(EngineError):
     """The engine's worker has died; no request can be served until the process restarts."""
 
 
+def check_prompt_ids(prompt_ids: list[int], vocab_size: int) -> None:
+    """Refuse, for this one sequence, a prompt that would break an engine's batch step for everybody.
+
+    The text layer never sends such a prompt; this is the engines' own guard, so that a bad sequence fails alone
+    (an `EngineError` from its `generate`) and the worker that steps every sequence never sees it.
+    """
+    if not prompt_ids:
+        raise EngineError("the prompt is empty: it must hold at least one token")
+    if not all(0 <= t < vocab_size for t in prompt_ids):
+        raise EngineError(f"the prompt holds a token id outside the vocabulary [0, {vocab_size})")
+
+
 async def next_output(outputs: asyncio.Queue[T], death: Callable[[], str | None]) -> T:
     """The next item an engine's worker put on one sequence's queue; `EngineDead` if the worker dies first.
 

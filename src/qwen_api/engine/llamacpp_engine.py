@@ -37,12 +37,13 @@ from qwen_api.engine.base import (
     FinishReason,
     SamplingParams,
     TokenChunk,
+    check_prompt_ids,
     next_output,
 )
+from qwen_api.engine.sampling import effective_top_k, is_greedy, seed32
 
 log = logging.getLogger(__name__)
 
-GREEDY_BELOW = 1e-5  # as in the transformers engine: tiny temperatures are greedy
 PREFILL_BUDGET = 512  # prompt tokens read per step, shared by the sequences still prefilling
 
 
@@ -75,6 +76,9 @@ class LlamaCppEngine:
         self._c, self._internals = llama_cpp, _internals
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
+        # No extra buffer types (AMX, repacked weights): on the team's Xeon VMs the CPU reports AMX and the kernel
+        # grants it, but AMX instructions die with SIGILL (every decode crashed the process, 2026-11-27).
+        model_params.use_extra_bufts = False
         self.model = _internals.LlamaModel(path_model=str(gguf_path), params=model_params, verbose=False)
         threads = n_threads or os.cpu_count() or 1
         n_ctx = kv_cache_tokens or 32768
@@ -115,6 +119,7 @@ class LlamaCppEngine:
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenChunk]:
         if not self.is_healthy():
             raise EngineDead(f"the llama.cpp worker is not running: {self._fatal}")
+        check_prompt_ids(prompt_ids, self._n_vocab)
         if len(prompt_ids) + params.max_new_tokens > self.max_context_tokens:
             raise EngineError("prompt and new tokens exceed the context")
         seq = _Sequence(list(prompt_ids), params, asyncio.get_running_loop(), asyncio.Queue())
@@ -176,14 +181,17 @@ class LlamaCppEngine:
 
     def _sampler(self, params: SamplingParams) -> Any:
         sampler = self._internals.LlamaSampler()
-        if params.temperature < GREEDY_BELOW:
+        if is_greedy(params.temperature):
             sampler.add_greedy()
             return sampler
-        if 0 < params.top_k < self._n_vocab:  # a k past the vocabulary keeps every token (and would wrap in int32)
-            sampler.add_top_k(params.top_k)
-        sampler.add_top_p(params.top_p, 1)
+        # The shared order (engine/sampling.py): temperature, top-k, top-p, draw. top-k commutes with temperature;
+        # top-p does not, so temperature comes before it as in the transformers engine.
         sampler.add_temp(params.temperature)
-        sampler.add_dist(params.seed % 2**32 if params.seed is not None else random.getrandbits(32))
+        if top_k := effective_top_k(params.top_k, self._n_vocab):
+            sampler.add_top_k(top_k)
+        sampler.add_top_p(params.top_p, 1)
+        # seed32 never yields 0xFFFFFFFF, which llama.cpp reads as "pick a random seed": every seed reproduces.
+        sampler.add_dist(seed32(params.seed) if params.seed is not None else random.getrandbits(32) % 0xFFFFFFFF)
         return sampler
 
     def _release(self, seq: _Sequence) -> None:

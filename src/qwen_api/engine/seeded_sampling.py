@@ -18,26 +18,9 @@ from typing import Any
 import torch
 from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
 
-_MASK32 = 0xFFFFFFFF
+from qwen_api.engine.sampling import gumbel_noise, row_key
+
 _NO_SEED = 0
-
-
-def row_key(seed: int, step: int) -> int:
-    """A nonzero 31-bit key for (seed, step): what the tensor hash below is seeded with."""
-    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    x ^= x >> 31
-    return (x & 0x7FFFFFFF) or 1
-
-
-def _uniform(keys: torch.Tensor, vocab: int) -> torch.Tensor:
-    """U(0,1) of shape [B, V] from per-row int keys, by a 32-bit integer mix of (key, token id)."""
-    token = torch.arange(vocab, device=keys.device, dtype=torch.int64)
-    x = (keys.to(torch.int64).unsqueeze(-1) * 0x9E3779B1 + token) & _MASK32  # [B, V]
-    for _ in range(2):
-        x = x ^ (x >> 16)
-        x = (x * 0x45D9F3B) & _MASK32
-    x = x ^ (x >> 16)
-    return (x.to(torch.float64) + 0.5) / 2.0**32
 
 
 def _sane(scores: torch.Tensor) -> torch.Tensor:
@@ -69,7 +52,7 @@ class SeededSampling(ContinuousBatchingLogitsProcessor):
         seeded = keys != _NO_SEED
         if scores.device.type == "cpu" and not bool(seeded.any()):
             return scores  # nothing to do; on a GPU the branch would cost a sync, so it always computes
-        gumbel = -torch.log(-torch.log(_uniform(keys, scores.size(-1)))).to(scores.dtype)  # [B, V]
+        gumbel = gumbel_noise(keys, scores.size(-1), scores.dtype)  # [B, V]
         winner = (scores + gumbel).argmax(dim=-1, keepdim=True)  # [B, 1]
         only_winner = torch.full_like(scores, float("-inf")).scatter(-1, winner, 0.0)
         return torch.where(seeded.unsqueeze(-1), only_winner, scores)

@@ -25,15 +25,14 @@ from qwen_api.engine.base import (
     FinishReason,
     SamplingParams,
     TokenChunk,
+    check_prompt_ids,
     next_output,
 )
+from qwen_api.engine.sampling import effective_top_k, is_greedy
 
 log = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_TOKENS = 32768
-# Dividing logits by a temperature near zero overflows to inf, and inf - inf is NaN in the softmax: so tiny
-# temperatures mean greedy, as they do in the limit.
-GREEDY_BELOW = 1e-5
 _PAGE_SIZE = 256
 
 
@@ -71,6 +70,7 @@ class TransformersEngine:
         self._manager = model.init_continuous_batching(
             generation_config=generation_config, continuous_batching_config=cb_config
         )
+        check_internals(self._manager)
         seeded_sampling.install(self._manager)
         self._ids = itertools.count()
         self._running = 0
@@ -80,6 +80,7 @@ class TransformersEngine:
         self._count_steps_of_each_batch_processor()
         self._manager.start()
         self.max_context_tokens = min(self._wait_for_cache_capacity(), _model_context(model))
+        check_internals(self._manager, started=True)
 
     # ----------------------------------------------------------------------------------------- set-up
     def _count_steps_of_each_batch_processor(self) -> None:
@@ -116,10 +117,9 @@ class TransformersEngine:
 
     # ----------------------------------------------------------------------------------------- requests
     def _processor_kwargs(self, params: SamplingParams) -> dict[str, Any]:
-        if params.temperature < GREEDY_BELOW:  # greedy: keep only the most likely token, then "sample" it
+        if is_greedy(params.temperature):  # keep only the most likely token, then "sample" it
             return {"temperature": 1.0, "top_p": 1.0, "top_k": 1}
-        # top-k past the vocabulary keeps every token, as 0 does (and a huge k would overflow the kernels' int32)
-        top_k = min(params.top_k, self._vocab_size) if params.top_k > 0 else self._vocab_size
+        top_k = effective_top_k(params.top_k, self._vocab_size) or self._vocab_size
         kwargs: dict[str, Any] = {"temperature": float(params.temperature), "top_p": float(params.top_p)}
         kwargs["top_k"] = int(top_k)
         if params.seed is not None:
@@ -133,6 +133,7 @@ class TransformersEngine:
         """Run one sequence; see `Engine.generate`. Leaving the loop early cancels it in the engine."""
         if not self.is_healthy():
             raise EngineDead(f"the generation thread is not running: {self._fatal_error()}")
+        check_prompt_ids(prompt_ids, self._vocab_size)
         request_id = f"seq-{next(self._ids)}"
         outputs: asyncio.Queue[Any] = asyncio.Queue()
         self._manager.register_result_handler(request_id, outputs.put_nowait)
@@ -189,6 +190,51 @@ class TransformersEngine:
     def shutdown(self) -> None:
         if self._manager.is_running():
             self._manager.stop(block=True, timeout=10)
+
+
+# The private parts of transformers' continuous batching this engine relies on (written against 5.24.0).
+_INTERNALS = (
+    "_create_batch_processor",
+    "register_result_handler",
+    "cancel_request",
+    "input_queue",
+    "output_router._lock",
+    "output_router.result_handlers",
+    "background_thread_status.fatal_error",
+    "logit_processor.logits_processor",
+    "logit_processor.tensors_required",
+    "logit_processor.supported_keys",
+    "logit_processor.do_processing",
+)
+_INTERNALS_STARTED = (
+    "batch_processor.scheduler.schedule_batch",
+    "batch_processor.scheduler.waiting_requests",
+    "batch_processor.scheduler.active_requests",
+    "batch_processor.cache.max_tokens_read",
+)
+
+
+def check_internals(manager: Any, started: bool = False) -> None:
+    """Fail loudly, naming what moved, if a transformers upgrade changed the private parts this engine uses.
+
+    Raised when the engine is built (so the model fails to load with a clear message), never on a first request.
+    """
+    import transformers
+
+    missing = []
+    for path in _INTERNALS_STARTED if started else _INTERNALS:
+        obj = manager
+        for name in path.split("."):
+            if not hasattr(obj, name):
+                missing.append(path)
+                break
+            obj = getattr(obj, name)
+    if missing:
+        raise EngineError(
+            f"transformers {transformers.__version__} no longer has {', '.join(missing)} on its continuous-batching "
+            "manager: qwen-api's transformers engine was written against transformers 5.24.0; install that version "
+            "(requirements.lock) or update engine/transformers_engine.py"
+        )
 
 
 def _model_context(model: Any) -> int:

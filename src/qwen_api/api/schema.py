@@ -1,0 +1,48 @@
+"""The base of every request body: what all dialects refuse before any route runs.
+
+Unknown fields are refused (`extra="forbid"`) and types are not coerced (`strict=True`: `"5"` is no integer, `true`
+no `n`, `"no"` no boolean); and text must be Unicode that can be encoded: JSON may escape a lone UTF-16 surrogate
+(`"\\udfff"`), which no tokenizer can encode, so it is refused here with a 4xx naming the field instead of failing
+deep inside the tokenizer. In the OpenAI-style dialects `null` means "the default", as OpenAI's SDKs expect.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return _SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
+class RequestModel(BaseModel):
+    """Strict, closed request schema with valid text."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    # OpenAI's SDKs send `null` for "not given" (temperature=None, n=None): where this is set, null means the default.
+    null_means_default: ClassVar[bool] = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data: Any) -> Any:
+        if cls.null_means_default and isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        if _has_lone_surrogate(value):
+            raise ValueError("holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text")
+        return value
