@@ -24,9 +24,12 @@ demo: venv
 serve: venv
 	$(VENV)/bin/qwen-api serve $(if $(MODEL),--model $(MODEL))
 
-## Tools the tests drive as real peers: Debian's prometheus (needs root or an existing install).
+## Tools the tests drive as real peers: Debian's prometheus, and chromium for the playground's browser tests
+## (needs root or an existing install).
 test-tools:
 	@command -v prometheus >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; }
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 ## The whole test suite (GPU tests are deselected where no GPU exists, and pytest says so).
 test: venv test-tools

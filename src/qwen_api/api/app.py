@@ -6,27 +6,29 @@ The server starts listening at once; the runtime loads the model in the backgrou
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
 from qwen_api import __version__
 from qwen_api.admission import Admission
-from qwen_api.api import openai, seed
+from qwen_api.api import anthropic, openai, playground, responses, seed, tokenize
 from qwen_api.api.deps import require_api_key
 from qwen_api.api.errors import register_error_handlers
 from qwen_api.api.guard import Guard
-from qwen_api.api.middleware import BodyLimit, RequestId, RequestMetrics
+from qwen_api.api.middleware import BodyLimit, CatchAll, RequestId, RequestMetrics
 from qwen_api.metrics import Metrics
 from qwen_api.runtime import Runtime
 from qwen_api.settings import Settings
 from qwen_api.textgen import TextGenerator
 
 
-def create_app(settings: Settings, runtime: Runtime, admission: Admission | None = None) -> FastAPI:
+def create_app(
+    settings: Settings, runtime: Runtime, admission: Admission | None = None, routers: Sequence[APIRouter] = ()
+) -> FastAPI:
     admission = admission or Admission(settings.admission_capacity())
     metrics = Metrics(engine_stats=runtime.stats, admitted=lambda: admission.in_use)
 
@@ -50,9 +52,16 @@ def create_app(settings: Settings, runtime: Runtime, admission: Admission | None
     app.state.metrics = metrics
     app.state.guard = Guard(admission, metrics, settings.request_timeout)
     register_error_handlers(app)
+    for extra in routers:  # first, so that they may answer a path in more detail (the cluster's /health)
+        app.include_router(extra)
     app.include_router(seed.router)
     app.include_router(seed.inference_router, dependencies=[Depends(require_api_key)])
     app.include_router(openai.router, dependencies=[Depends(require_api_key)])
+    app.include_router(responses.router, dependencies=[Depends(require_api_key)])
+    app.include_router(anthropic.router, dependencies=[Depends(require_api_key)])
+    app.include_router(tokenize.router, dependencies=[Depends(require_api_key)])
+    if settings.playground:
+        app.include_router(playground.create_router())
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
@@ -63,8 +72,9 @@ def create_app(settings: Settings, runtime: Runtime, admission: Admission | None
             CORSMiddleware,
             allow_origins=settings.cors_allow_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            allow_headers=["Authorization", "X-Api-Key", "Content-Type", "X-Request-ID"],
         )
+    app.add_middleware(CatchAll)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestId)
     app.add_middleware(RequestMetrics, metrics=metrics)

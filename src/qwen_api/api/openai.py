@@ -78,6 +78,13 @@ async def list_models(runtime: RuntimeDep) -> dict[str, Any]:
     return {"object": "list", "data": [model]}
 
 
+@router.get("/models/{model_id:path}")
+async def retrieve_model(model_id: str, runtime: RuntimeDep) -> dict[str, Any]:
+    if model_id != runtime.model_name:
+        raise ModelNotFound(model_id, runtime.model_name)
+    return {"id": runtime.model_name, "object": "model", "created": runtime.created, "owned_by": "qwen-api"}
+
+
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, ctx: Annotated[_Context, Depends()]

@@ -39,13 +39,18 @@ def sse_response(
     error_payload: Callable[[Exception], Any],
     error_event: str | None = "error",
     on_close: Callable[[], None] = lambda: None,
+    typed: bool = False,
 ) -> StreamingResponse:
-    """Stream `events` (JSON-able objects) as SSE, then [DONE]. A failure mid-stream becomes one error event."""
+    """Stream `events` (JSON-able objects) as SSE, then [DONE]. A failure mid-stream becomes one error event.
+
+    `typed`: each event's `type` is also its SSE event name, and no [DONE] ends the stream (the Responses and
+    Anthropic Messages dialects).
+    """
 
     async def body() -> AsyncIterator[str]:
         try:
             async for item in events:
-                yield sse(item)
+                yield sse(item, event=item["type"] if typed else None)
         except Exception as exc:
             log.warning("stream failed after it began: %s", exc)
             yield sse(error_payload(exc), event=error_event)
@@ -54,7 +59,8 @@ def sse_response(
             # engine's sequences are cancelled now rather than whenever the generator is collected.
             with anyio.CancelScope(shield=True):
                 await events.aclose()  # type: ignore[attr-defined]
-        yield DONE
+        if not typed:
+            yield DONE
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return _ClosingStream(body(), on_close, media_type="text/event-stream", headers=headers)

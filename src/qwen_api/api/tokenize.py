@@ -1,0 +1,76 @@
+"""`POST /tokenize` and `POST /detokenize`, as vLLM's and llama.cpp's servers have them, and their schemas.
+
+`/tokenize` takes a raw `prompt` (tokenised as `/v1/completions` reads it) or chat `messages` (through the chat
+template with the generation prompt, exactly as `/v1/chat/completions` counts them) and answers the ids, their
+count and the model's context length. `/detokenize` turns ids back into text, special tokens included. Both
+sit behind the API key and answer errors in OpenAI's shape: an empty input, an id outside the vocabulary or a
+wrong type is a 400 that says which.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter
+from pydantic import Field, model_validator
+
+from qwen_api.api.deps import GeneratorDep, RuntimeDep
+from qwen_api.api.errors import ModelNotFound, invalid_field
+from qwen_api.api.openai_protocol import ChatMessage
+from qwen_api.api.schema import RequestModel
+from qwen_api.runtime import Runtime
+
+router = APIRouter()
+
+
+class _Request(RequestModel):
+    """Strict and closed (api/schema.py); a field sent as null takes its default."""
+
+    null_means_default = True
+
+
+class TokenizeRequest(_Request):
+    model: str | None = None
+    prompt: str | None = Field(None, min_length=1)
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send either 'prompt' (text) or 'messages' (a chat), not both and not neither")
+        return self
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(strict=True, ge=0)]] = Field(..., min_length=1)
+
+
+def _check_model(model: str | None, runtime: Runtime) -> None:
+    if model is not None and model != runtime.model_name:
+        raise ModelNotFound(model, runtime.model_name)
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, runtime: RuntimeDep, generator: GeneratorDep) -> dict[str, Any]:
+    _check_model(body.model, runtime)
+    if body.messages is not None:
+        roles = {"developer": "system"}
+        ids = generator.chat_prompt_ids(
+            [{"role": roles.get(m.role, m.role), "content": m.text()} for m in body.messages]
+        )
+    else:
+        ids = generator.text_prompt_ids(body.prompt or "")
+    return {"tokens": ids, "count": len(ids), "max_model_len": generator.engine.max_context_tokens}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, runtime: RuntimeDep, generator: GeneratorDep) -> dict[str, str]:
+    _check_model(body.model, runtime)
+    vocabulary = len(generator.tokenizer)
+    outside = [t for t in body.tokens if t >= vocabulary]
+    if outside:
+        message = f"token id {outside[0]} is outside this model's vocabulary (ids 0 to {vocabulary - 1})"
+        raise invalid_field("tokens", message, outside[0])
+    text = generator.tokenizer.decode(body.tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return {"prompt": str(text)}
