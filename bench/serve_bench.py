@@ -7,7 +7,8 @@ and requests/s; it prints a table, writes the raw numbers as JSON and draws a PN
 
 Servers are given as NAME=URL (already running), or launched with --launch:
   qwen-api            qwen-api serve --model demo (this repository; engine auto: llama.cpp for the GGUF)
-  qwen-api-transformers, qwen-api-llamacpp   the same with the engine named
+  qwen-api-transformers, qwen-api-llamacpp, qwen-api-native   the same with the engine named (native: our
+                      own Qwen2 engine, for model directories, e.g. --model DIR on a GPU; see bench/native_gpu.py)
   llama-cpp-python    python -m llama_cpp.server on the demo GGUF (needs llama-cpp-python[server]); with
                       --interrupt_requests False, else each new request cuts the running one short, and
                       --n_threads set to the CPU count as qwen-api uses (its own default is one thread)
@@ -25,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -114,7 +116,10 @@ async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_t
     return Sample(ttft=first if first is not None else e2e, e2e=e2e, tokens=usage_tokens or tokens)
 
 
-async def run_level(name: str, base_url: str, concurrency: int, requests: int, max_tokens: int) -> Level:
+async def run_level(
+    name: str, base_url: str, concurrency: int, requests: int, max_tokens: int, prompts: list[str] | None = None
+) -> Level:
+    prompts = prompts or PROMPTS
     async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="bench", max_retries=0, timeout=1800) as client:
         model = (await client.models.list()).data[0].id
         queue: asyncio.Queue[int] = asyncio.Queue()
@@ -126,7 +131,7 @@ async def run_level(name: str, base_url: str, concurrency: int, requests: int, m
             while not queue.empty():
                 i = queue.get_nowait()
                 try:
-                    level.samples.append(await one_request(client, model, PROMPTS[i % len(PROMPTS)], max_tokens))
+                    level.samples.append(await one_request(client, model, prompts[i % len(prompts)], max_tokens))
                 except openai.OpenAIError:
                     level.errors += 1
 
@@ -151,29 +156,34 @@ def demo_gguf() -> Path:
     return source.path / source.gguf_file
 
 
-def launch_command(kind: str, port: int, extra: list[str], work_dir: Path) -> list[str]:
+def launch_command(kind: str, port: int, extra: list[str], work_dir: Path, model: str = "demo") -> list[str]:
     bin_dir = Path(sys.executable).parent
     threads = str(os.cpu_count() or 1)
-    if kind.startswith("qwen-api"):  # qwen-api (engine auto), qwen-api-transformers, qwen-api-llamacpp
+    if kind.startswith("qwen-api"):  # qwen-api (engine auto), qwen-api-transformers, -llamacpp, -native
         engine = kind.removeprefix("qwen-api").removeprefix("-") or "auto"
-        return [str(bin_dir / "qwen-api"), "serve", "--model", "demo", "--engine", engine, "--host", "127.0.0.1",
-                "--port", str(port), *extra]  # fmt: skip
+        # `python -m qwen_api.cli`, not the console script: it also runs from PYTHONPATH=src (the GPU machine)
+        return [sys.executable, "-m", "qwen_api.cli", "serve", "--model", model, "--engine", engine,
+                "--host", "127.0.0.1", "--port", str(port), *extra]  # fmt: skip
     if kind == "llama-cpp-python":
         return [sys.executable, "-m", "llama_cpp.server", "--model", str(demo_gguf()), "--port", str(port),
                 "--n_ctx", "8192", "--interrupt_requests", "False", "--n_threads", threads, "--n_threads_batch", threads,
                 *extra]  # fmt: skip
     if kind == "transformers-serve":
+        if not extra and model != "demo":
+            extra = [model]
         if not extra:  # default: the demo's own weights, de-quantised once into the output directory
             from export_demo import export
 
             checkpoint = work_dir / "smollm2-fp32"
             extra = [str(checkpoint if (checkpoint / "config.json").is_file() else export(checkpoint))]
-        return [str(bin_dir / "transformers"), "serve", "--continuous-batching", "--port", str(port), *extra]
+        cli = bin_dir / "transformers"  # beside this Python, else wherever pip put it (a --user install)
+        cli_path = str(cli) if cli.exists() else shutil.which("transformers") or str(cli)
+        return [cli_path, "serve", "--continuous-batching", "--port", str(port), *extra]
     raise SystemExit(f"unknown server kind {kind!r}")
 
 
 class Launched:
-    def __init__(self, kind: str, extra: list[str], work_dir: Path) -> None:
+    def __init__(self, kind: str, extra: list[str], work_dir: Path, model: str = "demo") -> None:
         self.kind, self.port = kind, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         log_dir = work_dir / "logs"
@@ -181,7 +191,7 @@ class Launched:
         self.log = open(log_dir / f"{kind}.log", "wb")  # noqa: SIM115 (closed in stop)
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         self.proc = subprocess.Popen(
-            launch_command(kind, self.port, extra, work_dir), stdout=self.log, stderr=subprocess.STDOUT, env=env
+            launch_command(kind, self.port, extra, work_dir, model), stdout=self.log, stderr=subprocess.STDOUT, env=env
         )
 
     def wait_ready(self, timeout: float = 600) -> None:
@@ -259,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--launch-args", action="append", default=[], metavar="KIND=ARGS", help="extra flags for a launched server"
     )
+    parser.add_argument("--model", default="demo", help="what launched servers serve: demo, or a model directory")
     parser.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels")
     parser.add_argument(
         "--requests", type=int, default=0, help="requests per level (default: 2 x concurrency, at least 8)"
@@ -287,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     extras = {k: v.split() for k, _, v in (a.partition("=") for a in args.launch_args)}
     servers = [tuple(s.split("=", 1)) for s in args.server]
-    launched = [Launched(kind, extras.get(kind, []), out) for kind in args.launch]
+    launched = [Launched(kind, extras.get(kind, []), out, args.model) for kind in args.launch]
     try:
         for server in launched:
             server.wait_ready()

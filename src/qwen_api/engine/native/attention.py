@@ -1,0 +1,114 @@
+"""Attention through the paged KV cache: each query token reads only its own sequence's blocks.
+
+A step's tokens are laid out as `num_decode` one-token decodes first, then one contiguous span per sequence
+reading a prompt chunk. Keys and values are written to the cache first (`write_kv`, an `index_copy_`, so it
+also runs inside CUDA graphs), then:
+- decodes: on CUDA with Triton, `triton_attention.paged_decode` walks each sequence's block table on the GPU
+  (no gather, no host sync: capturable in a CUDA graph); elsewhere their blocks are gathered into a padded
+  batch and read with SDPA under a length mask;
+- prompt spans: each span's context (cached prefix plus the chunk) is gathered from its blocks and read with
+  SDPA, causal within the chunk. A step holds few spans (the prefill budget bounds them), so the loop is short.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PrefillSpan:
+    q_start: int  # first of its tokens in the step's stream
+    q_len: int  # tokens of this chunk
+    ctx_len: int  # tokens the chunk attends to: cached prefix + the chunk itself
+    blocks: torch.Tensor  # [ceil(ctx_len / block_size)] int64 block ids
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: where each token's K/V goes (block * block_size + offset)
+    num_decode: int = 0
+    block_tables: torch.Tensor | None = None  # [num_decode, W] int32 (decode rows)
+    context_lens: torch.Tensor | None = None  # [num_decode] int32 (tokens each decode attends to)
+    max_context_len: int = 0  # host copy of context_lens.max(), for the gather path
+    prefills: list[PrefillSpan] = field(default_factory=list)
+    use_triton: bool = False
+
+
+def write_kv(
+    k_cache: torch.Tensor,  # [blocks, block_size, KV, D]
+    v_cache: torch.Tensor,
+    k: torch.Tensor,  # [T, KV, D]
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T]
+) -> None:
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+) -> torch.Tensor:  # [T, H, D]
+    if not meta.prefills:  # a decode-only step: the whole stream is decodes (the CUDA-graph case)
+        return _decode(q, k_cache, v_cache, meta)
+    out = torch.empty_like(q)
+    if meta.num_decode:
+        out[: meta.num_decode] = _decode(q[: meta.num_decode], k_cache, v_cache, meta)
+    for span in meta.prefills:
+        rows = slice(span.q_start, span.q_start + span.q_len)
+        out[rows] = _prefill_span(q[rows], k_cache, v_cache, span)
+    return out
+
+
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    assert meta.block_tables is not None and meta.context_lens is not None
+    if meta.use_triton:
+        from qwen_api.engine.native.triton_attention import paged_decode
+
+        return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens)
+    return decode_sdpa(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.max_context_len)
+
+
+def decode_sdpa(
+    q: torch.Tensor,  # [B, H, D]
+    k_cache: torch.Tensor,  # [blocks, block_size, KV, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, W]
+    context_lens: torch.Tensor,  # [B]
+    max_context_len: int,
+) -> torch.Tensor:  # [B, H, D]
+    """The reference decode: gather each row's blocks (padded to the longest row), mask the padding, SDPA."""
+    block_size = k_cache.size(1)
+    used = -(-max_context_len // block_size)
+    table = block_tables[:, :used].long()  # [B, used]
+    k = k_cache[table].flatten(1, 2)  # [B, L, KV, D]
+    v = v_cache[table].flatten(1, 2)
+    groups = q.size(1) // k.size(2)
+    k = k.transpose(1, 2).repeat_interleave(groups, dim=1)  # [B, H, L, D]
+    v = v.transpose(1, 2).repeat_interleave(groups, dim=1)
+    keep = torch.arange(k.size(2), device=q.device)[None, :] < context_lens[:, None]  # [B, L]
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=keep[:, None, None, :])  # [B, H, 1, D]
+    return out.squeeze(2)
+
+
+def _prefill_span(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span: PrefillSpan) -> torch.Tensor:
+    """q [q_len, H, D] of one chunk; its context is the first ctx_len slots of its blocks."""
+    k = k_cache[span.blocks].flatten(0, 1)[: span.ctx_len]  # [ctx, KV, D]
+    v = v_cache[span.blocks].flatten(0, 1)[: span.ctx_len]
+    groups = q.size(1) // k.size(1)
+    k = k.transpose(0, 1).repeat_interleave(groups, dim=0)  # [H, ctx, D]
+    v = v.transpose(0, 1).repeat_interleave(groups, dim=0)
+    qh = q.transpose(0, 1)  # [H, q_len, D]
+    if span.ctx_len == span.q_len:  # no cached prefix: plain causal attention
+        out = F.scaled_dot_product_attention(qh.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), is_causal=True)
+    else:  # query i sits at position ctx_len - q_len + i and sees keys up to it
+        first = span.ctx_len - span.q_len
+        rows = torch.arange(span.q_len, device=q.device)[:, None] + first
+        keep = torch.arange(span.ctx_len, device=q.device)[None, :] <= rows  # [q_len, ctx]
+        out = F.scaled_dot_product_attention(qh.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=keep)
+    return out.squeeze(0).transpose(0, 1)  # [q_len, H, D]

@@ -1,0 +1,243 @@
+"""`NativeEngine`: the engine contract over our own Qwen2 network, paged KV cache and continuous batcher.
+
+Shaped like the llama.cpp engine: `generate` validates the prompt, queues a sequence and waits on its own
+asyncio queue; one worker thread admits new sequences, drops cancelled ones, runs one step (every decoding
+sequence plus a bounded chunk of prompts), samples each sequence on the device, and sends the tokens back
+with `call_soon_threadsafe`, once per step per event loop. Bad input (an empty prompt, an id outside the
+vocabulary, too long a prompt) fails only its own sequence; if the worker itself dies, every sequence gets the
+error and `is_healthy()` turns False.
+
+The KV cache is sized from `kv_cache_tokens`, or on CUDA from the memory left free after the weights (less a
+reserve for activations, sampling and CUDA graphs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qwen_api.engine.base import (
+    EngineDead,
+    EngineError,
+    EngineStats,
+    FinishReason,
+    SamplingParams,
+    TokenChunk,
+    check_prompt_ids,
+    next_output,
+)
+from qwen_api.engine.native.config import load_config
+from qwen_api.engine.native.kv_cache import KVCache
+from qwen_api.engine.native.model import CausalLM
+from qwen_api.engine.native.runner import ModelRunner
+from qwen_api.engine.native.sampler import Row, sample
+from qwen_api.engine.native.scheduler import Scheduler, Sequence, Step
+from qwen_api.engine.native.weights import load_weights
+
+log = logging.getLogger(__name__)
+
+CPU_KV_TOKENS = 32768
+CPU_PREFILL_CHUNK = 512  # prompt tokens a step reads, shared by the sequences still reading their prompt
+GPU_PREFILL_CHUNK = 2048
+GPU_MEMORY_FRACTION = 0.90  # of the free memory after loading, for the KV cache and the reserve below
+GPU_RESERVE_BYTES = 3 << 30  # activations of a prefill chunk, logits and sort buffers, CUDA graphs
+
+
+@dataclass
+class _Handle:
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue[TokenChunk | BaseException]
+
+
+class NativeEngine:
+    """Serves concurrent sequences from one Qwen2/Llama model directory, batched by our own scheduler."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        eos_token_ids: Iterable[int],
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_batch_size: int = 32,
+        kv_cache_tokens: int | None = None,
+        block_size: int = 16,
+        prefill_chunk: int | None = None,
+        use_cuda_graphs: bool = True,
+    ) -> None:
+        self.device = torch.device(device)
+        self.config = load_config(model_dir)
+        with torch.inference_mode():
+            self.model = CausalLM(self.config, self.device, dtype).eval()
+            load_weights(self.model, model_dir)
+        num_blocks = self._num_blocks(kv_cache_tokens, block_size, dtype)
+        self.cache = KVCache(self.config, num_blocks, block_size, self.device, dtype)
+        self.max_context_tokens = min(self.config.max_position_embeddings, num_blocks * block_size)
+        self.runner = ModelRunner(
+            self.model,
+            self.cache,
+            max_batch_size,
+            max_blocks_per_seq=-(-self.max_context_tokens // block_size),
+            use_cuda_graphs=use_cuda_graphs,
+        )
+        if prefill_chunk is None:  # larger on a GPU: fewer steps to read a burst of prompts (time to first token)
+            prefill_chunk = GPU_PREFILL_CHUNK if self.device.type == "cuda" else CPU_PREFILL_CHUNK
+        self.scheduler = Scheduler(self.cache.pool, max_batch_size, prefill_chunk)
+        self._eos = set(eos_token_ids)
+        self.on_step: Callable[[int], None] | None = None
+        self._incoming: queue.Queue[Sequence] = queue.Queue()
+        self._running = 0
+        self._steps = 0
+        self._peak_batch = 0
+        self._fatal: BaseException | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="native-engine", daemon=True)
+        self._thread.start()
+
+    def _num_blocks(self, kv_cache_tokens: int | None, block_size: int, dtype: torch.dtype) -> int:
+        if kv_cache_tokens is not None or self.device.type != "cuda":
+            return max(1, (kv_cache_tokens or CPU_KV_TOKENS) // block_size)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        budget = int(free * GPU_MEMORY_FRACTION) - GPU_RESERVE_BYTES
+        blocks = budget // KVCache.bytes_per_block(self.config, block_size, dtype)
+        if blocks < 1:
+            raise EngineError(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free after the weights)")
+        size = blocks * KVCache.bytes_per_block(self.config, block_size, dtype)
+        log.info("KV cache: %d blocks of %d tokens (%.1f GiB)", blocks, block_size, size / 2**30)
+        return int(blocks)
+
+    # ----------------------------------------------------------------------------------------- requests
+    def _check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Refuse, for this sequence alone, what the worker could not run (EngineError from its `generate`)."""
+        check_prompt_ids(prompt_ids, self.config.vocab_size)
+        if params.max_new_tokens < 1:
+            raise EngineError("max_new_tokens must be at least 1")
+        if len(prompt_ids) + params.max_new_tokens > self.max_context_tokens:
+            raise EngineError(
+                f"prompt ({len(prompt_ids)} tokens) and new tokens ({params.max_new_tokens}) exceed the context "
+                f"({self.max_context_tokens} tokens)"
+            )
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenChunk]:
+        if not self.is_healthy():
+            raise EngineDead(f"the native engine's worker is not running: {self._fatal}")
+        self._check(prompt_ids, params)
+        handle = _Handle(asyncio.get_running_loop(), asyncio.Queue())
+        seq = Sequence(list(prompt_ids), len(prompt_ids), params, handle)
+        self._running += 1
+        self._incoming.put(seq)
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                item = await next_output(handle.out, self._death)
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise EngineError(str(item)) from item
+                finished = item.finish_reason is not None
+                yield item
+        finally:
+            self._running -= 1
+            if not finished:
+                seq.cancelled = True  # the worker drops it at its next step and releases its blocks
+                self._wake.set()
+
+    def _death(self) -> str | None:
+        return None if self.is_healthy() else f"the native engine's worker died: {self._fatal}"
+
+    # ----------------------------------------------------------------------------------------- worker
+    def _run(self) -> None:
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)  # a new thread starts on device 0
+            while not self._stop.is_set():
+                while True:
+                    try:
+                        self.scheduler.add(self._incoming.get_nowait())
+                    except queue.Empty:
+                        break
+                self.scheduler.drop_cancelled()
+                step, refused = self.scheduler.schedule()
+                for seq in refused:
+                    _send([(seq, EngineError("the sequence does not fit in the KV cache"))])
+                if not step:
+                    self._wake.wait(timeout=0.1)
+                    self._wake.clear()
+                    continue
+                self._step(step)
+        except BaseException as exc:
+            log.exception("native engine worker failed")
+            self._fatal = exc
+            for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+                with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is waiting there
+                    seq.handle.loop.call_soon_threadsafe(seq.handle.out.put_nowait, exc)
+
+    @torch.inference_mode()
+    def _step(self, step: Step) -> None:
+        sampled = step.sampled
+        logits = self.runner.run(step)
+        tokens = sample(logits, [Row(s.params, s.generated) for s in sampled]).tolist() if sampled else []
+        self.scheduler.complete(step, tokens)
+        self._steps += 1
+        self._peak_batch = max(self._peak_batch, step.size)
+        if self.on_step is not None:
+            self.on_step(step.size)
+        deliveries: list[tuple[Sequence, TokenChunk | BaseException]] = []
+        for seq, token in zip(sampled, tokens, strict=True):
+            reason = self._finish_reason(seq, token)
+            deliveries.append((seq, TokenChunk([token], reason)))
+            if reason is not None:
+                self.scheduler.finish(seq)
+        _send(deliveries)
+
+    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        if token in self._eos:
+            return "stop"
+        if seq.generated >= seq.params.max_new_tokens:
+            return "length"
+        return None
+
+    # ----------------------------------------------------------------------------------------- state
+    def is_healthy(self) -> bool:
+        return self._thread.is_alive() and self._fatal is None
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=self._running,
+            waiting=len(self.scheduler.waiting) + self._incoming.qsize(),
+            active=len(self.scheduler.running),
+            steps=self._steps,
+            peak_batch_size=self._peak_batch,
+        )
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+
+def _send(deliveries: list[tuple[Sequence, TokenChunk | BaseException]]) -> None:
+    """Hand items to their sequences' queues: one wake-up of each event loop per step."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, TokenChunk | BaseException]]] = {}
+    for seq, item in deliveries:
+        if not seq.cancelled:
+            by_loop.setdefault(seq.handle.loop, []).append((seq, item))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver, items)
+        except RuntimeError:  # that event loop has closed (its caller left): nobody is waiting for these
+            log.debug("dropped %d outputs for a closed event loop", len(items))
+
+
+def _deliver(items: list[tuple[Sequence, TokenChunk | BaseException]]) -> None:
+    for seq, item in items:
+        if not seq.cancelled:
+            seq.handle.out.put_nowait(item)

@@ -1,0 +1,112 @@
+"""The paged KV cache: fixed-size blocks of key/value slots, handed to sequences, shared by common prefixes.
+
+`KVCache` owns the tensors: per layer, keys and values `[num_blocks + 1, block_size, kv_heads, head_dim]`;
+the extra last block is scratch, where padded rows of a CUDA-graph batch write their keys harmlessly.
+`BlockPool` owns the bookkeeping (pure Python, no tensors): reference counts, and the prefix index. A block
+whose slots are all written gets a hash of (its parent block's hash, its token ids), so one hash names a whole
+prefix; a new sequence walks its prompt block by block and shares every block whose hash is indexed (a system
+prompt, a conversation's history: read once, then reused). Blocks whose count falls to zero stay indexed on an
+LRU free list and are only evicted (their hash forgotten) when a fresh block is needed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from qwen_api.engine.native.config import ModelConfig
+
+
+def block_hash(parent: int | None, tokens: Sequence[int]) -> int:
+    return hash((parent, tuple(tokens)))
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.refs = [0] * num_blocks
+        self.hash_of: list[int | None] = [None] * num_blocks
+        self.index: dict[int, int] = {}  # prefix hash -> block holding it
+        # Blocks nobody holds, oldest first: fresh ones, then cached ones in the order they were released.
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.hit_blocks = 0  # blocks reused from the prefix index, ever
+        self.queried_blocks = 0  # full prompt blocks looked up, ever
+        self.evictions = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def match_prefix(self, tokens: Sequence[int]) -> list[int]:
+        """Indexed blocks holding `tokens`' leading full blocks (without taking them). Stops at the first miss."""
+        found: list[int] = []
+        parent: int | None = None
+        bs = self.block_size
+        for start in range(0, len(tokens) - bs + 1, bs):
+            parent = block_hash(parent, tokens[start : start + bs])
+            block = self.index.get(parent)
+            if block is None:
+                break
+            found.append(block)
+        return found
+
+    def take_cached(self, blocks: list[int], full_blocks: int) -> None:
+        """Hold the matched blocks (counted as hits out of `full_blocks` looked up)."""
+        self.queried_blocks += full_blocks
+        self.hit_blocks += len(blocks)
+        for block in blocks:
+            if self.refs[block] == 0:
+                del self.free[block]
+            self.refs[block] += 1
+
+    def allocate(self) -> int:
+        """A fresh block; the least recently released one, forgetting its cached content. Caller checks num_free."""
+        block, _ = self.free.popitem(last=False)
+        if (old := self.hash_of[block]) is not None:
+            if self.index.get(old) == block:
+                del self.index[old]
+            self.hash_of[block] = None
+            self.evictions += 1
+        self.refs[block] = 1
+        return block
+
+    def register(self, block: int, parent: int | None, tokens: Sequence[int]) -> int:
+        """Index a block whose slots are all written; returns its hash (the next block's parent)."""
+        h = block_hash(parent, tokens)
+        if self.hash_of[block] is None and h not in self.index:  # a twin computed concurrently keeps the entry
+            self.index[h] = block
+            self.hash_of[block] = h
+        return h
+
+    def release(self, blocks: list[int]) -> None:
+        # Released in reverse so a sequence's last blocks are evicted before its first ones (its prefix is the
+        # part most likely shared); blocks holding nothing indexed are reused first.
+        for block in reversed(blocks):
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                self.free[block] = None
+                if self.hash_of[block] is None:
+                    self.free.move_to_end(block, last=False)
+
+
+class KVCache:
+    """Per-layer key and value tensors, plus the pool that hands out their blocks."""
+
+    def __init__(
+        self, config: ModelConfig, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        shape = (num_blocks + 1, block_size, config.num_kv_heads, config.head_dim)
+        self.layers = [
+            (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+            for _ in range(config.num_layers)
+        ]
+        self.pool = BlockPool(num_blocks, block_size)
+        self.block_size = block_size
+        self.scratch_block = num_blocks  # never handed out
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element

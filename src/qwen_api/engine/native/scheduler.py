@@ -1,0 +1,168 @@
+"""Continuous batching with chunked prefill: which tokens of which sequences the next forward step computes.
+
+A step runs every decoding sequence's next token plus at most `prefill_budget` prompt tokens, taken in order
+from sequences still reading their prompt, so a long prompt costs the others at most one chunk of latency per
+step. Waiting sequences are admitted while there are batch slots, budget and blocks: an admitted sequence
+first takes the cached blocks of its longest indexed prefix (`BlockPool.match_prefix`), then fresh blocks for
+the rest of its tokens. A decoding sequence that crosses a block boundary takes one more block; when none is
+free, the most recently admitted sequence is preempted (its blocks released, its prompt plus what it generated
+put back at the head of the queue, recomputed later, mostly from the prefix cache). A sequence that could
+never fit in the whole cache is refused. Pure bookkeeping: no tensors here.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwen_api.engine.base import SamplingParams
+from qwen_api.engine.native.kv_cache import BlockPool
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    tokens: list[int]  # prompt, then every generated token
+    prompt_len: int
+    params: SamplingParams
+    handle: Any = None  # the engine's side: its event loop and output queue
+    id: int = field(default_factory=lambda: next(_ids))
+    blocks: list[int] = field(default_factory=list)
+    computed: int = 0  # leading tokens whose keys and values are in the cache
+    hashed: int = 0  # leading blocks registered in the prefix index
+    last_hash: int | None = None  # hash of block `hashed - 1`
+    cancelled: bool = False
+    preemptions: int = 0
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+@dataclass
+class Step:
+    decodes: list[Sequence] = field(default_factory=list)  # one token each: tokens[computed]
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # tokens[computed : computed + n]
+
+    def __bool__(self) -> bool:
+        return bool(self.decodes or self.prefills)
+
+    @property
+    def sampled(self) -> list[Sequence]:
+        """Sequences that get a new token from this step, in the order of their logits rows."""
+        ends = [seq for seq, n in self.prefills if seq.computed + n == len(seq.tokens)]
+        return [*self.decodes, *ends]
+
+    @property
+    def size(self) -> int:
+        return len(self.decodes) + len(self.prefills)
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, max_batch_size: int, prefill_budget: int) -> None:
+        self.pool = pool
+        self.max_batch_size = max_batch_size
+        self.prefill_budget = prefill_budget
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.preemptions = 0  # ever
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def drop_cancelled(self) -> None:
+        self.waiting = deque(s for s in self.waiting if not s.cancelled)
+        for seq in [s for s in self.running if s.cancelled]:
+            self.finish(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Leave the batch and give the blocks back (indexed ones stay cached until evicted)."""
+        self.running.remove(seq)
+        self.pool.release(seq.blocks)
+        seq.blocks = []
+
+    # --------------------------------------------------------------------------------------- one step
+    def schedule(self) -> tuple[Step, list[Sequence]]:
+        """The next step, and the sequences refused because they can never fit in the cache."""
+        step = Step()
+        for seq in list(self.running):
+            if seq in self.running and len(seq.tokens) - seq.computed == 1 and self._grow(seq, step):
+                step.decodes.append(seq)
+        budget = self.prefill_budget
+        for seq in self.running:
+            remaining = len(seq.tokens) - seq.computed
+            if remaining > 1 and budget > 0:
+                n = min(remaining, budget)
+                step.prefills.append((seq, n))
+                budget -= n
+        refused = self._admit(step, budget)
+        return step, refused
+
+    def _grow(self, seq: Sequence, step: Step) -> bool:
+        """Make room for one more token of a decoding sequence, preempting the youngest others if need be."""
+        bs = self.pool.block_size
+        while len(seq.blocks) * bs <= seq.computed:
+            if self.pool.num_free:
+                seq.blocks.append(self.pool.allocate())
+                continue
+            victim = next((s for s in reversed(self.running) if s not in step.decodes), seq)
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.finish(seq)
+        seq.computed = seq.hashed = 0
+        seq.last_hash = None
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _admit(self, step: Step, budget: int) -> list[Sequence]:
+        refused: list[Sequence] = []
+        bs = self.pool.block_size
+        while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
+            seq = self.waiting[0]
+            total = -(-len(seq.tokens) // bs)
+            if total > self.pool.num_blocks:
+                refused.append(self.waiting.popleft())
+                continue
+            cached = self.pool.match_prefix(seq.tokens)
+            if len(cached) * bs >= len(seq.tokens):
+                cached = cached[:-1]  # the last token must be computed again: its logits are needed
+            idle_cached = sum(1 for b in cached if self.pool.refs[b] == 0)
+            if total - len(cached) > self.pool.num_free - idle_cached:
+                break  # wait for blocks to be released
+            self.waiting.popleft()
+            self.pool.take_cached(cached, len(seq.tokens) // bs)
+            seq.blocks = cached + [self.pool.allocate() for _ in range(total - len(cached))]
+            seq.computed = len(cached) * bs
+            seq.hashed = len(cached)
+            seq.last_hash = self.pool.hash_of[cached[-1]] if cached else None
+            self.running.append(seq)
+            n = min(len(seq.tokens) - seq.computed, budget)
+            step.prefills.append((seq, n))
+            budget -= n
+        return refused
+
+    def complete(self, step: Step, new_tokens: list[int]) -> None:
+        """After the forward pass: advance what is cached, index newly full blocks, append sampled tokens."""
+        sampled = step.sampled
+        for seq in step.decodes:
+            seq.computed += 1
+        for seq, n in step.prefills:
+            seq.computed += n
+        bs = self.pool.block_size
+        for seq in [*step.decodes, *(s for s, _ in step.prefills)]:
+            while (seq.hashed + 1) * bs <= seq.computed:
+                start = seq.hashed * bs
+                seq.last_hash = self.pool.register(
+                    seq.blocks[seq.hashed], seq.last_hash, seq.tokens[start : start + bs]
+                )
+                seq.hashed += 1
+        for seq, token in zip(sampled, new_tokens, strict=True):
+            seq.tokens.append(token)
