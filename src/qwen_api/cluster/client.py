@@ -1,0 +1,143 @@
+"""The engine contract over Ray Serve: `RemoteEngine` streams a sequence from whichever replica the router picks.
+
+It is an `Engine` like any other (token ids in, an async stream of `TokenChunk`s out, closing it cancels), so
+the text layer and the HTTP layer run unchanged on top of it. A replica names itself in the first item of each
+stream; before any token has come, a failed replica (dead, unreachable) is not the client's problem, and the
+sequence is sent again, to another replica. After the first token, the failure ends the stream with an
+`EngineError` at once (a 500, or an SSE error event). A request no replica takes within `assign_timeout`
+fails too, so nothing waits forever. The `ReplicaBoard` keeps what the front knows of each replica: sequences
+it served, failed and holds now, and how many replicas Ray Serve reports running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwen_api.engine.base import EngineDead, EngineError, EngineStats, SamplingParams, TokenChunk
+
+log = logging.getLogger(__name__)
+
+RETRIES = 1  # a sequence with no token yet is sent once more, to a live replica (not more: it may be what kills them)
+
+
+@dataclass
+class ReplicaCounts:
+    served: int = 0  # sequences this replica finished
+    failed: int = 0  # sequences lost because it died or failed
+    running: int = 0  # sequences it holds now
+    waiting: int = 0  # of those, sequences that have no token yet
+
+
+@dataclass
+class ReplicaBoard:
+    """Per-replica counts (written on the front's event loop) and the deployment's state (from the monitor)."""
+
+    replicas: dict[str, ReplicaCounts] = field(default_factory=dict)
+    ready: int = 0  # replicas Ray Serve reports running
+    target: int = 0  # replicas it runs or is starting
+    reachable: bool = True  # the cluster answers
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def of(self, replica: str) -> ReplicaCounts:
+        with self.lock:
+            return self.replicas.setdefault(replica, ReplicaCounts())
+
+    def snapshot(self) -> dict[str, ReplicaCounts]:
+        with self.lock:
+            return {name: ReplicaCounts(**vars(c)) for name, c in self.replicas.items()}
+
+
+class RemoteEngine:
+    """An `Engine` whose sequences run on Ray Serve replicas of `replica.EngineReplica`."""
+
+    def __init__(
+        self,
+        handle: Any,
+        max_context_tokens: int,
+        board: ReplicaBoard,
+        on_shutdown: Callable[[], None] | None = None,
+        assign_timeout: float = 30.0,
+    ) -> None:
+        self._handle = handle
+        self._stream = handle.generate.options(stream=True)
+        self.max_context_tokens = max_context_tokens
+        self.on_step: Callable[[int], None] | None = None  # steps happen on the replicas, not here
+        self.board = board
+        self._on_shutdown = on_shutdown
+        self._assign_timeout = assign_timeout
+        self._running = self._waiting = 0
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenChunk]:
+        from ray.exceptions import RayError
+
+        if not self.is_healthy():
+            raise EngineDead("no engine replica is running")
+        self._running += 1
+        try:
+            for attempt in range(RETRIES + 1):
+                replica, produced, finished, failed = None, False, False, False
+                stream = self._stream.remote(list(prompt_ids), params)
+                self._waiting += 1
+                try:
+                    async with asyncio.timeout(self._assign_timeout):
+                        replica = await anext(stream)
+                    counts = self.board.of(replica)
+                    counts.running += 1
+                    counts.waiting += 1
+                    async for chunk in stream:
+                        if not produced:
+                            produced = True
+                            counts.waiting -= 1
+                            self._waiting -= 1
+                        finished = chunk.finish_reason is not None
+                        if finished:
+                            counts.served += 1
+                        yield chunk
+                    if not finished:
+                        raise EngineError(f"replica {replica} ended a sequence without a finish reason")
+                    return
+                except TimeoutError:
+                    failed = True
+                    raise EngineError(f"no engine replica took the request within {self._assign_timeout:g} s") from None
+                except RayError as exc:
+                    failed = True
+                    cause = getattr(exc, "cause", None)
+                    if isinstance(cause, EngineError):  # the engine failed the sequence; another try won't help
+                        raise EngineError(str(cause)) from exc
+                    if not produced and attempt < RETRIES:
+                        log.warning("replica %s failed before a token (%s); sent again", replica, _first_line(exc))
+                        continue
+                    raise EngineError(f"the engine replica {replica or '?'} failed: {_first_line(exc)}") from exc
+                finally:
+                    if not produced:
+                        self._waiting -= 1
+                    if replica is not None:
+                        counts = self.board.of(replica)
+                        counts.running -= 1
+                        counts.waiting -= not produced
+                        counts.failed += failed
+                    if not finished:
+                        stream.cancel()  # the replica's call is cancelled, and with it the sequence
+        finally:
+            self._running -= 1
+
+    def is_healthy(self) -> bool:
+        return self.board.reachable and self.board.ready > 0
+
+    def stats(self) -> EngineStats:
+        running, waiting = self._running, max(0, self._waiting)
+        return EngineStats(running=running, waiting=waiting, active=running - waiting, steps=0, peak_batch_size=0)
+
+    def shutdown(self) -> None:
+        if self._on_shutdown is not None:
+            self._on_shutdown()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

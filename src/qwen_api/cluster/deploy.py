@@ -1,0 +1,150 @@
+"""Joining or starting the Ray cluster, and deploying the engine replicas on it with Ray Serve.
+
+`connect` joins the cluster `--ray-address` names, or starts a local one (no dashboard, no usage stats: it
+never reaches the internet). `engine_app` describes the deployment from the settings: `--replicas N`, or an
+autoscaling range `--min-replicas/--max-replicas` that scales on ongoing requests per replica (a replica whose
+batch is full asks for another); each replica may hold `max-batch-size + max-waiting-sequences` sequences,
+as one engine does alone; one GPU each where the cluster has GPUs, else an equal share of the cluster's CPUs;
+routed by `PrefixAffinityRouter`. `deploy` runs it with Serve's HTTP proxy off (the front is qwen-api's own
+server), or attaches to the application when one is already deployed (KubeRay deploys it from
+`app_builder`, see deploy/kuberay-rayservice.yaml).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from qwen_api.settings import Settings
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "qwen-api"
+DEPLOYMENT_NAME = "engine"
+ROUTER_CLASS = "qwen_api.cluster.router:PrefixAffinityRouter"
+
+
+@dataclass(frozen=True)
+class Deployed:
+    """What the front holds on to: the handle, and what it must undo when it stops."""
+
+    handle: Any  # ray.serve.handle.DeploymentHandle
+    deployed_here: bool  # the front deployed the application, so it deletes it when it stops
+    started_cluster: bool  # the front started a local cluster, so it stops it too
+
+
+def connect(settings: Settings) -> bool:
+    """Join `--ray-address`, or start a local cluster; True when this process started it.
+
+    Call it on the main thread before the server starts: Ray's crash handler also takes SIGTERM (and aborts the
+    process, exit 134, while the server drains), and the server's own handlers, installed after it, win.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not settings.ray_address:
+        # A local cluster stays on the loopback interface (Ray's single-machine mode; on Linux it would otherwise
+        # listen on the machine's address): nothing outside this machine needs to reach it. Set before `import ray`.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_worker_niceness", "0")  # replicas are the main work here (see replica._unnice)
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if settings.ray_address:
+        ray.init(address=settings.ray_address, logging_level=logging.WARNING)
+        return False
+    ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def replica_resources(settings: Settings, cluster: dict[str, float]) -> tuple[dict[str, Any], int | None]:
+    """Ray actor options for one replica, and the CPU threads its engine may use (None: the engine's choice)."""
+    most = settings.max_replicas or settings.replicas
+    if settings.device.startswith("cuda") or (settings.device == "auto" and cluster.get("GPU", 0) >= 1):
+        return {"num_gpus": 1, "num_cpus": 1}, None
+    cpus = max(1, int(cluster.get("CPU", 1)) // most)
+    return {"num_cpus": cpus}, cpus
+
+
+def scaling(settings: Settings) -> dict[str, Any]:
+    """`num_replicas`, or an autoscaling range when either bound is given."""
+    if settings.min_replicas is None and settings.max_replicas is None:
+        return {"num_replicas": settings.replicas}
+    low = settings.min_replicas or 1
+    high = max(settings.max_replicas or low, low)
+    return {
+        "autoscaling_config": {
+            "min_replicas": low,
+            "max_replicas": high,
+            "initial_replicas": max(low, min(settings.replicas, high)),
+            # A replica whose batch is full is busy enough: requests past it wait for a slot.
+            "target_ongoing_requests": settings.max_batch_size,
+            "upscale_delay_s": 5,
+            "downscale_delay_s": 60,
+        }
+    }
+
+
+def engine_app(settings: Settings, cluster: dict[str, float]) -> Any:
+    """The engine deployment, bound to its settings: a Ray Serve application."""
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    from qwen_api.cluster.replica import EngineReplica
+
+    actor_options, threads = replica_resources(settings, cluster)
+    deployment = serve.deployment(EngineReplica).options(
+        name=DEPLOYMENT_NAME,
+        ray_actor_options=actor_options,
+        max_ongoing_requests=settings.admission_capacity(),
+        health_check_period_s=2,
+        health_check_timeout_s=30,
+        graceful_shutdown_timeout_s=max(settings.drain_timeout, 1),
+        max_constructor_retry_count=3,
+        logging_config={"log_level": settings.log_level.upper(), "enable_access_log": False},
+        request_router_config=RequestRouterConfig(
+            request_router_class=ROUTER_CLASS,
+            request_router_kwargs={"slots": settings.max_batch_size, "block": 16, "imbalance": 2},
+        ),
+        **scaling(settings),
+    )
+    payload = settings.model_dump(mode="json", exclude={"api_key", "cors_allow_origins"})
+    return deployment.bind(payload, threads)
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """For Serve config files (KubeRay's `serveConfigV2`): `args` are settings, as `qwen-api serve` takes them."""
+    import ray
+
+    return engine_app(Settings(**args), ray.cluster_resources())
+
+
+def deploy(settings: Settings, started: bool) -> Deployed:
+    """Deploy the engine replicas (or attach to those already deployed) and wait until they run."""
+    import ray
+    from ray import serve
+
+    existing = APP_NAME in serve.status().applications
+    if existing:
+        log.info("attaching to the Ray Serve application %r already deployed", APP_NAME)
+    else:
+        serve.start(proxy_location="Disabled")
+        log.info("deploying the engine replicas on Ray (%s)", ray.cluster_resources())
+        serve.run(engine_app(settings, ray.cluster_resources()), name=APP_NAME, route_prefix=None)
+    handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP_NAME)
+    return Deployed(handle, deployed_here=not existing, started_cluster=started)
+
+
+def undeploy(deployed: Deployed) -> None:
+    """Delete what the front deployed (its replicas drain), stop what it started, and disconnect."""
+    import ray
+    from ray import serve
+
+    try:
+        if deployed.deployed_here:
+            serve.delete(APP_NAME)
+        if deployed.started_cluster:
+            serve.shutdown()
+    finally:
+        ray.shutdown()
