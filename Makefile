@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv demo serve test test-tools check lint
+.PHONY: venv demo serve test test-fast test-tools check lint
 
 $(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
@@ -34,6 +34,10 @@ test-tools:
 ## The whole test suite (GPU tests are deselected where no GPU exists, and pytest says so).
 test: venv test-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## The unit tier alone (a fake engine, no model, no socket): seconds, for the inner loop.
+test-fast: venv
+	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check src tests bench

@@ -69,7 +69,8 @@ def stream(url: str, payload: dict[str, Any], timeout: float) -> int:
     if response.status_code != 200:
         raise ApiError(f"POST {url} failed with {_describe_error(response)}")
     current, event = None, None
-    for line in response.iter_lines(decode_unicode=True):
+    for raw in response.iter_lines(decode_unicode=True):
+        line = raw if isinstance(raw, str) else raw.decode()
         if line.startswith("event: "):
             event = line[len("event: ") :]
         elif line.startswith("data: "):

@@ -116,7 +116,7 @@ def _generation_config() -> GenerationConfig:
 def _build_model(shape: str, dtype: torch.dtype, seed: int, device: str = "cpu") -> Any:
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}: expected one of {sorted(SHAPES)}")
-    config = Qwen2Config(**BASE_CONFIG, **SHAPES[shape])
+    config = Qwen2Config(**{**BASE_CONFIG, **SHAPES[shape]})
     torch.manual_seed(seed)
     # Initialised straight in `dtype` (from_config sets and restores the default dtype): 7B built in fp32
     # first would need 30 GB and a conversion pass before saving.

@@ -125,7 +125,7 @@ def load_model(source: ModelSource, device: str, dtype: Any, trust_remote_code: 
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
     model.to(device)
     model.eval()
     return model, tokenizer

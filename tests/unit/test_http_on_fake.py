@@ -1,0 +1,106 @@
+"""The HTTP layer on a fake engine, in-process (no model, no socket): shapes, streaming, errors, admission."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+
+from qwen_api.admission import Admission
+from qwen_api.api.app import create_app
+from qwen_api.dev.fake_engine import FakeEngine
+from qwen_api.dev.random_qwen2 import build_qwen2_tokenizer
+from qwen_api.runtime import Runtime
+from qwen_api.settings import Settings
+from qwen_api.textgen import TextGenerator
+
+TOKENIZER = build_qwen2_tokenizer()
+ANSWER = "Paris is the capital of France."
+
+
+def run(test: Callable[[httpx.AsyncClient, FakeEngine, Admission], Awaitable[None]], **settings: Any) -> None:
+    """Run `test` against create_app(...) over a fake engine that answers ANSWER."""
+    fake = FakeEngine(TOKENIZER(ANSWER, add_special_tokens=False)["input_ids"])
+
+    async def main() -> None:
+        runtime = Runtime(lambda: TextGenerator(fake, TOKENIZER), "fake-model")
+        admission = Admission(Settings(**settings).admission_capacity())
+        app = create_app(Settings(**settings), runtime, admission)
+        runtime.start()
+        await runtime.wait_ready()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            await test(client, fake, admission)
+        await runtime.close()
+
+    asyncio.run(main())
+
+
+def test_generate_answers_in_the_specification_shape() -> None:
+    async def test(client: httpx.AsyncClient, fake: FakeEngine, _: Admission) -> None:
+        r = await client.post("/generate", json={"prompt": "Capital of France?", "num_return_sequences": 2})
+        assert r.status_code == 200
+        body = r.json()
+        assert body["generated_texts"] == [ANSWER, ANSWER]
+        assert body["parameters"] == {
+            "prompt": "Capital of France?", "max_length": 512, "temperature": 0.7, "top_p": 0.9, "top_k": 50,
+            "num_return_sequences": 2,
+        }  # fmt: skip
+        prompt_ids, params = fake.calls[0]
+        assert TOKENIZER.decode(prompt_ids).endswith(
+            "<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n"
+        )
+        assert (params.max_new_tokens, params.temperature, params.top_p, params.top_k) == (512, 0.7, 0.9, 50)
+
+    run(test)
+
+
+def test_chat_completions_stream_as_openai_chunks_then_done() -> None:
+    async def test(client: httpx.AsyncClient, *_: object) -> None:
+        body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        r = await client.post("/v1/chat/completions", json=body)
+        lines = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        chunks = [json.loads(line) for line in lines[:-1]]
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+        assert text == ANSWER
+        assert chunks[-1]["usage"]["completion_tokens"] == len(TOKENIZER(ANSWER)["input_ids"])
+
+    run(test)
+
+
+def test_errors_keep_their_family_shape() -> None:
+    async def test(client: httpx.AsyncClient, *_: object) -> None:
+        assert (await client.get("/v1/nope")).json()["error"]["code"] == "not_found"
+        assert (await client.get("/v1/chat/completions")).json()["error"]["code"] == "method_not_allowed"
+        assert (await client.get("/nope")).json() == {"detail": "Not Found"}
+        seed = await client.post("/generate", json={"prompt": "hi", "max_length": "5"})
+        assert seed.status_code == 422 and seed.json()["detail"][0]["loc"] == ["body", "max_length"]
+        anthropic = await client.post("/v1/messages", json={"model": "fake-model"})
+        assert anthropic.status_code == 400 and anthropic.json()["type"] == "error"
+        surrogate = await client.post(
+            "/v1/completions", content=b'{"model": "fake-model", "prompt": "\\udfff"}',
+            headers={"content-type": "application/json"},
+        )  # fmt: skip
+        assert surrogate.status_code == 400 and "surrogate" in surrogate.json()["error"]["message"]
+
+    run(test)
+
+
+def test_a_full_server_refuses_at_once_with_429() -> None:
+    async def test(client: httpx.AsyncClient, _: FakeEngine, admission: Admission) -> None:
+        held = admission.acquire(admission.capacity)
+        try:
+            r = await client.post("/generate", json={"prompt": "hi"})
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            v1 = await client.post("/v1/completions", json={"model": "fake-model", "prompt": "hi"})
+            assert v1.status_code == 429 and v1.json()["error"]["type"] == "server_overloaded"
+        finally:
+            held.release()
+        assert (await client.post("/generate", json={"prompt": "hi"})).status_code == 200
+
+    run(test, max_batch_size=2, max_waiting_sequences=0)

@@ -1,0 +1,107 @@
+"""The text layer on a fake engine: context checks, n samples and their seeds, stop strings, faults."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from qwen_api.dev.fake_engine import FakeEngine
+from qwen_api.dev.random_qwen2 import build_qwen2_tokenizer
+from qwen_api.engine.base import EngineError, SamplingParams
+from qwen_api.engine.sampling import choice_seed, effective_top_k, is_greedy, seed32
+from qwen_api.textgen import EmptyPrompt, PromptTooLong, TextGenerator
+
+TOKENIZER = build_qwen2_tokenizer()
+
+
+def generator(text: str = "Hello there, world!", **engine: object) -> tuple[TextGenerator, FakeEngine]:
+    fake = FakeEngine(TOKENIZER(text, add_special_tokens=False)["input_ids"], **engine)  # type: ignore[arg-type]
+    return TextGenerator(fake, TOKENIZER), fake
+
+
+def test_the_context_check_refuses_empty_and_too_long_prompts() -> None:
+    gen, _ = generator(max_context_tokens=100)
+    with pytest.raises(EmptyPrompt):
+        gen.check_fits([], 5)
+    with pytest.raises(PromptTooLong, match=r"the prompt has 90 tokens .* 101 exceeds this model.s limit of 100"):
+        gen.check_fits([1] * 90, 11)
+    gen.check_fits([1] * 90, 10)
+
+
+def test_n_samples_get_distinct_reproducible_seeds() -> None:
+    gen, fake = generator()
+    asyncio.run(gen.complete([1, 2], SamplingParams(max_new_tokens=3, seed=42), n=4))
+    seeds = [params.seed for _, params in fake.calls]
+    assert seeds[0] == 42 and len(set(seeds)) == 4
+    assert seeds == [choice_seed(42, i) for i in range(4)]
+    fake.calls.clear()
+    asyncio.run(gen.complete([1, 2], SamplingParams(max_new_tokens=3), n=2))
+    assert [params.seed for _, params in fake.calls] == [None, None]
+
+
+def test_a_stop_string_cuts_the_text_and_closes_the_sequence() -> None:
+    gen, fake = generator("one two <<END>> three")
+
+    async def main() -> None:
+        [done] = await gen.complete([1], SamplingParams(max_new_tokens=100), stop=["<<END>>"])
+        assert (done.text, done.finish_reason, done.stop_string) == ("one two ", "stop", "<<END>>")
+        assert fake.open == 0
+
+    asyncio.run(main())
+
+
+def test_streams_interleave_n_sequences_and_count_tokens() -> None:
+    gen, _ = generator("a b c")
+
+    async def main() -> None:
+        deltas = [d async for d in gen.stream([1], SamplingParams(max_new_tokens=100), n=3)]
+        finished = [d for d in deltas if d.finish_reason]
+        assert sorted(d.index for d in finished) == [0, 1, 2]
+        assert all(d.finish_reason == "stop" and d.completion_tokens == 3 for d in finished)
+        for i in range(3):
+            assert "".join(d.text for d in deltas if d.index == i) == "a b c"
+
+    asyncio.run(main())
+
+
+def test_length_is_reported_when_max_new_tokens_cuts() -> None:
+    gen, _ = generator("a b c d e")
+    [done] = asyncio.run(gen.complete([1], SamplingParams(max_new_tokens=2)))
+    assert (done.text, done.finish_reason, done.completion_tokens) == ("a b", "length", 2)
+
+
+def test_an_engine_fault_reaches_the_caller_and_closes_the_siblings() -> None:
+    gen, fake = generator("a b c d e", fail_after=2, pace=0.001)
+
+    async def main() -> None:
+        with pytest.raises(EngineError, match="injected fault"):
+            await gen.complete([1], SamplingParams(max_new_tokens=5), n=3)
+        await asyncio.sleep(0.01)
+        assert fake.open == 0
+
+    asyncio.run(main())
+
+
+def test_closing_a_stream_early_cancels_every_sequence() -> None:
+    gen, fake = generator("a b c d e f g h", pace=0.01)
+
+    async def main() -> None:
+        stream = gen.stream([1], SamplingParams(max_new_tokens=100), n=2)
+        async for _ in stream:
+            break
+        await stream.aclose()  # type: ignore[attr-defined]
+        assert fake.open == 0
+
+    asyncio.run(main())
+
+
+def test_shared_sampling_rules() -> None:
+    assert is_greedy(0.0) and is_greedy(9e-6) and not is_greedy(1e-5)
+    assert effective_top_k(0, 100) == 0 and effective_top_k(-1, 100) == 0
+    assert effective_top_k(100, 100) == 0 and effective_top_k(2**62, 100) == 0 and effective_top_k(5, 100) == 5
+    assert choice_seed(None, 3) is None and choice_seed(7, 0) == 7
+    assert choice_seed(7, 1) == choice_seed(7, 1) != choice_seed(7, 2) != choice_seed(8, 2)
+    for seed in (-1, 0, 2**32 - 1, 2**64 - 1, -(2**63), 123456789):
+        assert 0 <= seed32(seed) < 0xFFFFFFFF  # llama.cpp reads 0xFFFFFFFF as "random"
+    assert len({seed32(s) for s in range(1000)}) == 1000
