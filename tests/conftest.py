@@ -109,11 +109,11 @@ class InProcessServer:
         self.thread.join(timeout=30)
 
 
-ENGINES = ["transformers", "llamacpp"]
+ENGINES = ["transformers", "llamacpp", "native"]
 
 
 def engine_model(engine: str, tiny_qwen2_dir: Path) -> Path:
-    """The model each engine's shared tests run on: the tiny Qwen2 (transformers), the demo GGUF (llama.cpp)."""
+    """The model each engine's shared tests run on: the tiny Qwen2 (transformers, native), the demo GGUF (llama.cpp)."""
     if engine == "llamacpp":
         demo = resolve_model("demo")
         assert demo.gguf_file is not None

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from qwen_api.engine.base import SamplingParams
+from qwen_api.engine.llamacpp_engine import safe_model_params
 from qwen_api.engine.loading import resolve_model
 from qwen_api.runtime import choose_engine, default_loader
 from qwen_api.settings import Settings
@@ -43,7 +44,13 @@ def test_greedy_tokens_match_llama_cpp_python_itself() -> None:
     generator = default_loader(Settings(model="demo", engine="llamacpp", max_batch_size=4), demo)()
     try:
         prompt = generator.chat_prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
-        reference = llama_cpp.Llama(str(demo.path / demo.gguf_file), n_ctx=512, verbose=False)
+        # The same model parameters as our engine (no AMX: it dies with SIGILL on the team's VMs).
+        original = llama_cpp.llama_cpp.llama_model_default_params
+        llama_cpp.llama_cpp.llama_model_default_params = lambda: safe_model_params(original)
+        try:
+            reference = llama_cpp.Llama(str(demo.path / demo.gguf_file), n_ctx=512, verbose=False)
+        finally:
+            llama_cpp.llama_cpp.llama_model_default_params = original
         expected: list[int] = []
         for token in reference.generate(prompt, top_k=1, temp=0):
             expected.append(int(token))

@@ -181,6 +181,7 @@ def _load_llamacpp(settings: Settings, source: ModelSource, device: str) -> Text
         eos_token_ids(tokenizer),
         max_batch_size=settings.max_batch_size,
         kv_cache_tokens=settings.kv_cache_tokens,
+        prefix_cache=settings.prefix_cache,
     )
     return TextGenerator(engine, tokenizer)
 
@@ -206,5 +207,6 @@ def _load_native(settings: Settings, source: ModelSource, device: str) -> TextGe
         dtype=dtype,
         max_batch_size=settings.max_batch_size,
         kv_cache_tokens=settings.kv_cache_tokens,
+        prefix_cache=settings.prefix_cache,
     )
     return TextGenerator(engine, tokenizer)

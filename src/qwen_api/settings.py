@@ -77,6 +77,11 @@ class Settings(BaseSettings):
         description="KV-cache capacity in tokens shared by all running sequences "
         "(default: 32768 on CPU, most of the free memory on GPU).",
     )
+    prefix_cache: bool = Field(
+        True,
+        description="Reuse the KV of a prompt prefix another request computed (llama.cpp and native engines). Off: "
+        "every request computes as a fresh run would, so greedy and seeded answers never depend on what ran before.",
+    )
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own Python code.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     ray: bool = Field(False, description="Serve from engine replicas on a Ray cluster (Ray Serve) behind this front.")

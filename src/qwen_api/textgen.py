@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from qwen_api.detokenize import IncrementalDetokenizer, StopMatcher
 from qwen_api.engine.base import Engine, EngineError, FinishReason, SamplingParams
 from qwen_api.engine.sampling import choice_seed
+from qwen_api.structured.grammar import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class TextGenerator:
         self.engine = engine
         self.tokenizer = tokenizer
         self.observer = observer
+        self.grammars = GrammarCompiler(tokenizer)  # structured outputs; builds nothing until first used
         self._special_ids = set(tokenizer.all_special_ids)
         added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
         self._special_texts = {str(t) for t in tokenizer.all_special_tokens} | {
@@ -84,7 +86,7 @@ class TextGenerator:
             log.warning("this tokenizer has no chat template: prompts are sent to the model as raw text")
 
     # ------------------------------------------------------------------------------------------ prompts
-    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_prompt_ids(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of `messages` in the model's chat template, ending with the assistant's turn opener.
 
         Message content is text, always: a `<|im_end|>` typed inside a message is tokenised as the characters it
@@ -93,11 +95,11 @@ class TextGenerator:
         if not getattr(self.tokenizer, "chat_template", None):
             return self._content_ids("\n".join(m["content"] for m in messages))
         if not any(self._holds_special(m["content"]) for m in messages):
-            return self._template_ids(messages)  # the common case: exactly the template's own tokenisation
+            return self._template_ids(messages, tools)  # the common case: exactly the template's own tokenisation
         # Render with a placeholder per message, then tokenise the template's text with its control tokens and
         # each content as plain text.
         marks = [f"\x00{uuid.uuid4().hex}\x00" for _ in messages]
-        rendered = self._render([{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)])
+        rendered = self._render([{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)], tools)
         ids: list[int] = []
         for mark, message in zip(marks, messages, strict=True):
             before, found, rendered = rendered.partition(mark)
@@ -106,11 +108,13 @@ class TextGenerator:
             ids += self.text_prompt_ids(before) + self._content_ids(message["content"])
         return ids + self.text_prompt_ids(rendered)
 
-    def _render(self, messages: list[dict[str, str]]) -> str:
-        return str(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    def _render(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None) -> str:
+        return str(
+            self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+        )
 
-    def _template_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    def _template_ids(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        encoded = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
         ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
         return [int(i) for i in ids]
 

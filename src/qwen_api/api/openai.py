@@ -6,6 +6,7 @@ parameters, and shape TextGenerator's output as OpenAI objects and chunks.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,6 +25,8 @@ from qwen_api.api.openai_protocol import (
     usage,
 )
 from qwen_api.api.sse import sse_response
+from qwen_api.structured.grammar import GrammarError
+from qwen_api.structured.tools import parse_tool_calls, render_history, safe_prefix_len, template_renders_tools
 from qwen_api.textgen import Completion, TextDelta
 
 router = APIRouter(prefix="/v1")
@@ -60,6 +63,11 @@ class _Context:
             requested = max(1, min(self.settings.max_new_tokens_limit, room))
         params = body.sampling_params(requested)
         generator.check_fits(prompt_ids, params.max_new_tokens)
+        if (grammar := body.grammar()) is not None:
+            try:
+                params = dataclasses.replace(params, constraint=await generator.grammars.compile(*grammar))
+            except GrammarError as exc:
+                raise Unsupported(exc.param, str(exc)) from None
         ticket = self.guard.admit(body.n, len(prompt_ids))
         head = {"id": response_id, "created": int(time.time()), "model": body.model}
         if body.stream:
@@ -69,7 +77,7 @@ class _Context:
         work = generator.complete(prompt_ids, params, n=body.n, stop=body.stop_list())
         results = await self.guard.complete(request, ticket, work)
         log_outputs(self.settings, [c.text for c in results])
-        return _response(kind, head, results, len(prompt_ids))
+        return _response(kind, head, results, len(prompt_ids), _tools_on(body))
 
 
 @router.get("/models")
@@ -90,9 +98,11 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, ctx: Annotated[_Context, Depends()]
 ) -> dict[str, Any] | StreamingResponse:
     ctx.validate(body)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    tools = body.tool_dicts()
+    model_renders = template_renders_tools(getattr(ctx.generator.tokenizer, "chat_template", None))
+    messages = render_history([m.as_dict() for m in body.messages], tools, own_block=not model_renders)
     log_prompt(ctx.settings, messages)
-    prompt_ids = ctx.generator.chat_prompt_ids(messages)
+    prompt_ids = ctx.generator.chat_prompt_ids(messages, tools if model_renders else None)
     return await ctx.serve(request, body, prompt_ids, "chat.completion", f"chatcmpl-{uuid.uuid4().hex}")
 
 
@@ -109,19 +119,29 @@ async def completions(
     return await ctx.serve(request, body, prompt_ids, "text_completion", f"cmpl-{uuid.uuid4().hex}")
 
 
-def _response(kind: str, head: dict[str, Any], results: list[Completion], prompt_tokens: int) -> dict[str, Any]:
+def _tools_on(body: _SamplingRequest) -> bool:
+    return isinstance(body, ChatCompletionRequest) and body.tool_dicts() is not None
+
+
+def _response(
+    kind: str, head: dict[str, Any], results: list[Completion], prompt_tokens: int, tools_on: bool = False
+) -> dict[str, Any]:
     return {
         **head,
         "object": kind,
-        "choices": [_choice(kind, i, c) for i, c in enumerate(results)],
+        "choices": [_choice(kind, i, c, tools_on) for i, c in enumerate(results)],
         "usage": usage(prompt_tokens, sum(c.completion_tokens for c in results)),
     }
 
 
-def _choice(kind: str, index: int, c: Completion) -> dict[str, Any]:
+def _choice(kind: str, index: int, c: Completion, tools_on: bool = False) -> dict[str, Any]:
     if kind == "chat.completion":
-        message = {"role": "assistant", "content": c.text}
-        return {"index": index, "message": message, "finish_reason": c.finish_reason, "logprobs": None}
+        message: dict[str, Any] = {"role": "assistant", "content": c.text}
+        finish: str = c.finish_reason
+        if tools_on and (parsed := parse_tool_calls(c.text)).tool_calls:
+            message = {"role": "assistant", "content": parsed.content, "tool_calls": parsed.tool_calls}
+            finish = "tool_calls"
+        return {"index": index, "message": message, "finish_reason": finish, "logprobs": None}
     return {"index": index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
 
 
@@ -146,17 +166,44 @@ async def _chunks(
             out["usage"] = None
         return out
 
+    tools_on = chat and _tools_on(body)
+    held = [""] * body.n  # with tools: text not sent yet, because it may be (the start of) a <tool_call>
+    sent = [0] * body.n
+
+    def tool_chunks(index: int, finish: str) -> list[dict[str, Any]]:
+        """The end of a choice with tools: the rest of its content, then its calls, then the finish."""
+        parsed = parse_tool_calls(held[index])
+        if not parsed.tool_calls:
+            rest = held[index][sent[index] :]
+            return [*([chunk(index, rest, None)] if rest else []), chunk(index, None, finish)]
+        out = []
+        for k, call in enumerate(parsed.tool_calls):
+            delta = {"tool_calls": [{"index": k, **call}]}
+            choice = {"index": index, "delta": delta, "finish_reason": None, "logprobs": None}
+            out.append({**head, "object": obj, "choices": [choice], **({"usage": None} if with_usage else {})})
+        return [*out, chunk(index, None, "tool_calls")]
+
     completion_tokens = 0
     try:
         if chat:
             for i in range(body.n):
                 yield chunk(i, None, None, first=True)
         async for d in deltas:
-            if d.text:
+            if tools_on:
+                held[d.index] += d.text
+                safe = safe_prefix_len(held[d.index])
+                if d.finish_reason is None and safe > sent[d.index]:
+                    yield chunk(d.index, held[d.index][sent[d.index] : safe], None)
+                    sent[d.index] = safe
+            elif d.text:
                 yield chunk(d.index, d.text, None)
             if d.finish_reason is not None:
                 completion_tokens += d.completion_tokens
-                yield chunk(d.index, None, d.finish_reason)
+                if tools_on:
+                    for c in tool_chunks(d.index, d.finish_reason):
+                        yield c
+                else:
+                    yield chunk(d.index, None, d.finish_reason)
         if with_usage:
             yield {**head, "object": obj, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
     finally:

@@ -1,18 +1,21 @@
 """OpenAI-compatible schemas: /v1/chat/completions, /v1/completions, /v1/models, and OpenAI's error shape.
 
 Requests accept what the official SDK sends. A parameter the engine cannot honour is refused with a 400
-that names it (`Unsupported`), never silently ignored: penalties other than 0, logprobs, tools, logit_bias,
-echo, suffix, best_of other than n, non-text response formats. Unknown fields are refused the same way.
+that names it (`Unsupported`), never silently ignored: penalties other than 0, logprobs, logit_bias,
+echo, suffix, best_of other than n. Unknown fields are refused the same way. `response_format` (JSON object or
+JSON schema) and tools are enforced with a grammar while decoding (qwen_api.structured).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from qwen_api.api.schema import RequestModel
 from qwen_api.engine.base import SamplingParams
+from qwen_api.structured.grammar import GrammarError, response_format_grammar
+from qwen_api.structured.tools import call_grammar
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256
@@ -35,13 +38,67 @@ class TextPart(_OpenAIRequest):
     text: str
 
 
+class FunctionCall(_OpenAIRequest):
+    name: str = Field(..., min_length=1)
+    arguments: str
+
+
+class ToolCall(_OpenAIRequest):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_OpenAIRequest):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    refusal: str | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a message with role 'tool' needs its tool_call_id")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only on an assistant message with tool_calls)")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def as_dict(self) -> dict[str, Any]:
+        role = "system" if self.role == "developer" else self.role
+        out: dict[str, Any] = {"role": role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        return out
+
+
+class FunctionDefinition(_OpenAIRequest):
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_OpenAIRequest):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_OpenAIRequest):
+    name: str
+
+
+class NamedToolChoice(_OpenAIRequest):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_OpenAIRequest):
@@ -63,6 +120,7 @@ class _SamplingRequest(_OpenAIRequest):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
     user: str | None = Field(None, max_length=256, description="Accepted for compatibility; not used.")
 
     @field_validator("stop")
@@ -88,6 +146,14 @@ class _SamplingRequest(_OpenAIRequest):
         if self.stream_options is not None and not self.stream:
             raise Unsupported("stream_options", "only allowed when stream is true")
 
+    def grammar(self) -> tuple[str, str] | None:
+        """(grammar text, the field it comes from) when the output is constrained; `Unsupported` if it cannot be."""
+        try:
+            grammar = response_format_grammar(self.response_format)
+        except GrammarError as exc:
+            raise Unsupported(exc.param, str(exc)) from None
+        return None if grammar is None else (grammar, "response_format")
+
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
@@ -107,18 +173,37 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
         if self.logprobs or self.top_logprobs:
             raise Unsupported("logprobs", "log probabilities are not returned by this server")
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise Unsupported("tools", "tool calling is not supported by this server")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise Unsupported("response_format", "only {'type': 'text'} is supported")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise Unsupported("tools", "two tools have the same name")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise Unsupported("tool_choice", "a tool must be given in tools to require a call")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise Unsupported("tool_choice", f"names a function not in tools: {self.tool_choice.function.name!r}")
+
+    def tool_dicts(self) -> list[dict[str, Any]] | None:
+        """The tools the model is shown: none when tool_choice is 'none'."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def grammar(self) -> tuple[str, str] | None:
+        tools = self.tool_dicts()
+        if tools and (self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)):
+            name = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+            try:
+                return call_grammar(tools, name), "tools"
+            except GrammarError as exc:
+                raise Unsupported(exc.param, str(exc)) from None
+        return super().grammar()
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

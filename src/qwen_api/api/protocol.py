@@ -6,6 +6,8 @@ parameters. Limits that operators configure (caps) are checked by the route agai
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 
 from qwen_api.api.schema import RequestModel
@@ -35,9 +37,14 @@ class GenerateRequest(GenerateParameters):
     """Body of POST /generate: the parameters, plus `stream` to receive text as server-sent events."""
 
     stream: bool = Field(False, description="Answer text/event-stream: a delta per event, then [DONE].")
+    response_format: dict[str, Any] | None = Field(
+        None,
+        description="As OpenAI's: {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': {'name', "
+        "'schema'}} makes every generated text JSON that follows it, enforced while decoding.",
+    )
 
     def parameters(self) -> GenerateParameters:
-        return GenerateParameters.model_validate(self.model_dump(exclude={"stream"}))
+        return GenerateParameters.model_validate(self.model_dump(exclude={"stream", "response_format"}))
 
 
 class GenerateResponse(BaseModel):

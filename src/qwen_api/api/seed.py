@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,6 +18,7 @@ from qwen_api.api.protocol import GenerateRequest, GenerateResponse, HealthRespo
 from qwen_api.api.sse import sse_response
 from qwen_api.engine.base import EngineError
 from qwen_api.settings import Settings
+from qwen_api.structured.grammar import GrammarError, response_format_grammar
 from qwen_api.textgen import TextDelta
 
 router = APIRouter()  # open to all
@@ -59,6 +61,11 @@ async def generate(
     prompt_ids = generator.chat_prompt_ids([{"role": "user", "content": body.prompt}])
     params, n = body.to_sampling_params(), body.num_return_sequences
     generator.check_fits(prompt_ids, params.max_new_tokens)
+    try:
+        if (grammar := response_format_grammar(body.response_format)) is not None:
+            params = dataclasses.replace(params, constraint=await generator.grammars.compile(grammar))
+    except GrammarError as exc:
+        raise invalid_field("response_format", str(exc), body.response_format) from None
     log_prompt(settings, body.prompt)
     ticket = guard.admit(n, len(prompt_ids))
     if body.stream:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -30,6 +30,22 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    # A grammar the tokens must follow (structured outputs, tool calls): an object with `matcher()`, giving one
+    # `TokenMatcher` per sequence. None: unconstrained. An engine that cannot apply it must refuse the sequence.
+    constraint: TokenConstraint | None = None
+
+
+class TokenMatcher(Protocol):
+    """One sequence's grammar state: `allowed(width)` is a bool row over the logits (True where a token may come
+    next), applied before temperature, top-k, top-p and the draw; `advance(token)` takes the sampled token."""
+
+    def allowed(self, width: int) -> Any: ...
+
+    def advance(self, token: int) -> bool: ...
+
+
+class TokenConstraint(Protocol):
+    def matcher(self) -> TokenMatcher: ...
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ class _Sequence:
     read: int = 0  # prompt tokens already in the KV cache
     generated: list[int] = field(default_factory=list)
     sampler: Any = None
+    matcher: Any = None  # the grammar's per-sequence state when params.constraint is set
     cancelled: bool = False
 
 
@@ -70,15 +71,13 @@ class LlamaCppEngine:
         max_batch_size: int = 8,
         kv_cache_tokens: int | None = None,
         n_threads: int | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         from llama_cpp import _internals, llama_cpp
 
         self._c, self._internals = llama_cpp, _internals
         llama_cpp.llama_backend_init()
-        model_params = llama_cpp.llama_model_default_params()
-        # No extra buffer types (AMX, repacked weights): on the team's Xeon VMs the CPU reports AMX and the kernel
-        # grants it, but AMX instructions die with SIGILL (every decode crashed the process, 2026-11-27).
-        model_params.use_extra_bufts = False
+        model_params = safe_model_params()
         self.model = _internals.LlamaModel(path_model=str(gguf_path), params=model_params, verbose=False)
         threads = n_threads or os.cpu_count() or 1
         n_ctx = kv_cache_tokens or 32768
@@ -105,6 +104,8 @@ class LlamaCppEngine:
         # Free slots keep their KV cells: a new prompt reuses the longest common prefix (the system prompt, a
         # conversation's history) instead of reading it again.
         self._free: dict[int, list[int]] = {slot: [] for slot in range(max_batch_size)}
+        self._prefix_cache = prefix_cache
+        self.reused_tokens = 0  # prompt tokens taken from cached cells instead of read, ever
         self._running = 0
         self._steps = 0
         self._peak_batch = 0
@@ -172,11 +173,15 @@ class LlamaCppEngine:
             seq = self._waiting.popleft()
             slot, cached = max(self._free.items(), key=lambda item: _common_prefix(item[1], seq.prompt))
             del self._free[slot]
-            # Keep the shared prefix, but read at least the prompt's last token again: its logits are needed.
-            keep = min(_common_prefix(cached, seq.prompt), len(seq.prompt) - 1)
+            # Keep the shared prefix, but read at least the prompt's last token again: its logits are needed. With
+            # the prefix cache off, every prompt is read whole, as on a fresh server.
+            keep = min(_common_prefix(cached, seq.prompt), len(seq.prompt) - 1) if self._prefix_cache else 0
+            self.reused_tokens += keep
             self._ctx.kv_cache_seq_rm(slot, keep, -1)
             seq.seq_id, seq.read = slot, keep
             seq.sampler = self._sampler(seq.params)
+            if seq.params.constraint is not None:
+                seq.matcher = seq.params.constraint.matcher()
             self._active[seq.seq_id] = seq
 
     def _sampler(self, params: SamplingParams) -> Any:
@@ -238,7 +243,11 @@ class LlamaCppEngine:
             self.on_step(len(in_batch))
         deliveries: list[tuple[_Sequence, TokenChunk]] = []
         for seq, index in sampled:
+            if seq.matcher is not None:
+                self._mask_logits(seq.matcher, index)
             token = int(seq.sampler.sample(self._ctx, index))
+            if seq.matcher is not None:
+                seq.matcher.advance(token)
             seq.generated.append(token)
             reason = self._finish_reason(seq, token)
             deliveries.append((seq, TokenChunk([token], reason)))
@@ -249,6 +258,14 @@ class LlamaCppEngine:
             by_loop.setdefault(seq.loop, []).append((seq, chunk))
         for loop, items in by_loop.items():  # one wake-up of each event loop per step
             loop.call_soon_threadsafe(_deliver, items)
+
+    def _mask_logits(self, matcher: Any, index: int) -> None:
+        """Structured outputs: -inf, in place, for every token the grammar forbids, before the sampler chain reads
+        the row (every sampler of the chain starts from `llama_get_logits_ith`)."""
+        import numpy as np
+
+        row = np.ctypeslib.as_array(self._c.llama_get_logits_ith(self._ctx.ctx, index), shape=(self._n_vocab,))
+        row[~matcher.allowed(self._n_vocab)] = -np.inf
 
     def _finish_reason(self, seq: _Sequence, token: int) -> FinishReason | None:
         if token in self._eos or self._c.llama_vocab_is_eog(self._vocab, token):
@@ -274,6 +291,17 @@ class LlamaCppEngine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=10)
+
+
+def safe_model_params(defaults: Callable[[], Any] | None = None) -> Any:
+    """llama.cpp's default model parameters, less its extra buffer types (AMX, repacked weights): on the team's
+    Xeon VMs the CPU reports AMX and the kernel grants it, but AMX instructions die with SIGILL (every decode
+    crashed the process, 2026-11-27). The demo's Q4_1 weights have no repacked kernels, so it loses nothing."""
+    from llama_cpp import llama_cpp
+
+    params = (defaults or llama_cpp.llama_model_default_params)()
+    params.use_extra_bufts = False
+    return params
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

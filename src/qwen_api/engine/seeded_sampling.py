@@ -9,6 +9,9 @@ integer tensor arithmetic (no Python loop over rows, no host sync on GPU), so it
 Being last, it also guards the batch: the draw is one `torch.multinomial` for every row, and a single row
 with NaN or without any finite score makes it raise, which stops the engine for everybody. Such a row
 becomes uniform instead: that one request gets noise, the others are unharmed.
+
+`GrammarMask`, the structured-outputs processor, lives here too: it runs first in the same list, so a seeded
+draw is a draw among the tokens a request's grammar allows.
 """
 
 from __future__ import annotations
@@ -65,3 +68,66 @@ def install(manager: Any) -> None:
     processors.tensors_required += 1
     processors.supported_keys.update(SeededSampling.supported_kwargs)
     processors.do_processing = True
+
+
+class GrammarMask(ContinuousBatchingLogitsProcessor):
+    """Structured outputs: masks each constrained row to the tokens its grammar allows. Must run first, before
+    temperature, top-k, top-p and `SeededSampling`, so that a seeded draw is a draw among allowed tokens.
+
+    The engine registers a `TokenMatcher` per request id; before each step the matcher takes the tokens the
+    request generated since the last step (the batch appends them itself), then gives the next mask.
+    """
+
+    supported_kwargs: dict[str, type] = {}  # noqa: RUF012 (declared so by the base class)
+    ignored_kwargs: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.matchers: dict[str, list[Any]] = {}  # request id -> [matcher, tokens it has taken]
+        self._rows: list[tuple[int, Any]] = []  # this step's constrained rows, set by prepare_tensor_args
+
+    def register(self, request_id: str, matcher: Any) -> None:
+        self.matchers[request_id] = [matcher, 0]
+
+    def unregister(self, request_id: str) -> None:
+        self.matchers.pop(request_id, None)
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(0)
+
+    def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
+        rows: list[tuple[int, Any]] = []
+        for row, request in enumerate(requests_with_new_token):
+            entry = self.matchers.get(request.state.request_id)
+            if entry is None:
+                continue
+            matcher, taken = entry
+            generated = request.state.generated_tokens
+            for token in generated[taken:]:
+                matcher.advance(token)
+            entry[1] = len(generated)
+            rows.append((row, matcher))
+        self._rows = rows
+        flags = torch.zeros(len(requests_with_new_token), dtype=torch.int32)
+        for row, _ in rows:
+            flags[row] = 1
+        return flags
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        rows, self._rows = self._rows, []
+        if not rows:
+            return scores
+        allowed = torch.ones(scores.shape, dtype=torch.bool)
+        for row, matcher in rows:
+            if row < scores.size(0):
+                allowed[row] = torch.from_numpy(matcher.allowed(scores.size(-1)))
+        return scores.masked_fill(~allowed.to(scores.device), float("-inf"))
+
+
+def install_grammar(manager: Any) -> GrammarMask:
+    """Put the grammar mask first in a manager's list (before `manager.start()`); returns it for registration."""
+    processors = manager.logit_processor
+    mask = GrammarMask()
+    processors.logits_processor.insert(0, mask)
+    processors.tensors_required += 1
+    processors.do_processing = True
+    return mask

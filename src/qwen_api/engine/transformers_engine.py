@@ -71,6 +71,7 @@ class TransformersEngine:
             generation_config=generation_config, continuous_batching_config=cb_config
         )
         check_internals(self._manager)
+        self._grammar = seeded_sampling.install_grammar(self._manager)
         seeded_sampling.install(self._manager)
         self._ids = itertools.count()
         self._running = 0
@@ -137,6 +138,8 @@ class TransformersEngine:
         request_id = f"seq-{next(self._ids)}"
         outputs: asyncio.Queue[Any] = asyncio.Queue()
         self._manager.register_result_handler(request_id, outputs.put_nowait)
+        if params.constraint is not None:
+            self._grammar.register(request_id, params.constraint.matcher())
         self._manager.add_request(
             list(prompt_ids),
             request_id=request_id,
@@ -162,6 +165,7 @@ class TransformersEngine:
                     yield TokenChunk(new)
         finally:
             self._running -= 1
+            self._grammar.unregister(request_id)
             if not finished:
                 self._manager.cancel_request(request_id)
                 with self._manager.output_router._lock:

@@ -21,6 +21,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -55,6 +56,7 @@ GPU_RESERVE_BYTES = 3 << 30  # activations of a prefill chunk, logits and sort b
 class _Handle:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue[TokenChunk | BaseException]
+    matcher: Any = None  # the grammar's state for this sequence, when its params carry a constraint
 
 
 class NativeEngine:
@@ -71,6 +73,7 @@ class NativeEngine:
         block_size: int = 16,
         prefill_chunk: int | None = None,
         use_cuda_graphs: bool = True,
+        prefix_cache: bool = True,
     ) -> None:
         self.device = torch.device(device)
         self.config = load_config(model_dir)
@@ -79,6 +82,7 @@ class NativeEngine:
             load_weights(self.model, model_dir)
         num_blocks = self._num_blocks(kv_cache_tokens, block_size, dtype)
         self.cache = KVCache(self.config, num_blocks, block_size, self.device, dtype)
+        self.cache.pool.prefix_cache = prefix_cache
         self.max_context_tokens = min(self.config.max_position_embeddings, num_blocks * block_size)
         self.runner = ModelRunner(
             self.model,
@@ -184,7 +188,13 @@ class NativeEngine:
     def _step(self, step: Step) -> None:
         sampled = step.sampled
         logits = self.runner.run(step)
+        matchers = [(i, self._matcher(s)) for i, s in enumerate(sampled) if s.params.constraint is not None]
+        for i, matcher in matchers:  # structured outputs: what the grammar forbids is -inf before any sampling rule
+            allowed = torch.from_numpy(matcher.allowed(logits.size(-1))).to(logits.device)
+            logits[i].masked_fill_(~allowed, float("-inf"))
         tokens = sample(logits, [Row(s.params, s.generated) for s in sampled]).tolist() if sampled else []
+        for i, matcher in matchers:
+            matcher.advance(tokens[i])
         self.scheduler.complete(step, tokens)
         self._steps += 1
         self._peak_batch = max(self._peak_batch, step.size)
@@ -197,6 +207,13 @@ class NativeEngine:
             if reason is not None:
                 self.scheduler.finish(seq)
         _send(deliveries)
+
+    @staticmethod
+    def _matcher(seq: Sequence) -> Any:
+        if seq.handle.matcher is None:
+            assert seq.params.constraint is not None
+            seq.handle.matcher = seq.params.constraint.matcher()
+        return seq.handle.matcher
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         if token in self._eos:

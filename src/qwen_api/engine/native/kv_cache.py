@@ -24,8 +24,9 @@ def block_hash(parent: int | None, tokens: Sequence[int]) -> int:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, prefix_cache: bool = True) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.prefix_cache = prefix_cache  # off: every sequence computes its whole prompt, as a fresh run does
         self.refs = [0] * num_blocks
         self.hash_of: list[int | None] = [None] * num_blocks
         self.index: dict[int, int] = {}  # prefix hash -> block holding it
@@ -42,6 +43,8 @@ class BlockPool:
     def match_prefix(self, tokens: Sequence[int]) -> list[int]:
         """Indexed blocks holding `tokens`' leading full blocks (without taking them). Stops at the first miss."""
         found: list[int] = []
+        if not self.prefix_cache:
+            return found
         parent: int | None = None
         bs = self.block_size
         for start in range(0, len(tokens) - bs + 1, bs):

@@ -1,0 +1,175 @@
+"""Grammars for constrained decoding: compile a JSON schema once (cached by its text), match it per sequence.
+
+Built on llguidance (README: why it and not xgrammar). `GrammarCompiler` belongs to one tokenizer: it builds
+llguidance's token table once, off the event loop, and compiles each distinct grammar once, in a worker thread
+under a time limit, so a pathological schema is a `GrammarError` (a 400), never a stalled batch. A `Constraint`
+is the plain handle that crosses the engine contract in `SamplingParams.constraint`; each engine asks it for one
+`TokenMatcher` per sequence, applies `allowed()` to that sequence's logits before any other sampling transform,
+and `advance()`s it with the token it sampled. When the JSON is complete the matcher allows only end-of-sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+COMPILE_TIMEOUT_S = 10.0
+CACHE_SIZE = 256
+# Compact JSON: a flexible-whitespace grammar lets a small model emit newlines until max_tokens.
+_JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+class GrammarError(ValueError):
+    """A schema or grammar that cannot be enforced; `param` names the request field it came from."""
+
+    def __init__(self, message: str, param: str = "response_format") -> None:
+        self.param = param
+        super().__init__(message)
+
+
+def json_schema_grammar(schema: dict[str, Any] | bool, param: str = "response_format") -> str:
+    """The llguidance grammar text for a JSON schema, after checking that the schema is itself valid."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    if not isinstance(schema, dict | bool):
+        raise GrammarError("the schema must be a JSON object", param)
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        raise GrammarError(f"invalid JSON schema: {exc.message}", param) from None
+    return _lark_free_json(schema)
+
+
+def _lark_free_json(schema: Any) -> str:
+    from llguidance import LLMatcher
+
+    try:
+        return LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=_JSON_OPTIONS)
+    except ValueError as exc:
+        raise GrammarError(f"invalid JSON schema: {exc}") from None
+
+
+def any_json_object_grammar() -> str:
+    return _lark_free_json({"type": "object"})
+
+
+class TokenMatcher:
+    """One sequence's position in a grammar: which tokens may come next, and the tokens taken so far."""
+
+    def __init__(self, tokenizer: Any, grammar: str) -> None:
+        from llguidance import LLMatcher
+        from llguidance.numpy import allocate_token_bitmask
+
+        self._matcher = LLMatcher(tokenizer, grammar)
+        self._bitmask = allocate_token_bitmask(1, tokenizer.vocab_size)
+        self._vocab = tokenizer.vocab_size
+
+    def allowed(self, width: int) -> np.ndarray:
+        """A bool row of `width` (the logits' width): True where the next token may go. Ids past the tokenizer's
+        vocabulary (padding rows of the embedding) are never allowed."""
+        from llguidance.numpy import fill_next_token_bitmask
+
+        fill_next_token_bitmask(self._matcher, self._bitmask, 0)
+        bits = np.unpackbits(self._bitmask[0].view(np.uint8), bitorder="little")[: self._vocab].astype(bool)
+        if width == bits.size:
+            return bits
+        row = np.zeros(width, dtype=bool)
+        n = min(width, bits.size)
+        row[:n] = bits[:n]
+        return row
+
+    def advance(self, token: int) -> bool:
+        """Take the sampled token; False if the grammar refuses it (it cannot, after `allowed`, but never raise)."""
+        return bool(self._matcher.consume_token(int(token)))
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A compiled grammar bound to a tokenizer: the handle an engine turns into one matcher per sequence."""
+
+    grammar: str
+    tokenizer: Any = field(repr=False, compare=False)
+
+    def matcher(self) -> TokenMatcher:
+        return TokenMatcher(self.tokenizer, self.grammar)
+
+
+class GrammarCompiler:
+    """Compiles and caches grammars for one tokenizer; every method that may be slow runs off the event loop."""
+
+    def __init__(self, hf_tokenizer: Any, eos_token_ids: list[int] | None = None) -> None:
+        self._hf = hf_tokenizer
+        self._eos = eos_token_ids
+        self._tokenizer: Any = None
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[str, Constraint] = OrderedDict()
+
+    def _ll_tokenizer(self) -> Any:
+        with self._lock:
+            if self._tokenizer is None:
+                import llguidance.hf
+
+                eos = self._eos or self._hf.eos_token_id
+                self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=len(self._hf), eos_token=eos)
+            return self._tokenizer
+
+    def _compile_sync(self, grammar: str, param: str) -> Constraint:
+        from llguidance import LLMatcher
+
+        tokenizer = self._ll_tokenizer()
+        is_error, warnings = LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
+        if is_error or warnings:
+            # A warning means a part of the schema would not be enforced: refuse it rather than ignore it.
+            raise GrammarError(f"this schema cannot be enforced: {'; '.join(warnings) or 'invalid grammar'}", param)
+        probe = LLMatcher(tokenizer, grammar)
+        if probe.is_error():
+            raise GrammarError(f"this schema cannot be enforced: {probe.get_error()}", param)
+        return Constraint(grammar, tokenizer)
+
+    async def prepare(self) -> None:
+        """Build the token table now (seconds for a 151k vocabulary), so that the first request does not wait."""
+        await asyncio.to_thread(self._ll_tokenizer)
+
+    async def compile(self, grammar: str, param: str = "response_format") -> Constraint:
+        """The constraint for `grammar`, from the cache or compiled in a thread within `COMPILE_TIMEOUT_S`."""
+        if (hit := self._cache.get(grammar)) is not None:
+            self._cache.move_to_end(grammar)
+            return hit
+        await self.prepare()
+        try:
+            async with asyncio.timeout(COMPILE_TIMEOUT_S):
+                constraint = await asyncio.to_thread(self._compile_sync, grammar, param)
+        except TimeoutError:
+            raise GrammarError(f"the schema took longer than {COMPILE_TIMEOUT_S:.0f} s to compile", param) from None
+        self._cache[grammar] = constraint
+        while len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return constraint
+
+
+def response_format_grammar(response_format: dict[str, Any] | None) -> str | None:
+    """The grammar text for an OpenAI `response_format`, or None for plain text."""
+    if not response_format:
+        return None
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return any_json_object_grammar()
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+            raise GrammarError("json_schema needs a 'name' and a 'schema'")
+        unknown = set(spec) - {"name", "schema", "strict", "description"}
+        if unknown:
+            raise GrammarError(f"json_schema: unknown field(s) {sorted(unknown)}")
+        schema = spec.get("schema", {})
+        return json_schema_grammar(schema)
+    raise GrammarError(f"unknown response_format type {kind!r}: use 'text', 'json_object' or 'json_schema'")

@@ -1,0 +1,152 @@
+"""Tool calling in the Qwen2 family's format: the tools system block, history rendering, the call grammar, parsing.
+
+Qwen2-family models call a tool by writing `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`. When
+the model's chat template renders `tools` itself (Qwen2.5's does) it is used; otherwise (Qwen2-7B-Instruct, the
+demo SmolLM2) the server renders that same format's system block from its own text below, never from a request.
+History is rendered as text the model was trained on: an assistant's calls as `<tool_call>` blocks and tool
+results as `<tool_response>` blocks in a user turn. `required` or a named function becomes a grammar, so the call's
+arguments always validate against the function's `parameters`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from qwen_api.structured.grammar import GrammarError, json_schema_grammar
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+# A last block left open at the end of the output still counts: small models often stop before the closing tag.
+_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.DOTALL)
+
+_SYSTEM_BLOCK = """# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{tools}
+</tools>
+
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
+<tool_call>
+{{"name": <function-name>, "arguments": <args-json-object>}}
+</tool_call>"""
+
+
+def template_renders_tools(chat_template: str | None) -> bool:
+    """Whether a model's own chat template uses the `tools` variable (then it, not the server, renders them)."""
+    return bool(chat_template) and re.search(r"\btools\b", str(chat_template)) is not None
+
+
+def tools_system_block(tools: list[dict[str, Any]]) -> str:
+    """The server's own Qwen2-format tools block, for templates that do not render tools."""
+    return _SYSTEM_BLOCK.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+
+
+def call_text(name: str, arguments: Any) -> str:
+    args = json.loads(arguments) if isinstance(arguments, str) else arguments
+    return f"{OPEN}\n{json.dumps({'name': name, 'arguments': args}, ensure_ascii=False)}\n{CLOSE}"
+
+
+def render_history(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, own_block: bool
+) -> list[dict[str, str]]:
+    """Plain role/content messages: calls and results as the format's text; with `own_block`, the tools block
+    goes first in the system message (one is added when the conversation has none)."""
+    out: list[dict[str, str]] = []
+    for m in messages:
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            calls = [call_text(c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"]]
+            out.append({"role": "assistant", "content": "\n".join([m.get("content") or "", *calls]).strip()})
+        elif m["role"] == "tool":
+            block = f"<tool_response>\n{m['content']}\n</tool_response>"
+            if out and out[-1]["role"] == "user" and out[-1]["content"].startswith("<tool_response>"):
+                out[-1] = {"role": "user", "content": out[-1]["content"] + "\n" + block}
+            else:
+                out.append({"role": "user", "content": block})
+        else:
+            out.append({"role": m["role"], "content": m.get("content") or ""})
+    if tools and own_block:
+        block = tools_system_block(tools)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + block}
+        else:
+            out.insert(0, {"role": "system", "content": block})
+    return out
+
+
+def call_grammar(tools: list[dict[str, Any]], name: str | None) -> str:
+    """The grammar of one call block to `name`, or to any of `tools` when name is None (`required`)."""
+    from llguidance import LLMatcher
+
+    chosen = [t for t in tools if name is None or t["function"]["name"] == name]
+    options = []
+    for t in chosen:
+        params = t["function"].get("parameters") or {"type": "object", "properties": {}}
+        json_schema_grammar(params, param="tools")  # an invalid parameters schema is a 400 naming tools
+        options.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": t["function"]["name"]}, "arguments": params},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
+    schema = options[0] if len(options) == 1 else {"anyOf": options}
+    lark = f'start: "{OPEN}\\n" call "\\n{CLOSE}"\ncall: %json {json.dumps(schema)}\n'
+    try:
+        return LLMatcher.grammar_from_lark(lark)
+    except ValueError as exc:
+        raise GrammarError(str(exc), "tools") from None
+
+
+@dataclass(frozen=True)
+class ParsedOutput:
+    content: str | None
+    tool_calls: list[dict[str, Any]]
+
+
+def parse_tool_calls(text: str) -> ParsedOutput:
+    """Split a completion into its text and its calls (OpenAI's shape, with ids). A block that is not a JSON call
+    stays in the content, as the model wrote it."""
+    calls: list[dict[str, Any]] = []
+    kept: list[str] = []
+    last = 0
+    for match in _BLOCK.finditer(text):
+        try:
+            body = json.loads(match.group(1))
+            name, args = body["name"], body.get("arguments", {})
+            if not isinstance(name, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            continue
+        kept.append(text[last : match.start()])
+        last = match.end()
+        arguments = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+        calls.append(
+            {
+                "id": f"call_{uuid.uuid4().hex[:24]}",
+                "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            }
+        )
+    if not calls:
+        return ParsedOutput(text, [])
+    kept.append(text[last:])
+    content = "".join(kept).strip()
+    return ParsedOutput(content or None, calls)
+
+
+def safe_prefix_len(text: str) -> int:
+    """How much of streamed `text` may go out as content now: all of it up to a `<tool_call>` or a partial one."""
+    at = text.find(OPEN)
+    if at >= 0:
+        return at
+    for k in range(min(len(OPEN) - 1, len(text)), 0, -1):
+        if OPEN.startswith(text[-k:]):
+            return len(text) - k
+    return len(text)

@@ -1,0 +1,353 @@
+"""Structured outputs and tool calling, through the official openai SDK on real servers and real models.
+
+The demo model (SmolLM2-135M) runs on both engines: its JSON must parse and validate for every seed, in a batch
+beside unconstrained requests, streamed, with n > 1. Tool calls and the Qwen2 tool template run on the Qwen2
+fixtures (a scripted Qwen2 that answers with a `<tool_call>` block).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from enum import StrEnum
+from pathlib import Path
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel, Field
+
+from conftest import InProcessServer, serve_engine, serve_in_process
+
+
+class Colour(StrEnum):
+    red = "red"
+    green = "green"
+    blue = "blue"
+
+
+class City(BaseModel):
+    name: str = Field(max_length=24)
+    population: int = Field(ge=0, le=100_000_000)
+    colour: Colour
+
+
+NESTED_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 20},
+        "kind": {"type": "string", "enum": ["book", "film", "song"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "minItems": 1, "maxItems": 3},
+        "author": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "maxLength": 20},
+                "born": {"type": "integer", "minimum": 1000, "maximum": 2100},
+            },
+            "required": ["name", "born"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["title", "kind", "tags", "author"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module", params=["llamacpp", "transformers"])
+def demo(request: pytest.FixtureRequest, tiny_qwen2_dir: Path) -> Iterator[InProcessServer]:
+    """The demo model on each engine."""
+    if request.param == "llamacpp":
+        server = serve_engine("llamacpp", tiny_qwen2_dir, max_num_return_sequences=4)
+    else:
+        server = serve_in_process(Path("demo"), engine="transformers", max_num_return_sequences=4)
+    with server:
+        yield server
+
+
+def client_of(server: InProcessServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def model_of(server: InProcessServer) -> str:
+    return server.runtime.model_name
+
+
+def test_parse_pydantic_model_for_20_seeds(demo: InProcessServer) -> None:
+    client = client_of(demo)
+    messages = [{"role": "user", "content": "Describe a city as JSON."}]
+
+    def one(seed: int) -> City | None:
+        completion = client.chat.completions.parse(
+            model=model_of(demo), messages=messages, response_format=City, seed=seed, max_tokens=120, temperature=1.0
+        )
+        assert completion.choices[0].finish_reason == "stop", completion.choices[0].message.content
+        return completion.choices[0].message.parsed
+
+    with ThreadPoolExecutor(4) as pool:
+        parsed = list(pool.map(one, range(20)))
+    assert all(isinstance(p, City) for p in parsed)
+    assert len({p.model_dump_json() for p in parsed if p is not None}) > 1  # seeds really differ
+
+
+def test_nested_schema_validates_beside_unconstrained_streamed_and_n(demo: InProcessServer) -> None:
+    client = client_of(demo)
+    fmt = {"type": "json_schema", "json_schema": {"name": "work", "schema": NESTED_SCHEMA, "strict": True}}
+    messages = [{"role": "user", "content": "Give me a work of art."}]
+
+    def constrained(seed: int) -> list[str]:
+        out = client.chat.completions.create(
+            model=model_of(demo), messages=messages, response_format=fmt, seed=seed, n=2, max_tokens=160
+        )
+        return [c.message.content or "" for c in out.choices]
+
+    def free(seed: int) -> str:
+        out = client.chat.completions.create(model=model_of(demo), messages=messages, seed=seed, max_tokens=40)
+        return out.choices[0].message.content or ""
+
+    def streamed(seed: int) -> str:
+        stream = client.chat.completions.create(
+            model=model_of(demo), messages=messages, response_format=fmt, seed=seed, max_tokens=160, stream=True
+        )
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    with ThreadPoolExecutor(6) as pool:
+        texts = [t for ts in pool.map(constrained, range(3)) for t in ts]
+        texts += list(pool.map(streamed, range(3)))
+        free_texts = list(pool.map(free, range(3)))
+    assert all(free_texts)
+    for text in texts:
+        jsonschema.validate(json.loads(text), NESTED_SCHEMA)
+
+
+def test_json_object_on_completions_and_generate(demo: InProcessServer) -> None:
+    client = client_of(demo)
+    work = {"type": "json_schema", "json_schema": {"name": "work", "schema": NESTED_SCHEMA}}
+    out = client.completions.create(
+        model=model_of(demo),
+        prompt="A work of art as JSON:",
+        max_tokens=160,
+        seed=3,
+        extra_body={"response_format": work},
+    )
+    jsonschema.validate(json.loads(out.choices[0].text), NESTED_SCHEMA)
+    out = client.chat.completions.create(
+        model=model_of(demo),
+        messages=[{"role": "user", "content": "{}"}],
+        max_tokens=300,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
+    assert isinstance(json.loads(out.choices[0].message.content or ""), dict)
+    fmt = {
+        "type": "json_schema",
+        "json_schema": {"name": "city", "schema": {**City.model_json_schema(), "additionalProperties": False}},
+    }
+    body = {"prompt": "A city, please", "max_length": 100, "num_return_sequences": 2, "response_format": fmt}
+    reply = httpx.post(demo.base_url + "/generate", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    assert "response_format" not in reply.json()["parameters"]
+    for text in reply.json()["generated_texts"]:
+        City.model_validate_json(text)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "needle"),
+    [
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}, "invalid JSON schema"),
+        ({"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}, "name"),
+        ({"type": "yaml"}, "unknown response_format type"),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "format": "ipv9"}}},
+            "ipv9",
+        ),
+    ],
+)
+def test_bad_response_format_is_a_400(demo: InProcessServer, fmt: dict, needle: str) -> None:
+    reply = httpx.post(
+        demo.base_url + "/v1/chat/completions",
+        json={"model": model_of(demo), "messages": [{"role": "user", "content": "hi"}], "response_format": fmt},
+        timeout=60,
+    )
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == "response_format"
+    assert needle in error["message"]
+
+
+# ------------------------------------------------------------------------------------------------ tools
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "maxLength": 12}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+SCRIPTED_CALL = '<tool_call>{"name": "lookup","arguments":{"city":"Paris"}}'
+LOOKUP = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+
+
+def _schema_of(name: str) -> dict:
+    return next(t for t in (WEATHER, TIME) if t["function"]["name"] == name)["function"]["parameters"]
+
+
+def test_required_and_named_calls_validate(demo: InProcessServer) -> None:
+    client = client_of(demo)
+    for seed in range(3):
+        out = client.chat.completions.create(
+            model=model_of(demo), messages=ASK, tools=[WEATHER, TIME], tool_choice="required", seed=seed, max_tokens=80
+        )
+        choice = out.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, choice.message
+        call = choice.message.tool_calls[0]
+        assert call.id.startswith("call_") and "<tool_call>" not in (choice.message.content or "")
+        jsonschema.validate(json.loads(call.function.arguments), _schema_of(call.function.name))
+    named = {"type": "function", "function": {"name": "get_time"}}
+    out = client.chat.completions.create(
+        model=model_of(demo), messages=ASK, tools=[WEATHER, TIME], tool_choice=named, seed=1, max_tokens=80
+    )
+    call = out.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_time"
+    jsonschema.validate(json.loads(call.function.arguments), _schema_of("get_time"))
+
+
+def test_streamed_call_equals_plain_call_and_two_turns(demo: InProcessServer) -> None:
+    client = client_of(demo)
+    args = {"model": model_of(demo), "messages": ASK, "tools": [WEATHER], "tool_choice": "required"}
+    plain = client.chat.completions.create(**args, temperature=0, max_tokens=80)
+    with client.chat.completions.stream(**args, temperature=0, max_tokens=80) as stream:
+        final = stream.get_final_completion()
+    a, b = plain.choices[0].message.tool_calls[0], final.choices[0].message.tool_calls[0]
+    assert (a.function.name, json.loads(a.function.arguments)) == (b.function.name, json.loads(b.function.arguments))
+    assert final.choices[0].finish_reason == "tool_calls"
+    history = [
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [a.model_dump(exclude_none=True)]},
+        {"role": "tool", "tool_call_id": a.id, "content": json.dumps({"temperature": 21, "sky": "clear"})},
+    ]
+    answer = client.chat.completions.create(
+        model=model_of(demo), messages=history, tools=[WEATHER], seed=0, max_tokens=40
+    )
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert answer.choices[0].message.content or answer.choices[0].message.tool_calls
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"tools": [{"type": "function", "function": {"parameters": {"type": "object"}}}]}, "tools"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"messages": [*ASK, {"role": "tool", "content": "21 degrees"}]}, "messages"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 3}}}],
+                "tool_choice": "required",
+            },
+            "tools",
+        ),
+    ],
+)
+def test_bad_tool_input_is_a_400(demo: InProcessServer, change: dict, param: str) -> None:
+    body = {"model": model_of(demo), "messages": ASK, **change}
+    reply = httpx.post(demo.base_url + "/v1/chat/completions", json=body, timeout=60)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert param in (error["param"] or "") + error["message"]
+
+
+def test_qwen2_tool_template_renders_as_specified() -> None:
+    from qwen_api.dev.random_qwen2 import build_qwen2_tokenizer
+    from qwen_api.structured.tools import render_history, template_renders_tools
+
+    tokenizer = build_qwen2_tokenizer()
+    assert not template_renders_tools(tokenizer.chat_template)  # Qwen2-7B-Instruct's: the server renders tools
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    history = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "sunny"},
+    ]
+    messages = render_history(history, [WEATHER], own_block=True)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    expected = (
+        "<|im_start|>system\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+        + json.dumps(WEATHER)
+        + "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+        "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+        '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\nWeather?<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+        "</tool_call><|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert text == expected
+
+
+def test_scripted_qwen2_tool_call_comes_back_as_tool_calls(tmp_path: Path) -> None:
+    from qwen_api.dev.random_qwen2 import write_scripted_qwen2
+
+    with serve_in_process(write_scripted_qwen2(tmp_path / "m", SCRIPTED_CALL)) as server:
+        client = client_of(server)
+        args = {"model": model_of(server), "messages": ASK, "tools": [LOOKUP], "temperature": 0, "max_tokens": 40}
+        plain = client.chat.completions.create(**args)
+        choice = plain.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        call = choice.message.tool_calls[0]
+        assert (call.function.name, json.loads(call.function.arguments)) == ("lookup", {"city": "Paris"})
+        with client.chat.completions.stream(**args) as stream:
+            final = stream.get_final_completion()
+        streamed = final.choices[0].message
+        assert final.choices[0].finish_reason == "tool_calls" and not streamed.content
+        assert streamed.tool_calls[0].function.name == "lookup"
+        assert json.loads(streamed.tool_calls[0].function.arguments) == {"city": "Paris"}
+        # Without tools the same text is plain content: nothing is parsed behind the client's back.
+        bare = client.chat.completions.create(**{k: v for k, v in args.items() if k != "tools"})
+        assert bare.choices[0].message.content == SCRIPTED_CALL and not bare.choices[0].message.tool_calls
+
+
+def test_the_native_engine_enforces_a_schema_too(tiny_qwen2_dir: Path) -> None:
+    """Random weights would never write this JSON by themselves: only the mask can make every answer valid."""
+    schema = {
+        "type": "object",
+        "properties": {"kind": {"enum": ["cat", "dog"]}, "ok": {"type": "boolean"}},
+        "required": ["kind", "ok"],
+        "additionalProperties": False,
+    }
+    with serve_in_process(tiny_qwen2_dir, engine="native", max_num_return_sequences=4) as server:
+        client = client_of(server)
+        response = client.chat.completions.create(
+            model=client.models.list().data[0].id,
+            messages=[{"role": "user", "content": "Pick an animal."}],
+            response_format={"type": "json_schema", "json_schema": {"name": "pick", "schema": schema, "strict": True}},
+            n=3,
+            temperature=1.0,
+            max_tokens=64,
+        )
+        for choice in response.choices:
+            jsonschema.validate(json.loads(choice.message.content or ""), schema)
+            assert choice.finish_reason == "stop"
