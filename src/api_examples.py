@@ -57,7 +57,7 @@ def call(method: str, url: str, timeout: float, **kwargs: Any) -> dict[str, Any]
         raise ApiError(f"cannot reach {url}: {type(exc).__name__}") from exc
     if response.status_code != 200:
         raise ApiError(f"{method} {url} failed with {_describe_error(response)}")
-    return response.json()  # type: ignore[no-any-return]
+    return response.json()
 
 
 def stream(url: str, payload: dict[str, Any], timeout: float) -> int:

@@ -34,6 +34,7 @@ def serve(settings: Settings) -> int:
     except ModelUnavailable as exc:
         print(f"qwen-api: {exc}", file=sys.stderr)
         return 2
+    runtime: Runtime
     if settings.ray:  # engine replicas on a Ray cluster behind this front
         from qwen_api.cluster.front import create_cluster_app
 
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     command, rest = args[0], args[1:]
     if command == "serve":
+        # pydantic-settings reads these underscore init arguments at run time; its stubs do not declare them.
         settings = Settings(_cli_parse_args=rest, _cli_prog_name="qwen-api serve")  # type: ignore[call-arg]
         return serve(settings)
     print(f"qwen-api: unknown command {command!r}\n{USAGE}", file=sys.stderr)

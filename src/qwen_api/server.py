@@ -58,7 +58,7 @@ def bounded_h11(max_connections: int, header_timeout: float) -> type[H11Protocol
     class BoundedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
 
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             if len(self.connections) > max_connections:
                 log.warning("refusing a connection: %d are open (max-connections)", len(self.connections) - 1)
@@ -106,7 +106,7 @@ class Server(uvicorn.Server):
         self.cut_off = False  # stopped at once with requests still in flight
         runtime.on_fatal = self.request_exit
 
-    async def serve(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
+    async def serve(self, sockets: list | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
 

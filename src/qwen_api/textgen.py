@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -149,7 +149,7 @@ class TextGenerator:
 
     def stream(
         self, prompt_ids: list[int], params: SamplingParams, n: int = 1, stop: Sequence[str] = ()
-    ) -> AsyncIterator[TextDelta]:
+    ) -> AsyncGenerator[TextDelta, None]:
         """Generate n sequences, yielding their deltas interleaved as they come. Closing it cancels them all.
 
         The context check runs now, not at the first iteration, so a caller can still answer with an error status.
@@ -159,7 +159,7 @@ class TextGenerator:
 
     async def _interleave(
         self, prompt_ids: list[int], params: SamplingParams, n: int, stop: Sequence[str]
-    ) -> AsyncIterator[TextDelta]:
+    ) -> AsyncGenerator[TextDelta, None]:
         queue: asyncio.Queue[TextDelta | BaseException] = asyncio.Queue()
 
         async def pump(index: int) -> None:
@@ -185,7 +185,7 @@ class TextGenerator:
 
     async def _sequence(
         self, index: int, prompt_ids: list[int], params: SamplingParams, stop: Sequence[str]
-    ) -> AsyncIterator[TextDelta]:
+    ) -> AsyncGenerator[TextDelta, None]:
         """One sequence as text deltas; a stop string ends it (and cancels it in the engine) at once."""
         detokenizer = IncrementalDetokenizer(self.tokenizer, skip_ids=self._special_ids)
         matcher = StopMatcher(stop)
@@ -210,14 +210,14 @@ class TextGenerator:
                 if text:
                     yield TextDelta(index, text)
         finally:
-            await tokens.aclose()  # type: ignore[attr-defined]
+            await tokens.aclose()
 
     @staticmethod
-    async def _collect(deltas: AsyncIterator[TextDelta]) -> Completion:
+    async def _collect(deltas: AsyncGenerator[TextDelta, None]) -> Completion:
         # aclosing: leaving at the finish delta (a stop string matched) closes the sequence now, which cancels it in
         # the engine; without it the engine decoded on until garbage collection closed the generator.
         parts: list[str] = []
-        async with aclosing(deltas):  # type: ignore[type-var]
+        async with aclosing(deltas):
             async for delta in deltas:
                 parts.append(delta.text)
                 if delta.finish_reason is not None:

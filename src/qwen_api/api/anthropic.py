@@ -11,7 +11,7 @@ output tokens), `message_stop`. A failure after the stream began is one `error` 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -91,7 +91,7 @@ class _Shape:
         usage = {"input_tokens": self.input_tokens, "output_tokens": result.completion_tokens}
         return message_object(self.message_id, self.model, result.text, stop_reason(result), result.stop_string, usage)
 
-    async def events(self, deltas: AsyncIterator[TextDelta]) -> AsyncIterator[dict[str, Any]]:
+    async def events(self, deltas: AsyncGenerator[TextDelta, None]) -> AsyncGenerator[dict[str, Any], None]:
         try:
             usage = {"input_tokens": self.input_tokens, "output_tokens": 0}
             start = message_object(self.message_id, self.model, None, None, None, usage)
@@ -113,4 +113,4 @@ class _Shape:
             yield {"type": "message_delta", "delta": delta_, "usage": {"output_tokens": result.completion_tokens}}
             yield {"type": "message_stop"}
         finally:
-            await deltas.aclose()  # type: ignore[attr-defined]
+            await deltas.aclose()

@@ -18,11 +18,11 @@ log = logging.getLogger("qwen_api.requests")
 
 
 def _settings(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
+    return request.app.state.settings
 
 
 def _runtime(request: Request) -> Runtime:
-    return request.app.state.runtime  # type: ignore[no-any-return]
+    return request.app.state.runtime
 
 
 def _generator(request: Request) -> TextGenerator:
@@ -30,7 +30,7 @@ def _generator(request: Request) -> TextGenerator:
 
 
 def _guard(request: Request) -> Guard:
-    return request.app.state.guard  # type: ignore[no-any-return]
+    return request.app.state.guard
 
 
 def require_api_key(request: Request) -> None:

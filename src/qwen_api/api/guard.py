@@ -9,7 +9,7 @@ that leaves a stream is noticed by Starlette, which cancels the response and so 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from typing import TypeVar
 
 from fastapi import Request
@@ -65,7 +65,7 @@ class Guard:
             finally:
                 ticket.release()
 
-    async def stream(self, ticket: Ticket, events: AsyncIterator[T]) -> AsyncIterator[T]:
+    async def stream(self, ticket: Ticket, events: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
         """Relay `events` until the deadline; the ticket is released however the stream ends."""
         # One `asyncio.timeout` over each wait, never `asyncio.wait_for`: on Python 3.11 wait_for can swallow
         # the cancellation Starlette sends when the client leaves (see `engine.base.next_output`).
@@ -86,4 +86,4 @@ class Guard:
             raise
         finally:
             ticket.release()  # first: a cancellation landing in the await below must not keep the slots
-            await events.aclose()  # type: ignore[attr-defined]
+            await events.aclose()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -146,8 +146,8 @@ def _choice(kind: str, index: int, c: Completion, tools_on: bool = False) -> dic
 
 
 async def _chunks(
-    deltas: AsyncIterator[TextDelta], body: _SamplingRequest, kind: str, head: dict[str, Any], prompt_tokens: int
-) -> AsyncIterator[dict[str, Any]]:
+    deltas: AsyncGenerator[TextDelta, None], body: _SamplingRequest, kind: str, head: dict[str, Any], prompt_tokens: int
+) -> AsyncGenerator[dict[str, Any], None]:
     """OpenAI chunks: for chat a role chunk first per choice, then content deltas, then a finish chunk."""
     chat = kind == "chat.completion"
     obj = "chat.completion.chunk" if chat else "text_completion"
@@ -207,4 +207,4 @@ async def _chunks(
         if with_usage:
             yield {**head, "object": obj, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
     finally:
-        await deltas.aclose()  # type: ignore[attr-defined]
+        await deltas.aclose()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -93,7 +93,7 @@ class _Shape:
         code = "request_timeout" if isinstance(exc, RequestTimeout) else "server_error"
         return self._event("error", code=code, message=str(exc), param=None)
 
-    async def events(self, deltas: AsyncIterator[TextDelta]) -> AsyncIterator[dict[str, Any]]:
+    async def events(self, deltas: AsyncGenerator[TextDelta, None]) -> AsyncGenerator[dict[str, Any], None]:
         where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
         try:
             yield self._event("response.created", response=self._response("in_progress", [], None))
@@ -119,4 +119,4 @@ class _Shape:
             yield self._event("response.output_item.done", output_index=0, item=final["output"][0])
             yield self._event(f"response.{final['status']}", response=final)
         finally:
-            await deltas.aclose()  # type: ignore[attr-defined]
+            await deltas.aclose()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -96,7 +96,9 @@ def check_caps(body: GenerateRequest, settings: Settings) -> None:
         )
 
 
-async def _generate_events(deltas: AsyncIterator[TextDelta], prompt_tokens: int) -> AsyncIterator[dict[str, Any]]:
+async def _generate_events(
+    deltas: AsyncGenerator[TextDelta, None], prompt_tokens: int
+) -> AsyncGenerator[dict[str, Any], None]:
     """/generate's stream: {"index", "text"} per delta, then per sequence {"index", "finish_reason", counts}."""
     try:
         async for delta in deltas:
@@ -110,4 +112,4 @@ async def _generate_events(deltas: AsyncIterator[TextDelta], prompt_tokens: int)
                     "completion_tokens": delta.completion_tokens,
                 }
     finally:
-        await deltas.aclose()  # type: ignore[attr-defined]
+        await deltas.aclose()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import anyio
@@ -23,7 +23,7 @@ def sse(data: Any, event: str | None = None) -> str:
 class _ClosingStream(StreamingResponse):
     """Runs `on_close` when the response is over, even if its body was never iterated (client gone early)."""
 
-    def __init__(self, body: AsyncIterator[str], on_close: Callable[[], None], **kwargs: Any) -> None:
+    def __init__(self, body: AsyncGenerator[str, None], on_close: Callable[[], None], **kwargs: Any) -> None:
         super().__init__(body, **kwargs)
         self._on_close = on_close
 
@@ -35,7 +35,7 @@ class _ClosingStream(StreamingResponse):
 
 
 def sse_response(
-    events: AsyncIterator[Any],
+    events: AsyncGenerator[Any, None],
     error_payload: Callable[[Exception], Any],
     error_event: str | None = "error",
     on_close: Callable[[], None] = lambda: None,
@@ -47,7 +47,7 @@ def sse_response(
     Anthropic Messages dialects).
     """
 
-    async def body() -> AsyncIterator[str]:
+    async def body() -> AsyncGenerator[str, None]:
         try:
             async for item in events:
                 yield sse(item, event=item["type"] if typed else None)
@@ -58,7 +58,7 @@ def sse_response(
             # Starlette cancels a stream whose client left; anyio would re-cancel this await: shield it, so the
             # engine's sequences are cancelled now rather than whenever the generator is collected.
             with anyio.CancelScope(shield=True):
-                await events.aclose()  # type: ignore[attr-defined]
+                await events.aclose()
         if not typed:
             yield DONE
 

@@ -94,7 +94,8 @@ def engine_app(settings: Settings, cluster: dict[str, float]) -> Any:
     from qwen_api.cluster.replica import EngineReplica
 
     actor_options, threads = replica_resources(settings, cluster)
-    deployment = serve.deployment(EngineReplica).options(
+    # serve.deployment(cls) returns a Deployment; Ray's stubs type only its decorator form.
+    deployment = serve.deployment(EngineReplica).options(  # type: ignore[attr-defined]
         name=DEPLOYMENT_NAME,
         ray_actor_options=actor_options,
         max_ongoing_requests=settings.admission_capacity(),
@@ -104,7 +105,7 @@ def engine_app(settings: Settings, cluster: dict[str, float]) -> Any:
         max_constructor_retry_count=3,
         logging_config={"log_level": settings.log_level.upper(), "enable_access_log": False},
         request_router_config=RequestRouterConfig(
-            request_router_class=ROUTER_CLASS,
+            request_router_class=ROUTER_CLASS,  # type: ignore[arg-type]  # an import path, as Ray's docs use
             request_router_kwargs={"slots": settings.max_batch_size, "block": 16, "imbalance": 2},
         ),
         **scaling(settings),

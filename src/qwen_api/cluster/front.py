@@ -77,7 +77,7 @@ class ClusterRuntime(Runtime):
         if deployment is None:
             self.board.ready = self.board.target = 0
             return
-        states = deployment.replica_states
+        states: dict[Any, int] = dict(deployment.replica_states)  # keyed by ReplicaState, a str enum
         self.board.ready = int(states.get("RUNNING", 0))
         self.board.target = int(sum(states.values()))  # running, starting (a replacement, a scale-up) or stopping
 

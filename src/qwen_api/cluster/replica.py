@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,7 @@ class EngineReplica:
         self._loop_unniced = False
         log.info("replica %s (pid %d) ready: %d threads", self.name, os.getpid(), threads or 0)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[str | TokenChunk]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[str | TokenChunk, None]:
         if not self._loop_unniced:  # the event loop's thread relays every token: normal priority too
             self._loop_unniced = True
             _unnice()
@@ -87,7 +87,7 @@ class EngineReplica:
                 if chunk.finish_reason is not None:
                     self.served += 1
         finally:
-            await tokens.aclose()  # type: ignore[attr-defined]  # a cancelled call cancels the sequence here
+            await tokens.aclose()  # a cancelled call cancels the sequence here
 
     def info(self) -> dict[str, Any]:
         return {"replica": self.name, "pid": os.getpid(), "max_context_tokens": self.engine.max_context_tokens}

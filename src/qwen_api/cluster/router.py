@@ -55,7 +55,7 @@ class PrefixAffinityRouter(RequestRouter):
         request_id = pending_request.metadata.internal_request_id if pending_request is not None else None
         if pending_request is not None:
             pending_request.routing_context.should_backoff = True  # every replica full: back off, don't spin
-            self._chosen.pop(request_id, None)  # asked again: its earlier choice was refused
+            self._chosen.pop(str(request_id), None)  # asked again: its earlier choice was refused
         loads = self._loads(candidate_replicas)
         by_load = sorted(candidate_replicas, key=lambda r: (loads[r.replica_id], random.random()))
         ranks = [[r] for r in by_load]

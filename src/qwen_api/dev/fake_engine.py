@@ -10,7 +10,7 @@ on real models.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 from qwen_api.engine.base import (
@@ -40,7 +40,7 @@ class FakeEngine:
     calls: list[tuple[list[int], SamplingParams]] = field(default_factory=list)
     _dead: str | None = None
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenChunk]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[TokenChunk, None]:
         if self._dead is not None:
             raise EngineDead(self._dead)
         check_prompt_ids(prompt_ids, self.vocab_size)

@@ -8,7 +8,7 @@ matched) cancels the sequence and frees its batch slot. Engines raise the `Engin
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -110,7 +110,7 @@ class Engine(Protocol):
     max_context_tokens: int  # prompt + generated tokens one sequence may hold
     on_step: Callable[[int], None] | None  # told each forward step's batch size, on the engine's thread
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenChunk]:
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[TokenChunk, None]:
         """Start one sequence; chunks arrive as the engine steps."""
         ...
 

@@ -25,7 +25,7 @@ import queue
 import random
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,7 +117,7 @@ class LlamaCppEngine:
         self._thread.start()
 
     # ----------------------------------------------------------------------------------------- requests
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenChunk]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[TokenChunk, None]:
         if not self.is_healthy():
             raise EngineDead(f"the llama.cpp worker is not running: {self._fatal}")
         check_prompt_ids(prompt_ids, self._n_vocab)

@@ -14,7 +14,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import Any
 
 from qwen_api.engine import seeded_sampling
@@ -130,7 +130,7 @@ class TransformersEngine:
     def _finish_reason(self, tokens: list[int]) -> FinishReason:
         return "stop" if tokens and tokens[-1] in self._eos else "length"
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenChunk]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[TokenChunk, None]:
         """Run one sequence; see `Engine.generate`. Leaving the loop early cancels it in the engine."""
         if not self.is_healthy():
             raise EngineDead(f"the generation thread is not running: {self._fatal_error()}")

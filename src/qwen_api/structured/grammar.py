@@ -51,7 +51,8 @@ def _lark_free_json(schema: Any) -> str:
     from llguidance import LLMatcher
 
     try:
-        return LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=_JSON_OPTIONS)
+        # A plain dict is what llguidance reads; its stubs name a TypedDict with the same key.
+        return LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=_JSON_OPTIONS)  # type: ignore[arg-type]
     except ValueError as exc:
         raise GrammarError(f"invalid JSON schema: {exc}") from None
 

@@ -110,7 +110,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
         self.mlp = MLP(config, device, dtype)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, meta):  # type: ignore[no-untyped-def]
+    def forward(self, x, cos, sin, k_cache, v_cache, meta):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -141,8 +141,9 @@ class CausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden]
         x = F.embedding(input_ids, self.embed_tokens)
-        cos = self.rope_cos[positions].to(x.dtype)
-        sin = self.rope_sin[positions].to(x.dtype)
+        rope_cos, rope_sin = self.get_buffer("rope_cos"), self.get_buffer("rope_sin")  # typed, unlike attributes
+        cos = rope_cos[positions].to(x.dtype)
+        sin = rope_sin[positions].to(x.dtype)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
             x = layer(x, cos, sin, k_cache, v_cache, meta)
         return self.norm(x)

@@ -54,6 +54,11 @@ def filter_top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return filtered.scatter(-1, order, ordered.masked_fill(~keep, float("-inf")))
 
 
+def _seed(params: SamplingParams) -> int:
+    assert params.seed is not None
+    return params.seed
+
+
 def sample(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     """logits [B, V] (fp32) -> token ids [B] (int64), on the logits' device."""
     logits = sanitise(logits)
@@ -82,7 +87,7 @@ def sample(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     noise = -torch.log(torch.empty_like(scores).exponential_())
     seeded = [i for i, p in enumerate(picked) if p.seed is not None]
     if seeded:
-        keys = torch.tensor([row_key(picked[i].seed, rows[drawn_rows[i]].step) for i in seeded])  # type: ignore[arg-type]
+        keys = torch.tensor([row_key(_seed(picked[i]), rows[drawn_rows[i]].step) for i in seeded])
         noise[seeded] = gumbel_noise(keys.to(device), vocab, scores.dtype)
     drawn = (scores + noise).argmax(dim=-1)
     return greedy.index_copy(0, index, drawn)
