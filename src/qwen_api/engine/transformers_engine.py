@@ -2,7 +2,7 @@
 
 The manager owns one generation thread that steps all running sequences together (paged KV cache, new
 requests join between steps). Each sequence gets its own asyncio queue, fed by `register_result_handler`
-on the event loop: FACTS.md measured the shared `request_id_iter` queue at 32 s for a 20-token stream
+on the event loop: the team measured the shared `request_id_iter` queue at 32 s for a 20-token stream
 beside another request, against 0.05 s alone. Sampling parameters are per request
 (`per_request_processors=True`); greedy is top-k 1, because the manager's `do_sample` is global, and
 seeds are honoured per request by `seeded_sampling`.
