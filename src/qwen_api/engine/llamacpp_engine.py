@@ -294,14 +294,22 @@ class LlamaCppEngine:
 
 
 def safe_model_params(defaults: Callable[[], Any] | None = None) -> Any:
-    """llama.cpp's default model parameters, less its extra buffer types (AMX, repacked weights): on the team's
-    Xeon VMs the CPU reports AMX and the kernel grants it, but AMX instructions die with SIGILL (every decode
-    crashed the process, 2026-11-27). The demo's Q4_1 weights have no repacked kernels, so it loses nothing."""
+    """llama.cpp's default model parameters, less its extra buffer types (AMX, repacked weights) on CPUs that report
+    AMX: on the team's Xeon VMs the kernel grants AMX but its instructions die with SIGILL (every decode crashed
+    the process, 2026-11-27). Elsewhere the repacked Q4_0/Q4_K kernels stay on (the demo's Q4_1 has none)."""
     from llama_cpp import llama_cpp
 
     params = (defaults or llama_cpp.llama_model_default_params)()
-    params.use_extra_bufts = False
+    if _cpu_reports_amx():
+        params.use_extra_bufts = False
     return params
+
+
+def _cpu_reports_amx() -> bool:
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
