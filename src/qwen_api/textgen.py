@@ -93,7 +93,7 @@ class TextGenerator:
         is, never as the control token, so only the template itself can open or close a turn.
         """
         if not getattr(self.tokenizer, "chat_template", None):
-            return self._content_ids("\n".join(m["content"] for m in messages))
+            return self.content_ids("\n".join(m["content"] for m in messages))
         if not any(self._holds_special(m["content"]) for m in messages):
             return self._template_ids(messages, tools)  # the common case: exactly the template's own tokenisation
         # Render with a placeholder per message, then tokenise the template's text with its control tokens and
@@ -105,7 +105,7 @@ class TextGenerator:
             before, found, rendered = rendered.partition(mark)
             if not found:  # the template dropped or altered a message: never guess, refuse
                 raise ValueError("the chat template did not render every message")
-            ids += self.text_prompt_ids(before) + self._content_ids(message["content"])
+            ids += self.text_prompt_ids(before) + self.content_ids(message["content"])
         return ids + self.text_prompt_ids(rendered)
 
     def _render(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None) -> str:
@@ -121,7 +121,7 @@ class TextGenerator:
     def _holds_special(self, text: str) -> bool:
         return any(token in text for token in self._special_texts)
 
-    def _content_ids(self, text: str) -> list[int]:
+    def content_ids(self, text: str) -> list[int]:
         """Token ids of user-supplied text in which control tokens' texts are plain characters."""
         encoded = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)
         return [int(i) for i in encoded["input_ids"]]

@@ -40,8 +40,8 @@ def _prompt_ids(body: Conversation, settings: Settings, runtime: Runtime, genera
     ids = generator.chat_prompt_ids(messages)
     prefill = body.prefill()
     if prefill:  # plain text: control tokens typed in it stay characters, as in any message
-        ids += generator.tokenizer(prefill, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    return [int(i) for i in ids]
+        ids += generator.content_ids(prefill)
+    return ids
 
 
 @router.post("/messages", response_model=None)
