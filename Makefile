@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv demo serve test test-fast test-tools check lint
+.PHONY: venv demo serve test test-fast test-tools bench-tools check lint
 
 $(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
@@ -31,14 +31,33 @@ test-tools:
 	@{ command -v chromium && command -v chromedriver; } >/dev/null || \
 		{ apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
+## Benchmark peers, not needed by the tests: llama.cpp's own llama-server (bench/serve_bench.py --launch llama-server),
+## built from the vendored llama.cpp of the pinned llama-cpp-python sdist (same sources as our engine's kernels) into
+## build/bench-tools/bin. Needs cmake and a C++ compiler; native CPU flags, as pip built the venv's wheel.
+LLAMA_CPP_PYTHON := $(shell sed -n 's/^llama_cpp_python==//p' requirements.lock)
+BENCH_TOOLS := build/bench-tools
+bench-tools: venv
+	@test -x $(BENCH_TOOLS)/bin/llama-server || { set -e; \
+		rm -rf $(BENCH_TOOLS)/src && mkdir -p $(BENCH_TOOLS)/src $(BENCH_TOOLS)/bin; \
+		$(PY) -m pip download -q --disable-pip-version-check --no-binary :all: --no-deps \
+			llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(BENCH_TOOLS)/src; \
+		tar -xzf $(BENCH_TOOLS)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(BENCH_TOOLS)/src; \
+		command -v cmake >/dev/null || $(PY) -m pip install -q --disable-pip-version-check cmake; \
+		PATH="$$PATH:$(abspath $(VENV))/bin" cmake -S $(BENCH_TOOLS)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp \
+			-B $(BENCH_TOOLS)/cmake -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_SERVER=ON \
+			-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF >/dev/null; \
+		PATH="$$PATH:$(abspath $(VENV))/bin" cmake --build $(BENCH_TOOLS)/cmake --target llama-server -j2 >/dev/null; \
+		cp $(BENCH_TOOLS)/cmake/bin/llama-server $(BENCH_TOOLS)/bin/; }
+	@$(BENCH_TOOLS)/bin/llama-server --version 2>&1 | head -1
+
 ## The whole test suite (GPU tests are deselected where no GPU exists, and pytest says so), one pytest process per
 ## group: every in-process engine a group starts (a llama.cpp context holds ~750 MB of KV cache) is given back to
 ## the system when its process ends, so the suite's memory stays bounded on a 24 GiB machine (one process for
 ## everything reached 12 GB and was OOM-killed beside another run). tests/unit/test_layout.py checks that every
 ## test file is in exactly one group. A group that selects nothing (exit 5, e.g. with PYTEST_ARGS=-k) is fine.
 TEST_GROUPS = \
-	"tests/unit tests/test_detokenize.py tests/test_random_qwen2.py tests/test_cli_and_settings.py tests/test_bench.py tests/test_gpu.py tests/test_llamacpp_engine.py tests/test_native_engine.py" \
-	"tests/test_seed_api.py tests/test_openai_api.py tests/test_streaming.py tests/test_defects.py" \
+	"tests/unit tests/test_detokenize.py tests/test_random_qwen2.py tests/test_cli_and_settings.py tests/test_bench.py tests/test_gpu.py tests/test_llamacpp_engine.py tests/test_native_engine.py tests/test_sampling_controls.py" \
+	"tests/test_seed_api.py tests/test_openai_api.py tests/test_streaming.py tests/test_defects.py tests/test_sampling_api.py" \
 	"tests/test_robustness.py" \
 	"tests/test_dialects.py tests/test_structured.py" \
 	"tests/test_playground.py tests/test_demo_and_client.py" \

@@ -17,13 +17,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import uvicorn
 
 from qwen_api.admission import Admission
-from qwen_api.api.app import create_app
+from qwen_api.api.app import create_app, observe_with
 from qwen_api.engine.loading import resolve_model
 from qwen_api.runtime import Runtime, default_loader
 from qwen_api.server import Server, bounded_h11
@@ -51,6 +52,26 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     count = getattr(config, "_qwen_api_gpu_deselected", 0)
     if count:
         terminalreporter.write_line(f"{count} GPU test(s) deselected: no CUDA device here (run `pytest -m gpu` on one)")
+
+
+_SDK_CLIENTS: dict[str, Any] = {}
+
+
+def sdk(cls: Any, **kwargs: Any) -> Any:
+    """One synchronous SDK client (openai.OpenAI, anthropic.Anthropic) per class and arguments for the session, closed
+    when it ends: a client per call would leave its sockets to the garbage collector, a ResourceWarning (an error)."""
+    key = f"{cls.__module__}.{cls.__qualname__}{sorted(kwargs.items())!r}"
+    if key not in _SDK_CLIENTS:
+        _SDK_CLIENTS[key] = cls(**kwargs)
+    return _SDK_CLIENTS[key]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_sdk_clients() -> Iterator[None]:
+    yield
+    for client in _SDK_CLIENTS.values():
+        client.close()
+    _SDK_CLIENTS.clear()
 
 
 def free_port() -> int:
@@ -96,6 +117,7 @@ class InProcessServer:
         http = bounded_h11(settings.max_connections, settings.header_timeout)
         config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning", http=http)
         self.server = Server(config, runtime, self.admission, settings.drain_timeout)
+        runtime.connect(on_ready=observe_with(app.state.metrics), on_fatal=self.server.request_exit)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.base_url = f"http://127.0.0.1:{settings.port}"
 
@@ -188,4 +210,5 @@ def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait(timeout=30)
         log.close()

@@ -31,7 +31,7 @@ from qwen_api.engine.transformers_engine import check_internals
 from qwen_api.metrics import Metrics
 from qwen_api.textgen import TextGenerator
 
-from conftest import SCRIPT, InProcessServer, serve_in_process, wait_healthy
+from conftest import SCRIPT, InProcessServer, sdk, serve_in_process, wait_healthy
 
 
 def chat(server: InProcessServer, **body: Any) -> httpx.Response:
@@ -177,7 +177,7 @@ def test_sigterm_while_the_model_loads_exits_0(tiny_qwen2_dir: Path) -> None:
 # ------------------------------------------------------------------------------ 5, 6. seeds
 @pytest.mark.parametrize("route", ["chat", "completions"])
 def test_n_samples_with_one_seed_differ_and_reproduce(api_server: InProcessServer, route: str) -> None:
-    client = openai.OpenAI(base_url=f"{api_server.base_url}/v1", api_key="x")
+    client = sdk(openai.OpenAI, base_url=f"{api_server.base_url}/v1", api_key="x")
     model = model_id(api_server)
 
     def texts() -> list[str]:
@@ -291,7 +291,7 @@ def test_a_length_cut_inside_a_character_drops_it(scripted_server: InProcessServ
     # the first point where the decoded prefix ends inside a character
     cut = next(k for k in range(1, len(ids)) if tokenizer.decode(ids[:k]).endswith("\ufffd"))
     expected = tokenizer.decode(ids[:cut]).rstrip("\ufffd")
-    client = openai.OpenAI(base_url=f"{scripted_server.base_url}/v1", api_key="x")
+    client = sdk(openai.OpenAI, base_url=f"{scripted_server.base_url}/v1", api_key="x")
     args: dict[str, Any] = {
         "model": model_id(scripted_server), "messages": [{"role": "user", "content": "go"}],
         "max_tokens": cut, "temperature": 0,
@@ -307,7 +307,7 @@ def test_a_length_cut_inside_a_character_drops_it(scripted_server: InProcessServ
 
 # ------------------------------------------------------------------------------ 11-14. contract details
 def test_null_means_the_default(api_server: InProcessServer) -> None:
-    client = openai.OpenAI(base_url=f"{api_server.base_url}/v1", api_key="x")
+    client = sdk(openai.OpenAI, base_url=f"{api_server.base_url}/v1", api_key="x")
     r = client.chat.completions.create(
         model=model_id(api_server), messages=[{"role": "user", "content": "hi"}], max_tokens=3,
         temperature=None, top_p=None, n=None, presence_penalty=None, frequency_penalty=None, stop=None, seed=None,

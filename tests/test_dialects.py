@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import SCRIPT, InProcessServer, serve_in_process
+from conftest import SCRIPT, InProcessServer, sdk, serve_in_process
 
 STOP = "<<STOP>>"
 BEFORE_STOP = SCRIPT[: SCRIPT.index(STOP)]
@@ -35,11 +35,11 @@ def guarded(tiny_qwen2_dir: Path) -> Iterator[InProcessServer]:
 
 
 def oai(server: InProcessServer, key: str = "unused") -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=key, max_retries=0, timeout=120)
+    return sdk(openai.OpenAI, base_url=f"{server.base_url}/v1", api_key=key, max_retries=0, timeout=120)
 
 
 def claude(server: InProcessServer, key: str = "unused") -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=server.base_url, api_key=key, max_retries=0, timeout=120)
+    return sdk(anthropic.Anthropic, base_url=server.base_url, api_key=key, max_retries=0, timeout=120)
 
 
 def name(server: InProcessServer) -> str:
@@ -260,6 +260,10 @@ def test_messages_stream_events_in_order(scripted_server: InProcessServer) -> No
 def test_messages_async_client_plain_and_streamed_together(scripted_server: InProcessServer) -> None:
     async def main() -> tuple[str, str]:
         client = anthropic.AsyncAnthropic(base_url=scripted_server.base_url, api_key="unused", max_retries=0)
+        async with client:
+            return await both(client)
+
+    async def both(client: anthropic.AsyncAnthropic) -> tuple[str, str]:
         kwargs = {"model": name(scripted_server), "messages": HI, "max_tokens": 100, **GREEDY}
 
         async def streamed() -> str:
@@ -354,8 +358,8 @@ def test_messages_prompt_beyond_context_is_400_naming_both_numbers(scripted_serv
 def test_api_key_as_bearer_or_x_api_key_and_wrong_key_in_each_shape(guarded: InProcessServer) -> None:
     kwargs = {"model": name(guarded), "messages": HI, "max_tokens": 2}
     assert claude(guarded, KEY).messages.create(**kwargs).usage.output_tokens == 2  # the SDK sends a bearer token
-    by_header = anthropic.Anthropic(
-        base_url=guarded.base_url, api_key=None, default_headers={"X-Api-Key": KEY}, max_retries=0
+    by_header = sdk(
+        anthropic.Anthropic, base_url=guarded.base_url, api_key=None, default_headers={"X-Api-Key": KEY}, max_retries=0
     )
     assert by_header.messages.count_tokens(model=name(guarded), messages=HI).input_tokens > 0
     with pytest.raises(anthropic.AuthenticationError) as info:

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import torch
 
-from qwen_api.engine.base import EngineError, SamplingParams
+from qwen_api.engine.base import EngineError, SamplingParams, common_prefix_len
 from qwen_api.engine.native.engine import NativeEngine
 from qwen_api.engine.native.sampler import Row, filter_top_k_top_p, sample
 
@@ -307,15 +307,6 @@ def test_llama_with_tied_embeddings_matches_transformers(tmp_path: Path) -> None
 
 
 # ------------------------------------------------------------------------------------------------ GPU
-def _agreement(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 @pytest.mark.gpu
 def test_gpu_fp32_greedy_matches_transformers(tiny_qwen2_dir: Path) -> None:
     """The CPU tests' exact check, on CUDA in fp32 (Triton decode kernel, CUDA graphs, prefix cache)."""
@@ -351,7 +342,8 @@ def test_gpu_bf16_greedy_against_transformers(tiny_qwen2_dir: Path) -> None:
         prompts = [random_prompt(length, seed=90 + i) for i, length in enumerate([1, 7, 33, 100, 300])]
         results = run_many(gpu, [(p, GREEDY) for p in prompts])
         for prompt, tokens in zip(prompts, results, strict=True):
-            print(f"{len(prompt)}-token prompt: agrees with generate for {_agreement(tokens, reference(hf, prompt))}")
+            agree = common_prefix_len(tokens, reference(hf, prompt))
+            print(f"{len(prompt)}-token prompt: agrees with generate for {agree}")
             with torch.no_grad():
                 logits = hf(torch.tensor([prompt + tokens], device="cuda")).logits[0].float()
             rows = logits[len(prompt) - 1 : len(prompt) - 1 + len(tokens)]  # the logits each choice was made from

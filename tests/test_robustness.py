@@ -23,7 +23,7 @@ import pytest
 
 from qwen_api.engine.base import next_output
 
-from conftest import ENGINES, VENV_BIN, InProcessServer, free_port, serve_engine, serve_in_process, wait_healthy
+from conftest import ENGINES, VENV_BIN, InProcessServer, free_port, sdk, serve_engine, serve_in_process, wait_healthy
 
 LONG = 4000  # new tokens: many seconds of decoding, so the request is surely still running
 LONG_PROMPT = "Count from 1 to 1000, one number per line."  # a real model, too, keeps writing
@@ -312,12 +312,12 @@ def test_engine_death_turns_health_503_and_ends_the_server_with_exit_code_1(tiny
 
 def serve_subprocess(model_dir: Path, *flags: str, log: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 (the child holds it; closed with it)
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "qwen-api"), "serve", "--model", str(model_dir), "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning", *flags],
-        stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+    with open(log or os.devnull, "wb") as out:  # the child holds its own copy of the descriptor
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "qwen-api"), "serve", "--model", str(model_dir), "--host", "127.0.0.1",
+             "--port", str(port), "--log-level", "warning", *flags],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -353,6 +353,7 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(tiny_qwe
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(timeout=30)  # reaped, so that no ResourceWarning says it still runs
 
 
 # ------------------------------------------------------------------------------------------------ security
@@ -369,10 +370,10 @@ def test_api_key_guards_inference_routes_only(tiny_qwen2_dir: Path) -> None:
             f"{base}/generate", json={"prompt": "hi", "max_length": 2}, headers={"Authorization": "Bearer s3cret"}
         )
         assert ok.status_code == 200
-        sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0)
-        assert sdk.models.list().data[0].id == server.runtime.model_name
+        client = sdk(openai.OpenAI, base_url=f"{base}/v1", api_key="s3cret", max_retries=0)
+        assert client.models.list().data[0].id == server.runtime.model_name
         with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"{base}/v1", api_key="nope", max_retries=0).models.list()
+            sdk(openai.OpenAI, base_url=f"{base}/v1", api_key="nope", max_retries=0).models.list()
 
 
 @pytest.mark.parametrize("log_prompts", [False, True])

@@ -19,7 +19,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from conftest import InProcessServer, serve_engine, serve_in_process
+from conftest import InProcessServer, sdk, serve_engine, serve_in_process
 
 
 class Colour(StrEnum):
@@ -67,7 +67,7 @@ def demo(request: pytest.FixtureRequest, tiny_qwen2_dir: Path) -> Iterator[InPro
 
 
 def client_of(server: InProcessServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0, timeout=120)
+    return sdk(openai.OpenAI, base_url=server.base_url + "/v1", api_key="none", max_retries=0, timeout=120)
 
 
 def model_of(server: InProcessServer) -> str:

@@ -18,7 +18,7 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from qwen_api.admission import Admission
-    from qwen_api.api.app import create_app
+    from qwen_api.api.app import create_app, observe_with
     from qwen_api.api.middleware import RequestIdFilter
     from qwen_api.engine.loading import ModelUnavailable, resolve_model
     from qwen_api.runtime import Runtime, default_loader
@@ -46,6 +46,9 @@ def serve(settings: Settings) -> int:
     http = bounded_h11(connection_bound(settings.max_connections), settings.header_timeout)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, http=http)
     server = Server(config, runtime, admission, settings.drain_timeout)
+    # The runtime's collaborators, built from it: the app's metrics observe what it loads, and the server exits
+    # (with the runtime's exit code) when the model fails to load or its engine dies.
+    runtime.connect(on_ready=observe_with(app.state.metrics), on_fatal=server.request_exit)
     server.run()
     return 1 if server.cut_off else runtime.exit_code
 

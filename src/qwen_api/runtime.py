@@ -3,6 +3,10 @@
 `/health` is 503 until loading finishes, while draining, and for good if loading fails or the engine dies;
 routes ask `Runtime.generator()` for a ready `TextGenerator` and get `ModelNotReady` otherwise. A failed load
 or a dead engine calls `on_fatal`, so the server can exit non-zero and a supervisor can restart it.
+
+The runtime's collaborators are named by whoever builds it, never attached later by the objects that use it: as
+constructor arguments, or, where they are built from the runtime itself (the app's metrics read its stats, the
+server runs the app that holds it), once through `Runtime.connect` before it starts.
 """
 
 from __future__ import annotations
@@ -15,13 +19,17 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from qwen_api.engine.base import EngineStats
-from qwen_api.engine.loading import ModelSource, load_model, pick_device, pick_dtype
+from qwen_api.engine.loading import ModelSource, load_model, pick_device, pick_dtype, sampling_defaults
 from qwen_api.settings import Settings
 from qwen_api.textgen import TextGenerator
 
 log = logging.getLogger(__name__)
 
 Loader = Callable[[], TextGenerator]
+ReadyHook = Callable[[TextGenerator], None]
+"""Called once with the loaded generator, before any request can get it (e.g. to attach the metrics observer)."""
+FatalHook = Callable[[], None]
+"""Called when the model failed to load or its engine died (e.g. to make the server exit with `exit_code`)."""
 
 
 class ModelNotReady(Exception):
@@ -31,7 +39,9 @@ class ModelNotReady(Exception):
 class Runtime:
     """Loads the model off the event loop and hands out the TextGenerator once it is ready."""
 
-    def __init__(self, loader: Loader, model_name: str) -> None:
+    def __init__(
+        self, loader: Loader, model_name: str, *, on_ready: ReadyHook | None = None, on_fatal: FatalHook | None = None
+    ) -> None:
         self._loader = loader
         self.model_name = model_name
         self.created = int(time.time())
@@ -40,10 +50,21 @@ class Runtime:
         self.error: BaseException | None = None
         self.draining = False
         self._closing = False
-        self.on_fatal: Callable[[], None] | None = None
-        self.on_ready: list[Callable[[TextGenerator], None]] = []
+        self._on_ready, self._on_fatal = on_ready, on_fatal
         self._task: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
+
+    def connect(self, *, on_ready: ReadyHook | None = None, on_fatal: FatalHook | None = None) -> None:
+        """Name a collaborator that could not be a constructor argument because it is built from this runtime.
+        Each hook is named once, and only before `start`: a hook that replaced another, or came after the load
+        began, would be wiring hidden in whatever object happened to call this last."""
+        if self.state != "idle":
+            raise RuntimeError("Runtime.connect after start: name its hooks where it is built")
+        for name, hook, current in (("on_ready", on_ready, self._on_ready), ("on_fatal", on_fatal, self._on_fatal)):
+            if hook is not None and current is not None:
+                raise RuntimeError(f"Runtime.{name} is already connected")
+        self._on_ready = on_ready or self._on_ready
+        self._on_fatal = on_fatal or self._on_fatal
 
     def start(self) -> None:
         self.state = "loading"
@@ -57,8 +78,8 @@ class Runtime:
             self.state, self.error = "failed", exc
             self._fatal()
         else:
-            for hook in self.on_ready:
-                hook(self._generator)
+            if self._on_ready is not None:
+                self._on_ready(self._generator)
             self.state = "ready"
             log.info("model loaded; serving")
             if not self._closing:  # a SIGTERM during the load: the engine is about to be shut down, not watched
@@ -76,8 +97,8 @@ class Runtime:
         self._fatal()
 
     def _fatal(self) -> None:
-        if self.on_fatal is not None:
-            self.on_fatal()
+        if self._on_fatal is not None:
+            self._on_fatal()
 
     @property
     def exit_code(self) -> int:
@@ -163,7 +184,7 @@ def _load_transformers(settings: Settings, source: ModelSource, device: str) -> 
         max_batch_size=settings.max_batch_size,
         kv_cache_tokens=settings.kv_cache_tokens,
     )
-    return TextGenerator(engine, tokenizer)
+    return TextGenerator(engine, tokenizer, sampling_defaults=sampling_defaults(source))
 
 
 def _load_llamacpp(settings: Settings, source: ModelSource, device: str) -> TextGenerator:
@@ -183,7 +204,7 @@ def _load_llamacpp(settings: Settings, source: ModelSource, device: str) -> Text
         kv_cache_tokens=settings.kv_cache_tokens,
         prefix_cache=settings.prefix_cache,
     )
-    return TextGenerator(engine, tokenizer)
+    return TextGenerator(engine, tokenizer, sampling_defaults=sampling_defaults(source))
 
 
 def _load_native(settings: Settings, source: ModelSource, device: str) -> TextGenerator:
@@ -209,4 +230,4 @@ def _load_native(settings: Settings, source: ModelSource, device: str) -> TextGe
         kv_cache_tokens=settings.kv_cache_tokens,
         prefix_cache=settings.prefix_cache,
     )
-    return TextGenerator(engine, tokenizer)
+    return TextGenerator(engine, tokenizer, sampling_defaults=sampling_defaults(source))

@@ -104,14 +104,14 @@ class Server(uvicorn.Server):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
         self.cut_off = False  # stopped at once with requests still in flight
-        runtime.on_fatal = self.request_exit
 
     async def serve(self, sockets: list | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
 
     def request_exit(self) -> None:
-        """Shut down now (from the event loop): the process then exits with the runtime's exit code."""
+        """Shut down now (from the event loop): the process then exits with the runtime's exit code. The runtime's
+        `on_fatal`: whoever builds both connects it (`runtime.connect(on_fatal=server.request_exit)`)."""
         self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:

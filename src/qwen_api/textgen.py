@@ -16,8 +16,8 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from qwen_api.detokenize import IncrementalDetokenizer, StopMatcher
-from qwen_api.engine.base import Engine, EngineError, FinishReason, SamplingParams
+from qwen_api.detokenize import IncrementalDetokenizer, StopMatcher, _is_byte_level, _TokenBytes
+from qwen_api.engine.base import Engine, EngineError, FinishReason, SamplingParams, TokenLogprob
 from qwen_api.engine.sampling import choice_seed
 from qwen_api.structured.grammar import GrammarCompiler
 
@@ -51,6 +51,9 @@ class TextDelta:
     finish_reason: FinishReason | None = None
     completion_tokens: int = 0
     stop_string: str | None = None  # the stop string that ended it, if one did
+    # With logprobs asked for: one entry per token received since the previous delta (text held back while it may
+    # become a stop string or a whole character waits with its tokens' entries).
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class Completion:
     finish_reason: FinishReason
     completion_tokens: int
     stop_string: str | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one entry per generated token, when asked for
 
 
 class SequenceObserver(Protocol):
@@ -72,12 +76,21 @@ class SequenceObserver(Protocol):
 class TextGenerator:
     """Turns prompts and chat messages into token ids, and engine tokens back into text."""
 
-    def __init__(self, engine: Engine, tokenizer: Any, observer: SequenceObserver | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Any,
+        observer: SequenceObserver | None = None,
+        sampling_defaults: dict[str, float] | None = None,
+    ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.observer = observer
+        # The checkpoint's generation_config defaults: what /v1 requests get for sampling fields they leave out.
+        self.sampling_defaults = dict(sampling_defaults or {})
         self.grammars = GrammarCompiler(tokenizer)  # structured outputs; builds nothing until first used
         self._special_ids = set(tokenizer.all_special_ids)
+        self._token_bytes = _TokenBytes(tokenizer) if _is_byte_level(tokenizer) else None
         added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
         self._special_texts = {str(t) for t in tokenizer.all_special_tokens} | {
             str(t.content) for t in added.values() if getattr(t, "special", False)
@@ -129,6 +142,17 @@ class TextGenerator:
     def text_prompt_ids(self, text: str) -> list[int]:
         """Token ids of raw text, no template (control tokens written in it are parsed: raw prompts may use them)."""
         return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (part of a character, for byte-level tokens that split one)."""
+        if self._token_bytes is not None:
+            return self._token_bytes(token_id)
+        return str(self.tokenizer.decode([token_id], skip_special_tokens=False)).encode()
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a request may name (logit_bias): the tokenizer's, base vocabulary and added tokens."""
+        return len(self.tokenizer)
 
     def check_fits(self, prompt_ids: list[int], max_new_tokens: int) -> None:
         """The one check that a request can run: some prompt, and prompt plus new tokens within the context."""
@@ -191,12 +215,17 @@ class TextGenerator:
         matcher = StopMatcher(stop)
         produced = 0
         start, first = time.perf_counter(), 0.0
+        pending: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         tokens = self.engine.generate(prompt_ids, params)
         try:
             async for chunk in tokens:
                 if not produced and chunk.token_ids:
                     first = time.perf_counter() - start
                 produced += len(chunk.token_ids)
+                if pending is not None:
+                    if chunk.logprobs is None or len(chunk.logprobs) != len(chunk.token_ids):
+                        raise EngineError("the engine returned tokens without the log-probabilities asked for")
+                    pending.extend(chunk.logprobs)
                 text = matcher.push(detokenizer.push(chunk.token_ids))
                 if chunk.finish_reason is not None:
                     text += matcher.push(detokenizer.flush())
@@ -205,10 +234,10 @@ class TextGenerator:
                 if finish is not None:
                     if self.observer is not None:
                         self.observer.sequence_finished(produced, first, time.perf_counter() - start)
-                    yield TextDelta(index, text, finish, produced, stop_string=matcher.matched)
+                    yield TextDelta(index, text, finish, produced, matcher.matched, _take(pending))
                     return
                 if text:
-                    yield TextDelta(index, text)
+                    yield TextDelta(index, text, logprobs=_take(pending))
         finally:
             await tokens.aclose()
 
@@ -217,14 +246,29 @@ class TextGenerator:
         # aclosing: leaving at the finish delta (a stop string matched) closes the sequence now, which cancels it in
         # the engine; without it the engine decoded on until garbage collection closed the generator.
         parts: list[str] = []
+        logprobs: list[TokenLogprob] = []
         async with aclosing(deltas):
             async for delta in deltas:
                 parts.append(delta.text)
+                logprobs.extend(delta.logprobs or ())
                 if delta.finish_reason is not None:
                     return Completion(
-                        "".join(parts), delta.finish_reason, delta.completion_tokens, stop_string=delta.stop_string
+                        "".join(parts),
+                        delta.finish_reason,
+                        delta.completion_tokens,
+                        delta.stop_string,
+                        tuple(logprobs) if delta.logprobs is not None else None,
                     )
         raise EngineError("the engine ended a sequence without a finish reason")
+
+
+def _take(pending: list[TokenLogprob] | None) -> tuple[TokenLogprob, ...] | None:
+    """The entries gathered so far, handed to the delta about to be sent (which empties the list)."""
+    if pending is None:
+        return None
+    taken = tuple(pending)
+    pending.clear()
+    return taken
 
 
 def _for_choice(params: SamplingParams, index: int) -> SamplingParams:

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 
 from qwen_api.admission import Admission
-from qwen_api.api.app import create_app
+from qwen_api.api.app import create_app, observe_with
 from qwen_api.dev.fake_engine import FakeEngine
 from qwen_api.dev.random_qwen2 import build_qwen2_tokenizer
 from qwen_api.runtime import Runtime
@@ -29,6 +29,7 @@ def run(test: Callable[[httpx.AsyncClient, FakeEngine, Admission], Awaitable[Non
         runtime = Runtime(lambda: TextGenerator(fake, TOKENIZER), "fake-model")
         admission = Admission(Settings(**settings).admission_capacity())
         app = create_app(Settings(**settings), runtime, admission)
+        runtime.connect(on_ready=observe_with(app.state.metrics))
         runtime.start()
         await runtime.wait_ready()
         transport = httpx.ASGITransport(app=app)

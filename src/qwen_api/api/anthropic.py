@@ -56,7 +56,7 @@ async def create_message(
     prompt_ids = _prompt_ids(body, settings, runtime, generator)
     if body.max_tokens > settings.max_new_tokens_limit:
         raise Unsupported("max_tokens", f"must be at most {settings.max_new_tokens_limit} on this server")
-    params, stop = body.sampling_params(), body.stop_sequences or []
+    params, stop = body.sampling_params(generator.sampling_defaults), body.stop_sequences or []
     generator.check_fits(prompt_ids, params.max_new_tokens)
     ticket = guard.admit(1, len(prompt_ids))
     shape = _Shape(body.model, len(prompt_ids))

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from qwen_api.api.openai_protocol import MAX_STOP_LENGTH, MAX_STOP_STRINGS, Unsupported
-from qwen_api.api.schema import RequestModel
+from qwen_api.api.schema import RequestModel, resolve_sampling
 from qwen_api.engine.base import SamplingParams
 from qwen_api.textgen import Completion
 
@@ -89,13 +89,17 @@ class Conversation(_Request):
         return system + [{"role": m.role, "content": _text(m.content)} for m in turns]
 
 
+# Anthropic's defaults, where neither the request nor the model's generation config sets a field.
+_DIALECT_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+
 StopSequence = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
 
 
 class MessagesRequest(Conversation):
     max_tokens: int = Field(..., ge=1)
     stop_sequences: list[StopSequence] | None = Field(None, max_length=MAX_STOP_STRINGS)
-    # Left out (None): Anthropic's own defaults, temperature 1 and no top-p or top-k.
+    # Left out (None): the model's generation-config defaults, else Anthropic's own (temperature 1, no top-p or
+    # top-k).
     temperature: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=0, description="Keep the k most likely tokens; 0 disables it.")
@@ -103,13 +107,9 @@ class MessagesRequest(Conversation):
     stream: bool = False
     service_tier: Literal["auto", "standard_only"] | None = None
 
-    def sampling_params(self) -> SamplingParams:
-        return SamplingParams(
-            max_new_tokens=self.max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
-        )
+    def sampling_params(self, model_defaults: dict[str, float]) -> SamplingParams:
+        values = resolve_sampling(self, model_defaults, _DIALECT_DEFAULTS)
+        return SamplingParams(max_new_tokens=self.max_tokens, **values)
 
 
 StopReason = Literal["end_turn", "max_tokens", "stop_sequence"]

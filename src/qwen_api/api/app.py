@@ -21,22 +21,29 @@ from qwen_api.api.errors import register_error_handlers
 from qwen_api.api.guard import Guard
 from qwen_api.api.middleware import BodyLimit, CatchAll, RequestId, RequestMetrics
 from qwen_api.metrics import Metrics
-from qwen_api.runtime import Runtime
+from qwen_api.runtime import ReadyHook, Runtime
 from qwen_api.settings import Settings
 from qwen_api.textgen import TextGenerator
 
 
-def create_app(
-    settings: Settings, runtime: Runtime, admission: Admission | None = None, routers: Sequence[APIRouter] = ()
-) -> FastAPI:
-    admission = admission or Admission(settings.admission_capacity())
-    metrics = Metrics(engine_stats=runtime.stats, admitted=lambda: admission.in_use)
+def observe_with(metrics: Metrics) -> ReadyHook:
+    """The runtime's `on_ready` hook that reports a loaded generator's sequences and engine steps to `metrics`
+    (the app's `app.state.metrics`). Whoever builds the runtime connects it: `runtime.connect(on_ready=...)`."""
 
     def observe(generator: TextGenerator) -> None:
         generator.observer = metrics
         generator.engine.on_step = metrics.batch_size.observe
 
-    runtime.on_ready.append(observe)
+    return observe
+
+
+def create_app(
+    settings: Settings, runtime: Runtime, admission: Admission | None = None, routers: Sequence[APIRouter] = ()
+) -> FastAPI:
+    """The app over `runtime`, which it starts and closes in its lifespan. It attaches nothing to the runtime: the
+    builder connects `observe_with(app.state.metrics)` as the runtime's `on_ready`, or /metrics sees no sequences."""
+    admission = admission or Admission(settings.admission_capacity())
+    metrics = Metrics(engine_stats=runtime.stats, admitted=lambda: admission.in_use)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -25,9 +25,10 @@ from qwen_api.api.openai_protocol import (
     usage,
 )
 from qwen_api.api.sse import sse_response
+from qwen_api.engine.base import TokenLogprob
 from qwen_api.structured.grammar import GrammarError
 from qwen_api.structured.tools import parse_tool_calls, render_history, safe_prefix_len, template_renders_tools
-from qwen_api.textgen import Completion, TextDelta
+from qwen_api.textgen import Completion, TextDelta, TextGenerator
 
 router = APIRouter(prefix="/v1")
 
@@ -61,7 +62,7 @@ class _Context:
         if requested is None:  # as much as fits, up to the server's cap
             room = generator.engine.max_context_tokens - len(prompt_ids)
             requested = max(1, min(self.settings.max_new_tokens_limit, room))
-        params = body.sampling_params(requested)
+        params = body.sampling_params(requested, generator.sampling_defaults, generator.vocab_size)
         generator.check_fits(prompt_ids, params.max_new_tokens)
         if (grammar := body.grammar()) is not None:
             try:
@@ -72,12 +73,13 @@ class _Context:
         head = {"id": response_id, "created": int(time.time()), "model": body.model}
         if body.stream:
             deltas = generator.stream(prompt_ids, params, n=body.n, stop=body.stop_list())
-            chunks = self.guard.stream(ticket, _chunks(deltas, body, kind, head, len(prompt_ids)))
+            shape = _LogprobShape(generator)
+            chunks = self.guard.stream(ticket, _chunks(deltas, body, kind, head, len(prompt_ids), shape))
             return sse_response(chunks, openai_error_payload, error_event=None, on_close=ticket.release)
         work = generator.complete(prompt_ids, params, n=body.n, stop=body.stop_list())
         results = await self.guard.complete(request, ticket, work)
         log_outputs(self.settings, [c.text for c in results])
-        return _response(kind, head, results, len(prompt_ids), _tools_on(body))
+        return _response(kind, head, results, len(prompt_ids), _tools_on(body), _LogprobShape(generator))
 
 
 @router.get("/models")
@@ -123,44 +125,104 @@ def _tools_on(body: _SamplingRequest) -> bool:
     return isinstance(body, ChatCompletionRequest) and body.tool_dicts() is not None
 
 
+class _LogprobShape:
+    """Log-probabilities in OpenAI's two shapes: chat's `content` entries and the legacy completions' lists."""
+
+    def __init__(self, generator: TextGenerator) -> None:
+        self._generator = generator
+
+    def _token(self, token_id: int) -> tuple[str, list[int]]:
+        data = self._generator.token_bytes(token_id)
+        return data.decode("utf-8", errors="replace"), list(data)
+
+    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text, data = self._token(token_id)
+        return {"token": text, "logprob": logprob, "bytes": data}
+
+    def chat(self, entries: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
+        if entries is None:
+            return None
+        content = [
+            {**self._entry(e.token, e.logprob), "top_logprobs": [self._entry(t, lp) for t, lp in e.top]}
+            for e in entries
+        ]
+        return {"content": content, "refusal": None}
+
+    def legacy(self, entries: Sequence[TokenLogprob] | None, offset: int = 0) -> dict[str, Any] | None:
+        """`offset`: characters of this choice's text before these tokens (for `text_offset`)."""
+        if entries is None:
+            return None
+        tokens = [self._token(e.token)[0] for e in entries]
+        offsets = []
+        for text in tokens:
+            offsets.append(offset)
+            offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{self._token(t)[0]: lp for t, lp in e.top} for e in entries],
+            "text_offset": offsets,
+        }
+
+
 def _response(
-    kind: str, head: dict[str, Any], results: list[Completion], prompt_tokens: int, tools_on: bool = False
+    kind: str,
+    head: dict[str, Any],
+    results: list[Completion],
+    prompt_tokens: int,
+    tools_on: bool,
+    logprobs: _LogprobShape,
 ) -> dict[str, Any]:
     return {
         **head,
         "object": kind,
-        "choices": [_choice(kind, i, c, tools_on) for i, c in enumerate(results)],
+        "choices": [_choice(kind, i, c, tools_on, logprobs) for i, c in enumerate(results)],
         "usage": usage(prompt_tokens, sum(c.completion_tokens for c in results)),
     }
 
 
-def _choice(kind: str, index: int, c: Completion, tools_on: bool = False) -> dict[str, Any]:
+def _choice(kind: str, index: int, c: Completion, tools_on: bool, logprobs: _LogprobShape) -> dict[str, Any]:
     if kind == "chat.completion":
         message: dict[str, Any] = {"role": "assistant", "content": c.text}
         finish: str = c.finish_reason
         if tools_on and (parsed := parse_tool_calls(c.text)).tool_calls:
             message = {"role": "assistant", "content": parsed.content, "tool_calls": parsed.tool_calls}
             finish = "tool_calls"
-        return {"index": index, "message": message, "finish_reason": finish, "logprobs": None}
-    return {"index": index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
+        return {"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs.chat(c.logprobs)}
+    return {"index": index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": logprobs.legacy(c.logprobs)}
 
 
 async def _chunks(
-    deltas: AsyncGenerator[TextDelta, None], body: _SamplingRequest, kind: str, head: dict[str, Any], prompt_tokens: int
+    deltas: AsyncGenerator[TextDelta, None],
+    body: _SamplingRequest,
+    kind: str,
+    head: dict[str, Any],
+    prompt_tokens: int,
+    logprobs: _LogprobShape,
 ) -> AsyncGenerator[dict[str, Any], None]:
     """OpenAI chunks: for chat a role chunk first per choice, then content deltas, then a finish chunk."""
     chat = kind == "chat.completion"
     obj = "chat.completion.chunk" if chat else "text_completion"
     with_usage = body.include_usage()
 
+    wanted = body.logprobs_wanted() is not None
+    # Per choice: log-probability entries not sent yet, and (legacy shape) characters of text sent before them.
+    entries: list[list[TokenLogprob]] = [[] for _ in range(body.n)]
+    offsets = [0] * body.n
+
     def chunk(index: int, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+        taken: list[TokenLogprob] | None = None
+        if wanted and not first and (text or finish):  # a chunk with content (or the last) takes what is pending
+            taken, entries[index] = entries[index], []
         if chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
-            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs.chat(taken)}
         else:
-            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+            legacy = logprobs.legacy(taken, offsets[index])
+            offsets[index] += len(text or "")
+            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": legacy}
         out = {**head, "object": obj, "choices": [choice]}
         if with_usage:
             out["usage"] = None
@@ -189,6 +251,7 @@ async def _chunks(
             for i in range(body.n):
                 yield chunk(i, None, None, first=True)
         async for d in deltas:
+            entries[d.index].extend(d.logprobs or ())
             if tools_on:
                 held[d.index] += d.text
                 safe = safe_prefix_len(held[d.index])

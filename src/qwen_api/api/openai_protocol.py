@@ -1,9 +1,11 @@
 """OpenAI-compatible schemas: /v1/chat/completions, /v1/completions, /v1/models, and OpenAI's error shape.
 
 Requests accept what the official SDK sends. A parameter the engine cannot honour is refused with a 400
-that names it (`Unsupported`), never silently ignored: penalties other than 0, logprobs, logit_bias,
-echo, suffix, best_of other than n. Unknown fields are refused the same way. `response_format` (JSON object or
-JSON schema) and tools are enforced with a grammar while decoding (qwen_api.structured).
+that names it (`Unsupported`), never silently ignored: echo, suffix, best_of other than n. Unknown fields are
+refused the same way. Sampling fields a request leaves out take the checkpoint's generation-config defaults where
+it has them, else OpenAI's; `top_k`, `min_p` and `repetition_penalty` are extensions (as in vLLM).
+`response_format` (JSON object or JSON schema) and tools are enforced with a grammar while decoding
+(qwen_api.structured).
 """
 
 from __future__ import annotations
@@ -12,13 +14,24 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from qwen_api.api.schema import RequestModel
+from qwen_api.api.schema import RequestModel, resolve_sampling
 from qwen_api.engine.base import SamplingParams
 from qwen_api.structured.grammar import GrammarError, response_format_grammar
 from qwen_api.structured.tools import call_grammar
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256
+MAX_LOGIT_BIAS = 300  # entries in one request's logit_bias (OpenAI's own limit)
+# OpenAI's defaults, for what neither the request nor the model's generation config sets.
+_DIALECT_DEFAULTS: dict[str, Any] = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+}
 
 
 class Unsupported(ValueError):
@@ -109,17 +122,22 @@ class _SamplingRequest(_OpenAIRequest):
     """Fields shared by chat and text completions. A field sent as null takes its default."""
 
     model: str
-    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: int = Field(0, ge=-1, description="Extension: keep the k most likely tokens; 0 or -1 disables it.")
+    # Sampling: None (left out) takes the model's default, else OpenAI's (see `sampling_params`).
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=-1, description="Extension: keep the k most likely tokens; 0 or -1: all.")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False, description="Extension.")
+    repetition_penalty: float | None = Field(
+        None, gt=0.0, le=10.0, allow_inf_nan=False, description="Extension: > 1 discourages seen tokens."
+    )
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     response_format: dict[str, Any] | None = None
     user: str | None = Field(None, max_length=256, description="Accepted for compatibility; not used.")
 
@@ -131,18 +149,22 @@ class _SamplingRequest(_OpenAIRequest):
             raise ValueError(f"at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_LENGTH} characters")
         return stop
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_entries(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (bias or {}).items():
+            if not key.isascii() or not key.isdigit():
+                raise ValueError(f"keys are token ids written as decimal strings; {key!r} is not one")
+            if not -100.0 <= value <= 100.0:
+                raise ValueError(f"biases are between -100 and 100; token {key} has {value}")
+        return bias
+
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     def check_supported(self) -> None:
-        if self.presence_penalty != 0:
-            raise Unsupported("presence_penalty", "this server's engine does not apply penalties; use 0")
-        if self.frequency_penalty != 0:
-            raise Unsupported("frequency_penalty", "this server's engine does not apply penalties; use 0")
-        if self.logit_bias:
-            raise Unsupported("logit_bias", "not supported by this server")
         if self.stream_options is not None and not self.stream:
             raise Unsupported("stream_options", "only allowed when stream is true")
 
@@ -157,13 +179,32 @@ class _SamplingRequest(_OpenAIRequest):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling_params(self, max_new_tokens: int) -> SamplingParams:
+    def token_bias(self, vocab_size: int) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token id, bias) pairs; `Unsupported` for an id outside the model's vocabulary."""
+        pairs = tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items())
+        if bad := [t for t, _ in pairs if t >= vocab_size]:
+            raise Unsupported("logit_bias", f"token id {bad[0]} is outside this model's vocabulary of {vocab_size}")
+        return pairs
+
+    def logprobs_wanted(self) -> int | None:
+        """None when no log-probabilities are asked for, else how many alternatives each token lists."""
+        return None
+
+    def sampling_params(self, max_new_tokens: int, model_defaults: dict[str, float], vocab_size: int) -> SamplingParams:
+        """The engine's parameters: set fields, else the model's defaults, else OpenAI's."""
+        values = resolve_sampling(self, model_defaults, _DIALECT_DEFAULTS)
         return SamplingParams(
             max_new_tokens=max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=max(self.top_k, 0),
+            temperature=float(values["temperature"]),
+            top_p=float(values["top_p"]),
+            top_k=max(int(values["top_k"]), 0),
+            min_p=float(values["min_p"]),
+            repetition_penalty=float(values["repetition_penalty"]),
+            presence_penalty=float(values["presence_penalty"]),
+            frequency_penalty=float(values["frequency_penalty"]),
+            logit_bias=self.token_bias(vocab_size),
             seed=self.seed,
+            logprobs=self.logprobs_wanted(),
         )
 
 
@@ -171,16 +212,16 @@ class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs or self.top_logprobs:
-            raise Unsupported("logprobs", "log probabilities are not returned by this server")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise Unsupported("top_logprobs", "needs logprobs set to true")
         names = [t.function.name for t in self.tools or []]
         if len(set(names)) != len(names):
             raise Unsupported("tools", "two tools have the same name")
@@ -188,6 +229,9 @@ class ChatCompletionRequest(_SamplingRequest):
             raise Unsupported("tool_choice", "a tool must be given in tools to require a call")
         if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
             raise Unsupported("tool_choice", f"names a function not in tools: {self.tool_choice.function.name!r}")
+
+    def logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def tool_dicts(self) -> list[dict[str, Any]] | None:
         """The tools the model is shown: none when tool_choice is 'none'."""
@@ -213,7 +257,7 @@ class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] = Field(..., min_length=1)
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
     suffix: str | None = None
     best_of: int | None = None
 
@@ -221,12 +265,13 @@ class CompletionRequest(_SamplingRequest):
         super().check_supported()
         if self.echo:
             raise Unsupported("echo", "echoing the prompt is not supported")
-        if self.logprobs is not None:
-            raise Unsupported("logprobs", "log probabilities are not returned by this server")
         if self.suffix:
             raise Unsupported("suffix", "insertion is not supported")
         if self.best_of not in (None, self.n):
             raise Unsupported("best_of", "only best_of equal to n is supported")
+
+    def logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)

@@ -31,7 +31,7 @@ from qwen_api.api.responses_protocol import (
     usage,
 )
 from qwen_api.api.sse import sse_response
-from qwen_api.engine.base import EngineError
+from qwen_api.engine.base import EngineError, SamplingParams
 from qwen_api.textgen import Completion, TextDelta
 
 router = APIRouter(prefix="/v1")
@@ -57,10 +57,10 @@ async def create_response(
     prompt_ids = generator.chat_prompt_ids(messages)
     # Left out: as much as fits, up to the cap (a prompt that leaves no room fails the context check below).
     max_new = body.max_output_tokens or max(1, min(cap, generator.engine.max_context_tokens - len(prompt_ids)))
-    params = body.sampling_params(max_new)
+    params = body.sampling_params(max_new, generator.sampling_defaults)
     generator.check_fits(prompt_ids, max_new)
     ticket = guard.admit(1, len(prompt_ids))
-    shape = _Shape(body, len(prompt_ids))
+    shape = _Shape(body, params, len(prompt_ids))
     if body.stream:
         events = guard.stream(ticket, shape.events(generator.stream(prompt_ids, params)))
         return sse_response(events, shape.error_event, on_close=ticket.release, typed=True)
@@ -72,14 +72,14 @@ async def create_response(
 class _Shape:
     """One response's ids and echoed settings, as a finished Response object or as its stream of events."""
 
-    def __init__(self, body: ResponsesRequest, input_tokens: int) -> None:
-        self.body, self.input_tokens = body, input_tokens
+    def __init__(self, body: ResponsesRequest, params: SamplingParams, input_tokens: int) -> None:
+        self.body, self.params, self.input_tokens = body, params, input_tokens
         self.response_id, self.item_id = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
         self.created_at = int(time.time())
         self._sequence = itertools.count()
 
     def _response(self, status: Status, output: list[dict[str, Any]], usage_: dict[str, Any] | None) -> dict[str, Any]:
-        return response_object(self.body, self.response_id, self.created_at, status, output, usage_)
+        return response_object(self.body, self.params, self.response_id, self.created_at, status, output, usage_)
 
     def final(self, result: Completion) -> dict[str, Any]:
         status: Status = "incomplete" if result.finish_reason == "length" else "completed"

@@ -14,8 +14,11 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field
 
 from qwen_api.api.openai_protocol import Unsupported
-from qwen_api.api.schema import RequestModel
+from qwen_api.api.schema import RequestModel, resolve_sampling
 from qwen_api.engine.base import SamplingParams
+
+# The sampling fields a response gets: OpenAI's defaults where neither the request nor the model's config sets one.
+_DIALECT_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 
 Status = Literal["in_progress", "completed", "incomplete"]
 
@@ -132,16 +135,10 @@ class ResponsesRequest(_Request):
         roles = {"developer": "system"}
         return messages + [{"role": roles.get(m.role, m.role), "content": m.text()} for m in self.input]
 
-    def effective_temperature(self) -> float:
-        return 1.0 if self.temperature is None else self.temperature
-
-    def effective_top_p(self) -> float:
-        return 1.0 if self.top_p is None else self.top_p
-
-    def sampling_params(self, max_new_tokens: int) -> SamplingParams:
-        return SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=self.effective_temperature(), top_p=self.effective_top_p()
-        )
+    def sampling_params(self, max_new_tokens: int, model_defaults: dict[str, float]) -> SamplingParams:
+        """What the request sets, else the model's generation-config defaults, else OpenAI's."""
+        values = resolve_sampling(self, model_defaults, _DIALECT_DEFAULTS)
+        return SamplingParams(max_new_tokens=max_new_tokens, **values)
 
 
 def text_part(text: str) -> dict[str, Any]:
@@ -165,6 +162,7 @@ def usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
 
 def response_object(
     body: ResponsesRequest,
+    params: SamplingParams,
     response_id: str,
     created_at: int,
     status: Status,
@@ -188,8 +186,8 @@ def response_object(
         "reasoning": None,
         "store": False,
         "background": False,
-        "temperature": body.effective_temperature(),
-        "top_p": body.effective_top_p(),
+        "temperature": params.temperature,
+        "top_p": params.top_p,
         "text": {"format": {"type": "text"}},
         "tool_choice": body.tool_choice or "auto",
         "tools": [],

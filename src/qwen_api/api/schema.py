@@ -9,6 +9,7 @@ deep inside the tokenizer. In the OpenAI-style dialects `null` means "the defaul
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
@@ -46,3 +47,18 @@ class RequestModel(BaseModel):
         if _has_lone_surrogate(value):
             raise ValueError("holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text")
         return value
+
+
+def resolve_sampling(
+    body: BaseModel, model_defaults: Mapping[str, float], dialect_defaults: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The value of each sampling field in `dialect_defaults`: the request's where it set one, else the checkpoint's
+    default where its generation config has one (`TextGenerator.sampling_defaults`), else the dialect's own.
+
+    A field the dialect's schema lacks (top-k in Responses) is "left out" too, so it takes the model's default.
+    """
+    resolved = {}
+    for name, fallback in dialect_defaults.items():
+        value = getattr(body, name, None) if name in body.model_fields_set else None
+        resolved[name] = model_defaults.get(name, fallback) if value is None else value
+    return resolved

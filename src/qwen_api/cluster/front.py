@@ -25,7 +25,7 @@ from qwen_api.admission import Admission
 from qwen_api.api.app import create_app
 from qwen_api.api.errors import NOT_LOADED
 from qwen_api.cluster.client import RemoteEngine, ReplicaBoard
-from qwen_api.engine.loading import ModelSource
+from qwen_api.engine.loading import ModelSource, sampling_defaults
 from qwen_api.runtime import Runtime
 from qwen_api.settings import Settings
 from qwen_api.textgen import TextGenerator
@@ -64,7 +64,7 @@ class ClusterRuntime(Runtime):
             deployed.handle, info["max_context_tokens"], self.board, on_shutdown=lambda: undeploy(deployed)
         )
         log.info("%d of %d engine replica(s) running", self.board.ready, self.board.target)
-        return TextGenerator(engine, tokenizer)
+        return TextGenerator(engine, tokenizer, sampling_defaults=sampling_defaults(self.source))
 
     def _poll(self) -> None:
         """Ask Ray Serve how many replicas run (blocking: called off the event loop)."""

@@ -1,10 +1,11 @@
 """A fake engine that honours the engine contract, for fast tests of the layers above it (text, guards, HTTP).
 
 It decodes nothing: each sequence yields a scripted list of token ids, one chunk per token, at a chosen pace,
-then finishes with "stop" (the script ran out) or "length" (`max_new_tokens` reached first). Faults are injected
-on demand: fail a sequence after k tokens, or kill the whole engine. It counts what a test needs to see: open
-sequences, steps, peak batch, and what each sequence was asked. Never used to serve; real engines are tested
-on real models.
+then finishes with "stop" (the script ran out) or "length" (`max_new_tokens` reached first). Asked for
+log-probabilities, token i gets -(i + 1) / 8, and its alternatives are the next script tokens, each less likely.
+Faults are injected on demand: fail a sequence after k tokens, or kill the whole engine. It counts what a test
+needs to see: open sequences, steps, peak batch, and what each sequence was asked. Never used to serve; real
+engines are tested on real models.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from qwen_api.engine.base import (
     FinishReason,
     SamplingParams,
     TokenChunk,
+    TokenLogprob,
     check_prompt_ids,
 )
 
@@ -61,9 +63,16 @@ class FakeEngine:
                 reason: FinishReason | None = None
                 if last:
                     reason = "length" if params.max_new_tokens <= len(self.script) else "stop"
-                yield TokenChunk([self.script[i]], reason)
+                yield TokenChunk([self.script[i]], reason, self._logprobs(i, params.logprobs))
         finally:
             self.open -= 1
+
+    def _logprobs(self, i: int, top: int | None) -> tuple[TokenLogprob, ...] | None:
+        if top is None:
+            return None
+        lp = -(i + 1) / 8
+        alternatives = tuple((self.script[(i + k) % len(self.script)], lp - k) for k in range(top))
+        return (TokenLogprob(self.script[i], lp, alternatives),)
 
     def kill(self, why: str = "injected death") -> None:
         self._dead = why

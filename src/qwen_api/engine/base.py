@@ -8,7 +8,7 @@ matched) cancels the sequence and frees its batch slot. Engines raise the `Engin
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -30,6 +30,18 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    min_p: float = 0.0  # after top-p: drop tokens less likely than min_p times the most likely one; 0 disables it
+    # Applied to the raw logits before temperature (engine/sampling.py::LogitControls): OpenAI's presence and
+    # frequency penalties over generated tokens, the multiplicative repetition penalty over prompt and generated
+    # tokens (1 disables it), and a bias per token id.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # Log-probabilities to return with each token: None for none, k >= 0 for the sampled token's and the k most
+    # likely alternatives'. They are the model's own distribution: the raw logits' log-softmax, before the grammar,
+    # bias, penalties, temperature and filters.
+    logprobs: int | None = None
     # A grammar the tokens must follow (structured outputs, tool calls): an object with `matcher()`, giving one
     # `TokenMatcher` per sequence. None: unconstrained. An engine that cannot apply it must refuse the sequence.
     constraint: TokenConstraint | None = None
@@ -49,11 +61,24 @@ class TokenConstraint(Protocol):
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """The log-probability of one generated token, and of the most likely tokens at its position (best first)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenChunk:
-    """Tokens produced since the previous chunk; the last chunk of a sequence carries its finish reason."""
+    """Tokens produced since the previous chunk; the last chunk of a sequence carries its finish reason.
+
+    `logprobs`, when the sequence asked for them, has one entry per token id, in order.
+    """
 
     token_ids: list[int]
     finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +98,12 @@ class EngineError(Exception):
 
 class EngineDead(EngineError):
     """The engine's worker has died; no request can be served until the process restarts."""
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share: what a cached prompt saves a new one, or how far two
+    generations agree."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def check_prompt_ids(prompt_ids: list[int], vocab_size: int) -> None:
@@ -102,6 +133,30 @@ async def next_output(outputs: asyncio.Queue[T], death: Callable[[], str | None]
         except TimeoutError:
             if (why := death()) is not None:
                 raise EngineDead(why) from None
+
+
+async def relay(
+    outputs: asyncio.Queue[TokenChunk | BaseException], death: Callable[[], str | None], cancel: Callable[[], None]
+) -> AsyncGenerator[TokenChunk, None]:
+    """One sequence's chunks from the queue its engine's worker fills, until the chunk with a finish reason.
+
+    An exception the worker put on the queue fails this sequence (`EngineError`); a dead worker fails it with
+    `EngineDead`. Left early (closed, cancelled, failed in the caller), it calls `cancel()` so the worker drops the
+    sequence and frees its slot. The engines with their own worker thread (llama.cpp, native) share it; drive it with
+    `contextlib.aclosing` so that leaving early cancels now, not when the garbage collector gets to it.
+    """
+    finished = False
+    try:
+        while not finished:
+            item = await next_output(outputs, death)
+            if isinstance(item, BaseException):
+                finished = True
+                raise EngineError(str(item)) from item
+            finished = item.finish_reason is not None
+            yield item
+    finally:
+        if not finished:
+            cancel()
 
 
 class Engine(Protocol):

@@ -26,6 +26,7 @@ import random
 import threading
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Iterable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,10 +38,12 @@ from qwen_api.engine.base import (
     FinishReason,
     SamplingParams,
     TokenChunk,
+    TokenLogprob,
     check_prompt_ids,
-    next_output,
+    common_prefix_len,
+    relay,
 )
-from qwen_api.engine.sampling import effective_top_k, is_greedy, seed32
+from qwen_api.engine.sampling import LogitControls, effective_top_k, is_greedy, seed32, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,7 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     sampler: Any = None
     matcher: Any = None  # the grammar's per-sequence state when params.constraint is set
+    controls: LogitControls | None = None  # logit bias and penalties, when the params set any
     cancelled: bool = False
 
 
@@ -124,23 +128,20 @@ class LlamaCppEngine:
         if len(prompt_ids) + params.max_new_tokens > self.max_context_tokens:
             raise EngineError("prompt and new tokens exceed the context")
         seq = _Sequence(list(prompt_ids), params, asyncio.get_running_loop(), asyncio.Queue())
+
+        def cancel() -> None:
+            seq.cancelled = True  # the worker drops it at its next step and frees its KV cells
+            self._wake.set()
+
         self._running += 1
         self._incoming.put(seq)
         self._wake.set()
-        finished = False
         try:
-            while not finished:
-                item = await next_output(seq.out, self._death)
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise EngineError(str(item)) from item
-                finished = item.finish_reason is not None
-                yield item
+            async with aclosing(relay(seq.out, self._death, cancel)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         finally:
             self._running -= 1
-            if not finished:
-                seq.cancelled = True  # the worker drops it at its next step and frees its KV cells
-                self._wake.set()
 
     def _death(self) -> str | None:
         return None if self.is_healthy() else f"the llama.cpp worker died: {self._fatal}"
@@ -171,17 +172,19 @@ class LlamaCppEngine:
             self._waiting.remove(seq)
         while self._waiting and self._free:
             seq = self._waiting.popleft()
-            slot, cached = max(self._free.items(), key=lambda item: _common_prefix(item[1], seq.prompt))
+            slot, cached = max(self._free.items(), key=lambda item: common_prefix_len(item[1], seq.prompt))
             del self._free[slot]
             # Keep the shared prefix, but read at least the prompt's last token again: its logits are needed. With
             # the prefix cache off, every prompt is read whole, as on a fresh server.
-            keep = min(_common_prefix(cached, seq.prompt), len(seq.prompt) - 1) if self._prefix_cache else 0
+            keep = min(common_prefix_len(cached, seq.prompt), len(seq.prompt) - 1) if self._prefix_cache else 0
             self.reused_tokens += keep
             self._ctx.kv_cache_seq_rm(slot, keep, -1)
             seq.seq_id, seq.read = slot, keep
             seq.sampler = self._sampler(seq.params)
             if seq.params.constraint is not None:
                 seq.matcher = seq.params.constraint.matcher()
+            if LogitControls.needed(seq.params):
+                seq.controls = LogitControls(seq.params, seq.prompt)
             self._active[seq.seq_id] = seq
 
     def _sampler(self, params: SamplingParams) -> Any:
@@ -195,6 +198,8 @@ class LlamaCppEngine:
         if top_k := effective_top_k(params.top_k, self._n_vocab):
             sampler.add_top_k(top_k)
         sampler.add_top_p(params.top_p, 1)
+        if params.min_p > 0:
+            sampler.add_min_p(params.min_p, 1)
         # seed32 never yields 0xFFFFFFFF, which llama.cpp reads as "pick a random seed": every seed reproduces.
         sampler.add_dist(seed32(params.seed) if params.seed is not None else random.getrandbits(32) % 0xFFFFFFFF)
         return sampler
@@ -243,14 +248,10 @@ class LlamaCppEngine:
             self.on_step(len(in_batch))
         deliveries: list[tuple[_Sequence, TokenChunk]] = []
         for seq, index in sampled:
-            if seq.matcher is not None:
-                self._mask_logits(seq.matcher, index)
-            token = int(seq.sampler.sample(self._ctx, index))
-            if seq.matcher is not None:
-                seq.matcher.advance(token)
+            token, logprob = self._sample(seq, index)
             seq.generated.append(token)
             reason = self._finish_reason(seq, token)
-            deliveries.append((seq, TokenChunk([token], reason)))
+            deliveries.append((seq, TokenChunk([token], reason, logprob)))
             if reason is not None:
                 self._release(seq)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Sequence, TokenChunk]]] = {}
@@ -259,13 +260,32 @@ class LlamaCppEngine:
         for loop, items in by_loop.items():  # one wake-up of each event loop per step
             loop.call_soon_threadsafe(_deliver, items)
 
-    def _mask_logits(self, matcher: Any, index: int) -> None:
-        """Structured outputs: -inf, in place, for every token the grammar forbids, before the sampler chain reads
-        the row (every sampler of the chain starts from `llama_get_logits_ith`)."""
-        import numpy as np
+    def _sample(self, seq: _Sequence, index: int) -> tuple[int, tuple[TokenLogprob, ...] | None]:
+        """Sample one sequence's next token from row `index` of the batch's logits.
 
-        row = np.ctypeslib.as_array(self._c.llama_get_logits_ith(self._ctx.ctx, index), shape=(self._n_vocab,))
-        row[~matcher.allowed(self._n_vocab)] = -np.inf
+        The grammar's mask, the logit bias and the penalties change the row in place before the sampler chain reads
+        it (every sampler of the chain starts from `llama_get_logits_ith`); log-probabilities come from a copy
+        taken before them."""
+        raw = None
+        if seq.matcher is not None or seq.controls is not None or seq.params.logprobs is not None:
+            import numpy as np
+            import torch
+
+            row = np.ctypeslib.as_array(self._c.llama_get_logits_ith(self._ctx.ctx, index), shape=(self._n_vocab,))
+            if seq.params.logprobs is not None:
+                raw = torch.from_numpy(row.copy())
+            if seq.matcher is not None:  # structured outputs: -inf for every token the grammar forbids
+                row[~seq.matcher.allowed(self._n_vocab)] = -np.inf
+            if seq.controls is not None:
+                seq.controls.apply(torch.from_numpy(row))  # shares the row's memory
+        token = int(seq.sampler.sample(self._ctx, index))
+        if seq.matcher is not None:
+            seq.matcher.advance(token)
+        if seq.controls is not None:
+            seq.controls.accept(token)
+        if raw is None:
+            return token, None
+        return token, tuple(token_logprobs(raw[None, :], [token], [seq.params.logprobs or 0]))
 
     def _finish_reason(self, seq: _Sequence, token: int) -> FinishReason | None:
         if token in self._eos or self._c.llama_vocab_is_eog(self._vocab, token):
@@ -310,15 +330,6 @@ def _cpu_reports_amx() -> bool:
         return "amx_tile" in Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _deliver(deliveries: list[tuple[_Sequence, TokenChunk]]) -> None:

@@ -8,11 +8,14 @@ separate from loading so the CLI can fail fast, with one clear line, before the 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from qwen_api.engine.sampling import MODEL_DEFAULT_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -129,3 +132,20 @@ def load_model(source: ModelSource, device: str, dtype: Any, trust_remote_code: 
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def sampling_defaults(source: ModelSource) -> dict[str, float]:
+    """The checkpoint's own sampling defaults, from its generation_config.json (Qwen2-7B-Instruct: temperature 0.7,
+    top_p 0.8, top_k 20, repetition_penalty 1.05); empty when it has none (a GGUF file, a base model)."""
+    path = source.path / "generation_config.json"
+    if source.gguf_file is not None or not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, exc)
+        return {}
+    defaults = {k: config[k] for k in MODEL_DEFAULT_FIELDS if isinstance(config.get(k), int | float)}
+    if defaults:
+        log.info("the model's sampling defaults (for fields a /v1 request leaves out): %s", defaults)
+    return defaults

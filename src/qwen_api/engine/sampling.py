@@ -1,7 +1,10 @@
-"""Sampling rules every engine shares, written once: what greedy means, how top-k is clamped, how seeds work.
+"""Sampling rules every engine shares, written once: what greedy means, how top-k is clamped, how seeds work,
+how penalties, logit bias and min-p apply, and what a log-probability is.
 
-The order of the sampling transforms is the same in every engine and documented in the README: temperature
-first, then top-k, then top-p over what top-k left, then one draw. A temperature below `GREEDY_BELOW` is
+The order of the sampling transforms is the same in every engine and documented in the README: on the raw
+logits, the grammar's mask, the logit bias and the penalties (`LogitControls`); then temperature, top-k, top-p
+over what top-k left, min-p over what top-p left, then one draw. Log-probabilities are taken from the raw logits,
+before all of these (`token_logprobs`). A temperature below `GREEDY_BELOW` is
 greedy (dividing by it would overflow to inf, and inf - inf is NaN in the softmax).
 
 Seeds: a seeded sequence draws from its own counter-based noise, a hash of (seed, step, token id), so the
@@ -11,9 +14,17 @@ seed, so n samples with one request seed differ from each other and still reprod
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from qwen_api.engine.base import SamplingParams, TokenLogprob
 
 GREEDY_BELOW = 1e-5
+# The sampling fields a checkpoint's generation_config.json may set as its defaults (the ones vLLM reads too).
+MODEL_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 _MASK32 = 0xFFFFFFFF
 
@@ -77,3 +88,93 @@ def gumbel_noise(keys: Any, vocab: int, dtype: Any) -> Any:
     import torch
 
     return (-torch.log(-torch.log(uniform_noise(keys, vocab)))).to(dtype)
+
+
+class LogitControls:
+    """One sequence's logit bias and penalties, applied in place to its raw logits row before temperature.
+
+    - `logit_bias`: each listed token's logit gets its bias added (OpenAI: -100 bans, +100 all but forces).
+    - `repetition_penalty` r (an extension, as in transformers and vLLM): every token seen in the prompt or the
+      output so far has its logit divided by r where positive, multiplied by r where negative.
+    - `frequency_penalty` f and `presence_penalty` p (OpenAI): a token generated c > 0 times so far loses
+      f * c + p from its logit. Only generated tokens count, as in OpenAI's definition.
+
+    The engine calls `accept(token)` with each sampled token, and `apply(row)` before sampling the next one.
+    """
+
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int]) -> None:
+        self._bias = params.logit_bias
+        self._repetition = params.repetition_penalty
+        self._frequency, self._presence = params.frequency_penalty, params.presence_penalty
+        self._prompt = sorted(set(prompt_ids)) if self._repetition != 1.0 else []
+        self._counts: dict[int, int] = {}
+        self._tensors: dict[Any, tuple[Any, Any, Any]] = {}  # device -> (bias ids, bias values, prompt ids)
+
+    @staticmethod
+    def needed(params: SamplingParams) -> bool:
+        return (
+            bool(params.logit_bias)
+            or params.repetition_penalty != 1.0
+            or bool(params.frequency_penalty or params.presence_penalty)
+        )
+
+    def accept(self, token: int) -> None:
+        self._counts[token] = self._counts.get(token, 0) + 1
+
+    def _constant(self, device: Any) -> tuple[Any, Any, Any]:
+        import torch
+
+        if device not in self._tensors:
+            ids = torch.tensor([t for t, _ in self._bias], dtype=torch.int64, device=device)
+            values = torch.tensor([b for _, b in self._bias], dtype=torch.float32, device=device)
+            self._tensors[device] = (ids, values, torch.tensor(self._prompt, dtype=torch.int64, device=device))
+        return self._tensors[device]
+
+    def apply(self, row: torch.Tensor) -> None:
+        """row: one sequence's logits [V], modified in place."""
+        import torch
+
+        bias_ids, bias, prompt = self._constant(row.device)
+        if self._bias:
+            row.index_add_(0, bias_ids, bias.to(row.dtype))
+        if not self._counts and not self._prompt:
+            return
+        generated = torch.tensor(list(self._counts), dtype=torch.int64, device=row.device)
+        if self._repetition != 1.0:
+            seen = torch.cat([prompt, generated]).unique() if self._prompt else generated
+            logits = row.index_select(0, seen)
+            row.index_copy_(0, seen, torch.where(logits > 0, logits / self._repetition, logits * self._repetition))
+        if self._frequency or self._presence:
+            counts = torch.tensor(list(self._counts.values()), dtype=row.dtype, device=row.device)
+            row.index_add_(0, generated, -(counts * self._frequency + self._presence))
+
+
+def min_p_filter(scores: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """scores [B, V] after temperature, top-k and top-p; min_p [B] (0: off). A token whose probability is below
+    min_p times the row's largest becomes -inf; the most likely token always stays."""
+
+    probs = scores.softmax(dim=-1)
+    floor = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+    return scores.masked_fill(probs < floor, float("-inf")) if bool((min_p > 0).any()) else scores
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], tops: Sequence[int]) -> list[TokenLogprob]:
+    """The log-probabilities of `tokens[i]` under row i of raw `logits` [B, V], with row i's `tops[i]` most likely
+    tokens: an exact log-softmax in float32 of the logits before any sampling transform."""
+    import torch
+
+    from qwen_api.engine.base import TokenLogprob
+
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    index = torch.tensor(list(tokens), dtype=torch.int64, device=logits.device)
+    chosen = logprobs.gather(-1, index[:, None])[:, 0].tolist()
+    width = max(tops, default=0)
+    top_values: list[list[float]] = [[] for _ in tokens]
+    top_ids: list[list[int]] = [[] for _ in tokens]
+    if width:
+        values, ids = logprobs.topk(min(width, logprobs.size(-1)), dim=-1)
+        top_values, top_ids = values.tolist(), ids.tolist()
+    return [
+        TokenLogprob(token, lp, tuple(zip(top_ids[i][: tops[i]], top_values[i][: tops[i]], strict=True)))
+        for i, (token, lp) in enumerate(zip(tokens, chosen, strict=True))
+    ]

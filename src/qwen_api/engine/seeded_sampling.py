@@ -11,17 +11,21 @@ with NaN or without any finite score makes it raise, which stops the engine for 
 becomes uniform instead: that one request gets noise, the others are unharmed.
 
 `GrammarMask`, the structured-outputs processor, lives here too: it runs first in the same list, so a seeded
-draw is a draw among the tokens a request's grammar allows.
+draw is a draw among the tokens a request's grammar allows. So do `RequestControls` (before it: records the raw
+log-probabilities a request asked for, then applies its logit bias and penalties) and `MinP` (after top-p).
 """
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from typing import Any
 
 import torch
 from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
 
-from qwen_api.engine.sampling import gumbel_noise, row_key
+from qwen_api.engine.base import SamplingParams, TokenLogprob
+from qwen_api.engine.sampling import LogitControls, gumbel_noise, min_p_filter, row_key, token_logprobs
 
 _NO_SEED = 0
 
@@ -131,3 +135,109 @@ def install_grammar(manager: Any) -> GrammarMask:
     processors.tensors_required += 1
     processors.do_processing = True
     return mask
+
+
+class _Controlled:
+    """One request's state in `RequestControls`: its bias and penalties, and the raw log-probability rows of the
+    positions it sampled, waiting for their tokens (which reach the engine later, through the output handler)."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int]) -> None:
+        self.params = params
+        self.controls = LogitControls(params, prompt_ids) if LogitControls.needed(params) else None
+        self.accepted = 0  # generated tokens the penalties have counted
+        self.rows: deque[torch.Tensor] = deque()  # one log-softmax row per sampled position, oldest first
+
+    def logprobs(self, tokens: list[int]) -> tuple[TokenLogprob, ...] | None:
+        """The entries of the next `tokens`, in order (called on the event loop as tokens arrive)."""
+        if self.params.logprobs is None:
+            return None
+        rows = torch.stack([self.rows.popleft() for _ in tokens])
+        return tuple(token_logprobs(rows, tokens, [self.params.logprobs] * len(tokens)))
+
+
+class RequestControls(ContinuousBatchingLogitsProcessor):
+    """First in the list, so it sees the raw logits: keeps each registered request's log-softmax row when it asked
+    for log-probabilities, then applies its logit bias and penalties (engine/sampling.py) in place."""
+
+    supported_kwargs: dict[str, type] = {}  # noqa: RUF012 (declared so by the base class)
+    ignored_kwargs: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.requests: dict[str, _Controlled] = {}
+        self._lock = threading.Lock()  # registration on the event loop, reads on the generation thread
+        self._rows: list[tuple[int, _Controlled]] = []
+
+    def register(self, request_id: str, params: SamplingParams, prompt_ids: list[int]) -> _Controlled | None:
+        if params.logprobs is None and not LogitControls.needed(params):
+            return None
+        state = _Controlled(params, prompt_ids)
+        with self._lock:
+            self.requests[request_id] = state
+        return state
+
+    def unregister(self, request_id: str) -> None:
+        with self._lock:
+            self.requests.pop(request_id, None)
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(0)
+
+    def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
+        rows: list[tuple[int, _Controlled]] = []
+        with self._lock:
+            for row, request in enumerate(requests_with_new_token):
+                state = self.requests.get(request.state.request_id)
+                if state is None:
+                    continue
+                if state.controls is not None:
+                    generated = request.state.generated_tokens
+                    for token in generated[state.accepted :]:
+                        state.controls.accept(token)
+                    state.accepted = len(generated)
+                rows.append((row, state))
+        self._rows = rows
+        return torch.zeros(len(requests_with_new_token), dtype=torch.int32)
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        rows, self._rows = self._rows, []
+        for row, state in rows:
+            if row >= scores.size(0):
+                continue
+            if state.params.logprobs is not None:
+                state.rows.append(torch.log_softmax(scores[row].float(), dim=-1).cpu())
+            if state.controls is not None:
+                state.controls.apply(scores[row])
+        return scores
+
+
+class MinP(ContinuousBatchingLogitsProcessor):
+    """min-p per request, after temperature, top-k and top-p and before the draw (`SeededSampling`)."""
+
+    supported_kwargs: dict[str, type] = {"min_p": float}  # noqa: RUF012 (declared so by the base class)
+    ignored_kwargs: tuple[str, ...] = ()
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.copy_(torch.zeros_like(int32_tensor, dtype=torch.float32).view(dtype=torch.int32))
+
+    def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
+        values = [float(r.state.logit_processor_kwargs.get("min_p", 0.0)) for r in requests_with_new_token]
+        return torch.tensor(values, dtype=torch.float32).view(dtype=torch.int32)
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        min_p = tensor_arg[: scores.size(0)].view(dtype=torch.float32)
+        if scores.device.type == "cpu" and not bool((min_p > 0).any()):
+            return scores
+        return min_p_filter(scores, min_p.to(scores.dtype))
+
+
+def install_controls(manager: Any) -> RequestControls:
+    """Put `RequestControls` first and `MinP` last in a manager's list; call after `install_grammar` and before
+    `install` (which appends the seeded draw after `MinP`) and `manager.start()`."""
+    processors = manager.logit_processor
+    controls = RequestControls()
+    processors.logits_processor.insert(0, controls)
+    processors.logits_processor.append(MinP())
+    processors.tensors_required += 2
+    processors.supported_keys.update(MinP.supported_kwargs)
+    processors.do_processing = True
+    return controls

@@ -72,6 +72,7 @@ class TransformersEngine:
         )
         check_internals(self._manager)
         self._grammar = seeded_sampling.install_grammar(self._manager)
+        self._controls = seeded_sampling.install_controls(self._manager)
         seeded_sampling.install(self._manager)
         self._ids = itertools.count()
         self._running = 0
@@ -125,6 +126,8 @@ class TransformersEngine:
         kwargs["top_k"] = int(top_k)
         if params.seed is not None:
             kwargs["seed"] = int(params.seed)
+        if params.min_p > 0:
+            kwargs["min_p"] = float(params.min_p)
         return kwargs
 
     def _finish_reason(self, tokens: list[int]) -> FinishReason:
@@ -140,6 +143,7 @@ class TransformersEngine:
         self._manager.register_result_handler(request_id, outputs.put_nowait)
         if params.constraint is not None:
             self._grammar.register(request_id, params.constraint.matcher())
+        controlled = self._controls.register(request_id, params, prompt_ids)
         self._manager.add_request(
             list(prompt_ids),
             request_id=request_id,
@@ -159,13 +163,15 @@ class TransformersEngine:
                 tokens = output.generated_tokens
                 new, sent = tokens[sent:], len(tokens)
                 finished = output.is_finished()
+                logprobs = controlled.logprobs(new) if controlled is not None and new else None
                 if finished:
-                    yield TokenChunk(new, self._finish_reason(tokens))
+                    yield TokenChunk(new, self._finish_reason(tokens), logprobs)
                 elif new:
-                    yield TokenChunk(new)
+                    yield TokenChunk(new, logprobs=logprobs)
         finally:
             self._running -= 1
             self._grammar.unregister(request_id)
+            self._controls.unregister(request_id)
             if not finished:
                 self._manager.cancel_request(request_id)
                 with self._manager.output_router._lock:

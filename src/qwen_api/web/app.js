@@ -51,15 +51,16 @@
     const name = $("model-name");
     let problem = null;
     try {
-      const response = await fetch("/v1/models", { headers: requestHeaders(), cache: "no-store" });
-      if (response.ok) {
+      const reply = await callServer("/v1/models");
+      const response = reply.response;
+      if (!reply.problem) {
         const data = await response.json();
         state.model = data.data?.[0]?.id ?? null;
         name.textContent = state.model ?? "(none)";
         setKeyStatus(apiKey() ? "key accepted" : "", false);
         return null;
       }
-      problem = await readError(response);
+      problem = reply.problem;
       if (response.status === 401) {
         name.textContent = "(needs an API key)";
         setKeyStatus(apiKey() ? "wrong key" : "this server needs a key", true);
@@ -67,7 +68,7 @@
         name.textContent = "(unavailable)";
       }
     } catch (err) {
-      problem = { title: "Cannot reach the server.", detail: String(err.message || err) };
+      problem = unreachable(err);
       name.textContent = "(server unreachable)";
     }
     state.model = null;
@@ -129,6 +130,24 @@
       body = null;
     }
     return describeError(response.status, body, response.headers.get("Retry-After"));
+  }
+
+  /** The problem to show when a request got no answer (the server is down, the connection broke). */
+  function unreachable(err) {
+    return { title: "Cannot reach the server.", detail: String(err.message || err) };
+  }
+
+  /**
+   * Every request to this server, one way: the API key as a header, never from the browser's cache; with a
+   * `body`, a POST of it as JSON (fields left undefined are left out). Resolves to {response, problem}: problem
+   * is null for a 2xx answer, else the error body made readable ({title, detail}). Rejects when no answer came:
+   * with an AbortError after Stop, else a network error (callers show `unreachable(err)`).
+   */
+  async function callServer(path, { body, signal } = {}) {
+    const init = { headers: requestHeaders(), cache: "no-store", signal };
+    if (body !== undefined) Object.assign(init, { method: "POST", body: JSON.stringify(body) });
+    const response = await fetch(path, init);
+    return { response, problem: response.ok ? null : await readError(response) };
   }
 
   function errorBox(problem) {
@@ -297,7 +316,6 @@
     if (seed !== undefined) body.seed = seed;
     const stop = stopStrings();
     if (stop.length) body.stop = stop;
-    for (const key of Object.keys(body)) if (body[key] === undefined) delete body[key];
 
     addUserMessage(text);
     const bubble = addAssistantMessage();
@@ -307,19 +325,13 @@
     let answer = "";
     let failed = false;
     try {
-      const response = await fetch("/v1/chat/completions", {
-        method: "POST",
-        headers: requestHeaders(),
-        body: JSON.stringify(body),
-        signal: controller.signal,
-        cache: "no-store",
-      });
-      if (!response.ok) {
+      const reply = await callServer("/v1/chat/completions", { body, signal: controller.signal });
+      if (reply.problem) {
         failed = true;
-        bubble.fail(await readError(response));
+        bubble.fail(reply.problem);
         return;
       }
-      for await (const { data } of sseEvents(response.body)) {
+      for await (const { data } of sseEvents(reply.response.body)) {
         if (data === "[DONE]") break;
         const chunk = JSON.parse(data);
         if (chunk.error) {
@@ -344,7 +356,7 @@
         t.stopped = true;
       } else {
         failed = true;
-        bubble.fail({ title: "Cannot reach the server.", detail: String(err.message || err) });
+        bubble.fail(unreachable(err));
       }
     } finally {
       t.end = performance.now();
@@ -366,7 +378,6 @@
       top_k: fields.top_k,
       num_return_sequences: numberField("num-sequences"),
     };
-    for (const key of Object.keys(body)) if (body[key] === undefined) delete body[key];
     const results = $("generate-results");
     const status = $("generate-status");
     results.replaceChildren();
@@ -375,19 +386,13 @@
     setBusy(controller);
     const start = performance.now();
     try {
-      const response = await fetch("/generate", {
-        method: "POST",
-        headers: requestHeaders(),
-        body: JSON.stringify(body),
-        signal: controller.signal,
-        cache: "no-store",
-      });
-      if (!response.ok) {
+      const reply = await callServer("/generate", { body, signal: controller.signal });
+      if (reply.problem) {
         status.textContent = "";
-        results.append(errorBox(await readError(response)));
+        results.append(errorBox(reply.problem));
         return;
       }
-      const data = await response.json();
+      const data = await reply.response.json();
       const seconds = ((performance.now() - start) / 1000).toFixed(2);
       const texts = data.generated_texts || [];
       status.textContent = `${texts.length} answer${texts.length === 1 ? "" : "s"} in ${seconds} s`;
@@ -408,7 +413,7 @@
         status.textContent = "Stopped.";
       } else {
         status.textContent = "";
-        results.append(errorBox({ title: "Cannot reach the server.", detail: String(err.message || err) }));
+        results.append(errorBox(unreachable(err)));
       }
     } finally {
       setBusy(null);

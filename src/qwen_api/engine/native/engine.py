@@ -19,6 +19,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncGenerator, Callable, Iterable
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,9 @@ from qwen_api.engine.base import (
     FinishReason,
     SamplingParams,
     TokenChunk,
+    TokenLogprob,
     check_prompt_ids,
-    next_output,
+    relay,
 )
 from qwen_api.engine.native.config import load_config
 from qwen_api.engine.native.kv_cache import KVCache
@@ -42,6 +44,7 @@ from qwen_api.engine.native.runner import ModelRunner
 from qwen_api.engine.native.sampler import Row, sample
 from qwen_api.engine.native.scheduler import Scheduler, Sequence, Step
 from qwen_api.engine.native.weights import load_weights
+from qwen_api.engine.sampling import LogitControls, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ class _Handle:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue[TokenChunk | BaseException]
     matcher: Any = None  # the grammar's state for this sequence, when its params carry a constraint
+    controls: LogitControls | None = None  # its logit bias and penalties, when it has any
 
 
 class NativeEngine:
@@ -135,24 +139,23 @@ class NativeEngine:
             raise EngineDead(f"the native engine's worker is not running: {self._fatal}")
         self._check(prompt_ids, params)
         handle = _Handle(asyncio.get_running_loop(), asyncio.Queue())
+        if LogitControls.needed(params):
+            handle.controls = LogitControls(params, prompt_ids)
         seq = Sequence(list(prompt_ids), len(prompt_ids), params, handle)
+
+        def cancel() -> None:
+            seq.cancelled = True  # the worker drops it at its next step and releases its blocks
+            self._wake.set()
+
         self._running += 1
         self._incoming.put(seq)
         self._wake.set()
-        finished = False
         try:
-            while not finished:
-                item = await next_output(handle.out, self._death)
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise EngineError(str(item)) from item
-                finished = item.finish_reason is not None
-                yield item
+            async with aclosing(relay(handle.out, self._death, cancel)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         finally:
             self._running -= 1
-            if not finished:
-                seq.cancelled = True  # the worker drops it at its next step and releases its blocks
-                self._wake.set()
 
     def _death(self) -> str | None:
         return None if self.is_healthy() else f"the native engine's worker died: {self._fatal}"
@@ -188,22 +191,34 @@ class NativeEngine:
     def _step(self, step: Step) -> None:
         sampled = step.sampled
         logits = self.runner.run(step)
+        wanted = [i for i, s in enumerate(sampled) if s.params.logprobs is not None]
+        raw = logits[wanted].clone() if wanted else None  # log-probabilities come from the untouched logits
         matchers = [(i, self._matcher(s)) for i, s in enumerate(sampled) if s.params.constraint is not None]
         for i, matcher in matchers:  # structured outputs: what the grammar forbids is -inf before any sampling rule
             allowed = torch.from_numpy(matcher.allowed(logits.size(-1))).to(logits.device)
             logits[i].masked_fill_(~allowed, float("-inf"))
+        controlled = [(i, s.handle.controls) for i, s in enumerate(sampled) if s.handle.controls is not None]
+        for i, controls in controlled:
+            controls.apply(logits[i])
         tokens = sample(logits, [Row(s.params, s.generated) for s in sampled]).tolist() if sampled else []
         for i, matcher in matchers:
             matcher.advance(tokens[i])
+        for i, controls in controlled:
+            controls.accept(tokens[i])
+        logprobs: dict[int, TokenLogprob] = {}
+        if raw is not None:
+            tops = [sampled[i].params.logprobs or 0 for i in wanted]
+            logprobs = dict(zip(wanted, token_logprobs(raw, [tokens[i] for i in wanted], tops), strict=True))
         self.scheduler.complete(step, tokens)
         self._steps += 1
         self._peak_batch = max(self._peak_batch, step.size)
         if self.on_step is not None:
             self.on_step(step.size)
         deliveries: list[tuple[Sequence, TokenChunk | BaseException]] = []
-        for seq, token in zip(sampled, tokens, strict=True):
+        for i, (seq, token) in enumerate(zip(sampled, tokens, strict=True)):
             reason = self._finish_reason(seq, token)
-            deliveries.append((seq, TokenChunk([token], reason)))
+            logprob = (logprobs[i],) if i in logprobs else None
+            deliveries.append((seq, TokenChunk([token], reason, logprob)))
             if reason is not None:
                 self.scheduler.finish(seq)
         _send(deliveries)

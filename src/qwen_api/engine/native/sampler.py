@@ -1,7 +1,8 @@
 """Per-sequence sampling of one batch's logits, on the logits' device, by the shared rules of `engine/sampling.py`.
 
-Each row has its own temperature, top-k, top-p and seed. The order is the one every engine uses: temperature,
-then top-k, then top-p over what top-k left, then one draw. The draw is Gumbel-max, argmax(scores + noise): a
+Each row has its own temperature, top-k, top-p, min-p and seed. The order is the one every engine uses:
+temperature, then top-k, then top-p over what top-k left, then min-p, then one draw (bias and penalties were
+applied to the raw logits before, by the engine). The draw is Gumbel-max, argmax(scores + noise): a
 seeded row's noise is a hash of `row_key(seed, step)` and the token id, so its draw does not depend on the rest
 of the batch; other rows take Gumbel noise from the device's RNG. Greedy rows (temperature below 1e-5) take the
 argmax of their raw logits. A row whose logits turn NaN is sanitised (it samples uniformly) rather than
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from qwen_api.engine.base import SamplingParams
-from qwen_api.engine.sampling import effective_top_k, gumbel_noise, is_greedy, row_key
+from qwen_api.engine.sampling import effective_top_k, gumbel_noise, is_greedy, min_p_filter, row_key
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,8 @@ def sample(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
                 torch.tensor([top_p[i] for i in filtered], device=device, dtype=scores.dtype),
             ),
         )
+    if any(p.min_p > 0 for p in picked):
+        scores = min_p_filter(scores, torch.tensor([p.min_p for p in picked], device=device, dtype=scores.dtype))
     # Device-RNG Gumbel noise for unseeded rows; seeded rows replace theirs with their own hashed noise.
     noise = -torch.log(torch.empty_like(scores).exponential_())
     seeded = [i for i, p in enumerate(picked) if p.seed is not None]

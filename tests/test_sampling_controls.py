@@ -1,0 +1,185 @@
+"""Every sampling control on every engine: log-probabilities, logit bias, penalties, min-p, seeds beside traffic.
+
+Each engine runs behind a real TextGenerator on a real model (the tiny random Qwen2 for transformers and native,
+the demo GGUF for llama.cpp). Log-probabilities are checked against a log-softmax computed independently, here,
+from the logits of a separate forward pass (transformers' own model, or llama-cpp-python's `Llama`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qwen_api.engine.base import SamplingParams, TokenLogprob
+from qwen_api.engine.llamacpp_engine import safe_model_params
+from qwen_api.engine.loading import resolve_model
+from qwen_api.runtime import default_loader
+from qwen_api.settings import Settings
+from qwen_api.textgen import TextGenerator
+
+from conftest import ENGINES, engine_model
+
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def generator(request: pytest.FixtureRequest, tiny_qwen2_dir: Path) -> Iterator[TextGenerator]:
+    model = engine_model(request.param, tiny_qwen2_dir)
+    settings = Settings(model=str(model), engine=request.param, max_batch_size=8, dtype="float32")
+    generator = default_loader(settings, resolve_model(settings.model))()
+    yield generator
+    generator.engine.shutdown()
+
+
+def prompt_of(generator: TextGenerator, text: str = "Count from one to twenty, please.") -> list[int]:
+    return generator.chat_prompt_ids([{"role": "user", "content": text}])
+
+
+async def _run(
+    generator: TextGenerator, prompt: list[int], params: SamplingParams
+) -> tuple[list[int], list[TokenLogprob]]:
+    tokens: list[int] = []
+    logprobs: list[TokenLogprob] = []
+    async for chunk in generator.engine.generate(prompt, params):
+        tokens += chunk.token_ids
+        logprobs += chunk.logprobs or ()
+    return tokens, logprobs
+
+
+def run(generator: TextGenerator, prompt: list[int], params: SamplingParams) -> tuple[list[int], list[TokenLogprob]]:
+    return asyncio.run(_run(generator, prompt, params))
+
+
+def run_together(
+    generator: TextGenerator, jobs: list[tuple[list[int], SamplingParams]]
+) -> list[tuple[list[int], list[TokenLogprob]]]:
+    async def main() -> list[tuple[list[int], list[TokenLogprob]]]:
+        return list(await asyncio.gather(*(_run(generator, p, s) for p, s in jobs)))
+
+    return asyncio.run(main())
+
+
+def reference_log_softmax(generator: TextGenerator, prompt: list[int], generated: list[int]) -> np.ndarray:
+    """[len(generated), V] float64: the log-softmax of the logits that predicted each generated token, from a
+    forward pass that shares no code with the engine."""
+    ids = prompt + generated[:-1]
+    engine = type(generator.engine).__name__
+    if engine == "LlamaCppEngine":
+        import llama_cpp
+
+        demo = resolve_model("demo")
+        assert demo.gguf_file is not None
+        original = llama_cpp.llama_cpp.llama_model_default_params
+        llama_cpp.llama_cpp.llama_model_default_params = lambda: safe_model_params(original)
+        try:
+            llm = llama_cpp.Llama(str(demo.path / demo.gguf_file), n_ctx=1024, logits_all=True, verbose=False)
+        finally:
+            llama_cpp.llama_cpp.llama_model_default_params = original
+        # The engine's shapes: the prompt in one batch, then one token at a time.
+        llm.eval(prompt)
+        for token in generated[:-1]:
+            llm.eval([token])
+        logits = np.asarray(llm.scores[len(prompt) - 1 : len(ids)], dtype=np.float64)
+        llm.close()
+    else:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(generator.tokenizer.name_or_path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            out = hf(torch.tensor([ids])).logits[0]
+        logits = out[len(prompt) - 1 :].double().numpy()
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def test_logprobs_are_an_exact_log_softmax_of_the_model(generator: TextGenerator) -> None:
+    prompt = prompt_of(generator)
+    tokens, logprobs = run(generator, prompt, dataclasses.replace(GREEDY, logprobs=5))
+    assert [e.token for e in logprobs] == tokens
+    reference = reference_log_softmax(generator, prompt, tokens)
+    for position, entry in enumerate(logprobs):
+        row = reference[position]
+        assert entry.logprob == pytest.approx(row[entry.token], abs=1e-4)
+        assert len(entry.top) == 5
+        best = np.argsort(-row, kind="stable")[:5]
+        assert [lp for _, lp in entry.top] == pytest.approx(row[best].tolist(), abs=1e-4)
+        assert [lp for _, lp in entry.top] == sorted((lp for _, lp in entry.top), reverse=True)
+        assert entry.top[0][0] == entry.token  # greedy: the sampled token is the most likely one
+    # Raw logits: a temperature, penalties and a bias change what is drawn, never the reported distribution.
+    shaped = dataclasses.replace(GREEDY, logprobs=0, repetition_penalty=1.3, logit_bias=((tokens[1], -5.0),))
+    shaped_tokens, shaped_logprobs = run(generator, prompt, shaped)
+    assert shaped_logprobs[0].logprob == pytest.approx(logprobs[0].logprob, abs=1e-5)
+    assert shaped_logprobs[0].top == ()
+    assert len(shaped_logprobs) == len(shaped_tokens)
+
+
+def test_a_large_logit_bias_forces_a_token_and_a_negative_one_bans_it(generator: TextGenerator) -> None:
+    prompt = prompt_of(generator)
+    forced = generator.content_ids(" banana")[0]
+    tokens, _ = run(generator, prompt, dataclasses.replace(GREEDY, max_new_tokens=5, logit_bias=((forced, 100.0),)))
+    assert tokens == [forced] * 5
+    greedy, _ = run(generator, prompt, dataclasses.replace(GREEDY, max_new_tokens=1))
+    banned, _ = run(generator, prompt, dataclasses.replace(GREEDY, max_new_tokens=1, logit_bias=((greedy[0], -100.0),)))
+    assert banned != greedy
+
+
+def _repeats(tokens: list[int]) -> int:
+    return len(tokens) - len(set(tokens))
+
+
+def test_a_frequency_penalty_reduces_repeats(generator: TextGenerator) -> None:
+    """On the demo model, a prompt it answers with repeats; the random-weight fixture repeats nothing on its own, so
+    there a bias makes it repeat one token. All penalties share one implementation (engine/sampling.py), whose
+    arithmetic tests/unit checks against transformers' own processors."""
+    base = dataclasses.replace(GREEDY, max_new_tokens=40)
+    if type(generator.engine).__name__ == "LlamaCppEngine":  # the demo model
+        prompt = prompt_of(generator, "Write the word 'yes' 30 times.")
+    else:
+        prompt = prompt_of(generator)
+        base = dataclasses.replace(base, logit_bias=((generator.content_ids(" banana")[0], 12.0),))
+    plain, _ = run(generator, prompt, base)
+    assert _repeats(plain) >= 20, plain  # the premise: it repeats without a penalty
+    penalised, _ = run(generator, prompt, dataclasses.replace(base, frequency_penalty=2.0))
+    assert _repeats(penalised) < _repeats(plain) / 2, penalised
+
+
+def test_min_p_of_one_keeps_only_the_most_likely_token(generator: TextGenerator) -> None:
+    prompt = prompt_of(generator)
+    greedy, _ = run(generator, prompt, GREEDY)
+    hot = dataclasses.replace(GREEDY, temperature=1.5, min_p=1.0)
+    assert [run(generator, prompt, hot)[0] for _ in range(2)] == [greedy, greedy]
+    # and a small min-p still samples (two unseeded draws at temperature 1.5 almost surely differ somewhere)
+    loose = dataclasses.replace(GREEDY, max_new_tokens=24, temperature=1.5, min_p=0.01)
+    assert len({tuple(run(generator, prompt, loose)[0]) for _ in range(3)}) > 1
+
+
+def test_a_seed_reproduces_beside_other_traffic_with_every_control_on(generator: TextGenerator) -> None:
+    prompt = prompt_of(generator)
+    everything = SamplingParams(
+        max_new_tokens=16,
+        temperature=0.9,
+        top_p=0.95,
+        top_k=40,
+        min_p=0.02,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        repetition_penalty=1.1,
+        logit_bias=((generator.content_ids(" the")[0], 2.0),),
+        seed=1234,
+        logprobs=2,
+    )
+    alone_tokens, alone_logprobs = run(generator, prompt, everything)
+    others = [
+        (prompt_of(generator, f"Tell me about the number {i}."), dataclasses.replace(everything, seed=None, top_k=i))
+        for i in range(1, 4)
+    ]
+    together = run_together(generator, [*others, (prompt, everything)])
+    tokens, logprobs = together[-1]
+    assert tokens == alone_tokens
+    assert [e.logprob for e in logprobs] == pytest.approx([e.logprob for e in alone_logprobs], abs=1e-4)

@@ -1,0 +1,72 @@
+"""The runtime's collaborators are named where it is built: constructor hooks, or `connect` once, before start."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from qwen_api.api.app import create_app, observe_with
+from qwen_api.dev.fake_engine import FakeEngine
+from qwen_api.dev.random_qwen2 import build_qwen2_tokenizer
+from qwen_api.runtime import Runtime
+from qwen_api.settings import Settings
+from qwen_api.textgen import TextGenerator
+
+TOKENIZER = build_qwen2_tokenizer()
+
+
+def loaded(runtime: Runtime) -> None:
+    async def main() -> None:
+        runtime.start()
+        await runtime.wait_ready()
+        await runtime.close()
+
+    asyncio.run(main())
+
+
+def test_constructor_hooks_see_the_generator_before_it_is_served_and_a_failed_load() -> None:
+    generator = TextGenerator(FakeEngine([1]), TOKENIZER)
+    seen: list[tuple[TextGenerator, str]] = []
+    runtime = Runtime(lambda: generator, "m", on_ready=lambda g: seen.append((g, runtime.state)))
+    loaded(runtime)
+    assert seen == [(generator, "loading")]  # before the runtime reports "ready"
+
+    def broken() -> TextGenerator:
+        raise OSError("no weights")
+
+    fatal: list[int] = []
+    failing = Runtime(broken, "m", on_fatal=lambda: fatal.append(failing.exit_code))
+    loaded(failing)
+    assert fatal == [1] and failing.state == "failed"
+
+
+def test_connect_names_each_hook_once_and_only_before_start() -> None:
+    runtime = Runtime(lambda: TextGenerator(FakeEngine([1]), TOKENIZER), "m", on_fatal=lambda: None)
+    with pytest.raises(RuntimeError, match="on_fatal is already connected"):
+        runtime.connect(on_fatal=lambda: None)
+    runtime.connect(on_ready=lambda g: None)
+    with pytest.raises(RuntimeError, match="on_ready is already connected"):
+        runtime.connect(on_ready=lambda g: None)
+    fresh = Runtime(lambda: TextGenerator(FakeEngine([1]), TOKENIZER), "m")
+    loaded(fresh)
+    with pytest.raises(RuntimeError, match="after start"):
+        fresh.connect(on_fatal=lambda: None)
+
+
+def test_create_app_attaches_nothing_and_observe_with_wires_the_metrics() -> None:
+    settings = Settings()
+    plain_generator = TextGenerator(FakeEngine([1]), TOKENIZER)
+    plain = Runtime(lambda: plain_generator, "m")
+    create_app(settings, plain)
+    loaded(plain)
+    assert plain_generator.observer is None and plain_generator.engine.on_step is None
+
+    observed_generator = TextGenerator(FakeEngine([1]), TOKENIZER)
+    observed = Runtime(lambda: observed_generator, "m")
+    app = create_app(settings, observed)
+    observed.connect(on_ready=observe_with(app.state.metrics))
+    loaded(observed)
+    metrics = app.state.metrics
+    assert observed_generator.observer is metrics
+    assert observed_generator.engine.on_step == metrics.batch_size.observe
