@@ -21,7 +21,6 @@ from qwen_api.api.anthropic_protocol import Conversation, MessagesRequest, messa
 from qwen_api.api.deps import GeneratorDep, GuardDep, RuntimeDep, SettingsDep, log_outputs, log_prompt
 from qwen_api.api.errors import ModelNotFound, anthropic_error_body
 from qwen_api.api.guard import RequestTimeout
-from qwen_api.api.openai_protocol import Unsupported
 from qwen_api.api.sse import sse_response
 from qwen_api.engine.base import EngineError
 from qwen_api.runtime import Runtime
@@ -54,8 +53,6 @@ async def create_message(
     guard: GuardDep,
 ) -> dict[str, Any] | StreamingResponse:
     prompt_ids = _prompt_ids(body, settings, runtime, generator)
-    if body.max_tokens > settings.max_new_tokens_limit:
-        raise Unsupported("max_tokens", f"must be at most {settings.max_new_tokens_limit} on this server")
     params, stop = body.sampling_params(generator.sampling_defaults), body.stop_sequences or []
     generator.check_fits(prompt_ids, params.max_new_tokens)
     ticket = guard.admit(1, len(prompt_ids))

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from qwen_api.api.openai_protocol import MAX_STOP_LENGTH, MAX_STOP_STRINGS, Unsupported
-from qwen_api.api.schema import RequestModel, resolve_sampling
+from qwen_api.api.schema import RequestModel, at_most, resolve_sampling
 from qwen_api.engine.base import SamplingParams
 from qwen_api.textgen import Completion
 
@@ -106,6 +106,11 @@ class MessagesRequest(Conversation):
     metadata: Metadata | None = None
     stream: bool = False
     service_tier: Literal["auto", "standard_only"] | None = None
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _max_tokens_cap(cls, value: int) -> int | None:
+        return at_most(value, "max_new_tokens")
 
     def sampling_params(self, model_defaults: dict[str, float]) -> SamplingParams:
         values = resolve_sampling(self, model_defaults, _DIALECT_DEFAULTS)

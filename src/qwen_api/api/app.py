@@ -20,6 +20,7 @@ from qwen_api.api.deps import require_api_key
 from qwen_api.api.errors import register_error_handlers
 from qwen_api.api.guard import Guard
 from qwen_api.api.middleware import BodyLimit, CatchAll, RequestId, RequestMetrics
+from qwen_api.api.schema import ServerCaps
 from qwen_api.metrics import Metrics
 from qwen_api.runtime import ReadyHook, Runtime
 from qwen_api.settings import Settings
@@ -81,6 +82,7 @@ def create_app(
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "X-Api-Key", "Content-Type", "X-Request-ID"],
         )
+    app.add_middleware(ServerCaps(settings.max_new_tokens_limit, settings.max_num_return_sequences).apply)
     app.add_middleware(CatchAll)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestId)

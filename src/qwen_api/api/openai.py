@@ -43,11 +43,6 @@ class _Context:
         if body.model != self.model_name:
             raise ModelNotFound(body.model, self.model_name)
         body.check_supported()
-        if body.n > self.settings.max_num_return_sequences:
-            raise Unsupported("n", f"must be at most {self.settings.max_num_return_sequences} on this server")
-        requested = body.requested_max_tokens()
-        if requested is not None and requested > self.settings.max_new_tokens_limit:
-            raise Unsupported("max_tokens", f"must be at most {self.settings.max_new_tokens_limit} on this server")
 
     async def serve(
         self,

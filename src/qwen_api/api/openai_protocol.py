@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from qwen_api.api.schema import RequestModel, resolve_sampling
+from qwen_api.api.schema import RequestModel, at_most, resolve_sampling
 from qwen_api.engine.base import SamplingParams
 from qwen_api.structured.grammar import GrammarError, response_format_grammar
 from qwen_api.structured.tools import call_grammar
@@ -149,6 +149,11 @@ class _SamplingRequest(_OpenAIRequest):
             raise ValueError(f"at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_LENGTH} characters")
         return stop
 
+    @field_validator("n")
+    @classmethod
+    def _choices_cap(cls, n: int) -> int | None:
+        return at_most(n, "max_choices")
+
     @field_validator("logit_bias")
     @classmethod
     def _bias_entries(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
@@ -249,6 +254,11 @@ class ChatCompletionRequest(_SamplingRequest):
                 raise Unsupported(exc.param, str(exc)) from None
         return super().grammar()
 
+    @field_validator("max_tokens", "max_completion_tokens")
+    @classmethod
+    def _max_tokens_cap(cls, value: int | None) -> int | None:
+        return at_most(value, "max_new_tokens")
+
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
@@ -275,6 +285,11 @@ class CompletionRequest(_SamplingRequest):
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _max_tokens_cap(cls, value: int | None) -> int | None:
+        return at_most(value, "max_new_tokens")
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens

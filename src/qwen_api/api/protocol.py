@@ -1,16 +1,16 @@
 """Request and response schemas of the seed API (`/generate`), with their limits in `Field(...)`.
 
 Defaults and shapes are exactly those of the specification; each request converts itself to engine
-parameters. Limits that operators configure (caps) are checked by the route against the settings.
+parameters. The operator's caps are constraints of the schema too (`schema.at_most`): a 422 in FastAPI's shape.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
-from qwen_api.api.schema import RequestModel
+from qwen_api.api.schema import RequestModel, at_most
 from qwen_api.engine.base import SamplingParams
 
 
@@ -18,13 +18,27 @@ class GenerateParameters(RequestModel):
     """The specification's generation parameters, echoed back in every answer."""
 
     prompt: str = Field(..., min_length=1, description="The user's message; sent through the chat template.")
-    max_length: int = Field(512, ge=1, description="Most new tokens to generate (the prompt is not counted).")
+    max_length: int = Field(
+        512, ge=1, validate_default=True, description="Most new tokens to generate (the prompt is not counted)."
+    )
     temperature: float = Field(
         0.7, ge=0.0, le=2.0, allow_inf_nan=False, description="Sampling temperature; 0 means greedy."
     )
     top_p: float = Field(0.9, gt=0.0, le=1.0, allow_inf_nan=False, description="Nucleus sampling mass.")
     top_k: int = Field(50, ge=0, description="Keep the k most likely tokens; 0 disables top-k.")
-    num_return_sequences: int = Field(1, ge=1, description="Number of independent samples to return.")
+    num_return_sequences: int = Field(
+        1, ge=1, validate_default=True, description="Number of independent samples to return."
+    )
+
+    @field_validator("max_length")
+    @classmethod
+    def _max_length_cap(cls, value: int) -> int | None:
+        return at_most(value, "max_new_tokens")
+
+    @field_validator("num_return_sequences")
+    @classmethod
+    def _choices_cap(cls, value: int) -> int | None:
+        return at_most(value, "max_choices")
 
     def to_sampling_params(self) -> SamplingParams:
         """Engine parameters for one sequence."""

@@ -21,7 +21,6 @@ from fastapi.responses import StreamingResponse
 from qwen_api.api.deps import GeneratorDep, GuardDep, RuntimeDep, SettingsDep, log_outputs, log_prompt
 from qwen_api.api.errors import ModelNotFound
 from qwen_api.api.guard import RequestTimeout
-from qwen_api.api.openai_protocol import Unsupported
 from qwen_api.api.responses_protocol import (
     ResponsesRequest,
     Status,
@@ -50,8 +49,6 @@ async def create_response(
         raise ModelNotFound(body.model, runtime.model_name)
     body.check_supported()
     cap = settings.max_new_tokens_limit
-    if body.max_output_tokens is not None and body.max_output_tokens > cap:
-        raise Unsupported("max_output_tokens", f"must be at most {cap} on this server")
     messages = body.chat_messages()
     log_prompt(settings, messages)
     prompt_ids = generator.chat_prompt_ids(messages)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from qwen_api.api.openai_protocol import Unsupported
-from qwen_api.api.schema import RequestModel, resolve_sampling
+from qwen_api.api.schema import RequestModel, at_most, resolve_sampling
 from qwen_api.engine.base import SamplingParams
 
 # The sampling fields a response gets: OpenAI's defaults where neither the request nor the model's config sets one.
@@ -93,6 +93,11 @@ class ResponsesRequest(_Request):
     max_tool_calls: int | None = None
     reasoning: dict[str, Any] | None = None
     top_logprobs: int | None = None
+
+    @field_validator("max_output_tokens")
+    @classmethod
+    def _max_tokens_cap(cls, value: int | None) -> int | None:
+        return at_most(value, "max_new_tokens")
 
     def check_supported(self) -> None:
         refusals = [

@@ -4,15 +4,54 @@ Unknown fields are refused (`extra="forbid"`) and types are not coerced (`strict
 no `n`, `"no"` no boolean); and text must be Unicode that can be encoded: JSON may escape a lone UTF-16 surrogate
 (`"\\udfff"`), which no tokenizer can encode, so it is refused here with a 4xx naming the field instead of failing
 deep inside the tokenizer. In the OpenAI-style dialects `null` means "the default", as OpenAI's SDKs expect.
+
+The operator's caps (`--max-new-tokens-limit`, `--max-num-return-sequences`) are the schemas' own constraints too
+(`at_most`): `ServerCaps.apply` makes them this request's, for the app that serves it, so an over-cap value fails
+validation like any other out-of-range value, in the route's own error shape.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+
+@dataclass(frozen=True)
+class ServerCaps:
+    """The operator's limits on one request (from Settings)."""
+
+    max_new_tokens: int
+    max_choices: int
+
+    def apply(self, app: Any) -> Any:
+        """ASGI middleware: requests to `app` are validated against these caps."""
+        caps = self
+
+        async def with_caps(scope: Any, receive: Any, send: Any) -> None:
+            token = _CAPS.set(caps)
+            try:
+                await app(scope, receive, send)
+            finally:
+                _CAPS.reset(token)
+
+        return with_caps
+
+
+_CAPS: ContextVar[ServerCaps | None] = ContextVar("qwen_api_server_caps", default=None)
+
+
+def at_most(value: int | None, cap: str) -> int | None:
+    """A field validator's check of `value` against the serving app's cap named `cap` (a `ServerCaps` field)."""
+    caps = _CAPS.get()
+    if value is not None and caps is not None and value > (limit := getattr(caps, cap)):
+        raise ValueError(f"must be at most {limit} on this server")
+    return value
+
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 

@@ -17,7 +17,6 @@ from qwen_api.api.guard import ClientDisconnected, RequestTimeout
 from qwen_api.api.protocol import GenerateRequest, GenerateResponse, HealthResponse, RootResponse
 from qwen_api.api.sse import sse_response
 from qwen_api.engine.base import EngineError
-from qwen_api.settings import Settings
 from qwen_api.structured.grammar import GrammarError, response_format_grammar
 from qwen_api.textgen import TextDelta
 
@@ -57,7 +56,6 @@ async def health(runtime: RuntimeDep) -> HealthResponse | JSONResponse:
 async def generate(
     body: GenerateRequest, request: Request, settings: SettingsDep, generator: GeneratorDep, guard: GuardDep
 ) -> GenerateResponse | StreamingResponse:
-    check_caps(body, settings)
     prompt_ids = generator.chat_prompt_ids([{"role": "user", "content": body.prompt}])
     params, n = body.to_sampling_params(), body.num_return_sequences
     generator.check_fits(prompt_ids, params.max_new_tokens)
@@ -80,20 +78,6 @@ async def generate(
         raise EngineError(f"{type(exc).__name__}: {exc}") from exc
     log_outputs(settings, [c.text for c in completions])
     return GenerateResponse(generated_texts=[c.text for c in completions], parameters=body.parameters())
-
-
-def check_caps(body: GenerateRequest, settings: Settings) -> None:
-    """The operator's caps, which the schema cannot know."""
-    if body.max_length > settings.max_new_tokens_limit:
-        raise invalid_field(
-            "max_length", f"must be at most {settings.max_new_tokens_limit} on this server", body.max_length
-        )
-    if body.num_return_sequences > settings.max_num_return_sequences:
-        raise invalid_field(
-            "num_return_sequences",
-            f"must be at most {settings.max_num_return_sequences} on this server",
-            body.num_return_sequences,
-        )
 
 
 async def _generate_events(

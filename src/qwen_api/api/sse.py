@@ -13,11 +13,14 @@ from fastapi.responses import StreamingResponse
 log = logging.getLogger(__name__)
 
 DONE = "data: [DONE]\n\n"
+# One encoder for every event: json.dumps with any non-default option builds a new JSONEncoder per call.
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def sse(data: Any, event: str | None = None) -> str:
-    head = f"event: {event}\n" if event else ""
-    return f"{head}data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    if event:
+        return f"event: {event}\ndata: {_encode(data)}\n\n"
+    return f"data: {_encode(data)}\n\n"
 
 
 class _ClosingStream(StreamingResponse):
