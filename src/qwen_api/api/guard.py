@@ -67,48 +67,23 @@ class Guard:
 
     async def stream(self, ticket: Ticket, events: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
         """Relay `events` until the deadline; the ticket is released however the stream ends."""
-        # The deadline bounds the waits for the next item, not the time the consumer takes with one. One timer for
-        # the whole stream (an `asyncio.timeout` per item cost a timer per token): when it fires during a wait it
-        # cancels the waiting task, as `asyncio.timeout` does, and the cancellation it caused (counted with
-        # `uncancel`, so a client's cancellation is never mistaken for it) becomes RequestTimeout. Never
-        # `asyncio.wait_for`: on Python 3.11 it can swallow the cancellation Starlette sends when the client leaves
-        # (see `engine.base.next_output`).
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Task[object] | None = None  # the task waiting for an item, while one waits
-        expired = False
-
-        def on_deadline() -> None:
-            nonlocal expired
-            expired = True
-            if waiter is not None:
-                waiter.cancel()
-
-        timer = loop.call_at(loop.time() + self.timeout, on_deadline)
+        # One `asyncio.timeout` over each wait, never `asyncio.wait_for`: on Python 3.11 wait_for can swallow
+        # the cancellation Starlette sends when the client leaves (see `engine.base.next_output`).
+        deadline = asyncio.get_running_loop().time() + self.timeout
         try:
             while True:
-                if expired:
-                    raise self._timed_out()
-                task = waiter = asyncio.current_task()
-                cancelling = task.cancelling() if task is not None else 0
                 try:
-                    item = await anext(events)
+                    async with asyncio.timeout_at(deadline):
+                        item = await anext(events)
                 except StopAsyncIteration:
                     return
-                except asyncio.CancelledError:
-                    if expired and task is not None and task.uncancel() <= cancelling:
-                        raise self._timed_out() from None
-                    raise
-                finally:
-                    waiter = None
+                except TimeoutError:
+                    self.metrics.cancellations.labels("timeout").inc()
+                    raise RequestTimeout(self.timeout) from None
                 yield item
         except asyncio.CancelledError:
             self.metrics.cancellations.labels("disconnect").inc()
             raise
         finally:
-            timer.cancel()
             ticket.release()  # first: a cancellation landing in the await below must not keep the slots
             await events.aclose()
-
-    def _timed_out(self) -> RequestTimeout:
-        self.metrics.cancellations.labels("timeout").inc()
-        return RequestTimeout(self.timeout)
