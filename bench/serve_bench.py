@@ -15,9 +15,19 @@ Servers are given as NAME=URL (already running), or launched with --launch:
   transformers-serve  transformers serve --continuous-batching (needs transformers[serving]) on the demo's
                       weights written out as a plain fp32 checkpoint (bench/export_demo.py; it cannot read
                       the GGUF file itself)
+  llama-server        llama.cpp's own C++ server (`make bench-tools` builds it from the vendored llama.cpp of
+                      the pinned llama-cpp-python sdist; $LLAMA_SERVER names another binary)
+                      on the demo GGUF, on the same kernels as qwen-api's engine: as many threads (the CPU
+                      count), flash attention off, no repacked/AMX weights (-nr, as safe_model_params), one
+                      KV stream per slot; -np 8 slots of 2048 tokens unless --launch-args says otherwise
+
+Each level runs --rounds times, the servers alternating within a round; the table shows per server and level
+the median round (by output tokens/s) and the JSON keeps every round.
 
     .venv/bin/python bench/serve_bench.py --launch qwen-api --concurrency 1,4,16,64 --max-tokens 64
     .venv/bin/python bench/serve_bench.py --server mine=http://127.0.0.1:2025 --server other=http://...:8000
+    make bench-tools && .venv/bin/python bench/serve_bench.py --launch qwen-api --launch llama-server \
+        --concurrency 1,8,16 --max-tokens 128 --temperature 0 --rounds 3
 """
 
 from __future__ import annotations
@@ -49,6 +59,10 @@ PROMPTS = [
     "Why is the sky blue?",
 ]
 
+REPO = Path(__file__).resolve().parent.parent
+# Where `make bench-tools` puts llama.cpp's server (build/ is ignored by git).
+LLAMA_SERVER = Path(os.environ.get("LLAMA_SERVER", REPO / "build" / "bench-tools" / "bin" / "llama-server"))
+
 
 @dataclass
 class Sample:
@@ -65,6 +79,7 @@ class Level:
     wall_s: float
     samples: list[Sample] = field(default_factory=list)
     errors: int = 0
+    round: int = 0
 
     def summary(self) -> dict[str, float]:
         ok = self.samples
@@ -92,7 +107,9 @@ def _pct(values: list[float], q: float) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ load
-async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: int) -> Sample:
+async def one_request(
+    client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: int, temperature: float = 0.7
+) -> Sample:
     start = time.perf_counter()
     first = None
     tokens = 0
@@ -101,7 +118,7 @@ async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_t
         model=model,
         messages=[{"role": "user", "content": prompt}],
         max_tokens=max_tokens,
-        temperature=0.7,
+        temperature=temperature,
         stream=True,
         stream_options={"include_usage": True},
     )
@@ -117,7 +134,13 @@ async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_t
 
 
 async def run_level(
-    name: str, base_url: str, concurrency: int, requests: int, max_tokens: int, prompts: list[str] | None = None
+    name: str,
+    base_url: str,
+    concurrency: int,
+    requests: int,
+    max_tokens: int,
+    prompts: list[str] | None = None,
+    temperature: float = 0.7,
 ) -> Level:
     prompts = prompts or PROMPTS
     async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="bench", max_retries=0, timeout=1800) as client:
@@ -131,7 +154,8 @@ async def run_level(
             while not queue.empty():
                 i = queue.get_nowait()
                 try:
-                    level.samples.append(await one_request(client, model, prompts[i % len(prompts)], max_tokens))
+                    prompt = prompts[i % len(prompts)]
+                    level.samples.append(await one_request(client, model, prompt, max_tokens, temperature))
                 except openai.OpenAIError:
                     level.errors += 1
 
@@ -179,7 +203,23 @@ def launch_command(kind: str, port: int, extra: list[str], work_dir: Path, model
         cli = bin_dir / "transformers"  # beside this Python, else wherever pip put it (a --user install)
         cli_path = str(cli) if cli.exists() else shutil.which("transformers") or str(cli)
         return [cli_path, "serve", "--continuous-batching", "--port", str(port), *extra]
+    if kind == "llama-server":
+        return llama_server_command(port, extra, model)
     raise SystemExit(f"unknown server kind {kind!r}")
+
+
+def llama_server_command(port: int, extra: list[str], model: str = "demo", binary: Path | None = None) -> list[str]:
+    """llama.cpp's server on the kernels qwen-api's engine uses: the CPU count in threads, flash attention off (as
+    `LlamaCppEngine`), no extra buffer types (`-nr`, as `safe_model_params`: AMX dies with SIGILL on the team's
+    VMs), a KV stream per slot (`--no-kv-unified`, as the engine). `extra` may override -np/-c (later flags win)."""
+    binary = binary or LLAMA_SERVER
+    if not binary.is_file():
+        raise SystemExit(f"{binary} not found: run `make bench-tools` (or set LLAMA_SERVER)")
+    threads = str(os.cpu_count() or 1)
+    gguf = str(demo_gguf()) if model == "demo" else model
+    return [str(binary), "--model", gguf, "--host", "127.0.0.1", "--port", str(port), "--threads", threads,
+            "--threads-batch", threads, "--parallel", "8", "--ctx-size", "16384", "--flash-attn", "off",
+            "--no-repack", "--no-kv-unified", "--no-webui", *extra]  # fmt: skip
 
 
 class Launched:
@@ -234,6 +274,36 @@ def table(levels: list[Level]) -> str:
     return "\n".join(lines)
 
 
+def medians(levels: list[Level]) -> dict[tuple[str, int], dict[str, float]]:
+    """Per server and level, the median over rounds of output tokens/s, time to first token p50 and tpot p50."""
+    keys = dict.fromkeys((lv.server, lv.concurrency) for lv in levels)
+    out = {}
+    for server, concurrency in keys:
+        runs = [lv.summary() for lv in levels if (lv.server, lv.concurrency) == (server, concurrency)]
+        out[server, concurrency] = {
+            key: statistics.median(r[key] for r in runs) for key in ("output_tok_s", "ttft_p50_s", "tpot_p50_s")
+        } | {"rounds": float(len(runs))}
+    return out
+
+
+def median_table(levels: list[Level], baseline: str | None) -> str:
+    """The medians over rounds, and each server's tokens/s and TTFT p50 as a ratio to `baseline`'s."""
+    med = medians(levels)
+    head = f"{'server':<20} {'conc':>4} {'rounds':>6} {'tok/s':>7} {'ttft p50':>9} {'tpot p50':>9}"
+    if baseline:
+        head += f" {'tok/s vs ' + baseline:>24} {'ttft vs ' + baseline:>24}"
+    lines = [head, "-" * len(head)]
+    for (server, concurrency), m in med.items():
+        line = (
+            f"{server:<20} {concurrency:>4} {int(m['rounds']):>6} {m['output_tok_s']:>7.1f} "
+            f"{m['ttft_p50_s']:>8.3f}s {m['tpot_p50_s'] * 1000:>7.1f}ms"
+        )
+        if baseline and (ref := med.get((baseline, concurrency))):
+            line += f" {m['output_tok_s'] / ref['output_tok_s']:>23.3f}x {m['ttft_p50_s'] / ref['ttft_p50_s']:>23.3f}x"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def chart(levels: list[Level], path: Path) -> None:
     import matplotlib
 
@@ -244,7 +314,7 @@ def chart(levels: list[Level], path: Path) -> None:
     panels = [("output_tok_s", "output tokens/s"), ("ttft_p50_s", "time to first token p50 (s)"),
               ("tpot_p50_s", "time per output token p50 (s)")]  # fmt: skip
     for server in dict.fromkeys(lv.server for lv in levels):
-        mine = sorted((lv for lv in levels if lv.server == server), key=lambda lv: lv.concurrency)
+        mine = sorted((lv for lv in levels if lv.server == server and lv.round == 0), key=lambda lv: lv.concurrency)
         xs = [lv.concurrency for lv in mine]
         for ax, (key, _) in zip(axes, panels, strict=True):
             ax.plot(xs, [lv.summary()[key] for lv in mine], marker="o", label=server)
@@ -275,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
         "--requests", type=int, default=0, help="requests per level (default: 2 x concurrency, at least 8)"
     )
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="runs of each level, the servers alternating; medians are reported"
+    )
+    parser.add_argument("--baseline", metavar="NAME", help="report the other servers' medians as ratios to this one")
     parser.add_argument("--out-dir", default="bench-results")
     parser.add_argument("--from-json", metavar="FILE", help="only redraw the table and chart of an earlier run")
     args = parser.parse_args(argv)
@@ -288,11 +363,14 @@ def main(argv: list[str] | None = None) -> int:
                 lv["wall_s"],
                 [Sample(**x) for x in lv["samples"]],
                 lv["errors"],
+                lv.get("round", 0),
             )
             for lv in saved["levels"]
         ]
         chart(levels, Path(args.from_json).with_suffix(".png"))
         print(table(levels))
+        if any(lv.round for lv in levels):
+            print("\n" + median_table(levels, args.baseline))
         return 0
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -308,22 +386,34 @@ def main(argv: list[str] | None = None) -> int:
         levels: list[Level] = []
         for concurrency in [int(c) for c in args.concurrency.split(",")]:
             count = args.requests or max(8, 2 * concurrency)
-            for name, url in servers:
-                asyncio.run(run_level(name, url, 1, 2, 4))  # warm-up, not measured
-                level = asyncio.run(run_level(name, url, concurrency, count, args.max_tokens))
-                levels.append(level)
-                print(f"{name}: concurrency {concurrency} done in {level.wall_s:.1f} s", file=sys.stderr)
+            for round_ in range(args.rounds):
+                for name, url in servers:
+                    asyncio.run(run_level(name, url, 1, 2, 4))  # warm-up, not measured
+                    level = asyncio.run(
+                        run_level(name, url, concurrency, count, args.max_tokens, temperature=args.temperature)
+                    )
+                    level.round = round_
+                    levels.append(level)
+                    print(
+                        f"{name}: concurrency {concurrency} round {round_} done in {level.wall_s:.1f} s, "
+                        f"{level.summary()['output_tok_s']:.1f} tok/s",
+                        file=sys.stderr,
+                    )
     finally:
         for server in launched:
             server.stop()
     report = {
         "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "rounds": args.rounds,
         "servers": dict(servers),
         "levels": [{**asdict(lv), "summary": lv.summary()} for lv in levels],
     }
     (out / "serve_bench.json").write_text(json.dumps(report, indent=2))
     chart(levels, out / "serve_bench.png")
     print(table(levels))
+    if args.rounds > 1 or args.baseline:
+        print("\n" + median_table(levels, args.baseline))
     print(f"\nraw numbers: {out / 'serve_bench.json'}\nchart: {out / 'serve_bench.png'}")
     return 1 if any(lv.errors for lv in levels) else 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,3 +29,43 @@ def test_serve_bench_reports_table_json_and_chart(tiny_server: InProcessServer, 
         assert summary["output_tok_s"] > 0 and summary["requests_s"] > 0
         assert summary["ttft_p50_s"] <= summary["ttft_p99_s"] and summary["e2e_p50_s"] <= summary["e2e_p99_s"]
     assert (tmp_path / "serve_bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_llama_server_runs_on_the_engines_kernels_and_says_how_to_build_it(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import serve_bench
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    fake = tmp_path / "llama-server"
+    fake.write_text("")
+    cmd = serve_bench.llama_server_command(8123, ["--parallel", "16"], model="/m.gguf", binary=fake)
+    flags = " ".join(cmd)
+    assert cmd[0] == str(fake) and "--model /m.gguf" in flags and "--port 8123" in flags
+    threads = str(os.cpu_count() or 1)
+    assert f"--threads {threads} --threads-batch {threads}" in flags
+    assert "--flash-attn off" in flags and "--no-repack" in flags and "--no-kv-unified" in flags
+    assert cmd[-2:] == ["--parallel", "16"]  # extra flags come last, so they win
+    try:
+        serve_bench.llama_server_command(8123, [], binary=tmp_path / "absent")
+        raise AssertionError("a missing binary must stop the run")
+    except SystemExit as exc:
+        assert "make bench-tools" in str(exc)
+
+
+def test_rounds_are_reported_as_medians_and_ratios_to_a_baseline() -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import serve_bench
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    Level, Sample = serve_bench.Level, serve_bench.Sample
+
+    def level(server: str, tok_s: float, round_: int) -> object:
+        return Level(server, 8, 1, 100 / tok_s, [Sample(0.5, 1.0, 100)], 0, round_)
+
+    levels = [level("a", t, r) for r, t in enumerate((90, 100, 200))] + [level("b", 50, r) for r in range(3)]
+    med = serve_bench.medians(levels)  # type: ignore[arg-type]
+    assert med["a", 8]["output_tok_s"] == 100 and med["b", 8]["rounds"] == 3
+    text = serve_bench.median_table(levels, "b")  # type: ignore[arg-type]
+    assert "2.000x" in text and "1.000x" in text

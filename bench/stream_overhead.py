@@ -1,0 +1,163 @@
+"""Server CPU per streamed token, above the engine: the HTTP, SSE, guard and text layers on a fake engine.
+
+The real app and server (create_app, uvicorn with the bounded h11 protocol, as `qwen-api serve` runs them) serve
+/v1/chat/completions over qwen_api.dev's FakeEngine, which decodes nothing and yields one token per sequence every
+`--pace` seconds. C concurrent clients stream `--tokens` tokens each; the server process's CPU time (from /proc)
+divided by the tokens streamed is what one token costs the server's event loop, machine noise mostly aside (CPU
+time, not wall time). On a 2-core machine every such microsecond is taken from llama.cpp's compute threads.
+
+`--variant NAME=PYTHONPATH` (repeatable) serves the same load from another source tree (e.g. a copy of `src`
+before a change), round by round alternating with this checkout, so the variants see the same noise.
+
+    .venv/bin/python bench/stream_overhead.py --concurrency 8 --rounds 5
+    cp -r src /tmp/before && ...edit... && .venv/bin/python bench/stream_overhead.py --variant before=/tmp/before
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+TEXT = "The quick brown fox jumps over the lazy dog, and then it writes a story about a lighthouse keeper. "
+
+
+def serve(port: int, pace: float, tokens: int) -> None:
+    import uvicorn
+
+    from qwen_api.admission import Admission
+    from qwen_api.api.app import create_app, observe_with
+    from qwen_api.dev.fake_engine import FakeEngine
+    from qwen_api.dev.random_qwen2 import build_qwen2_tokenizer
+    from qwen_api.runtime import Runtime
+    from qwen_api.server import Server, bounded_h11, connection_bound
+    from qwen_api.settings import Settings
+    from qwen_api.textgen import TextGenerator
+
+    tokenizer = build_qwen2_tokenizer()
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    script = (ids * (tokens // len(ids) + 1))[:tokens]
+    overrides: dict[str, object] = {"model": "fake-model", "host": "127.0.0.1", "port": port, "log_level": "warning"}
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    runtime = Runtime(lambda: TextGenerator(FakeEngine(script, pace=pace), tokenizer), "fake-model")
+    admission = Admission(settings.admission_capacity())
+    app = create_app(settings, runtime, admission)
+    http = bounded_h11(connection_bound(settings.max_connections), settings.header_timeout)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=http)
+    server = Server(config, runtime, admission, settings.drain_timeout)
+    runtime.connect(on_ready=observe_with(app.state.metrics), on_fatal=server.request_exit)
+    server.run()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def load(url: str, concurrency: int, requests: int, tokens: int) -> tuple[int, float]:
+    """Stream `requests` chat completions, `concurrency` at a time; returns the content chunks seen and wall time."""
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "Tell me a story."}],
+            "max_tokens": tokens, "stream": True, "temperature": 0}  # fmt: skip
+    seen = 0
+    todo = list(range(requests))
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+        async def worker() -> None:
+            nonlocal seen
+            while todo:
+                todo.pop()
+                async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                    r.raise_for_status()
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {") and '"content":"' in line and '"content":""' not in line:
+                            seen += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return seen, time.perf_counter() - start
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def measure(name: str, pythonpath: str | None, args: argparse.Namespace) -> dict[str, float]:
+    port = free_port()
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, __file__, "--serve", str(port), "--pace", str(args.pace), "--tokens", str(args.tokens)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise SystemExit(f"{name}: server exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+            time.sleep(0.2)
+        asyncio.run(load(url, 2, 2, 8))  # warm-up
+        before = cpu_seconds(proc.pid)
+        chunks, wall = asyncio.run(load(url, args.concurrency, args.requests, args.tokens))
+        cpu = cpu_seconds(proc.pid) - before
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {"us_per_token": cpu / chunks * 1e6, "server_cpu_s": cpu, "chunks": chunks, "tok_s": chunks / wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=0, help="default: 2 x concurrency")
+    parser.add_argument("--tokens", type=int, default=128, help="tokens per request")
+    parser.add_argument("--pace", type=float, default=0.02, help="seconds between a sequence's tokens")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=PYTHONPATH")
+    parser.add_argument("--json", metavar="FILE", help="write every round's numbers here")
+    args = parser.parse_args(argv)
+    if args.serve:
+        serve(args.serve, args.pace, args.tokens)
+        return 0
+    args.requests = args.requests or 2 * args.concurrency
+    variants: list[tuple[str, str | None]] = [("this-checkout", None)]
+    variants += [(name, path) for name, _, path in (v.partition("=") for v in args.variant)]
+    results: dict[str, list[dict[str, float]]] = {name: [] for name, _ in variants}
+    for round_ in range(args.rounds):
+        for name, path in variants if round_ % 2 == 0 else variants[::-1]:
+            r = measure(name, path, args)
+            results[name].append(r)
+            print(f"round {round_} {name}: {r['us_per_token']:.0f} us/token, {r['tok_s']:.0f} tok/s", file=sys.stderr)
+    print(f"{'variant':<16} {'us/token p50':>12} {'min':>6} {'max':>6} {'tok/s p50':>10}")
+    for name, rounds in results.items():
+        us = [r["us_per_token"] for r in rounds]
+        print(
+            f"{name:<16} {statistics.median(us):>12.0f} {min(us):>6.0f} {max(us):>6.0f} "
+            f"{statistics.median(r['tok_s'] for r in rounds):>10.0f}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
