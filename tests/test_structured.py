@@ -91,6 +91,22 @@ def test_parse_pydantic_model_for_20_seeds(demo: InProcessServer) -> None:
     assert len({p.model_dump_json() for p in parsed if p is not None}) > 1  # seeds really differ
 
 
+def test_responses_api_parse_follows_the_schema(demo: InProcessServer) -> None:
+    """The Responses API's structured outputs (`text.format`), through the SDK's `responses.parse`."""
+    client = client_of(demo)
+    r = client.responses.parse(
+        model=model_of(demo), input="Describe a city as JSON.", text_format=City, max_output_tokens=120, temperature=1.0
+    )
+    assert r.status == "completed", r.output_text
+    assert isinstance(r.output_parsed, City)
+    assert r.text is not None and r.text.format is not None and r.text.format.type == "json_schema"  # echoed
+    with client.responses.stream(
+        model=model_of(demo), input="Describe a city as JSON.", text_format=City, max_output_tokens=120
+    ) as stream:
+        final = stream.get_final_response()
+    assert final.status == "completed" and isinstance(final.output_parsed, City)
+
+
 def test_nested_schema_validates_beside_unconstrained_streamed_and_n(demo: InProcessServer) -> None:
     client = client_of(demo)
     fmt = {"type": "json_schema", "json_schema": {"name": "work", "schema": NESTED_SCHEMA, "strict": True}}

@@ -9,6 +9,7 @@ when `max_output_tokens` cut the answer. A failure after the stream began is one
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 import uuid
@@ -21,6 +22,7 @@ from fastapi.responses import StreamingResponse
 from qwen_api.api.deps import GeneratorDep, GuardDep, RuntimeDep, SettingsDep, log_outputs, log_prompt
 from qwen_api.api.errors import ModelNotFound
 from qwen_api.api.guard import RequestTimeout
+from qwen_api.api.openai_protocol import Unsupported
 from qwen_api.api.responses_protocol import (
     ResponsesRequest,
     Status,
@@ -31,6 +33,7 @@ from qwen_api.api.responses_protocol import (
 )
 from qwen_api.api.sse import sse_response
 from qwen_api.engine.base import EngineError, SamplingParams
+from qwen_api.structured.grammar import GrammarError
 from qwen_api.textgen import Completion, TextDelta
 
 router = APIRouter(prefix="/v1")
@@ -56,6 +59,11 @@ async def create_response(
     max_new = body.max_output_tokens or max(1, min(cap, generator.engine.max_context_tokens - len(prompt_ids)))
     params = body.sampling_params(max_new, generator.sampling_defaults)
     generator.check_fits(prompt_ids, max_new)
+    if (grammar := body.grammar()) is not None:  # structured outputs, enforced while decoding
+        try:
+            params = dataclasses.replace(params, constraint=await generator.grammars.compile(grammar, "text.format"))
+        except GrammarError as exc:
+            raise Unsupported("text.format", str(exc)) from None
     ticket = guard.admit(1, len(prompt_ids))
     shape = _Shape(body, params, len(prompt_ids))
     if body.stream:

@@ -1,10 +1,11 @@
 """Schemas of OpenAI's Responses API (`POST /v1/responses`), stateless, and the objects it answers with.
 
 A request is a conversation (`input` as a string or messages, `instructions` as a system message) plus the
-sampling fields this server honours: `max_output_tokens`, `temperature`, `top_p`, `stream`. Every field that
-would need state (`previous_response_id`, `store`, `background`, `conversation`), tools, reasoning or a
-structured output format is refused with a 400 that names it (`Unsupported`), never silently ignored; so is any
-field the schema does not know. `Response` objects and stream events are built here as plain dicts.
+sampling fields this server honours: `max_output_tokens`, `temperature`, `top_p`, `stream`, and structured
+outputs through `text.format` (json_object or json_schema). Every field that would need state
+(`previous_response_id`, `store`, `background`, `conversation`), tools or reasoning is refused with a 400 that
+names it (`Unsupported`), never silently ignored; so is any field the schema does not know. `Response` objects
+and stream events are built here as plain dicts.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pydantic import ConfigDict, Field, field_validator
 from qwen_api.api.openai_protocol import Unsupported
 from qwen_api.api.schema import RequestModel, at_most, resolve_sampling
 from qwen_api.engine.base import SamplingParams
+from qwen_api.structured.grammar import GrammarError, response_format_grammar
 
 # The sampling fields a response gets: OpenAI's defaults where neither the request nor the model's config sets one.
 _DIALECT_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
@@ -123,14 +125,30 @@ class ResponsesRequest(_Request):
             raise Unsupported("tool_choice", "tool calling is not supported by this server")
         if self.truncation == "auto":
             raise Unsupported("truncation", "inputs are never truncated here: use 'disabled'")
-        if self.text is not None and self.text.format is not None and self.text.format.type != "text":
-            raise Unsupported("text.format", "only {'type': 'text'} is supported (no structured outputs yet)")
+        self.grammar()  # an unknown or malformed text.format is a 400 naming it
         if self.text is not None and self.text.verbosity is not None:
             raise Unsupported("text.verbosity", "not supported by this server")
         if self.stream_options is not None and not self.stream:
             raise Unsupported("stream_options", "only allowed when stream is true")
         if self.stream_options is not None and self.stream_options.include_obfuscation:
             raise Unsupported("stream_options.include_obfuscation", "stream events are not obfuscated here")
+
+    def text_format(self) -> dict[str, Any]:
+        """`text.format` as sent (echoed in the Response), `{"type": "text"}` when left out."""
+        if self.text is None or self.text.format is None:
+            return {"type": "text"}
+        return self.text.format.model_dump(exclude_none=True)
+
+    def grammar(self) -> str | None:
+        """Structured outputs: the grammar of `text.format` (json_object, or json_schema with its `name`, `schema`,
+        `strict` and `description` at the top level, as the Responses API has them); None for plain text."""
+        fmt = self.text_format()
+        if fmt.get("type") == "json_schema":  # the chat completions' shape nests these under `json_schema`
+            fmt = {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
+        try:
+            return response_format_grammar(fmt)
+        except GrammarError as exc:
+            raise Unsupported("text.format", str(exc)) from None
 
     def chat_messages(self) -> list[dict[str, str]]:
         """The conversation for the chat template: `instructions` first, as a system message."""
@@ -193,7 +211,7 @@ def response_object(
         "background": False,
         "temperature": params.temperature,
         "top_p": params.top_p,
-        "text": {"format": {"type": "text"}},
+        "text": {"format": body.text_format()},
         "tool_choice": body.tool_choice or "auto",
         "tools": [],
         "truncation": "disabled",
