@@ -56,12 +56,12 @@ bench-tools: venv
 ## everything reached 12 GB and was OOM-killed beside another run). tests/unit/test_layout.py checks that every
 ## test file is in exactly one group. A group that selects nothing (exit 5, e.g. with PYTEST_ARGS=-k) is fine.
 TEST_GROUPS = \
-	"tests/unit tests/test_detokenize.py tests/test_random_qwen2.py tests/test_cli_and_settings.py tests/test_bench.py tests/test_gpu.py tests/test_llamacpp_engine.py tests/test_native_engine.py tests/test_sampling_controls.py" \
-	"tests/test_seed_api.py tests/test_openai_api.py tests/test_streaming.py tests/test_defects.py tests/test_sampling_api.py" \
-	"tests/test_robustness.py" \
-	"tests/test_dialects.py tests/test_structured.py" \
-	"tests/test_playground.py tests/test_demo_and_client.py" \
-	"tests/test_cluster.py"
+	"tests/unit tests/integration/test_detokenize.py tests/integration/test_random_qwen2.py tests/integration/test_cli_and_settings.py tests/integration/test_gpu.py tests/integration/test_llamacpp_engine.py tests/integration/test_native_engine.py tests/integration/test_sampling_controls.py tests/e2e/test_bench.py" \
+	"tests/e2e/test_seed_api.py tests/e2e/test_openai_api.py tests/e2e/test_streaming.py tests/e2e/test_defects.py tests/e2e/test_sampling_api.py" \
+	"tests/e2e/test_robustness.py" \
+	"tests/e2e/test_dialects.py tests/e2e/test_structured.py" \
+	"tests/e2e/test_playground.py tests/e2e/test_demo_and_client.py" \
+	"tests/e2e/test_cluster.py"
 
 test: venv test-tools
 	@status=0; for group in $(TEST_GROUPS); do \

@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 python -m pip install -q --no-deps bench-results/gpu-wheels/*.whl 2>&1 | tail -3
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-PYTHONPATH=src timeout 150 python -m pytest -m gpu tests/test_native_engine.py -q -s -p no:cacheprovider \
+PYTHONPATH=src timeout 150 python -m pytest -m gpu tests/integration/test_native_engine.py -q -s -p no:cacheprovider \
     2>&1 | tee "$OUT/gpu-tests.log" | tail -25
 PYTHONPATH=src timeout 420 python bench/native_gpu.py --shape 7b --model-dir /tmp/qwen2-7b \
     --out-dir "$OUT/native-gpu" 2>&1 | tee "$OUT/native-gpu.log" | tail -30
