@@ -67,6 +67,19 @@ def test_frequency_presence_and_bias_follow_openais_formula() -> None:
     assert not LogitControls.needed(SamplingParams(max_new_tokens=1))
 
 
+def test_a_bias_past_the_models_row_is_dropped_not_indexed() -> None:
+    """The API checks ids against the tokenizer; a model's logits row may be narrower, and an engine's worker must
+    never index past it (that would stop the engine for every sequence)."""
+    params = SamplingParams(max_new_tokens=1, logit_bias=((3, 1.0), (40, 5.0)), repetition_penalty=2.0)
+    controls = LogitControls(params, prompt_ids=[2, 50])
+    row = torch.ones(32)
+    controls.apply(row)
+    expected = torch.ones(32)
+    expected[3] += 1.0
+    expected[2] /= 2.0
+    torch.testing.assert_close(row, expected)
+
+
 def test_min_p_matches_transformers() -> None:
     from transformers import MinPLogitsWarper
 

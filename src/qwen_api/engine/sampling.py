@@ -121,27 +121,33 @@ class LogitControls:
     def accept(self, token: int) -> None:
         self._counts[token] = self._counts.get(token, 0) + 1
 
-    def _constant(self, device: Any) -> tuple[Any, Any, Any]:
+    def _constant(self, device: Any, width: int) -> tuple[Any, Any, Any]:
+        """The bias and prompt ids as tensors on `device`, built once; ids past the row's `width` are dropped (the API
+        refuses ids outside the tokenizer's vocabulary, and a model's row may be narrower: never index past it)."""
         import torch
 
         if device not in self._tensors:
-            ids = torch.tensor([t for t, _ in self._bias], dtype=torch.int64, device=device)
-            values = torch.tensor([b for _, b in self._bias], dtype=torch.float32, device=device)
-            self._tensors[device] = (ids, values, torch.tensor(self._prompt, dtype=torch.int64, device=device))
+            bias = [(t, b) for t, b in self._bias if 0 <= t < width]
+            ids = torch.tensor([t for t, _ in bias], dtype=torch.int64, device=device)
+            values = torch.tensor([b for _, b in bias], dtype=torch.float32, device=device)
+            prompt = torch.tensor([t for t in self._prompt if t < width], dtype=torch.int64, device=device)
+            self._tensors[device] = (ids, values, prompt)
         return self._tensors[device]
 
     def apply(self, row: torch.Tensor) -> None:
         """row: one sequence's logits [V], modified in place."""
         import torch
 
-        bias_ids, bias, prompt = self._constant(row.device)
+        bias_ids, bias, prompt = self._constant(row.device, row.size(0))
         if self._bias:
             row.index_add_(0, bias_ids, bias.to(row.dtype))
         if not self._counts and not self._prompt:
             return
+        # Sampled tokens always lie inside the row. No `unique` (a device sync on CUDA): a token both in the prompt
+        # and generated is written twice below, with the same value, computed from the same logit.
         generated = torch.tensor(list(self._counts), dtype=torch.int64, device=row.device)
         if self._repetition != 1.0:
-            seen = torch.cat([prompt, generated]).unique() if self._prompt else generated
+            seen = torch.cat([prompt, generated])
             logits = row.index_select(0, seen)
             row.index_copy_(0, seen, torch.where(logits > 0, logits / self._repetition, logits * self._repetition))
         if self._frequency or self._presence:
@@ -154,8 +160,8 @@ def min_p_filter(scores: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     min_p times the row's largest becomes -inf; the most likely token always stays."""
 
     probs = scores.softmax(dim=-1)
-    floor = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
-    return scores.masked_fill(probs < floor, float("-inf")) if bool((min_p > 0).any()) else scores
+    floor = probs.max(dim=-1, keepdim=True).values * min_p[:, None]  # 0 where min-p is off: nothing falls below
+    return scores.masked_fill(probs < floor, float("-inf"))
 
 
 def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], tops: Sequence[int]) -> list[TokenLogprob]:
