@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ def at_most(value: int | None, cap: str) -> int | None:
     """A field validator's check of `value` against the serving app's cap named `cap` (a `ServerCaps` field)."""
     caps = _CAPS.get()
     if value is not None and caps is not None and value > (limit := getattr(caps, cap)):
-        raise ValueError(f"must be at most {limit} on this server")
+        # A custom error, not ValueError: pydantic would prefix its message with "Value error, ".
+        raise PydanticCustomError("server_cap", "must be at most {limit} on this server", {"limit": limit})
     return value
 
 

@@ -24,15 +24,17 @@ router = APIRouter()  # open to all
 inference_router = APIRouter()  # behind the API key when one is set
 
 
-# HEAD too: load balancers probe with it.
-@router.api_route("/", methods=["GET", "HEAD"], response_model=RootResponse)
+# HEAD too: load balancers probe with it. Its own route, out of the OpenAPI schema: a GET+HEAD route gives the
+# schema two operations with one id (a warning on every /openapi.json).
+@router.head("/", include_in_schema=False, response_model=None)
+@router.get("/", response_model=RootResponse)
 async def root(runtime: RuntimeDep) -> RootResponse:
     return RootResponse(name="Qwen2-7B-Instruct API", version=__version__, status="active", model=runtime.model_name)
 
 
-@router.api_route(
+@router.head("/health", include_in_schema=False, response_model=None)
+@router.get(
     "/health",
-    methods=["GET", "HEAD"],
     response_model=HealthResponse,
     responses={503: {"description": "The model is loading, failed to load, its engine died, or it is shutting down."}},
 )
