@@ -12,21 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from launch import qwen_api_server
 
 
 async def _wave(client: httpx.AsyncClient, model: str, n: int, top: int | None, max_tokens: int) -> float:
@@ -73,27 +63,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=96)
     args = parser.parse_args()
-    port = _free_port()
-    qwen_api = Path(sys.executable).with_name("qwen-api")
-    env = {**os.environ, "QWEN_API_PORT": str(port), "QWEN_API_HOST": "127.0.0.1"}
-    cmd = [str(qwen_api), "serve", "--model", args.model, "--engine", args.engine, "--log-level", "warning"]
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the server did not start")
-            time.sleep(0.5)
+    with qwen_api_server(args.model, args.engine) as base:
         rates = asyncio.run(_run(base, args))
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     plain, with_logprobs = statistics.median(rates["none"]), statistics.median(rates["logprobs"])
     print(f"{args.model} on {args.engine}, {args.concurrency} concurrent, max_tokens {args.max_tokens}, ", end="")
     print(f"median of {args.rounds} interleaved waves")

@@ -13,15 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import jsonschema
+from launch import qwen_api_server
 
 SCHEMA = {
     "type": "object",
@@ -35,12 +31,6 @@ SCHEMA = {
     "additionalProperties": False,
 }
 FORMAT = {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _wave(client: httpx.AsyncClient, model: str, n: int, constrained: bool, max_tokens: int) -> int:
@@ -84,27 +74,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=96)
     args = parser.parse_args()
-    port = _free_port()
-    qwen_api = Path(sys.executable).with_name("qwen-api")
-    env = {**os.environ, "QWEN_API_PORT": str(port), "QWEN_API_HOST": "127.0.0.1"}
-    cmd = [str(qwen_api), "serve", "--model", args.model, "--engine", args.engine, "--log-level", "warning"]
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the server did not start")
-            time.sleep(0.5)
+    with qwen_api_server(args.model, args.engine) as base:
         rates = asyncio.run(_run(base, args.concurrency, args.rounds, args.max_tokens))
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     ratio = rates["constrained"] / rates["unconstrained"]
     print(f"{args.engine}, {args.concurrency} concurrent, {args.rounds} rounds, max_tokens {args.max_tokens}")
     print(f"unconstrained: {rates['unconstrained']:.1f} tokens/s")
