@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from qwen_api.engine.base import CPU_KV_CACHE_TOKENS, DEFAULT_MAX_BATCH_SIZE
+
 DEFAULT_MODEL = "Qwen/Qwen2-7B-Instruct"
 
 
@@ -44,7 +46,9 @@ class Settings(BaseSettings):
     max_num_return_sequences: int = Field(
         8, ge=1, le=256, description="Largest num_return_sequences a request may ask for."
     )
-    max_batch_size: int = Field(32, ge=1, description="Most sequences decoded together in one engine step.")
+    max_batch_size: int = Field(
+        DEFAULT_MAX_BATCH_SIZE, ge=1, description="Most sequences decoded together in one engine step."
+    )
     max_waiting_sequences: int = Field(
         64,
         ge=0,
@@ -75,7 +79,7 @@ class Settings(BaseSettings):
         None,
         ge=256,
         description="KV-cache capacity in tokens shared by all running sequences "
-        "(default: 32768 on CPU, most of the free memory on GPU).",
+        f"(default: {CPU_KV_CACHE_TOKENS} on CPU, most of the free memory on GPU).",
     )
     prefix_cache: bool = Field(
         True,

@@ -42,6 +42,7 @@ def load_engine(settings: Settings, source: ModelSource, threads: int | None) ->
             max_batch_size=settings.max_batch_size,
             kv_cache_tokens=settings.kv_cache_tokens,
             n_threads=threads,
+            prefix_cache=settings.prefix_cache,
         )
     return default_loader(settings, source)().engine
 

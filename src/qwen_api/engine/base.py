@@ -16,6 +16,11 @@ T = TypeVar("T")
 
 FinishReason = Literal["stop", "length"]
 
+# Every engine's defaults, and the settings' (settings.py reads these): most sequences in one step, and the KV cache
+# in tokens on a CPU when the operator sets none (on a GPU, engines size it from free memory).
+DEFAULT_MAX_BATCH_SIZE = 32
+CPU_KV_CACHE_TOKENS = 32768
+
 
 @dataclass(frozen=True)
 class SamplingParams:

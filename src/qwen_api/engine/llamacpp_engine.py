@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from qwen_api.engine.base import (
+    CPU_KV_CACHE_TOKENS,
+    DEFAULT_MAX_BATCH_SIZE,
     EngineDead,
     EngineError,
     EngineStats,
@@ -72,7 +74,7 @@ class LlamaCppEngine:
         self,
         gguf_path: str | Path,
         eos_token_ids: Iterable[int],
-        max_batch_size: int = 8,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         kv_cache_tokens: int | None = None,
         n_threads: int | None = None,
         prefix_cache: bool = True,
@@ -84,7 +86,7 @@ class LlamaCppEngine:
         model_params = safe_model_params()
         self.model = _internals.LlamaModel(path_model=str(gguf_path), params=model_params, verbose=False)
         threads = n_threads or os.cpu_count() or 1
-        n_ctx = kv_cache_tokens or 32768
+        n_ctx = kv_cache_tokens or CPU_KV_CACHE_TOKENS
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = PREFILL_BUDGET + max_batch_size

@@ -19,6 +19,8 @@ from typing import Any
 
 from qwen_api.engine import seeded_sampling
 from qwen_api.engine.base import (
+    CPU_KV_CACHE_TOKENS,
+    DEFAULT_MAX_BATCH_SIZE,
     EngineDead,
     EngineError,
     EngineStats,
@@ -32,7 +34,6 @@ from qwen_api.engine.sampling import effective_top_k, is_greedy
 
 log = logging.getLogger(__name__)
 
-CPU_DEFAULT_KV_TOKENS = 32768
 _PAGE_SIZE = 256
 
 
@@ -43,7 +44,7 @@ class TransformersEngine:
         self,
         model: Any,
         eos_token_ids: Iterable[int],
-        max_batch_size: int = 32,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         kv_cache_tokens: int | None = None,
     ) -> None:
         from transformers import GenerationConfig
@@ -54,7 +55,7 @@ class TransformersEngine:
         self._vocab_size = int(model.config.get_text_config().vocab_size)
         if kv_cache_tokens is None and model.device.type == "cpu":
             # The library sizes the cache from 60% of all RAM on a CPU; a bounded default leaves room for others.
-            kv_cache_tokens = CPU_DEFAULT_KV_TOKENS
+            kv_cache_tokens = CPU_KV_CACHE_TOKENS
         num_blocks = None if kv_cache_tokens is None else -(-kv_cache_tokens // _PAGE_SIZE)
         # A per-request logits processor only exists when its default is not neutral, so the defaults below
         # are placeholders that make all three exist; every request passes its own values.

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 
 from qwen_api.engine.base import (
+    CPU_KV_CACHE_TOKENS,
+    DEFAULT_MAX_BATCH_SIZE,
     EngineDead,
     EngineError,
     EngineStats,
@@ -48,7 +50,6 @@ from qwen_api.engine.sampling import LogitControls, token_logprobs
 
 log = logging.getLogger(__name__)
 
-CPU_KV_TOKENS = 32768
 CPU_PREFILL_CHUNK = 512  # prompt tokens a step reads, shared by the sequences still reading their prompt
 GPU_PREFILL_CHUNK = 2048
 GPU_MEMORY_FRACTION = 0.90  # of the free memory after loading, for the KV cache and the reserve below
@@ -72,7 +73,7 @@ class NativeEngine:
         eos_token_ids: Iterable[int],
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
-        max_batch_size: int = 32,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         kv_cache_tokens: int | None = None,
         block_size: int = 16,
         prefill_chunk: int | None = None,
@@ -112,7 +113,7 @@ class NativeEngine:
 
     def _num_blocks(self, kv_cache_tokens: int | None, block_size: int, dtype: torch.dtype) -> int:
         if kv_cache_tokens is not None or self.device.type != "cuda":
-            return max(1, (kv_cache_tokens or CPU_KV_TOKENS) // block_size)
+            return max(1, (kv_cache_tokens or CPU_KV_CACHE_TOKENS) // block_size)
         free, _ = torch.cuda.mem_get_info(self.device)
         budget = int(free * GPU_MEMORY_FRACTION) - GPU_RESERVE_BYTES
         blocks = budget // KVCache.bytes_per_block(self.config, block_size, dtype)
