@@ -66,13 +66,18 @@ class _TokenBytes:
         return data
 
 
+def byte_level_reader(tokenizer: Any) -> _TokenBytes | None:
+    """Each token id's bytes (memoised) for a byte-level tokenizer; None for other kinds (SentencePiece)."""
+    return _TokenBytes(tokenizer) if _is_byte_level(tokenizer) else None
+
+
 class IncrementalDetokenizer:
     """Feeds on token ids, returns new complete text."""
 
     def __init__(self, tokenizer: Any, skip_ids: Iterable[int] = ()) -> None:
         self._tokenizer = tokenizer
         self._skip = set(skip_ids)
-        self._bytes = _TokenBytes(tokenizer) if _is_byte_level(tokenizer) else None
+        self._bytes = byte_level_reader(tokenizer)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         # The window method (non-byte-level tokenizers)
         self._ids: list[int] = []

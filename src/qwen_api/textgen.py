@@ -16,7 +16,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from qwen_api.detokenize import IncrementalDetokenizer, StopMatcher, _is_byte_level, _TokenBytes
+from qwen_api.detokenize import IncrementalDetokenizer, StopMatcher, byte_level_reader
 from qwen_api.engine.base import Engine, EngineError, FinishReason, SamplingParams, TokenLogprob
 from qwen_api.engine.sampling import choice_seed
 from qwen_api.structured.grammar import GrammarCompiler
@@ -90,7 +90,7 @@ class TextGenerator:
         self.sampling_defaults = dict(sampling_defaults or {})
         self.grammars = GrammarCompiler(tokenizer)  # structured outputs; builds nothing until first used
         self._special_ids = set(tokenizer.all_special_ids)
-        self._token_bytes = _TokenBytes(tokenizer) if _is_byte_level(tokenizer) else None
+        self._token_bytes = byte_level_reader(tokenizer)
         added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
         self._special_texts = {str(t) for t in tokenizer.all_special_tokens} | {
             str(t.content) for t in added.values() if getattr(t, "special", False)
