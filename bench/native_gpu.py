@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
+import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -68,7 +70,18 @@ def build_model(model_dir: Path, shape: str, device: str, dtype: str) -> float:
     return time.perf_counter() - start
 
 
-def bench_server(kind: str, shape: dict, model_dir: Path, out: Path) -> dict:
+def sample_stacks(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
+    """py-spy (when installed) records the server's Python stacks for `seconds`, as collapsed stacks in `out`."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        print("py-spy not found: no stack samples", file=sys.stderr)
+        return None
+    cmd = [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "250", "--format", "raw",
+           "--threads", "--nonblocking", "--output", str(out)]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def bench_server(kind: str, shape: dict, model_dir: Path, out: Path, py_spy: bool = False) -> dict:
     extra = shape["qwen_api_args"] if kind.startswith("qwen-api") else []
     started = time.perf_counter()
     server = Launched(kind, extra, out, str(model_dir))
@@ -77,9 +90,17 @@ def bench_server(kind: str, shape: dict, model_dir: Path, out: Path) -> dict:
         ready_s = time.perf_counter() - started
         print(f"{kind}: ready in {ready_s:.1f} s", file=sys.stderr)
         asyncio.run(run_level(kind, server.url, 1, 2, 4))  # warm-up, not measured
-        levels = [
-            asyncio.run(run_level(kind, server.url, c, n, shape["max_tokens"])) for c, n in shape["levels"].items()
-        ]
+        levels = []
+        for c, n in shape["levels"].items():
+            # the stacks of the busiest level: where the server's own CPU time goes while it serves most streams
+            spy = (
+                sample_stacks(server.proc.pid, 6, out / f"py-spy-{kind}.txt")
+                if py_spy and c == max(shape["levels"])
+                else None
+            )
+            levels.append(asyncio.run(run_level(kind, server.url, c, n, shape["max_tokens"])))
+            if spy is not None:
+                spy.wait(timeout=30)
         t = shape["ttft"]
         prompts = long_prompts(t["prompt_tokens"], t["requests"])
         ttft = asyncio.run(run_level(kind, server.url, t["concurrency"], t["requests"], 8, prompts))
@@ -116,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=Path("bench-results/native-gpu"))
     parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated, in the order run")
     parser.add_argument("--budget-s", type=float, default=330.0, help="start no server past this many seconds")
+    parser.add_argument("--py-spy", action="store_true", help="sample the qwen-api servers' stacks at the top level")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     shape = SHAPES[args.shape]
@@ -130,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         if time.perf_counter() - start > args.budget_s:
             skipped.append(kind)
             continue
-        results.append(bench_server(kind, shape, model_dir, out))
+        results.append(bench_server(kind, shape, model_dir, out, args.py_spy and kind.startswith("qwen-api")))
     text = report(results, shape, skipped)
     print(text)
     raw = {

@@ -1,16 +1,45 @@
 #!/usr/bin/env bash
-# The native engine's GPU checks in one call: the `gpu` tests, then the benchmark (bench/native_gpu.py).
+# The native engine's GPU checks in one call, phase by phase (default: all of them, in this order):
+#   tests  - `pytest -m gpu` on the native engine (bf16 and fp32 against transformers, Triton kernel, CUDA graphs)
+#   build  - the 7B-shaped random-weight model, initialised on the GPU, in $MODEL_DIR
+#   steps  - bench/native_steps.py: the model's decode step alone (CUDA graph and eager) and the engine's API
+#   serve  - bench/native_gpu.py: the servers in $SERVERS under bench/serve_bench.py's client
 # Run on the GPU machine from the repository root, with the wheels of bench/gpu_wheels.txt carried in
 # bench-results/gpu-wheels (that file says how to download them). With the device tool:
 #   run(carry=["bench-results/gpu-wheels"], timeout_s=600, command="bash bench/native_gpu_check.sh")
-# Logs and the benchmark's JSON land in $OUT (the device tool's return folder), else in bench-results/.
+# Each phase has its own time limit, so one that hangs leaves time for the next. Logs and JSON land in $OUT (the
+# device tool's return folder), else in bench-results/.
 set -u
 OUT=${OUT:-bench-results}
+MODEL_DIR=${MODEL_DIR:-/tmp/qwen2-7b}
+SERVERS=${SERVERS:-qwen-api-native,qwen-api-transformers,transformers-serve}
+BUDGET=${BUDGET:-330}
+PHASES=${*:-tests build steps serve}
+export PYTHONUNBUFFERED=1 PYTHONPATH=src HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
-python -m pip install -q --no-deps bench-results/gpu-wheels/*.whl 2>&1 | tail -3
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-PYTHONPATH=src timeout 150 python -m pytest -m gpu tests/integration/test_native_engine.py -q -s -p no:cacheprovider \
-    2>&1 | tee "$OUT/gpu-tests.log" | tail -25
-PYTHONPATH=src timeout 420 python bench/native_gpu.py --shape 7b --model-dir /tmp/qwen2-7b \
-    --out-dir "$OUT/native-gpu" 2>&1 | tee "$OUT/native-gpu.log" | tail -30
+start=$(date +%s)
+phase() { echo "=== $1 at $(($(date +%s) - start)) s"; }
+phase install
+python -m pip install -q --no-deps --no-compile bench-results/gpu-wheels/*.whl 2>&1 | grep -v "already installed" | tail -3
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+for p in $PHASES; do
+  phase "$p"
+  case $p in
+    tests)
+      timeout 170 python -m pytest -m gpu tests/integration/test_native_engine.py -q -s -p no:cacheprovider -W default \
+        2>&1 | tee "$OUT/gpu-tests.log" | tail -30 ;;
+    build)
+      [ -f "$MODEL_DIR/config.json" ] || timeout 120 python -m qwen_api.dev.random_qwen2 "$MODEL_DIR" --shape 7b \
+        --dtype bfloat16 --device cuda 2>&1 | tail -2
+      du -sh "$MODEL_DIR" ;;
+    steps)
+      timeout 150 python bench/native_steps.py --model-dir "$MODEL_DIR" --concurrency 1,16,64 --profile \
+        --out "$OUT/native_steps.json" 2>&1 | grep -v "^USDT" | tee "$OUT/native-steps.log" | tail -45 ;;
+    serve)
+      timeout $((BUDGET + 150)) python bench/native_gpu.py --shape 7b --model-dir "$MODEL_DIR" --servers "$SERVERS" \
+        --budget-s "$BUDGET" --py-spy --out-dir "$OUT/native-gpu" 2>&1 | tail -40
+      tail -5 "$OUT"/native-gpu/logs/*.log ;;
+  esac
+done
+phase done

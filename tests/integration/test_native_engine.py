@@ -224,7 +224,7 @@ def test_sampler_filters_like_transformers_and_survives_nan() -> None:
     torch.manual_seed(0)
     scores = torch.randn(4, 1000) * 3
     for k, p in [(50, 0.9), (0, 0.5), (10, 1.0), (1, 0.3)]:
-        mine = filter_top_k_top_p(scores, torch.full((4,), k), torch.full((4,), p))
+        mine = filter_top_k_top_p(scores, [k] * 4, [p] * 4)
         theirs = TopKLogitsWarper(k)(None, scores) if k else scores
         theirs = TopPLogitsWarper(p)(None, theirs) if p < 1 else theirs
         assert torch.equal(torch.isinf(mine), torch.isinf(theirs)), (k, p)

@@ -80,6 +80,41 @@ def test_a_bias_past_the_models_row_is_dropped_not_indexed() -> None:
     torch.testing.assert_close(row, expected)
 
 
+def test_native_batch_controls_equal_the_per_row_rules() -> None:
+    """The native engine applies bias and penalties to a whole step at once (engine/native/controls.py): over
+    several steps, with rows joining, leaving and coming back, every row equals `LogitControls` on that row."""
+    from qwen_api.engine.native.controls import BatchControls
+    from qwen_api.engine.native.scheduler import Sequence
+
+    vocab = 48
+    kinds = [
+        SamplingParams(max_new_tokens=9, repetition_penalty=1.3),
+        SamplingParams(max_new_tokens=9, frequency_penalty=0.7, presence_penalty=-0.4),
+        SamplingParams(max_new_tokens=9, logit_bias=((3, 5.0), (60, 1.0)), repetition_penalty=0.8),
+        SamplingParams(max_new_tokens=9, logit_bias=((7, -100.0),), frequency_penalty=-1.5, presence_penalty=2.0),
+    ]
+    generator = torch.Generator().manual_seed(3)
+    seqs = [Sequence(torch.randint(0, vocab, (6,), generator=generator).tolist(), 6, k) for k in kinds]
+    reference = [LogitControls(s.params, s.tokens) for s in seqs]
+    batch = BatchControls(slots=3, vocab=vocab, device=torch.device("cpu"))
+    for step in range(8):
+        # three of four in the batch at a time; the one left out returns later and must pick up its counts
+        live = [i for i in range(4) if i != step % 4]
+        batch.retain([seqs[i] for i in live])
+        logits = torch.randn(len(live) + 1, vocab, generator=generator) * 4  # row 0: a sequence with no controls
+        expected = logits.clone()
+        for row, i in enumerate(live, start=1):
+            reference[i].apply(expected[row])
+        slots = batch.apply(logits, list(range(1, len(live) + 1)), [seqs[i] for i in live])
+        torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+        tokens = torch.randint(0, vocab, (len(live),), generator=generator)
+        tokens[0] = seqs[live[0]].tokens[-1]  # a repeat, so counts above 1 occur
+        batch.accept(slots, tokens)
+        for i, token in zip(live, tokens.tolist(), strict=True):
+            reference[i].accept(token)
+            seqs[i].tokens.append(token)
+
+
 def test_min_p_matches_transformers() -> None:
     from transformers import MinPLogitsWarper
 

@@ -90,6 +90,20 @@ def gumbel_noise(keys: Any, vocab: int, dtype: Any) -> Any:
     return (-torch.log(-torch.log(uniform_noise(keys, vocab)))).to(dtype)
 
 
+def repetition_penalised(logits: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
+    """transformers' and vLLM's repetition penalty on the logits of seen tokens: divided where positive,
+    multiplied where not. `penalty` is a float or broadcasts against `logits`."""
+    import torch
+
+    return torch.where(logits > 0, logits / penalty, logits * penalty)
+
+
+def count_penalty(counts: torch.Tensor, frequency: Any, presence: Any) -> torch.Tensor:
+    """OpenAI's frequency and presence penalties: what a token generated `counts` times loses from its logit
+    (nothing at count 0). `counts` in the logits' dtype; the penalties are floats or broadcast against it."""
+    return counts * frequency + (counts > 0).to(counts.dtype) * presence
+
+
 class LogitControls:
     """One sequence's logit bias and penalties, applied in place to its raw logits row before temperature.
 
@@ -148,11 +162,10 @@ class LogitControls:
         generated = torch.tensor(list(self._counts), dtype=torch.int64, device=row.device)
         if self._repetition != 1.0:
             seen = torch.cat([prompt, generated])
-            logits = row.index_select(0, seen)
-            row.index_copy_(0, seen, torch.where(logits > 0, logits / self._repetition, logits * self._repetition))
+            row.index_copy_(0, seen, repetition_penalised(row.index_select(0, seen), self._repetition))
         if self._frequency or self._presence:
             counts = torch.tensor(list(self._counts.values()), dtype=row.dtype, device=row.device)
-            row.index_add_(0, generated, -(counts * self._frequency + self._presence))
+            row.index_add_(0, generated, -count_penalty(counts, self._frequency, self._presence))
 
 
 def min_p_filter(scores: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

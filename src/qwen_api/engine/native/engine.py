@@ -40,6 +40,7 @@ from qwen_api.engine.base import (
     relay,
 )
 from qwen_api.engine.native.config import load_config
+from qwen_api.engine.native.controls import BatchControls
 from qwen_api.engine.native.kv_cache import KVCache
 from qwen_api.engine.native.model import CausalLM
 from qwen_api.engine.native.runner import ModelRunner
@@ -61,7 +62,6 @@ class _Handle:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue[TokenChunk | BaseException]
     matcher: Any = None  # the grammar's state for this sequence, when its params carry a constraint
-    controls: LogitControls | None = None  # its logit bias and penalties, when it has any
 
 
 class NativeEngine:
@@ -99,6 +99,7 @@ class NativeEngine:
         if prefill_chunk is None:  # larger on a GPU: fewer steps to read a burst of prompts (time to first token)
             prefill_chunk = GPU_PREFILL_CHUNK if self.device.type == "cuda" else CPU_PREFILL_CHUNK
         self.scheduler = Scheduler(self.cache.pool, max_batch_size, prefill_chunk)
+        self.controls = BatchControls(max_batch_size, self.config.vocab_size, self.device)
         self._eos = set(eos_token_ids)
         self.on_step: Callable[[int], None] | None = None
         self._incoming: queue.Queue[Sequence] = queue.Queue()
@@ -140,8 +141,6 @@ class NativeEngine:
             raise EngineDead(f"the native engine's worker is not running: {self._fatal}")
         self._check(prompt_ids, params)
         handle = _Handle(asyncio.get_running_loop(), asyncio.Queue())
-        if LogitControls.needed(params):
-            handle.controls = LogitControls(params, prompt_ids)
         seq = Sequence(list(prompt_ids), len(prompt_ids), params, handle)
 
         def cancel() -> None:
@@ -198,14 +197,16 @@ class NativeEngine:
         for i, matcher in matchers:  # structured outputs: what the grammar forbids is -inf before any sampling rule
             allowed = torch.from_numpy(matcher.allowed(logits.size(-1))).to(logits.device)
             logits[i].masked_fill_(~allowed, float("-inf"))
-        controlled = [(i, s.handle.controls) for i, s in enumerate(sampled) if s.handle.controls is not None]
-        for i, controls in controlled:
-            controls.apply(logits[i])
-        tokens = sample(logits, [Row(s.params, s.generated) for s in sampled]).tolist() if sampled else []
+        self.controls.retain(self.scheduler.running)
+        controlled = [i for i, s in enumerate(sampled) if LogitControls.needed(s.params)]
+        if controlled:  # bias and penalties, all rows at once
+            slots = self.controls.apply(logits, controlled, [sampled[i] for i in controlled])
+        drawn = sample(logits, [Row(s.params, s.generated) for s in sampled]) if sampled else None
+        if controlled and drawn is not None:
+            self.controls.accept(slots, drawn.index_select(0, slots.new_tensor(controlled)))
+        tokens = drawn.tolist() if drawn is not None else []
         for i, matcher in matchers:
             matcher.advance(tokens[i])
-        for i, controls in controlled:
-            controls.accept(tokens[i])
         logprobs: dict[int, TokenLogprob] = {}
         if raw is not None:
             tops = [sampled[i].params.logprobs or 0 for i in wanted]

@@ -33,15 +33,16 @@ def sanitise(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(dead, torch.zeros_like(logits), logits)
 
 
-def filter_top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """scores [B, V] already divided by temperature; top_k [B] (0: off), top_p [B] (1: off). Filtered -> -inf.
+def filter_top_k_top_p(scores: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """scores [B, V] already divided by temperature; top_k per row (0: off), top_p per row (1: off). Filtered -> -inf.
 
-    `candidates` caps how many of the best tokens are considered: when every row has a top-k, a `topk` of the
-    largest k replaces a sort of the whole vocabulary (152k entries a row for Qwen2).
+    When every row has a top-k, a `topk` of the largest k replaces a sort of the whole vocabulary (152k entries a
+    row for Qwen2). The width is decided from the host's lists, so nothing here waits for the device.
     """
     vocab = scores.size(-1)
-    k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)  # [B]
-    width = int(k.max()) if bool((top_k > 0).all()) else vocab
+    width = min(max(top_k), vocab) if all(k > 0 for k in top_k) else vocab
+    k = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_k], device=scores.device)  # [B]
+    top_p = torch.tensor(top_p, device=scores.device, dtype=scores.dtype)  # type: ignore[assignment]
     ordered, order = scores.topk(width, dim=-1) if width < vocab else scores.sort(dim=-1, descending=True)  # [B, W]
     rank = torch.arange(width, device=scores.device)[None, :]  # [1, W]
     kth = ordered.gather(-1, (k.clamp(max=width) - 1)[:, None])  # [B, 1]: ties with the k-th are kept, as transformers
@@ -50,7 +51,8 @@ def filter_top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     probs = ordered.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass strictly ahead of each token
     # top-p over what top-k left; the best token always stays, and p = 1 keeps all (the cumsum may round past 1)
-    keep &= (before < top_p[:, None]) | (rank == 0) | (top_p[:, None] >= 1.0)
+    p = top_p[:, None]  # type: ignore[index]
+    keep &= (before < p) | (rank == 0) | (p >= 1.0)
     filtered = torch.full_like(scores, float("-inf"))
     return filtered.scatter(-1, order, ordered.masked_fill(~keep, float("-inf")))
 
@@ -79,9 +81,7 @@ def sample(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
             0,
             which,
             filter_top_k_top_p(
-                scores.index_select(0, which),
-                torch.tensor([top_k[i] for i in filtered], device=device),
-                torch.tensor([top_p[i] for i in filtered], device=device, dtype=scores.dtype),
+                scores.index_select(0, which), [top_k[i] for i in filtered], [top_p[i] for i in filtered]
             ),
         )
     if any(p.min_p > 0 for p in picked):

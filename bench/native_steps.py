@@ -1,0 +1,137 @@
+"""The native engine without HTTP: how long the model's decode step takes, and what the engine's API delivers.
+
+Two measurements on one loaded engine, so the serving benchmark (`bench/native_gpu.py`) can be read against them:
+- forward: on CUDA, one decode step of the whole network replayed from its CUDA graph, and the same step run
+  eagerly, at each batch size asked for, timed with CUDA events (median of the timed repeats). At batch 1 this
+  is the number to hold against the bandwidth bound: the weights' bytes over the GPU's bandwidth.
+- engine: N concurrent sequences through `NativeEngine.generate` (no HTTP, no detokeniser), each a distinct random
+  prompt and the sampling Qwen2-7B-Instruct's generation_config.json gives every /v1 request (temperature 0.7,
+  top-p 0.8, top-k 20, repetition penalty 1.05): output tokens/s and milliseconds per engine step.
+Optionally (`--profile`) a torch profiler table of a few engine steps at the largest concurrency.
+
+    .venv/bin/python bench/native_steps.py --model-dir DIR --device cpu --dtype float32 --concurrency 1,4
+    python bench/native_steps.py --model-dir /tmp/qwen2-7b --device cuda --dtype bfloat16 --concurrency 1,16,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from qwen_api.engine.base import SamplingParams
+from qwen_api.engine.native.engine import NativeEngine
+
+QWEN2_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+
+
+def forward_ms(engine: NativeEngine, size: int, repeats: int) -> dict[str, float]:
+    """Median milliseconds of one decode step at `size` rows: graph replay, and eager (CUDA only)."""
+    graphs = engine.runner.graphs
+    assert graphs is not None and size in graphs.graphs, f"no CUDA graph for batch {size}"
+
+    def timed(fn) -> float:  # type: ignore[no-untyped-def]
+        times = []
+        for i in range(repeats + 3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            if i >= 3:
+                times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    graph, _ = graphs.graphs[size]
+    with torch.inference_mode():
+        return {"graph_ms": timed(graph.replay), "eager_ms": timed(lambda: graphs._forward(size))}
+
+
+async def engine_wave(engine: NativeEngine, concurrency: int, prompt_tokens: int, new_tokens: int) -> dict:
+    generator = torch.Generator().manual_seed(concurrency)
+    vocab = min(engine.config.vocab_size, 151_000)
+    prompts = [torch.randint(0, vocab, (prompt_tokens,), generator=generator).tolist() for _ in range(concurrency)]
+    params = SamplingParams(max_new_tokens=new_tokens, **QWEN2_SAMPLING)
+    steps_before = engine.stats().steps
+
+    async def one(prompt: list[int]) -> int:
+        count = 0
+        async for chunk in engine.generate(prompt, params):
+            count += len(chunk.token_ids)
+        return count
+
+    start = time.perf_counter()
+    counts = await asyncio.gather(*(one(p) for p in prompts))
+    wall = time.perf_counter() - start
+    steps = engine.stats().steps - steps_before
+    return {
+        "concurrency": concurrency,
+        "tokens": sum(counts),
+        "wall_s": wall,
+        "tokens_per_s": sum(counts) / wall,
+        "steps": steps,
+        "ms_per_step": 1000 * wall / max(steps, 1),
+    }
+
+
+def profile(engine: NativeEngine, concurrency: int, prompt_tokens: int) -> str:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        asyncio.run(engine_wave(engine, concurrency, prompt_tokens, 16))
+    key = "self_cuda_time_total" if engine.device.type == "cuda" else "self_cpu_time_total"
+    return str(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    started = time.perf_counter()
+    engine = NativeEngine(
+        args.model_dir, [151645], device=args.device, dtype=getattr(torch, args.dtype), max_batch_size=max(levels)
+    )
+    result: dict = {"device": args.device, "load_s": time.perf_counter() - started, "forward": {}, "engine": []}
+    if args.device == "cuda":
+        result["gpu"] = torch.cuda.get_device_name()
+        weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+        result["weight_bytes"] = weights
+        print(f"{result['gpu']}: weights {weights / 1e9:.2f} GB, loaded in {result['load_s']:.1f} s", flush=True)
+        for size in levels:
+            result["forward"][size] = forward_ms(engine, size, args.repeats)
+            print(f"forward batch {size:>3}: {result['forward'][size]}", flush=True)
+    try:
+        asyncio.run(engine_wave(engine, 2, args.prompt_tokens, 4))  # warm-up
+        for c in levels:
+            wave = asyncio.run(engine_wave(engine, c, args.prompt_tokens, args.new_tokens))
+            result["engine"].append(wave)
+            print(f"engine concurrency {c:>3}: {wave['tokens_per_s']:8.1f} tok/s, {wave['ms_per_step']:.2f} ms/step "
+                  f"({wave['steps']} steps, {wave['tokens']} tokens)", flush=True)  # fmt: skip
+        if args.profile:
+            print(profile(engine, max(levels), args.prompt_tokens), flush=True)
+    finally:
+        engine.shutdown()
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
