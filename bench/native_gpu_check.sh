@@ -13,7 +13,7 @@ set -u
 OUT=${OUT:-bench-results}
 MODEL_DIR=${MODEL_DIR:-/tmp/qwen2-7b}
 SERVERS=${SERVERS:-qwen-api-native,qwen-api-transformers,transformers-serve}
-BUDGET=${BUDGET:-330}
+BUDGET=${BUDGET:-330}  # seconds into the serve phase after which no further server is started
 PHASES=${*:-tests build steps serve}
 export PYTHONUNBUFFERED=1 PYTHONPATH=src HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
@@ -34,12 +34,14 @@ for p in $PHASES; do
         --dtype bfloat16 --device cuda 2>&1 | tail -2
       du -sh "$MODEL_DIR" ;;
     steps)
-      timeout 150 python bench/native_steps.py --model-dir "$MODEL_DIR" --concurrency 1,16,64 --profile \
+      timeout 150 python bench/native_steps.py --model-dir "$MODEL_DIR" --concurrency 1,16,64 ${STEPS_ARGS:---profile} \
         --out "$OUT/native_steps.json" 2>&1 | grep -v "^USDT" | tee "$OUT/native-steps.log" | tail -45 ;;
     serve)
       timeout $((BUDGET + 150)) python bench/native_gpu.py --shape 7b --model-dir "$MODEL_DIR" --servers "$SERVERS" \
         --budget-s "$BUDGET" --py-spy --out-dir "$OUT/native-gpu" 2>&1 | tail -40
-      tail -5 "$OUT"/native-gpu/logs/*.log ;;
+      for log in "$OUT"/native-gpu/logs/*.log; do
+        echo "--- $log"; grep -h "elementwise\|CUDA graphs\|KV cache" "$log"; tail -n 5 "$log"
+      done ;;
   esac
 done
 phase done

@@ -7,7 +7,8 @@ Two measurements on one loaded engine, so the serving benchmark (`bench/native_g
 - engine: N concurrent sequences through `NativeEngine.generate` (no HTTP, no detokeniser), each a distinct random
   prompt and the sampling Qwen2-7B-Instruct's generation_config.json gives every /v1 request (temperature 0.7,
   top-p 0.8, top-k 20, repetition penalty 1.05): output tokens/s and milliseconds per engine step.
-Optionally (`--profile`) a torch profiler table of a few engine steps at the largest concurrency.
+Optionally (`--profile`) a torch profiler table of a few engine steps at the largest concurrency, and
+(`--compare-unfused`) the step again with the eager elementwise functions instead of the fused ones.
 
     .venv/bin/python bench/native_steps.py --model-dir DIR --device cpu --dtype float32 --concurrency 1,4
     python bench/native_steps.py --model-dir /tmp/qwen2-7b --device cuda --dtype bfloat16 --concurrency 1,16,64
@@ -27,6 +28,7 @@ import torch
 
 from qwen_api.engine.base import SamplingParams
 from qwen_api.engine.native.engine import NativeEngine
+from qwen_api.engine.native.runner import CudaGraphs
 
 QWEN2_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
 
@@ -101,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--compare-unfused", action="store_true", help="CUDA: also time the step with eager elementwise ops"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -108,12 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     engine = NativeEngine(
         args.model_dir, [151645], device=args.device, dtype=getattr(torch, args.dtype), max_batch_size=max(levels)
     )
-    result: dict = {"device": args.device, "load_s": time.perf_counter() - started, "forward": {}, "engine": []}
+    result: dict = {"device": args.device, "load_s": time.perf_counter() - started, "forward": {}, "engine": [],
+                    "fused": engine.model.ops.fused}  # fmt: skip
     if args.device == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
         weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
         result["weight_bytes"] = weights
-        print(f"{result['gpu']}: weights {weights / 1e9:.2f} GB, loaded in {result['load_s']:.1f} s", flush=True)
+        print(f"{result['gpu']}: weights {weights / 1e9:.2f} GB, loaded in {result['load_s']:.1f} s, "
+              f"fused elementwise: {result['fused']}", flush=True)  # fmt: skip
         for size in levels:
             result["forward"][size] = forward_ms(engine, size, args.repeats)
             print(f"forward batch {size:>3}: {result['forward'][size]}", flush=True)
@@ -126,6 +133,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"({wave['steps']} steps, {wave['tokens']} tokens)", flush=True)  # fmt: skip
         if args.profile:
             print(profile(engine, max(levels), args.prompt_tokens), flush=True)
+        if args.compare_unfused and engine.model.ops.fused:  # recapture the graphs with the eager functions
+            engine.model.ops.unfuse()
+            engine.runner.graphs = CudaGraphs(engine.runner, max(levels))
+            for size in levels:
+                result["forward_unfused"] = {
+                    **result.get("forward_unfused", {}),
+                    size: forward_ms(engine, size, args.repeats),
+                }
+                print(f"forward batch {size:>3}, eager elementwise: {result['forward_unfused'][size]}", flush=True)
     finally:
         engine.shutdown()
     if args.out:

@@ -229,5 +229,6 @@ def _load_native(settings: Settings, source: ModelSource, device: str) -> TextGe
         max_batch_size=settings.max_batch_size,
         kv_cache_tokens=settings.kv_cache_tokens,
         prefix_cache=settings.prefix_cache,
+        fuse_kernels=settings.fuse_kernels,
     )
     return TextGenerator(engine, tokenizer, sampling_defaults=sampling_defaults(source))

@@ -86,6 +86,11 @@ class Settings(BaseSettings):
         description="Reuse the KV of a prompt prefix another request computed (llama.cpp and native engines). Off: "
         "every request computes as a fresh run would, so greedy and seeded answers never depend on what ran before.",
     )
+    fuse_kernels: bool = Field(
+        True,
+        description="Native engine, 16-bit model on CUDA: fuse the elementwise steps of each layer with torch.compile "
+        "(off: eager kernels; a faster start, a slower decode step).",
+    )
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own Python code.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     ray: bool = Field(False, description="Serve from engine replicas on a Ray cluster (Ray Serve) behind this front.")

@@ -306,6 +306,31 @@ def test_llama_with_tied_embeddings_matches_transformers(tmp_path: Path) -> None
         llama.shutdown()
 
 
+def test_fused_elementwise_steps_trace_whole_and_compute_the_same(tiny_qwen2_dir: Path) -> None:
+    """The functions the GPU fuses with torch.compile (engine/native/pointwise.py) trace without a graph break
+    (fullgraph) at the shapes the engine warms, and compute what the eager ones do. Dynamo with its eager backend:
+    the tracing is what is tested here; inductor's kernels are tested on a GPU (`-m gpu`)."""
+    from qwen_api.engine.native.config import load_config
+    from qwen_api.engine.native.model import CausalLM
+    from qwen_api.engine.native.pointwise import Pointwise
+    from qwen_api.engine.native.weights import load_weights
+
+    model = CausalLM(load_config(tiny_qwen2_dir), torch.device("cpu"), torch.float32)
+    load_weights(model, tiny_qwen2_dir)
+    traced, eager = Pointwise(fused=True, backend="eager"), Pointwise()
+    traced.warm(model)
+    torch.manual_seed(0)
+    x, r, w = torch.randn(5, 64), torch.randn(5, 64), torch.randn(64)
+    q, k, cos, sin = torch.randn(5, 4, 16), torch.randn(5, 2, 16), torch.randn(5, 16), torch.randn(5, 16)
+    parts = torch.randn(2, 4, 8, 16), torch.randn(2, 4, 8), torch.rand(2, 4, 8)
+    for name, args in [("rms_norm", (x, w, 1e-6)), ("add_rms_norm", (x, r, w, 1e-6)), ("rotary_qk", (q, k, cos, sin)),
+                       ("silu_mul", (torch.randn(5, 32),)), ("merge_splits", (*parts, torch.float32))]:  # fmt: skip
+        torch.testing.assert_close(getattr(traced, name)(*args), getattr(eager, name)(*args), rtol=0, atol=0)
+    assert not Pointwise.wanted(torch.device("cpu"), torch.bfloat16)
+    assert not Pointwise.wanted(torch.device("cuda"), torch.float32)
+    assert Pointwise.wanted(torch.device("cuda"), torch.bfloat16)
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 def test_gpu_fp32_greedy_matches_transformers(tiny_qwen2_dir: Path) -> None:
@@ -339,6 +364,7 @@ def test_gpu_bf16_greedy_against_transformers(tiny_qwen2_dir: Path) -> None:
     hf = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.bfloat16).to("cuda").eval()
     gpu = NativeEngine(tiny_qwen2_dir, [EOS], device="cuda", dtype=torch.bfloat16, max_batch_size=16)
     try:
+        assert gpu.model.ops.fused  # bf16 on CUDA runs the torch.compile'd elementwise steps, not a fallback
         prompts = [random_prompt(length, seed=90 + i) for i, length in enumerate([1, 7, 33, 100, 300])]
         results = run_many(gpu, [(p, GREEDY) for p in prompts])
         for prompt, tokens in zip(prompts, results, strict=True):

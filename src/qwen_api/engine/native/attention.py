@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from qwen_api.engine.native.pointwise import Pointwise
+
 
 @dataclass(frozen=True)
 class PrefillSpan:
@@ -53,24 +55,27 @@ def paged_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
+    ops: Pointwise,
 ) -> torch.Tensor:  # [T, H, D]
     if not meta.prefills:  # a decode-only step: the whole stream is decodes (the CUDA-graph case)
-        return _decode(q, k_cache, v_cache, meta)
+        return _decode(q, k_cache, v_cache, meta, ops)
     out = torch.empty_like(q)
     if meta.num_decode:
-        out[: meta.num_decode] = _decode(q[: meta.num_decode], k_cache, v_cache, meta)
+        out[: meta.num_decode] = _decode(q[: meta.num_decode], k_cache, v_cache, meta, ops)
     for span in meta.prefills:
         rows = slice(span.q_start, span.q_start + span.q_len)
         out[rows] = _prefill_span(q[rows], k_cache, v_cache, span)
     return out
 
 
-def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+def _decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, ops: Pointwise
+) -> torch.Tensor:
     assert meta.block_tables is not None and meta.context_lens is not None
     if meta.use_triton:
         from qwen_api.engine.native.triton_attention import paged_decode
 
-        return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens)
+        return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, ops.merge_splits)
     return decode_sdpa(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.max_context_len)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from qwen_api.engine.native.sampler import to_device
 from qwen_api.engine.native.scheduler import Sequence
 from qwen_api.engine.sampling import count_penalty, repetition_penalised
 
@@ -47,16 +48,16 @@ class BatchControls:
         params, device, vocab = seq.params, self.device, self.vocab
         self.counts[slot].zero_()
         if generated := seq.tokens[seq.prompt_len :]:
-            ids = torch.tensor(generated, dtype=torch.int64, device=device)
+            ids = to_device(generated, device, torch.int64)
             self.counts[slot].index_put_((ids,), torch.ones_like(ids, dtype=torch.int32), accumulate=True)
         self.prompt[slot].zero_()
         if params.repetition_penalty != 1.0:
             prompt = [t for t in set(seq.tokens[: seq.prompt_len]) if t < vocab]
-            self.prompt[slot, torch.tensor(prompt, dtype=torch.int64, device=device)] = True
+            self.prompt[slot, to_device(prompt, device, torch.int64)] = True
         self.bias[slot].zero_()
         if bias := [(t, b) for t, b in params.logit_bias if 0 <= t < vocab]:  # ids past the row are dropped
-            ids = torch.tensor([t for t, _ in bias], dtype=torch.int64, device=device)
-            values = torch.tensor([b for _, b in bias], dtype=torch.float32, device=device)
+            ids = to_device([t for t, _ in bias], device, torch.int64)
+            values = to_device([b for _, b in bias], device, torch.float32)
             self.bias[slot].index_put_((ids,), values, accumulate=True)
         self._slot_of[seq] = slot
         return slot
@@ -64,8 +65,8 @@ class BatchControls:
     def apply(self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> torch.Tensor:
         """Apply each sequence's controls to its row of `logits` [B, V] (fp32), in place; returns the slots
         tensor that `accept` takes."""
-        slots = torch.tensor([self._slot(s) for s in seqs], dtype=torch.int64, device=self.device)
-        index = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        slots = to_device([self._slot(s) for s in seqs], self.device, torch.int64)
+        index = to_device(rows, self.device, torch.int64)
         x = logits.index_select(0, index)
         if any(s.params.logit_bias for s in seqs):
             x += self.bias.index_select(0, slots)
@@ -73,13 +74,13 @@ class BatchControls:
         repetition = [s.params.repetition_penalty for s in seqs]
         if any(r != 1.0 for r in repetition):
             seen = self.prompt.index_select(0, slots) | (counts > 0)
-            r = torch.tensor(repetition, dtype=x.dtype, device=self.device)[:, None]
+            r = to_device(repetition, self.device, x.dtype)[:, None]
             x = torch.where(seen, repetition_penalised(x, r), x)  # rows with r = 1 come out unchanged
         frequency = [s.params.frequency_penalty for s in seqs]
         presence = [s.params.presence_penalty for s in seqs]
         if any(frequency) or any(presence):
-            f = torch.tensor(frequency, dtype=x.dtype, device=self.device)[:, None]
-            p = torch.tensor(presence, dtype=x.dtype, device=self.device)[:, None]
+            f = to_device(frequency, self.device, x.dtype)[:, None]
+            p = to_device(presence, self.device, x.dtype)[:, None]
             x -= count_penalty(counts.to(x.dtype), f, p)
         logits.index_copy_(0, index, x)
         return slots

@@ -43,8 +43,9 @@ from qwen_api.engine.native.config import load_config
 from qwen_api.engine.native.controls import BatchControls
 from qwen_api.engine.native.kv_cache import KVCache
 from qwen_api.engine.native.model import CausalLM
+from qwen_api.engine.native.pointwise import Pointwise
 from qwen_api.engine.native.runner import ModelRunner
-from qwen_api.engine.native.sampler import Row, sample
+from qwen_api.engine.native.sampler import Row, sample, to_device
 from qwen_api.engine.native.scheduler import Scheduler, Sequence, Step
 from qwen_api.engine.native.weights import load_weights
 from qwen_api.engine.sampling import LogitControls, token_logprobs
@@ -79,11 +80,13 @@ class NativeEngine:
         prefill_chunk: int | None = None,
         use_cuda_graphs: bool = True,
         prefix_cache: bool = True,
+        fuse_kernels: bool = True,
     ) -> None:
         self.device = torch.device(device)
         self.config = load_config(model_dir)
         with torch.inference_mode():
-            self.model = CausalLM(self.config, self.device, dtype).eval()
+            fused = fuse_kernels and Pointwise.wanted(self.device, dtype)
+            self.model = CausalLM(self.config, self.device, dtype, fused=fused).eval()
             load_weights(self.model, model_dir)
         num_blocks = self._num_blocks(kv_cache_tokens, block_size, dtype)
         self.cache = KVCache(self.config, num_blocks, block_size, self.device, dtype)
@@ -164,7 +167,7 @@ class NativeEngine:
     def _run(self) -> None:
         try:
             if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)  # a new thread starts on device 0
+                torch.cuda.set_device(self.device.index or 0)  # a new thread starts on device 0
             while not self._stop.is_set():
                 while True:
                     try:
@@ -192,10 +195,11 @@ class NativeEngine:
         sampled = step.sampled
         logits = self.runner.run(step)
         wanted = [i for i, s in enumerate(sampled) if s.params.logprobs is not None]
-        raw = logits[wanted].clone() if wanted else None  # log-probabilities come from the untouched logits
+        # log-probabilities come from the untouched logits
+        raw = logits.index_select(0, to_device(wanted, logits.device, torch.int64)) if wanted else None
         matchers = [(i, self._matcher(s)) for i, s in enumerate(sampled) if s.params.constraint is not None]
         for i, matcher in matchers:  # structured outputs: what the grammar forbids is -inf before any sampling rule
-            allowed = torch.from_numpy(matcher.allowed(logits.size(-1))).to(logits.device)
+            allowed = torch.from_numpy(matcher.allowed(logits.size(-1))).to(logits.device, non_blocking=True)
             logits[i].masked_fill_(~allowed, float("-inf"))
         self.controls.retain(self.scheduler.running)
         controlled = [i for i, s in enumerate(sampled) if LogitControls.needed(s.params)]
@@ -203,7 +207,7 @@ class NativeEngine:
             slots = self.controls.apply(logits, controlled, [sampled[i] for i in controlled])
         drawn = sample(logits, [Row(s.params, s.generated) for s in sampled]) if sampled else None
         if controlled and drawn is not None:
-            self.controls.accept(slots, drawn.index_select(0, slots.new_tensor(controlled)))
+            self.controls.accept(slots, drawn.index_select(0, to_device(controlled, drawn.device, torch.int64)))
         tokens = drawn.tolist() if drawn is not None else []
         for i, matcher in matchers:
             matcher.advance(tokens[i])

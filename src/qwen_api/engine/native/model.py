@@ -17,6 +17,7 @@ from torch import nn
 
 from qwen_api.engine.native.attention import AttentionMetadata, paged_attention, write_kv
 from qwen_api.engine.native.config import ModelConfig
+from qwen_api.engine.native.pointwise import Pointwise
 
 
 def _param(*shape: int, device: torch.device, dtype: torch.dtype) -> nn.Parameter:
@@ -36,15 +37,12 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    """Holds the weight and epsilon; the arithmetic is `pointwise.rms_norm` (eager or fused)."""
+
     def __init__(self, size: int, eps: float, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
         self.weight = _param(size, device=device, dtype=dtype)
         self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
 
 
 def rotary_tables(config: ModelConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,17 +55,10 @@ def rotary_tables(config: ModelConfig, device: torch.device) -> tuple[torch.Tens
     return emb.cos(), emb.sin()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D]; cos, sin [T, D] already in x's dtype."""
-    half = x.size(-1) // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
-
-
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, ops: Pointwise, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
-        self.config = config
+        self.config, self.ops = config, ops
         c = config
         self.qkv_proj = Linear(c.hidden_size, c.q_size + 2 * c.kv_size, c.qkv_bias, device, dtype)
         self.o_proj = Linear(c.q_size, c.hidden_size, False, device, dtype)
@@ -84,45 +75,50 @@ class Attention(nn.Module):
         c = self.config
         tokens = x.size(0)
         q, k, v = self.qkv_proj(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-        q = apply_rotary(q.view(tokens, c.num_heads, c.head_dim), cos, sin)
-        k = apply_rotary(k.view(tokens, c.num_kv_heads, c.head_dim), cos, sin)
+        q, k = self.ops.rotary_qk(
+            q.view(tokens, c.num_heads, c.head_dim), k.view(tokens, c.num_kv_heads, c.head_dim), cos, sin
+        )
         write_kv(k_cache, v_cache, k, v.view(tokens, c.num_kv_heads, c.head_dim), meta.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, meta)  # [T, H, D]
+        out = paged_attention(q, k_cache, v_cache, meta, self.ops)  # [T, H, D]
         return self.o_proj(out.reshape(tokens, c.q_size))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, ops: Pointwise, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
+        self.ops = ops
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, False, device, dtype)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, False, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, ops: Pointwise, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
+        self.ops = ops
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
-        self.self_attn = Attention(config, device, dtype)
+        self.self_attn = Attention(config, ops, device, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
-        self.mlp = MLP(config, device, dtype)
+        self.mlp = MLP(config, ops, device, dtype)
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        attended = self.self_attn(self.ops.rms_norm(x, norm1.weight, norm1.eps), cos, sin, k_cache, v_cache, meta)
+        h, x = self.ops.add_rms_norm(attended, x, norm2.weight, norm2.eps)  # x + attention, and its norm
+        return x + self.mlp(h)
 
 
 class CausalLM(nn.Module):
     """Qwen2ForCausalLM / LlamaForCausalLM: token ids and positions in, hidden states out; `logits` on demand."""
 
-    def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype, fused: bool = False) -> None:
         super().__init__()
         self.config = config
+        self.ops = Pointwise(fused)
         self.embed_tokens = _param(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
-        self.layers = nn.ModuleList(DecoderLayer(config, device, dtype) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, self.ops, device, dtype) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
         self.lm_head = (
             None
@@ -146,7 +142,7 @@ class CausalLM(nn.Module):
         sin = rope_sin[positions].to(x.dtype)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
             x = layer(x, cos, sin, k_cache, v_cache, meta)
-        return self.norm(x)
+        return self.ops.rms_norm(x, self.norm.weight, self.norm.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [S, hidden] -> [S, V] fp32
         head = self.embed_tokens if self.lm_head is None else self.lm_head

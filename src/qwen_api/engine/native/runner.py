@@ -50,6 +50,13 @@ class ModelRunner:
         self.device = model.embed_tokens.device
         self.use_triton = triton_available(self.device)
         self.max_blocks_per_seq = max_blocks_per_seq
+        if model.ops.fused:
+            try:
+                model.ops.warm(model)
+                log.info("elementwise steps fused with torch.compile")
+            except Exception:  # an inductor or Triton failure costs speed, never the engine
+                log.exception("fusing the elementwise steps with torch.compile failed; running them eagerly")
+                model.ops.unfuse()
         self.graphs: CudaGraphs | None = None
         if use_cuda_graphs and self.use_triton:
             self.graphs = CudaGraphs(self, max_batch_size)

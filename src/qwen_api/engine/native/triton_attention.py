@@ -2,18 +2,22 @@
 
 Flash-decoding over the block table, split along the context: program (b, kv_head, split) walks its share of
 row b's blocks with an online softmax, for all query heads of that kv head at once (grouped-query attention:
-the group is one small matrix product per block), and writes a partial (max, sum, weighted values); a few
-torch ops then merge the splits. Splitting keeps the GPU busy when the batch is small (at batch 1 there are
-only kv_heads rows of work otherwise). Everything the kernel reads is on the device (block tables, context
+the group is one small matrix product per block), and writes a partial (max, sum, weighted values);
+`pointwise.merge_splits` then merges the splits. Splitting keeps the GPU busy when the batch is small (at batch 1
+there are only kv_heads rows of work otherwise). Everything the kernel reads is on the device (block tables, context
 lengths), and shapes depend only on the batch size, so a CUDA graph can capture it. Imported only on CUDA
 where Triton is installed; `attention.decode_sdpa` is the reference it is tested against.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
+
+from qwen_api.engine.native.pointwise import merge_splits
 
 SPLITS = 8  # context splits per (row, kv head); partials merged in torch
 
@@ -94,6 +98,7 @@ def paged_decode(
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,  # [B, W] int32
     context_lens: torch.Tensor,  # [B] int32, each >= 1
+    merge: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor] = merge_splits,
 ) -> torch.Tensor:  # [B, H, D]
     q = q.contiguous()
     batch, heads, dim = q.shape
@@ -109,9 +114,4 @@ def paged_decode(
         GROUPS=groups, GROUPS_PAD=max(16, triton.next_power_of_2(groups)), HEAD_DIM=dim, BLOCK=block,
         N_SPLITS=SPLITS, IEEE=q.dtype == torch.float32,
     )  # fmt: skip
-    # Merge the splits; an empty split has max -inf and sum 0, so its weight is 0.
-    top = part_max.amax(dim=-1, keepdim=True)  # [B, H, 1]
-    weight = torch.exp(part_max - top)  # [B, H, S]
-    total = (part_sum * weight).sum(dim=-1)  # [B, H]
-    out = (part_out * weight[..., None]).sum(dim=-2) / total[..., None]  # [B, H, D]
-    return out.to(q.dtype)
+    return merge(part_out, part_max, part_sum, q.dtype)
