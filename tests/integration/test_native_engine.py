@@ -113,6 +113,59 @@ def test_greedy_matches_in_a_batch_of_8_beside_sampled_traffic(engine: NativeEng
         assert 1 <= len(tokens) <= 16 and all(0 <= t < 152064 for t in tokens)
 
 
+def test_short_prompts_read_together_match_one_call_each(
+    engine: NativeEngine,
+    hf_model,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The GPU reads a step's short prompt chunks with one masked attention call (attention.PrefillBatch). Forced
+    on here: eight prompts arriving together, two of them sharing a cached prefix, give transformers' tokens."""
+    from qwen_api.engine.native import runner
+
+    batched: list[int] = []
+    build = runner.batch_prefills
+    monkeypatch.setattr(runner, "batch_prefills", lambda spans, *a: batched.append(len(spans)) or build(spans, *a))
+    shared = random_prompt(48, seed=40)
+    run(engine, [*shared, 5])  # index the shared blocks, so some chunks below start after a cached prefix
+    prompts = [random_prompt(length, seed=41 + i) for i, length in enumerate([1, 3, 17, 40, 90, 120])]
+    prompts += [shared + random_prompt(7, seed=50), shared + random_prompt(30, seed=51)]
+    engine.runner.batched_prefill = True
+    try:
+        hits = engine.cache.pool.hit_blocks
+        results = run_many(engine, [(p, GREEDY) for p in prompts])
+        assert engine.cache.pool.hit_blocks - hits == 6  # both shared prompts read three blocks from the cache
+        assert batched and max(batched) >= 4  # several prompts' chunks were read in one call
+    finally:
+        engine.runner.batched_prefill = False
+    for prompt, tokens in zip(prompts, results, strict=True):
+        assert tokens == reference(hf_model, prompt), f"prompt of {len(prompt)} tokens"
+
+
+def test_batched_prefill_attention_equals_one_call_per_chunk() -> None:
+    """attention.prefill_batched against the per-chunk reference, chunks with and without a cached prefix."""
+    from qwen_api.engine.native.attention import PrefillSpan, _prefill_span, batch_prefills, prefill_batched
+
+    torch.manual_seed(0)
+    block, kv_heads, heads, dim = 4, 2, 6, 8
+    k_cache = torch.randn(40, block, kv_heads, dim)
+    v_cache = torch.randn_like(k_cache)
+    # (chunk tokens, context tokens, blocks): no prefix; 5 cached + 3 new; 1 new after 9 cached
+    spans = [(6, 6, [3, 7]), (3, 8, [11, 2, 30]), (1, 10, [5, 6, 9])]
+    starts = [2, 8, 11]  # rows in the step's stream (0 and 1 are decodes)
+    q = torch.randn(12, heads, dim)
+    batch = batch_prefills(
+        [(r, n, c, b) for r, (n, c, b) in zip(starts, spans, strict=True)], block, torch.device("cpu")
+    )
+    together = prefill_batched(q.index_select(0, batch.q_rows), k_cache, v_cache, batch)
+    assert batch.q_rows.tolist() == list(range(2, 12))
+    row = 0
+    for start, (n, ctx, blocks) in zip(starts, spans, strict=True):
+        span = PrefillSpan(q_start=start, q_len=n, ctx_len=ctx, blocks=torch.tensor(blocks[: -(-ctx // block)]))
+        alone = _prefill_span(q[start : start + n], k_cache, v_cache, span)
+        torch.testing.assert_close(together[row : row + n], alone, rtol=1e-5, atol=1e-5)
+        row += n
+
+
 def test_prefix_cache_hits_and_keeps_tokens(engine: NativeEngine, hf_model) -> None:  # type: ignore[no-untyped-def]
     pool = engine.cache.pool
     shared = random_prompt(64, seed=30)  # four full blocks of 16

@@ -7,7 +7,9 @@ also runs inside CUDA graphs), then:
   (no gather, no host sync: capturable in a CUDA graph); elsewhere their blocks are gathered into a padded
   batch and read with SDPA under a length mask;
 - prompt spans: each span's context (cached prefix plus the chunk) is gathered from its blocks and read with
-  SDPA, causal within the chunk. A step holds few spans (the prefill budget bounds them), so the loop is short.
+  SDPA, causal within the chunk. A long chunk gets its own call (the flash kernel when it has no cached prefix);
+  on a GPU, a step's short chunks (many new short prompts at once) share one call under a mask that keeps each
+  query to its own sequence (`PrefillBatch`): one call a layer instead of one per prompt.
 """
 
 from __future__ import annotations
@@ -28,6 +30,49 @@ class PrefillSpan:
     blocks: torch.Tensor  # [ceil(ctx_len / block_size)] int64 block ids
 
 
+@dataclass(frozen=True)
+class PrefillBatch:
+    """Short prompt chunks of one step, read with one attention call instead of one call each.
+
+    Their queries are rows `q_rows` of the step's stream; their contexts (cached prefix plus chunk) are gathered
+    span after span from `ctx_slots`; `mask` lets each query read its own span's context up to its position.
+    """
+
+    q_rows: torch.Tensor  # [Q] int64
+    ctx_slots: torch.Tensor  # [C] int64
+    mask: torch.Tensor  # [Q, C] bool
+
+
+SHORT_CHUNK = 256  # prompt chunks up to this many tokens share one attention call when a step has several
+
+
+def batch_prefills(spans: list[tuple[int, int, int, list[int]]], block_size: int, device: torch.device) -> PrefillBatch:
+    """spans: (first row in the stream, chunk tokens, context tokens, the sequence's blocks) each, host values.
+
+    Built on the device from a few small host tensors (no per-token host loop, no sync); shared by every layer.
+    """
+    from qwen_api.engine.native.sampler import to_device
+
+    q_lens = [q for _, q, _, _ in spans]
+    ctx_lens = [c for _, _, c, _ in spans]
+    width = max(-(-c // block_size) for c in ctx_lens)
+    table = to_device([b[:width] + [0] * (width - len(b[:width])) for *_, b in spans], device, torch.int64)
+    count, queries, contexts = len(spans), sum(q_lens), sum(ctx_lens)
+    ids = torch.arange(count, device=device)
+    q_span = torch.repeat_interleave(ids, to_device(q_lens, device, torch.int64), output_size=queries)  # [Q]
+    c_span = torch.repeat_interleave(ids, to_device(ctx_lens, device, torch.int64), output_size=contexts)  # [C]
+    q_first = to_device([sum(q_lens[:i]) for i in range(count)], device, torch.int64)  # first query of each span
+    c_first = to_device([sum(ctx_lens[:i]) for i in range(count)], device, torch.int64)
+    prefix = to_device([c - q for c, q in zip(ctx_lens, q_lens, strict=True)], device, torch.int64)
+    q_pos = torch.arange(queries, device=device) - q_first[q_span] + prefix[q_span]  # position in its sequence
+    c_pos = torch.arange(contexts, device=device) - c_first[c_span]
+    ctx_slots = table[c_span, c_pos // block_size] * block_size + c_pos % block_size
+    mask = (q_span[:, None] == c_span[None, :]) & (c_pos[None, :] <= q_pos[:, None])
+    starts = to_device([r for r, _, _, _ in spans], device, torch.int64)
+    q_rows = starts[q_span] + torch.arange(queries, device=device) - q_first[q_span]
+    return PrefillBatch(q_rows=q_rows, ctx_slots=ctx_slots, mask=mask)
+
+
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: where each token's K/V goes (block * block_size + offset)
@@ -35,7 +80,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None  # [num_decode, W] int32 (decode rows)
     context_lens: torch.Tensor | None = None  # [num_decode] int32 (tokens each decode attends to)
     max_context_len: int = 0  # host copy of context_lens.max(), for the gather path
-    prefills: list[PrefillSpan] = field(default_factory=list)
+    prefills: list[PrefillSpan] = field(default_factory=list)  # chunks read one call each
+    prefill_batch: PrefillBatch | None = None  # short chunks read together
     use_triton: bool = False
 
 
@@ -57,7 +103,7 @@ def paged_attention(
     meta: AttentionMetadata,
     ops: Pointwise,
 ) -> torch.Tensor:  # [T, H, D]
-    if not meta.prefills:  # a decode-only step: the whole stream is decodes (the CUDA-graph case)
+    if not meta.prefills and meta.prefill_batch is None:  # decodes only (the CUDA-graph case)
         return _decode(q, k_cache, v_cache, meta, ops)
     out = torch.empty_like(q)
     if meta.num_decode:
@@ -65,6 +111,8 @@ def paged_attention(
     for span in meta.prefills:
         rows = slice(span.q_start, span.q_start + span.q_len)
         out[rows] = _prefill_span(q[rows], k_cache, v_cache, span)
+    if (batch := meta.prefill_batch) is not None:
+        out.index_copy_(0, batch.q_rows, prefill_batched(q.index_select(0, batch.q_rows), k_cache, v_cache, batch))
     return out
 
 
@@ -99,6 +147,17 @@ def decode_sdpa(
     keep = torch.arange(k.size(2), device=q.device)[None, :] < context_lens[:, None]  # [B, L]
     out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=keep[:, None, None, :])  # [B, H, 1, D]
     return out.squeeze(2)
+
+
+def prefill_batched(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PrefillBatch) -> torch.Tensor:
+    """q [Q, H, D]: every short chunk's queries; one SDPA over all their contexts under the batch's mask."""
+    k = k_cache.view(-1, *k_cache.shape[2:]).index_select(0, batch.ctx_slots)  # [C, KV, D]
+    v = v_cache.view(-1, *v_cache.shape[2:]).index_select(0, batch.ctx_slots)
+    groups = q.size(1) // k.size(1)
+    k = k.transpose(0, 1).repeat_interleave(groups, dim=0)  # [H, C, D]
+    v = v.transpose(0, 1).repeat_interleave(groups, dim=0)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=batch.mask)
+    return out[0].transpose(0, 1)  # [Q, H, D]
 
 
 def _prefill_span(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span: PrefillSpan) -> torch.Tensor:
