@@ -289,6 +289,21 @@ def test_sampler_filters_like_transformers_and_survives_nan() -> None:
     assert sample(logits, rows)[2] == tokens[2]  # a seeded row draws the same token again
 
 
+def test_a_seeded_draw_among_candidates_is_the_draw_over_the_vocabulary() -> None:
+    """With a top-k on every row the sampler draws among each row's k best tokens; a seeded row's noise is hashed
+    per token id, so it picks what the draw over the whole vocabulary (taken when any row lacks a top-k) picks."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5000) * 2
+    params = [SamplingParams(8, temperature=0.9, top_k=k, top_p=p, min_p=m, seed=s)
+              for k, p, m, s in [(20, 1.0, 0.0, 1), (50, 0.9, 0.0, 2), (5, 1.0, 0.05, 3), (200, 0.7, 0.02, 4)]]  # fmt: skip
+    no_top_k = Row(SamplingParams(8, temperature=0.9, seed=9), 0)
+    for step in range(20):
+        rows = [Row(p, step) for p in params]
+        among_candidates = sample(logits, rows)
+        over_vocabulary = sample(torch.cat([logits, logits[:1]]), [*rows, no_top_k])[:4]
+        assert torch.equal(among_candidates, over_vocabulary), step
+
+
 def test_server_on_the_native_engine(tiny_qwen2_dir: Path) -> None:
     with serve_in_process(tiny_qwen2_dir, engine="native", dtype="float32") as server:
         assert type(server.runtime.generator().engine).__name__ == "NativeEngine"

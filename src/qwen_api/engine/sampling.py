@@ -67,15 +67,18 @@ def row_key(seed: int, step: int) -> int:
     return (x & 0x7FFFFFFF) or 1
 
 
-def uniform_noise(keys: Any, vocab: int) -> Any:
-    """U(0,1) of shape [B, V] (float64) from per-row int keys [B], by a 32-bit integer mix of (key, token id).
+def uniform_noise(keys: Any, tokens: Any) -> Any:
+    """U(0,1) from per-row int keys [B], by a 32-bit integer mix of (key, token id): [B, V] for a vocabulary of
+    `tokens` ids (an int), or [B, W] for the token ids in a tensor `tokens` [B, W] (a row's candidates only). A
+    token's noise is the same either way, so drawing among candidates picks what a draw over the vocabulary would.
 
     Plain integer tensor arithmetic: no Python loop over rows and no host sync, so it also runs in CUDA graphs.
     """
     import torch
 
-    token = torch.arange(vocab, device=keys.device, dtype=torch.int64)
-    x = (keys.to(torch.int64).unsqueeze(-1) * 0x9E3779B1 + token) & _MASK32  # [B, V]
+    if isinstance(tokens, int):
+        tokens = torch.arange(tokens, device=keys.device, dtype=torch.int64)
+    x = (keys.to(torch.int64).unsqueeze(-1) * 0x9E3779B1 + tokens) & _MASK32  # [B, V] or [B, W]
     for _ in range(2):
         x = x ^ (x >> 16)
         x = (x * 0x45D9F3B) & _MASK32
@@ -83,11 +86,12 @@ def uniform_noise(keys: Any, vocab: int) -> Any:
     return (x.to(torch.float64) + 0.5) / 2.0**32
 
 
-def gumbel_noise(keys: Any, vocab: int, dtype: Any) -> Any:
-    """Gumbel(0, 1) noise [B, V]: argmax(logits + noise) is an exact sample from softmax(logits)."""
+def gumbel_noise(keys: Any, tokens: Any, dtype: Any) -> Any:
+    """Gumbel(0, 1) noise for `uniform_noise`'s tokens: argmax(logits + noise) is an exact sample from
+    softmax(logits)."""
     import torch
 
-    return (-torch.log(-torch.log(uniform_noise(keys, vocab)))).to(dtype)
+    return (-torch.log(-torch.log(uniform_noise(keys, tokens)))).to(dtype)
 
 
 def repetition_penalised(logits: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:

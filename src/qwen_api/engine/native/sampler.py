@@ -2,13 +2,15 @@
 
 Each row has its own temperature, top-k, top-p, min-p and seed. The order is the one every engine uses:
 temperature, then top-k, then top-p over what top-k left, then min-p, then one draw (bias and penalties were
-applied to the raw logits before, by the engine). The draw is Gumbel-max, argmax(scores + noise): a
-seeded row's noise is a hash of `row_key(seed, step)` and the token id, so its draw does not depend on the rest
-of the batch; other rows take Gumbel noise from the device's RNG. Greedy rows (temperature below 1e-5) take the
-argmax of their raw logits. A row whose logits turn NaN is sanitised (it samples uniformly) rather than
+applied to the raw logits before, by the engine). When every row has a top-k (Qwen2's checkpoints default to
+20), the filters and the draw work on each row's k best tokens, not on the whole vocabulary.
+
+The draw is Gumbel-max, argmax(scores + noise): a seeded row's noise is a hash of `row_key(seed, step)` and the
+token id, so its draw does not depend on the rest of the batch, nor on whether the columns are candidates or
+the vocabulary; other rows take Gumbel noise from the device's RNG. Greedy rows (temperature below 1e-5) take
+the argmax of their raw logits. A row whose logits turn NaN is sanitised (it samples uniformly) rather than
 poisoning the batch. The only host work is building a few small parameter tensors, copied without waiting
-(`to_device`); no sync until the caller
-reads the tokens.
+(`to_device`); nothing syncs until the caller reads the tokens.
 """
 
 from __future__ import annotations
@@ -41,11 +43,12 @@ def sanitise(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(dead, torch.zeros_like(logits), logits)
 
 
-def filter_top_k_top_p(scores: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    """scores [B, V] already divided by temperature; top_k per row (0: off), top_p per row (1: off). Filtered -> -inf.
+def top_candidates(scores: torch.Tensor, top_k: list[int], top_p: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores [B, V] already divided by temperature; top_k per row (0: off), top_p per row (1: off).
 
-    When every row has a top-k, a `topk` of the largest k replaces a sort of the whole vocabulary (152k entries a
-    row for Qwen2). The width is decided from the host's lists, so nothing here waits for the device.
+    Returns (values, token ids) [B, W], best first, the filtered ones -inf. When every row has a top-k, W is the
+    largest k (a `topk`, not a sort of the whole vocabulary: 152k entries a row for Qwen2); else the vocabulary.
+    The width is decided from the host's lists, so nothing here waits for the device.
     """
     vocab = scores.size(-1)
     width = min(max(top_k), vocab) if all(k > 0 for k in top_k) else vocab
@@ -60,13 +63,41 @@ def filter_top_k_top_p(scores: torch.Tensor, top_k: list[int], top_p: list[float
     before = probs.cumsum(dim=-1) - probs  # mass strictly ahead of each token
     # top-p over what top-k left; the best token always stays, and p = 1 keeps all (the cumsum may round past 1)
     keep &= (before < p) | (rank == 0) | (p >= 1.0)
-    filtered = torch.full_like(scores, float("-inf"))
-    return filtered.scatter(-1, order, ordered.masked_fill(~keep, float("-inf")))
+    return ordered.masked_fill(~keep, float("-inf")), order
+
+
+def filter_top_k_top_p(scores: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """`top_candidates` written back over the whole vocabulary: scores [B, V] with the filtered ones -inf."""
+    values, order = top_candidates(scores, top_k, top_p)
+    return torch.full_like(scores, float("-inf")).scatter(-1, order, values)
 
 
 def _seed(params: SamplingParams) -> int:
     assert params.seed is not None
     return params.seed
+
+
+def _draw(
+    scores: torch.Tensor,  # [B, W] filtered, -inf where excluded
+    min_p: list[float],
+    seeded: list[int],
+    picked: list[SamplingParams],
+    rows: list[Row],
+    drawn_rows: list[int],
+    tokens: torch.Tensor | int,  # the token ids of the columns ([B, W]), or the vocabulary size (columns = ids)
+) -> torch.Tensor:  # [B]: the chosen column of each row
+    """min-p, then one Gumbel-max draw: device-RNG noise for unseeded rows; a seeded row's noise is hashed from its
+    key and each column's token id, so it is the same whether the columns are the vocabulary or the candidates."""
+    device = scores.device
+    if any(m > 0 for m in min_p):
+        scores = min_p_filter(scores, to_device(min_p, device, scores.dtype))
+    noise = -torch.log(torch.empty_like(scores).exponential_())
+    if seeded:
+        index = to_device(seeded, device, torch.int64)
+        keys = to_device([row_key(_seed(picked[i]), rows[drawn_rows[i]].step) for i in seeded], device, torch.int64)
+        ids = tokens if isinstance(tokens, int) else tokens.index_select(0, index)
+        noise.index_copy_(0, index, gumbel_noise(keys, ids, scores.dtype))
+    return (scores + noise).argmax(dim=-1)
 
 
 def sample(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
@@ -82,22 +113,17 @@ def sample(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     scores = logits.index_select(0, index) / to_device([p.temperature for p in picked], device, logits.dtype)[:, None]
     top_k = [effective_top_k(p.top_k, vocab) for p in picked]
     top_p = [p.top_p for p in picked]
-    if filtered := [i for i in range(len(picked)) if top_k[i] or top_p[i] < 1.0]:  # rows with top-k or top-p
-        which = to_device(filtered, device, torch.int64)
-        scores = scores.index_copy(
-            0,
-            which,
-            filter_top_k_top_p(
-                scores.index_select(0, which), [top_k[i] for i in filtered], [top_p[i] for i in filtered]
-            ),
-        )
-    if any(p.min_p > 0 for p in picked):
-        scores = min_p_filter(scores, to_device([p.min_p for p in picked], device, scores.dtype))
-    # Device-RNG Gumbel noise for unseeded rows; seeded rows replace theirs with their own hashed noise.
-    noise = -torch.log(torch.empty_like(scores).exponential_())
     seeded = [i for i, p in enumerate(picked) if p.seed is not None]
-    if seeded:
-        keys = to_device([row_key(_seed(picked[i]), rows[drawn_rows[i]].step) for i in seeded], device, torch.int64)
-        noise.index_copy_(0, to_device(seeded, device, torch.int64), gumbel_noise(keys, vocab, scores.dtype))
-    drawn = (scores + noise).argmax(dim=-1)
+    min_p = [p.min_p for p in picked]
+    if all(top_k):  # every row has a top-k (Qwen2's default: 20): draw among each row's candidates only
+        values, tokens = top_candidates(scores, top_k, top_p)  # [B, W]
+        choice = _draw(values, min_p, seeded, picked, rows, drawn_rows, tokens)
+        drawn = tokens.gather(-1, choice[:, None])[:, 0]
+    else:
+        if filtered := [i for i in range(len(picked)) if top_k[i] or top_p[i] < 1.0]:  # rows with top-k or top-p
+            which = to_device(filtered, device, torch.int64)
+            part = filter_top_k_top_p(scores.index_select(0, which), [top_k[i] for i in filtered],
+                                      [top_p[i] for i in filtered])  # fmt: skip
+            scores = scores.index_copy(0, which, part)
+        drawn = _draw(scores, min_p, seeded, picked, rows, drawn_rows, vocab)
     return greedy.index_copy(0, index, drawn)
