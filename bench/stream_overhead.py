@@ -1,6 +1,6 @@
 """Server CPU per streamed token, above the engine: the HTTP, SSE, guard and text layers on a fake engine.
 
-The real app and server (create_app, uvicorn with the bounded h11 protocol, as `qwen-api serve` runs them) serve
+The real app and server (create_app, uvicorn with the bounded httptools protocol, as `qwen-api serve` runs them) serve
 /v1/chat/completions over qwen_api.dev's FakeEngine, which decodes nothing and yields one token per sequence every
 `--pace` seconds. C concurrent clients stream `--tokens` tokens each; the server process's CPU time (from /proc)
 divided by the tokens streamed is what one token costs the server's event loop, machine noise mostly aside (CPU
@@ -39,7 +39,7 @@ def serve(port: int, pace: float, tokens: int) -> None:
     from qwen_api.dev.fake_engine import FakeEngine
     from qwen_api.dev.random_qwen2 import build_qwen2_tokenizer
     from qwen_api.runtime import Runtime
-    from qwen_api.server import Server, bounded_h11, connection_bound
+    from qwen_api.server import Server, bounded_http, connection_bound
     from qwen_api.settings import Settings
     from qwen_api.textgen import TextGenerator
 
@@ -51,7 +51,7 @@ def serve(port: int, pace: float, tokens: int) -> None:
     runtime = Runtime(lambda: TextGenerator(FakeEngine(script, pace=pace), tokenizer), "fake-model")
     admission = Admission(settings.admission_capacity())
     app = create_app(settings, runtime, admission)
-    http = bounded_h11(connection_bound(settings.max_connections), settings.header_timeout)
+    http = bounded_http(connection_bound(settings.max_connections), settings.header_timeout)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=http)
     server = Server(config, runtime, admission, settings.drain_timeout)
     runtime.connect(on_ready=observe_with(app.state.metrics), on_fatal=server.request_exit)

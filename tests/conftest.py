@@ -27,7 +27,7 @@ from qwen_api.admission import Admission
 from qwen_api.api.app import create_app, observe_with
 from qwen_api.engine.loading import resolve_model
 from qwen_api.runtime import Runtime, default_loader
-from qwen_api.server import Server, bounded_h11
+from qwen_api.server import Server, bounded_http
 from qwen_api.settings import Settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -114,7 +114,7 @@ class InProcessServer:
         self.settings, self.runtime = settings, runtime
         self.admission = Admission(settings.admission_capacity())
         app = create_app(settings, runtime, self.admission)
-        http = bounded_h11(settings.max_connections, settings.header_timeout)
+        http = bounded_http(settings.max_connections, settings.header_timeout)
         config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning", http=http)
         self.server = Server(config, runtime, self.admission, settings.drain_timeout)
         runtime.connect(on_ready=observe_with(app.state.metrics), on_fatal=self.server.request_exit)

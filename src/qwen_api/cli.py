@@ -22,7 +22,7 @@ def serve(settings: Settings) -> int:
     from qwen_api.api.middleware import RequestIdFilter
     from qwen_api.engine.loading import ModelUnavailable, resolve_model
     from qwen_api.runtime import Runtime, default_loader
-    from qwen_api.server import Server, bounded_h11, connection_bound
+    from qwen_api.server import Server, bounded_http, connection_bound
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
@@ -43,7 +43,7 @@ def serve(settings: Settings) -> int:
         runtime = Runtime(default_loader(settings, source), settings.served_model_name or source.name)
         admission = Admission(settings.admission_capacity())
         app = create_app(settings, runtime, admission)
-    http = bounded_h11(connection_bound(settings.max_connections), settings.header_timeout)
+    http = bounded_http(connection_bound(settings.max_connections), settings.header_timeout)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, http=http)
     server = Server(config, runtime, admission, settings.drain_timeout)
     # The runtime's collaborators, built from it: the app's metrics observe what it loads, and the server exits
