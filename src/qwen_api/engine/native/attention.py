@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen_api.engine.native.pointwise import Pointwise
+from qwen_api.engine.native.sampler import to_device
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,6 @@ def batch_prefills(spans: list[tuple[int, int, int, list[int]]], block_size: int
 
     Built on the device from a few small host tensors (no per-token host loop, no sync); shared by every layer.
     """
-    from qwen_api.engine.native.sampler import to_device
-
     q_lens = [q for _, q, _, _ in spans]
     ctx_lens = [c for _, _, c, _ in spans]
     width = max(-(-c // block_size) for c in ctx_lens)
