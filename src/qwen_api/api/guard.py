@@ -82,9 +82,13 @@ class Guard:
                     item = await anext(events)
                 except StopAsyncIteration:
                     return
-                except asyncio.CancelledError:
-                    if deadline.cancelled_wait and deadline.task.uncancel() == 0:
-                        raise self._timed_out() from None  # only the deadline cancelled this wait
+                except BaseException as exc:
+                    # As asyncio.timeout does: the deadline's cancellation is taken back whatever came out of the
+                    # wait, and it is a timeout when it was the wait's only cancellation.
+                    if deadline.cancelled_wait:
+                        deadline.cancelled_wait = False
+                        if deadline.task.uncancel() == 0 and isinstance(exc, asyncio.CancelledError):
+                            raise self._timed_out() from None
                     raise
                 finally:
                     deadline.waiting = False
