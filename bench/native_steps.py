@@ -136,11 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.compare_unfused and engine.model.ops.fused:  # recapture the graphs with the eager functions
             engine.model.ops.unfuse()
             engine.runner.graphs = CudaGraphs(engine.runner, max(levels))
+            result["forward_unfused"] = {}
             for size in levels:
-                result["forward_unfused"] = {
-                    **result.get("forward_unfused", {}),
-                    size: forward_ms(engine, size, args.repeats),
-                }
+                result["forward_unfused"][size] = forward_ms(engine, size, args.repeats)
                 print(f"forward batch {size:>3}, eager elementwise: {result['forward_unfused'][size]}", flush=True)
     finally:
         engine.shutdown()

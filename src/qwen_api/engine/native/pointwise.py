@@ -13,14 +13,11 @@ greedy tokens exactly). If compiling fails, the engine falls back to the eager f
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-log = logging.getLogger(__name__)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -80,10 +80,8 @@ def _seed(params: SamplingParams) -> int:
 def _draw(
     scores: torch.Tensor,  # [B, W] filtered, -inf where excluded
     min_p: list[float],
-    seeded: list[int],
-    picked: list[SamplingParams],
-    rows: list[Row],
-    drawn_rows: list[int],
+    seeded: list[int],  # rows with a seed
+    keys: list[int],  # their `row_key`s
     tokens: torch.Tensor | int,  # the token ids of the columns ([B, W]), or the vocabulary size (columns = ids)
 ) -> torch.Tensor:  # [B]: the chosen column of each row
     """min-p, then one Gumbel-max draw: device-RNG noise for unseeded rows; a seeded row's noise is hashed from its
@@ -94,9 +92,8 @@ def _draw(
     noise = -torch.log(torch.empty_like(scores).exponential_())
     if seeded:
         index = to_device(seeded, device, torch.int64)
-        keys = to_device([row_key(_seed(picked[i]), rows[drawn_rows[i]].step) for i in seeded], device, torch.int64)
         ids = tokens if isinstance(tokens, int) else tokens.index_select(0, index)
-        noise.index_copy_(0, index, gumbel_noise(keys, ids, scores.dtype))
+        noise.index_copy_(0, index, gumbel_noise(to_device(keys, device, torch.int64), ids, scores.dtype))
     return (scores + noise).argmax(dim=-1)
 
 
@@ -114,10 +111,11 @@ def sample(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     top_k = [effective_top_k(p.top_k, vocab) for p in picked]
     top_p = [p.top_p for p in picked]
     seeded = [i for i, p in enumerate(picked) if p.seed is not None]
+    keys = [row_key(_seed(picked[i]), rows[drawn_rows[i]].step) for i in seeded]
     min_p = [p.min_p for p in picked]
     if all(top_k):  # every row has a top-k (Qwen2's default: 20): draw among each row's candidates only
         values, tokens = top_candidates(scores, top_k, top_p)  # [B, W]
-        choice = _draw(values, min_p, seeded, picked, rows, drawn_rows, tokens)
+        choice = _draw(values, min_p, seeded, keys, tokens)
         drawn = tokens.gather(-1, choice[:, None])[:, 0]
     else:
         if filtered := [i for i in range(len(picked)) if top_k[i] or top_p[i] < 1.0]:  # rows with top-k or top-p
@@ -125,5 +123,5 @@ def sample(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
             part = filter_top_k_top_p(scores.index_select(0, which), [top_k[i] for i in filtered],
                                       [top_p[i] for i in filtered])  # fmt: skip
             scores = scores.index_copy(0, which, part)
-        drawn = _draw(scores, min_p, seeded, picked, rows, drawn_rows, vocab)
+        drawn = _draw(scores, min_p, seeded, keys, vocab)
     return greedy.index_copy(0, index, drawn)
