@@ -4,15 +4,24 @@ One llama.cpp context serves up to `max_batch_size` sequences (llama.cpp's `seq_
 KV stream of `kv_cache_tokens / max_batch_size` cells. A worker thread steps them together: each step puts
 every decoding sequence's last token, and the next chunk of any prompt still being read, into one
 `llama_batch`, decodes it once, and samples each sequence with its own llama.cpp sampler chain (top-k,
-top-p, temperature, and a seeded distribution). New sequences take a free slot between steps, the one
-whose cached cells share the longest prefix with the new prompt (a system prompt is read once, not per
-request); cancelled ones leave at the next step. Tokens go back to each sequence's asyncio
-queue through `call_soon_threadsafe`, once per step.
+top-p, temperature, and a seeded distribution). New sequences take a free slot between steps, and
+cancelled ones leave at the next step. Tokens go back to each sequence's asyncio queue through
+`call_soon_threadsafe`, once per step.
 
 Why a stream per sequence and not one unified cache: with a unified cache, a sequence's attention sums run
 over cells interleaved with its neighbours' (masked) cells, and the changed summation order flips near-ties:
 measured on SmolLM2, two greedy copies of one prompt in one batch gave different texts, and a seed gave
 another text beside other requests than alone. With separate streams both hold (tested).
+
+The cost of streams: llama.cpp decodes a batch over several streams in one pass only when its sequence ids are
+consecutive in batch order (`split_equal(sequential=true)`); every break in the run is another pass over all the
+weights. So the running sequences always hold slots 0..n-1 and go into the batch in slot order. A new sequence
+takes a free slot below the number that will run; when one leaves a hole, the highest one moves down into it
+(llama.cpp copies its stream at the next decode: a few milliseconds once, against a pass per step). Free slots
+keep their cells as a prefix cache (a system prompt, a conversation's history): a new sequence takes the slot
+below the line that shares the longest prefix with its prompt, and when a slot above shares a longer one, its
+cells are copied down, the cells they replace going to the least recently freed slot. Before this, after one
+round of requests the slots had scattered and a step took 3 to 5 passes (bench/llamacpp_slots.py).
 """
 
 from __future__ import annotations
@@ -112,6 +121,7 @@ class LlamaCppEngine:
         self._free: dict[int, list[int]] = {slot: [] for slot in range(max_batch_size)}
         self._prefix_cache = prefix_cache
         self.reused_tokens = 0  # prompt tokens taken from cached cells instead of read, ever
+        self.moved_sequences = 0  # running sequences moved down into a lower slot, ever
         self._running = 0
         self._steps = 0
         self._peak_batch = 0
@@ -152,7 +162,7 @@ class LlamaCppEngine:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                self._admit()
+                self._schedule()
                 if not self._active:
                     self._wake.wait(timeout=0.1)
                     self._wake.clear()
@@ -164,7 +174,10 @@ class LlamaCppEngine:
             for seq in [*self._active.values(), *self._waiting]:
                 seq.loop.call_soon_threadsafe(seq.out.put_nowait, exc)
 
-    def _admit(self) -> None:
+    def _schedule(self) -> None:
+        """Between steps: drop cancelled sequences, admit waiting ones, and keep the running ones in slots 0..n-1."""
+        for seq in [s for s in self._active.values() if s.cancelled]:
+            self._release(seq)
         while True:
             try:
                 self._waiting.append(self._incoming.get_nowait())
@@ -173,21 +186,68 @@ class LlamaCppEngine:
         for seq in [s for s in self._waiting if s.cancelled]:
             self._waiting.remove(seq)
         while self._waiting and self._free:
-            seq = self._waiting.popleft()
-            slot, cached = max(self._free.items(), key=lambda item: common_prefix_len(item[1], seq.prompt))
-            del self._free[slot]
-            # Keep the shared prefix, but read at least the prompt's last token again: its logits are needed. With
-            # the prefix cache off, every prompt is read whole, as on a fresh server.
-            keep = min(common_prefix_len(cached, seq.prompt), len(seq.prompt) - 1) if self._prefix_cache else 0
-            self.reused_tokens += keep
-            self._ctx.kv_cache_seq_rm(slot, keep, -1)
-            seq.seq_id, seq.read = slot, keep
-            seq.sampler = self._sampler(seq.params)
-            if seq.params.constraint is not None:
-                seq.matcher = seq.params.constraint.matcher()
-            if LogitControls.needed(seq.params):
-                seq.controls = LogitControls(seq.params, seq.prompt)
-            self._active[seq.seq_id] = seq
+            running = len(self._active) + min(len(self._waiting), len(self._free))
+            self._admit(self._waiting.popleft(), running)
+        self._compact()
+
+    def _admit(self, seq: _Sequence, running: int) -> None:
+        """Give `seq` a free slot below `running` (how many sequences will run once the waiting ones are in): one
+        whose cells share the longest prefix with its prompt. When a free slot above has a longer one, its cells are
+        copied down: a stream copy costs less than reading one prompt token (2.8 ms against about 5 ms on the demo
+        model, 2-core VM; a 7B model's stream is 2.5x larger, its tokens 50x dearer)."""
+        holes = [s for s in self._free if s < running]  # never empty: fewer than `running` sequences are running
+        if not self._prefix_cache:
+            slot = min(holes)
+        else:
+            shared = {s: common_prefix_len(cells, seq.prompt) for s, cells in self._free.items()}
+            slot = max(holes, key=lambda s: (shared[s], -s))
+            donor = max(self._free, key=lambda s: shared[s])
+            if shared[donor] > shared[slot]:
+                slot = holes[0]  # the least recently freed hole (_free is in order of release)
+                self._keep_elsewhere(slot, spare=donor)
+                self._copy_stream(donor, slot)
+                self._free[slot] = list(self._free[donor])
+        cached = self._free.pop(slot)
+        # Keep the shared prefix, but read at least the prompt's last token again: its logits are needed. With the
+        # prefix cache off, every prompt is read whole, as on a fresh server.
+        keep = min(common_prefix_len(cached, seq.prompt), len(seq.prompt) - 1) if self._prefix_cache else 0
+        self.reused_tokens += keep
+        self._ctx.kv_cache_seq_rm(slot, keep, -1)
+        seq.seq_id, seq.read = slot, keep
+        seq.sampler = self._sampler(seq.params)
+        if seq.params.constraint is not None:
+            seq.matcher = seq.params.constraint.matcher()
+        if LogitControls.needed(seq.params):
+            seq.controls = LogitControls(seq.params, seq.prompt)
+        self._active[slot] = seq
+
+    def _compact(self) -> None:
+        """Move the highest running sequence into the lowest free slot until no free slot lies below a running one."""
+        while self._free and self._active and (hole := min(self._free)) < (top := max(self._active)):
+            seq = self._active.pop(top)
+            self._copy_stream(top, hole)
+            del self._free[hole]
+            self._free[top] = self._in_cache(seq)  # the old stream stays behind as a prefix cache
+            seq.seq_id = hole
+            self._active[hole] = seq
+            self.moved_sequences += 1
+
+    def _keep_elsewhere(self, slot: int, spare: int) -> None:
+        """Before a free slot's cells are overwritten, copy them over the least recently freed slot's (neither `slot`
+        nor `spare`), so that a cached prompt is not lost while some free slot holds older cells or none."""
+        if not self._free[slot]:
+            return
+        victim = next((s for s in self._free if s not in (slot, spare)), None)  # _free is in order of release
+        if victim is None:
+            return
+        self._copy_stream(slot, victim)
+        del self._free[victim]
+        self._free[victim] = self._free[slot]
+
+    def _copy_stream(self, source: int, target: int) -> None:
+        """Make slot `target`'s cells a copy of slot `source`'s (llama.cpp copies the stream at the next decode)."""
+        self._ctx.kv_cache_seq_rm(target, -1, -1)
+        self._ctx.kv_cache_seq_cp(source, target, -1, -1)
 
     def _sampler(self, params: SamplingParams) -> Any:
         sampler = self._internals.LlamaSampler()
@@ -206,17 +266,18 @@ class LlamaCppEngine:
         sampler.add_dist(seed32(params.seed) if params.seed is not None else random.getrandbits(32) % 0xFFFFFFFF)
         return sampler
 
+    @staticmethod
+    def _in_cache(seq: _Sequence) -> list[int]:
+        """The tokens a sequence's cells hold: the prompt read so far and every generated token but the last."""
+        return seq.prompt[: seq.read] + seq.generated[:-1]
+
     def _release(self, seq: _Sequence) -> None:
-        # The cells hold the prompt read so far and every generated token but the last (never decoded).
-        in_cache = seq.prompt[: seq.read] + seq.generated[:-1]
         del self._active[seq.seq_id]
-        self._free[seq.seq_id] = in_cache
+        self._free[seq.seq_id] = self._in_cache(seq)
         seq.sampler.close()
 
     def _step(self) -> None:
-        """One decode over every active sequence: a token each, plus a slice of any unread prompt."""
-        for seq in [s for s in self._active.values() if s.cancelled]:
-            self._release(seq)
+        """One decode over every active sequence, in slot order: a token each, plus a slice of any unread prompt."""
         batch = self._batch.batch
         batch.n_tokens = 0
         sampled: list[tuple[_Sequence, int]] = []  # sequence, index of its logits in the batch
@@ -232,7 +293,7 @@ class LlamaCppEngine:
                 sampled.append((seq, i))
 
         budget = PREFILL_BUDGET
-        for seq in self._active.values():
+        for seq in [self._active[slot] for slot in sorted(self._active)]:
             if seq.read < len(seq.prompt):
                 take = min(budget, len(seq.prompt) - seq.read)
                 for k in range(seq.read, seq.read + take):
