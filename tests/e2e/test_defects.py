@@ -222,11 +222,15 @@ def test_every_engine_samples_temperature_first(api_server: InProcessServer) -> 
         ]
         sampler.close()
         assert names == ["temp", "top-k", "top-p", "dist"]
-    elif type(engine).__name__ == "NativeEngine":
+    else:  # the native engine samples with engine/sampler.py; the transformers engine too, as its last processor
         import torch
 
-        from qwen_api.engine.native.sampler import Row, sample
+        from qwen_api.engine.sampler import Row, sample
 
+        if type(engine).__name__ == "TransformersEngine":
+            names = [type(p).__name__ for p in engine._manager.logit_processor.logits_processor]
+            assert names == ["RequestControls", "GrammarMask", "Sampling"], names  # no sampling of transformers'
+            assert engine._manager.batch_processor.do_sample is False  # its own last act is an argmax
         # Temperature first: at 10 the three live tokens are nearly even, so top-p 0.5 keeps two of them; top-p
         # before temperature would keep only the first (softmax of 2, 1, 0 gives it 0.67).
         logits = torch.tensor([[2.0, 1.0, 0.0] + [float("-inf")] * 5])
@@ -235,14 +239,6 @@ def test_every_engine_samples_temperature_first(api_server: InProcessServer) -> 
             for s in range(64)
         }
         assert drawn == {0, 1}
-    else:
-        names = [
-            type(p).__name__.removeprefix("ContinuousBatching")
-            for p in engine._manager.logit_processor.logits_processor
-        ]
-        warpers = [n for n in names if n.endswith("LogitsWarper")]
-        assert warpers == ["TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper"], names
-        assert names[-1] == "SeededSampling"  # the draw comes last
 
 
 # ------------------------------------------------------------------------------ 9. control tokens in content

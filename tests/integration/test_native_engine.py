@@ -20,7 +20,7 @@ import torch
 
 from qwen_api.engine.base import EngineError, SamplingParams, common_prefix_len
 from qwen_api.engine.native.engine import NativeEngine
-from qwen_api.engine.native.sampler import Row, filter_top_k_top_p, sample
+from qwen_api.engine.sampler import Row, filter_top_k_top_p, sample
 
 from conftest import serve_in_process
 

@@ -3,9 +3,8 @@
 The manager owns one generation thread that steps all running sequences together (paged KV cache, new
 requests join between steps). Each sequence gets its own asyncio queue, fed by `register_result_handler`
 on the event loop: the team measured the shared `request_id_iter` queue at 32 s for a 20-token stream
-beside another request, against 0.05 s alone. Sampling parameters are per request
-(`per_request_processors=True`); greedy is top-k 1, because the manager's `do_sample` is global, and
-seeds are honoured per request by `seeded_sampling`.
+beside another request, against 0.05 s alone. Sampling is ours, per request (`transformers_processors`): the
+manager has no sampling processor of its own and ends each step with an argmax over what ours left.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import Any
 
-from qwen_api.engine import seeded_sampling
+from qwen_api.engine import transformers_processors
 from qwen_api.engine.base import (
     CPU_KV_CACHE_TOKENS,
     DEFAULT_MAX_BATCH_SIZE,
@@ -30,7 +29,6 @@ from qwen_api.engine.base import (
     check_prompt_ids,
     next_output,
 )
-from qwen_api.engine.sampling import effective_top_k, is_greedy
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +55,10 @@ class TransformersEngine:
             # The library sizes the cache from 60% of all RAM on a CPU; a bounded default leaves room for others.
             kv_cache_tokens = CPU_KV_CACHE_TOKENS
         num_blocks = None if kv_cache_tokens is None else -(-kv_cache_tokens // _PAGE_SIZE)
-        # A per-request logits processor only exists when its default is not neutral, so the defaults below
-        # are placeholders that make all three exist; every request passes its own values.
-        generation_config = GenerationConfig(
-            do_sample=True, temperature=0.7, top_p=0.9, top_k=50, max_new_tokens=256, eos_token_id=self._eos
-        )
+        # No sampling processor of transformers' own (transformers_processors.Sampling draws): the step ends in an
+        # argmax over the one token ours leaves.
+        generation_config = GenerationConfig(do_sample=False, max_new_tokens=256, eos_token_id=self._eos)
         cb_config = ContinuousBatchingConfig(
-            per_request_processors=True,
             page_size=_PAGE_SIZE,
             num_blocks=num_blocks,
             max_requests_per_batch=max_batch_size,
@@ -72,9 +67,9 @@ class TransformersEngine:
             generation_config=generation_config, continuous_batching_config=cb_config
         )
         check_internals(self._manager)
-        self._grammar = seeded_sampling.install_grammar(self._manager)
-        self._controls = seeded_sampling.install_controls(self._manager)
-        seeded_sampling.install(self._manager)
+        self._grammar = transformers_processors.install_grammar(self._manager)
+        self._controls = transformers_processors.install_controls(self._manager)
+        self._sampling = transformers_processors.install_sampling(self._manager)
         self._ids = itertools.count()
         self._running = 0
         self._steps = 0
@@ -119,18 +114,6 @@ class TransformersEngine:
         return int(self._manager.batch_processor.cache.max_tokens_read)
 
     # ----------------------------------------------------------------------------------------- requests
-    def _processor_kwargs(self, params: SamplingParams) -> dict[str, Any]:
-        if is_greedy(params.temperature):  # keep only the most likely token, then "sample" it
-            return {"temperature": 1.0, "top_p": 1.0, "top_k": 1}
-        top_k = effective_top_k(params.top_k, self._vocab_size) or self._vocab_size
-        kwargs: dict[str, Any] = {"temperature": float(params.temperature), "top_p": float(params.top_p)}
-        kwargs["top_k"] = int(top_k)
-        if params.seed is not None:
-            kwargs["seed"] = int(params.seed)
-        if params.min_p > 0:
-            kwargs["min_p"] = float(params.min_p)
-        return kwargs
-
     def _finish_reason(self, tokens: list[int]) -> FinishReason:
         return "stop" if tokens and tokens[-1] in self._eos else "length"
 
@@ -145,12 +128,12 @@ class TransformersEngine:
         if params.constraint is not None:
             self._grammar.register(request_id, params.constraint.matcher())
         controlled = self._controls.register(request_id, params, prompt_ids)
+        self._sampling.register(request_id, params)
         self._manager.add_request(
             list(prompt_ids),
             request_id=request_id,
             max_new_tokens=params.max_new_tokens,
             streaming=True,  # token by token: time to first token, stop strings and cancellation need it
-            **self._processor_kwargs(params),
         )
         self._running += 1
         sent = 0
@@ -173,6 +156,7 @@ class TransformersEngine:
             self._running -= 1
             self._grammar.unregister(request_id)
             self._controls.unregister(request_id)
+            self._sampling.unregister(request_id)
             if not finished:
                 self._manager.cancel_request(request_id)
                 with self._manager.output_router._lock:

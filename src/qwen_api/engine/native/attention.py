@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen_api.engine.native.pointwise import Pointwise
-from qwen_api.engine.native.sampler import to_device
+from qwen_api.engine.sampler import to_device
 
 
 @dataclass(frozen=True)

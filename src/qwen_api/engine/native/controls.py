@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from qwen_api.engine.native.sampler import to_device
 from qwen_api.engine.native.scheduler import Sequence
+from qwen_api.engine.sampler import to_device
 from qwen_api.engine.sampling import count_penalty, repetition_penalised
 
 

@@ -45,9 +45,9 @@ from qwen_api.engine.native.kv_cache import KVCache
 from qwen_api.engine.native.model import CausalLM
 from qwen_api.engine.native.pointwise import Pointwise
 from qwen_api.engine.native.runner import ModelRunner
-from qwen_api.engine.native.sampler import Row, sample, to_device
 from qwen_api.engine.native.scheduler import Scheduler, Sequence, Step
 from qwen_api.engine.native.weights import load_weights
+from qwen_api.engine.sampler import Row, sample, to_device
 from qwen_api.engine.sampling import LogitControls, token_logprobs
 
 log = logging.getLogger(__name__)

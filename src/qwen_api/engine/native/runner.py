@@ -16,8 +16,8 @@ import torch
 from qwen_api.engine.native.attention import SHORT_CHUNK, AttentionMetadata, PrefillSpan, batch_prefills
 from qwen_api.engine.native.kv_cache import KVCache
 from qwen_api.engine.native.model import CausalLM
-from qwen_api.engine.native.sampler import to_device
 from qwen_api.engine.native.scheduler import Sequence, Step
+from qwen_api.engine.sampler import to_device
 
 log = logging.getLogger(__name__)
 

@@ -1,18 +1,15 @@
-"""Per-request seeds inside a shared batch: a continuous-batching logits processor doing Gumbel-max sampling.
+"""Our logits processors inside transformers' continuous batching: the shared sampler, grammars, bias and penalties.
 
-The batch samples with one global RNG, so a request's draws would depend on its neighbours. For a request
-with a seed, this processor draws Gumbel noise from a counter-based hash of (seed, step, token id),
-picks argmax(scores + noise) -- an exact sample from softmax(scores) -- and leaves only that token, so the
-batch's own multinomial draw can only return it. Rows without a seed are untouched. The hash is plain
-integer tensor arithmetic (no Python loop over rows, no host sync on GPU), so it also runs in CUDA graphs.
+transformers' per-request top-k and top-p each sort every row's whole vocabulary at every step (152k entries for
+Qwen2: on the tiny Qwen2 on the CPU, most of a step). So the manager is built without any sampling processor of
+its own (`do_sample=False`: its last act is an argmax), and `Sampling`, last in the list, draws each row by the
+rules every engine shares (`engine/sampler.py`: temperature, top-k, top-p over what top-k left, min-p, one draw,
+Gumbel-max with per-request seeds hashed from (seed, step, token id), so a seed holds beside other traffic; a
+row's NaN cannot stop the batch), and leaves only the drawn token finite.
 
-Being last, it also guards the batch: the draw is one `torch.multinomial` for every row, and a single row
-with NaN or without any finite score makes it raise, which stops the engine for everybody. Such a row
-becomes uniform instead: that one request gets noise, the others are unharmed.
-
-`GrammarMask`, the structured-outputs processor, lives here too: it runs first in the same list, so a seeded
-draw is a draw among the tokens a request's grammar allows. So do `RequestControls` (before it: records the raw
-log-probabilities a request asked for, then applies its logit bias and penalties) and `MinP` (after top-p).
+Before it, `RequestControls` records the raw log-probabilities a request asked for, then applies its logit bias and
+penalties, and `GrammarMask`, for structured outputs, leaves only the tokens a request's grammar allows, so that a
+draw is a draw among them.
 """
 
 from __future__ import annotations
@@ -25,58 +22,65 @@ import torch
 from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
 
 from qwen_api.engine.base import SamplingParams, TokenLogprob
-from qwen_api.engine.sampling import LogitControls, gumbel_noise, min_p_filter, row_key, token_logprobs
+from qwen_api.engine.sampler import Row, sample
+from qwen_api.engine.sampling import LogitControls, token_logprobs
 
-_NO_SEED = 0
-
-
-def _sane(scores: torch.Tensor) -> torch.Tensor:
-    """NaN becomes -inf, +inf the largest float; a row left with no finite score becomes uniform."""
-    scores = torch.nan_to_num(scores, nan=float("-inf"), posinf=torch.finfo(scores.dtype).max)
-    dead = torch.isneginf(scores).all(dim=-1, keepdim=True)  # [B, 1]
-    return torch.where(dead, torch.zeros_like(scores), scores)
+_GREEDY = SamplingParams(max_new_tokens=1, temperature=0.0)  # for a row whose request has left
 
 
-class SeededSampling(ContinuousBatchingLogitsProcessor):
-    """Must run after temperature, top-k and top-p: it samples from the distribution they leave."""
+class Sampling(ContinuousBatchingLogitsProcessor):
+    """Last in the list: draws each row's token with `engine/sampler.py` and leaves only it finite, so that the
+    manager's argmax returns it. Requests are registered with their parameters; one that is not (cancelled while
+    its step was built) is greedy."""
 
-    supported_kwargs: dict[str, type] = {"seed": int}  # noqa: RUF012 (declared so by the base class)
+    supported_kwargs: dict[str, type] = {}  # noqa: RUF012 (declared so by the base class)
     ignored_kwargs: tuple[str, ...] = ()
 
+    def __init__(self) -> None:
+        self.params: dict[str, SamplingParams] = {}
+        self._lock = threading.Lock()  # registration on the event loop, reads on the generation thread
+        self._rows: list[Row] = []
+
+    def register(self, request_id: str, params: SamplingParams) -> None:
+        with self._lock:
+            self.params[request_id] = params
+
+    def unregister(self, request_id: str) -> None:
+        with self._lock:
+            self.params.pop(request_id, None)
+
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-        int32_tensor.fill_(_NO_SEED)
+        int32_tensor.fill_(0)
 
     def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
-        keys = []
-        for request in requests_with_new_token:
-            seed = request.state.logit_processor_kwargs.get("seed")
-            keys.append(_NO_SEED if seed is None else row_key(seed, request.state.generated_len()))
-        return torch.tensor(keys, dtype=torch.int32, device="cpu")
+        with self._lock:
+            self._rows = [
+                Row(self.params.get(request.state.request_id, _GREEDY), request.state.generated_len())
+                for request in requests_with_new_token
+            ]
+        return torch.zeros(len(requests_with_new_token), dtype=torch.int32)
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        scores = _sane(scores)
-        keys = tensor_arg[: scores.size(0)]  # [B]
-        seeded = keys != _NO_SEED
-        if scores.device.type == "cpu" and not bool(seeded.any()):
-            return scores  # nothing to do; on a GPU the branch would cost a sync, so it always computes
-        gumbel = gumbel_noise(keys, scores.size(-1), scores.dtype)  # [B, V]
-        winner = (scores + gumbel).argmax(dim=-1, keepdim=True)  # [B, 1]
-        only_winner = torch.full_like(scores, float("-inf")).scatter(-1, winner, 0.0)
-        return torch.where(seeded.unsqueeze(-1), only_winner, scores)
+        rows, self._rows = self._rows, []
+        rows = (rows + [Row(_GREEDY, 0)] * scores.size(0))[: scores.size(0)]
+        tokens = sample(scores, rows)  # [B]
+        return torch.full_like(scores, float("-inf")).scatter(-1, tokens[:, None], 0.0)
 
 
-def install(manager: Any) -> None:
-    """Append the processor to a manager's list. Must run before `manager.start()` sizes the argument tensors."""
+def install_sampling(manager: Any) -> Sampling:
+    """Append `Sampling` to a manager's list (before `manager.start()` sizes the argument tensors); returns it for
+    registration. The manager must have been built with `do_sample=False`: no sampling processor of its own."""
     processors = manager.logit_processor
-    processors.logits_processor.append(SeededSampling())
+    sampling = Sampling()
+    processors.logits_processor.append(sampling)
     processors.tensors_required += 1
-    processors.supported_keys.update(SeededSampling.supported_kwargs)
     processors.do_processing = True
+    return sampling
 
 
 class GrammarMask(ContinuousBatchingLogitsProcessor):
-    """Structured outputs: masks each constrained row to the tokens its grammar allows. Must run first, before
-    temperature, top-k, top-p and `SeededSampling`, so that a seeded draw is a draw among allowed tokens.
+    """Structured outputs: masks each constrained row to the tokens its grammar allows, before `Sampling`, so that
+    a draw is a draw among allowed tokens.
 
     The engine registers a `TokenMatcher` per request id; before each step the matcher takes the tokens the
     request generated since the last step (the batch appends them itself), then gives the next mask.
@@ -210,34 +214,11 @@ class RequestControls(ContinuousBatchingLogitsProcessor):
         return scores
 
 
-class MinP(ContinuousBatchingLogitsProcessor):
-    """min-p per request, after temperature, top-k and top-p and before the draw (`SeededSampling`)."""
-
-    supported_kwargs: dict[str, type] = {"min_p": float}  # noqa: RUF012 (declared so by the base class)
-    ignored_kwargs: tuple[str, ...] = ()
-
-    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-        int32_tensor.copy_(torch.zeros_like(int32_tensor, dtype=torch.float32).view(dtype=torch.int32))
-
-    def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
-        values = [float(r.state.logit_processor_kwargs.get("min_p", 0.0)) for r in requests_with_new_token]
-        return torch.tensor(values, dtype=torch.float32).view(dtype=torch.int32)
-
-    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        min_p = tensor_arg[: scores.size(0)].view(dtype=torch.float32)
-        if scores.device.type == "cpu" and not bool((min_p > 0).any()):
-            return scores
-        return min_p_filter(scores, min_p.to(scores.dtype))
-
-
 def install_controls(manager: Any) -> RequestControls:
-    """Put `RequestControls` first and `MinP` last in a manager's list; call after `install_grammar` and before
-    `install` (which appends the seeded draw after `MinP`) and `manager.start()`."""
+    """Put `RequestControls` first in a manager's list; call after `install_grammar` and before `manager.start()`."""
     processors = manager.logit_processor
     controls = RequestControls()
     processors.logits_processor.insert(0, controls)
-    processors.logits_processor.append(MinP())
-    processors.tensors_required += 2
-    processors.supported_keys.update(MinP.supported_kwargs)
+    processors.tensors_required += 1
     processors.do_processing = True
     return controls

@@ -1,4 +1,5 @@
-"""Per-sequence sampling of one batch's logits, on the logits' device, by the shared rules of `engine/sampling.py`.
+"""Per-sequence sampling of one batch's logits, on the logits' device, by the shared rules of `engine/sampling.py`:
+the native engine calls it on the GPU, the transformers engine from its last logits processor.
 
 Each row has its own temperature, top-k, top-p, min-p and seed. The order is the one every engine uses:
 temperature, then top-k, then top-p over what top-k left, then min-p, then one draw (bias and penalties were
