@@ -18,10 +18,11 @@ consecutive in batch order (`split_equal(sequential=true)`); every break in the 
 weights. So the running sequences always hold slots 0..n-1 and go into the batch in slot order. A new sequence
 takes a free slot below the number that will run; when one leaves a hole, the highest one moves down into it
 (llama.cpp copies its stream at the next decode: a few milliseconds once, against a pass per step). Free slots
-keep their cells as a prefix cache (a system prompt, a conversation's history): a new sequence takes the slot
-below the line that shares the longest prefix with its prompt, and when a slot above shares a longer one, its
-cells are copied down, the cells they replace going to the least recently freed slot. Before this, after one
-round of requests the slots had scattered and a step took 3 to 5 passes (bench/llamacpp_slots.py).
+keep their cells as a prefix cache (a system prompt, a conversation's history): of the free slots below that
+number, a new sequence takes the one whose cells share the longest prefix with its prompt, and when a free slot
+above shares a longer one, its cells are copied down, the cells they replace going to the least recently freed
+slot. Before this, after one round of requests the slots had scattered and a step took 3 to 5 passes
+(bench/llamacpp_slots.py).
 """
 
 from __future__ import annotations

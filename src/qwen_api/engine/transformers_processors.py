@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
@@ -26,39 +26,71 @@ from qwen_api.engine.sampler import Row, sample
 from qwen_api.engine.sampling import LogitControls, token_logprobs
 
 _GREEDY = SamplingParams(max_new_tokens=1, temperature=0.0)  # for a row whose request has left
+State = TypeVar("State")
+Processor = TypeVar("Processor", bound=ContinuousBatchingLogitsProcessor)
 
 
-class Sampling(ContinuousBatchingLogitsProcessor):
-    """Last in the list: draws each row's token with `engine/sampler.py` and leaves only it finite, so that the
-    manager's argmax returns it. Requests are registered with their parameters; one that is not (cancelled while
-    its step was built) is greedy."""
+class _PerRequest(ContinuousBatchingLogitsProcessor, Generic[State]):
+    """A processor whose per-request state lives here, keyed by request id: registered on the event loop, read on
+    the generation thread (hence the lock). Its slot in the manager's argument tensors stays zeros."""
 
     supported_kwargs: dict[str, type] = {}  # noqa: RUF012 (declared so by the base class)
     ignored_kwargs: tuple[str, ...] = ()
 
     def __init__(self) -> None:
-        self.params: dict[str, SamplingParams] = {}
-        self._lock = threading.Lock()  # registration on the event loop, reads on the generation thread
-        self._rows: list[Row] = []
+        self.requests: dict[str, State] = {}
+        self._lock = threading.Lock()
 
-    def register(self, request_id: str, params: SamplingParams) -> None:
+    def _put(self, request_id: str, state: State) -> None:
         with self._lock:
-            self.params[request_id] = params
+            self.requests[request_id] = state
 
     def unregister(self, request_id: str) -> None:
         with self._lock:
-            self.params.pop(request_id, None)
+            self.requests.pop(request_id, None)
+
+    def _states(self, requests_with_new_token: list[Any]) -> list[State | None]:
+        """Each row's state, in the batch's row order (None where its request did not register or has left)."""
+        with self._lock:
+            return [self.requests.get(request.state.request_id) for request in requests_with_new_token]
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
         int32_tensor.fill_(0)
 
-    def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
-        with self._lock:
-            self._rows = [
-                Row(self.params.get(request.state.request_id, _GREEDY), request.state.generated_len())
-                for request in requests_with_new_token
-            ]
+    def _no_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
         return torch.zeros(len(requests_with_new_token), dtype=torch.int32)
+
+
+def _install(manager: Any, processor: Processor, first: bool) -> Processor:
+    """Put a processor first or last in a manager's list; before `manager.start()`, which sizes the argument tensors."""
+    processors = manager.logit_processor
+    if first:
+        processors.logits_processor.insert(0, processor)
+    else:
+        processors.logits_processor.append(processor)
+    processors.tensors_required += 1
+    processors.do_processing = True
+    return processor
+
+
+class Sampling(_PerRequest[SamplingParams]):
+    """Last in the list: draws each row's token with `engine/sampler.py` and leaves only it finite, so that the
+    manager's argmax returns it. A row whose request has left (cancelled while its step was built) is greedy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._rows: list[Row] = []
+
+    def register(self, request_id: str, params: SamplingParams) -> None:
+        self._put(request_id, params)
+
+    def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
+        states = self._states(requests_with_new_token)
+        self._rows = [
+            Row(params or _GREEDY, request.state.generated_len())
+            for params, request in zip(states, requests_with_new_token, strict=True)
+        ]
+        return self._no_args(requests_with_new_token)
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         rows, self._rows = self._rows, []
@@ -68,17 +100,20 @@ class Sampling(ContinuousBatchingLogitsProcessor):
 
 
 def install_sampling(manager: Any) -> Sampling:
-    """Append `Sampling` to a manager's list (before `manager.start()` sizes the argument tensors); returns it for
-    registration. The manager must have been built with `do_sample=False`: no sampling processor of its own."""
-    processors = manager.logit_processor
-    sampling = Sampling()
-    processors.logits_processor.append(sampling)
-    processors.tensors_required += 1
-    processors.do_processing = True
-    return sampling
+    """Append `Sampling` to a manager's list; returns it for registration. The manager must have been built with
+    `do_sample=False`: no sampling processor of its own."""
+    return _install(manager, Sampling(), first=False)
 
 
-class GrammarMask(ContinuousBatchingLogitsProcessor):
+class _Matched:
+    """One request's grammar state in `GrammarMask`: its matcher and how many generated tokens it has taken."""
+
+    def __init__(self, matcher: Any) -> None:
+        self.matcher = matcher
+        self.taken = 0
+
+
+class GrammarMask(_PerRequest[_Matched]):
     """Structured outputs: masks each constrained row to the tokens its grammar allows, before `Sampling`, so that
     a draw is a draw among allowed tokens.
 
@@ -86,39 +121,26 @@ class GrammarMask(ContinuousBatchingLogitsProcessor):
     request generated since the last step (the batch appends them itself), then gives the next mask.
     """
 
-    supported_kwargs: dict[str, type] = {}  # noqa: RUF012 (declared so by the base class)
-    ignored_kwargs: tuple[str, ...] = ()
-
     def __init__(self) -> None:
-        self.matchers: dict[str, list[Any]] = {}  # request id -> [matcher, tokens it has taken]
+        super().__init__()
         self._rows: list[tuple[int, Any]] = []  # this step's constrained rows, set by prepare_tensor_args
 
     def register(self, request_id: str, matcher: Any) -> None:
-        self.matchers[request_id] = [matcher, 0]
-
-    def unregister(self, request_id: str) -> None:
-        self.matchers.pop(request_id, None)
-
-    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-        int32_tensor.fill_(0)
+        self._put(request_id, _Matched(matcher))
 
     def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
         rows: list[tuple[int, Any]] = []
-        for row, request in enumerate(requests_with_new_token):
-            entry = self.matchers.get(request.state.request_id)
-            if entry is None:
+        states = self._states(requests_with_new_token)
+        for row, (state, request) in enumerate(zip(states, requests_with_new_token, strict=True)):
+            if state is None:
                 continue
-            matcher, taken = entry
             generated = request.state.generated_tokens
-            for token in generated[taken:]:
-                matcher.advance(token)
-            entry[1] = len(generated)
-            rows.append((row, matcher))
+            for token in generated[state.taken :]:
+                state.matcher.advance(token)
+            state.taken = len(generated)
+            rows.append((row, state.matcher))
         self._rows = rows
-        flags = torch.zeros(len(requests_with_new_token), dtype=torch.int32)
-        for row, _ in rows:
-            flags[row] = 1
-        return flags
+        return self._no_args(requests_with_new_token)
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         rows, self._rows = self._rows, []
@@ -132,13 +154,8 @@ class GrammarMask(ContinuousBatchingLogitsProcessor):
 
 
 def install_grammar(manager: Any) -> GrammarMask:
-    """Put the grammar mask first in a manager's list (before `manager.start()`); returns it for registration."""
-    processors = manager.logit_processor
-    mask = GrammarMask()
-    processors.logits_processor.insert(0, mask)
-    processors.tensors_required += 1
-    processors.do_processing = True
-    return mask
+    """Put the grammar mask first in a manager's list; returns it for registration."""
+    return _install(manager, GrammarMask(), first=True)
 
 
 class _Controlled:
@@ -159,48 +176,35 @@ class _Controlled:
         return tuple(token_logprobs(rows, tokens, [self.params.logprobs] * len(tokens)))
 
 
-class RequestControls(ContinuousBatchingLogitsProcessor):
+class RequestControls(_PerRequest[_Controlled]):
     """First in the list, so it sees the raw logits: keeps each registered request's log-softmax row when it asked
     for log-probabilities, then applies its logit bias and penalties (engine/sampling.py) in place."""
 
-    supported_kwargs: dict[str, type] = {}  # noqa: RUF012 (declared so by the base class)
-    ignored_kwargs: tuple[str, ...] = ()
-
     def __init__(self) -> None:
-        self.requests: dict[str, _Controlled] = {}
-        self._lock = threading.Lock()  # registration on the event loop, reads on the generation thread
+        super().__init__()
         self._rows: list[tuple[int, _Controlled]] = []
 
     def register(self, request_id: str, params: SamplingParams, prompt_ids: list[int]) -> _Controlled | None:
         if params.logprobs is None and not LogitControls.needed(params):
             return None
         state = _Controlled(params, prompt_ids)
-        with self._lock:
-            self.requests[request_id] = state
+        self._put(request_id, state)
         return state
-
-    def unregister(self, request_id: str) -> None:
-        with self._lock:
-            self.requests.pop(request_id, None)
-
-    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-        int32_tensor.fill_(0)
 
     def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
         rows: list[tuple[int, _Controlled]] = []
-        with self._lock:
-            for row, request in enumerate(requests_with_new_token):
-                state = self.requests.get(request.state.request_id)
-                if state is None:
-                    continue
-                if state.controls is not None:
-                    generated = request.state.generated_tokens
-                    for token in generated[state.accepted :]:
-                        state.controls.accept(token)
-                    state.accepted = len(generated)
-                rows.append((row, state))
+        states = self._states(requests_with_new_token)
+        for row, (state, request) in enumerate(zip(states, requests_with_new_token, strict=True)):
+            if state is None:
+                continue
+            if state.controls is not None:
+                generated = request.state.generated_tokens
+                for token in generated[state.accepted :]:
+                    state.controls.accept(token)
+                state.accepted = len(generated)
+            rows.append((row, state))
         self._rows = rows
-        return torch.zeros(len(requests_with_new_token), dtype=torch.int32)
+        return self._no_args(requests_with_new_token)
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         rows, self._rows = self._rows, []
@@ -215,10 +219,5 @@ class RequestControls(ContinuousBatchingLogitsProcessor):
 
 
 def install_controls(manager: Any) -> RequestControls:
-    """Put `RequestControls` first in a manager's list; call after `install_grammar` and before `manager.start()`."""
-    processors = manager.logit_processor
-    controls = RequestControls()
-    processors.logits_processor.insert(0, controls)
-    processors.tensors_required += 1
-    processors.do_processing = True
-    return controls
+    """Put `RequestControls` first in a manager's list; call after `install_grammar`."""
+    return _install(manager, RequestControls(), first=True)
