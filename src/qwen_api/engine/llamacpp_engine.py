@@ -197,6 +197,7 @@ class LlamaCppEngine:
         copied down: a stream copy costs less than reading one prompt token (2.8 ms against about 5 ms on the demo
         model, 2-core VM; a 7B model's stream is 2.5x larger, its tokens 50x dearer)."""
         holes = [s for s in self._free if s < running]  # never empty: fewer than `running` sequences are running
+        reusable = 0  # with the prefix cache off, every prompt is read whole, as on a fresh server
         if not self._prefix_cache:
             slot = min(holes)
         else:
@@ -207,11 +208,10 @@ class LlamaCppEngine:
                 slot = holes[0]  # the least recently freed hole (_free is in order of release)
                 self._keep_elsewhere(slot, spare=donor)
                 self._copy_stream(donor, slot)
-                self._free[slot] = list(self._free[donor])
-        cached = self._free.pop(slot)
-        # Keep the shared prefix, but read at least the prompt's last token again: its logits are needed. With the
-        # prefix cache off, every prompt is read whole, as on a fresh server.
-        keep = min(common_prefix_len(cached, seq.prompt), len(seq.prompt) - 1) if self._prefix_cache else 0
+            reusable = max(shared[slot], shared[donor])
+        del self._free[slot]
+        # Keep the shared prefix, but read at least the prompt's last token again: its logits are needed.
+        keep = min(reusable, len(seq.prompt) - 1)
         self.reused_tokens += keep
         self._ctx.kv_cache_seq_rm(slot, keep, -1)
         seq.seq_id, seq.read = slot, keep
