@@ -47,7 +47,7 @@ SHAPES: dict[str, dict] = {
         "qwen_api_args": ["--device", "cpu", "--dtype", "float32", "--max-batch-size", "8"],
     },
 }
-SERVERS = ["qwen-api-native", "qwen-api-native-process", "qwen-api-transformers", "transformers-serve"]
+SERVERS = ["qwen-api-native", "qwen-api-transformers", "transformers-serve"]
 FILLER = "The river runs past the old mill, where children watch the boats and count the passing birds. "
 
 
@@ -76,9 +76,8 @@ def sample_stacks(pid: int, seconds: float, out: Path) -> subprocess.Popen | Non
     if spy is None:
         print("py-spy not found: no stack samples", file=sys.stderr)
         return None
-    # --subprocesses: with --engine-process the engine's worker runs in the server's child
     cmd = [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "250", "--format", "raw",
-           "--threads", "--subprocesses", "--nonblocking", "--output", str(out)]  # fmt: skip
+           "--threads", "--nonblocking", "--output", str(out)]  # fmt: skip
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 

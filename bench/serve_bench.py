@@ -9,8 +9,6 @@ Servers are given as NAME=URL (already running), or launched with --launch:
   qwen-api            qwen-api serve --model demo (this repository; engine auto: llama.cpp for the GGUF)
   qwen-api-transformers, qwen-api-llamacpp, qwen-api-native   the same with the engine named (native: our
                       own Qwen2 engine, for model directories, e.g. --model DIR on a GPU; see bench/native_gpu.py)
-  qwen-api-native-process (any of the above with -process)   the same with --engine-process: the engine in a
-                      process of its own (engine/process.py)
   llama-cpp-python    python -m llama_cpp.server on the demo GGUF (needs llama-cpp-python[server]); with
                       --interrupt_requests False, else each new request cuts the running one short, and
                       --n_threads set to the CPU count as qwen-api uses (its own default is one thread)
@@ -185,13 +183,11 @@ def demo_gguf() -> Path:
 def launch_command(kind: str, port: int, extra: list[str], work_dir: Path, model: str = "demo") -> list[str]:
     bin_dir = Path(sys.executable).parent
     threads = str(os.cpu_count() or 1)
-    if kind.startswith("qwen-api"):  # qwen-api (engine auto), qwen-api-transformers, -llamacpp, -native, ...-process
-        process = kind.endswith("-process")
-        engine = kind.removesuffix("-process").removeprefix("qwen-api").removeprefix("-") or "auto"
+    if kind.startswith("qwen-api"):  # qwen-api (engine auto), qwen-api-transformers, -llamacpp, -native
+        engine = kind.removeprefix("qwen-api").removeprefix("-") or "auto"
         # `python -m qwen_api.cli`, not the console script: it also runs from PYTHONPATH=src (the GPU machine)
         return [sys.executable, "-m", "qwen_api.cli", "serve", "--model", model, "--engine", engine,
-                "--host", "127.0.0.1", "--port", str(port), *(["--engine-process"] if process else []),
-                *extra]  # fmt: skip
+                "--host", "127.0.0.1", "--port", str(port), *extra]  # fmt: skip
     if kind == "llama-cpp-python":
         return [sys.executable, "-m", "llama_cpp.server", "--model", str(demo_gguf()), "--port", str(port),
                 "--n_ctx", "8192", "--interrupt_requests", "False", "--n_threads", threads, "--n_threads_batch", threads,

@@ -153,18 +153,6 @@ def serve_in_process(model_dir: Path, **overrides: object) -> InProcessServer:
     return InProcessServer(settings, Runtime(default_loader(settings, source), source.name))
 
 
-def serve_subprocess(model_dir: Path, *flags: str, log: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """`qwen-api serve` in a process of its own (for exits and signals), logging to `log`; the process and its URL."""
-    port = free_port()
-    with open(log or os.devnull, "wb") as out:  # the child holds its own copy of the descriptor
-        proc = subprocess.Popen(
-            [str(VENV_BIN / "qwen-api"), "serve", "--model", str(model_dir), "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "warning", *flags],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )  # fmt: skip
-    return proc, f"http://127.0.0.1:{port}"
-
-
 # What the scripted model answers to any chat prompt: CJK, emoji split across byte tokens, a multi-token stop.
 SCRIPT = "你好，世界！🦜🧬 The answer is 42. <<STOP>> then more words"
 

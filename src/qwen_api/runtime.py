@@ -16,7 +16,6 @@ import importlib.util
 import logging
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import Any, Literal
 
 from qwen_api.engine.base import EngineStats
@@ -161,9 +160,6 @@ def choose_engine(requested: str, source: ModelSource, device: str) -> str:
 def default_loader(settings: Settings, source: ModelSource) -> Loader:
     """Load the model with the engine `--engine` names (`auto`: the fastest for it), behind a TextGenerator."""
 
-    if settings.engine_process:
-        return partial(_load_in_process, settings, source)
-
     def load() -> TextGenerator:
         device = pick_device(settings.device)
         engine = choose_engine(settings.engine, source, device)
@@ -174,19 +170,6 @@ def default_loader(settings: Settings, source: ModelSource) -> Loader:
         return _load_transformers(settings, source, device)
 
     return load
-
-
-def load_generator(settings: Settings, source: ModelSource) -> TextGenerator:
-    """What `default_loader` loads, called at once (a module-level function: the engine process's child calls it)."""
-    return default_loader(settings, source)()
-
-
-def _load_in_process(settings: Settings, source: ModelSource) -> TextGenerator:
-    """The engine `--engine` names, in a child process (engine/process.py); the text layer stays here."""
-    from qwen_api.engine.process import ProcessEngine
-
-    engine = ProcessEngine(partial(load_generator, settings.model_copy(update={"engine_process": False}), source))
-    return TextGenerator(engine, engine.tokenizer, sampling_defaults=engine.sampling_defaults)
 
 
 def _load_transformers(settings: Settings, source: ModelSource, device: str) -> TextGenerator:

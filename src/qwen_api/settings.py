@@ -91,11 +91,6 @@ class Settings(BaseSettings):
         description="Native engine, 16-bit model on CUDA: fuse the elementwise steps of each layer with torch.compile "
         "(off: eager kernels; a faster start, a slower decode step).",
     )
-    engine_process: bool = Field(
-        False,
-        description="Run the engine in a process of its own, so that its worker never waits for the GIL the HTTP "
-        "layer holds (for many concurrent streams on a GPU). The text and HTTP layers stay in the server process.",
-    )
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own Python code.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     ray: bool = Field(False, description="Serve from engine replicas on a Ray cluster (Ray Serve) behind this front.")

@@ -23,17 +23,7 @@ import pytest
 
 from qwen_api.engine.base import next_output
 
-from conftest import (
-    ENGINES,
-    VENV_BIN,
-    InProcessServer,
-    free_port,
-    sdk,
-    serve_engine,
-    serve_in_process,
-    serve_subprocess,
-    wait_healthy,
-)
+from conftest import ENGINES, VENV_BIN, InProcessServer, free_port, sdk, serve_engine, serve_in_process, wait_healthy
 
 LONG = 4000  # new tokens: many seconds of decoding, so the request is surely still running
 LONG_PROMPT = "Count from 1 to 1000, one number per line."  # a real model, too, keeps writing
@@ -318,6 +308,17 @@ def test_engine_death_turns_health_503_and_ends_the_server_with_exit_code_1(tiny
         server.thread.join(timeout=30)  # the watchdog shuts the server down by itself
         assert not server.thread.is_alive()
         assert server.runtime.exit_code == 1
+
+
+def serve_subprocess(model_dir: Path, *flags: str, log: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    with open(log or os.devnull, "wb") as out:  # the child holds its own copy of the descriptor
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "qwen-api"), "serve", "--model", str(model_dir), "--host", "127.0.0.1",
+             "--port", str(port), "--log-level", "warning", *flags],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def test_a_model_that_fails_to_load_exits_non_zero(tmp_path: Path) -> None:
