@@ -10,6 +10,7 @@ saying so, so the whole run stays within the device machine's limits.
 
     python bench/native_gpu.py --shape 7b        # on a GPU machine (see README, "On a GPU: the native engine")
     .venv/bin/python bench/native_gpu.py --shape tiny   # on the CPU: the same path, small numbers
+    python bench/native_gpu.py --shape 7b --servers qwen-api-native,qwen-api-native+prefill-delay=2   # flags: +k=v
 
 It prints one table and writes the raw figures to OUT_DIR/native_gpu.json.
 """
@@ -47,7 +48,7 @@ SHAPES: dict[str, dict] = {
         "qwen_api_args": ["--device", "cpu", "--dtype", "float32", "--max-batch-size", "8"],
     },
 }
-SERVERS = ["qwen-api-native", "qwen-api-transformers", "transformers-serve"]
+SERVERS = ["qwen-api-native", "qwen-api-native+prefill-delay=2", "qwen-api-transformers", "transformers-serve"]
 FILLER = "The river runs past the old mill, where children watch the boats and count the passing birds. "
 
 
@@ -81,32 +82,38 @@ def sample_stacks(pid: int, seconds: float, out: Path) -> subprocess.Popen | Non
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
-def bench_server(kind: str, shape: dict, model_dir: Path, out: Path, py_spy: bool = False) -> dict:
+def bench_server(name: str, shape: dict, model_dir: Path, out: Path, py_spy: bool = False) -> dict:
+    """`name` is a server kind, optionally with flags: `qwen-api-native+prefill-delay=2` adds `--prefill-delay 2`."""
+    kind, *options = name.split("+")
     extra = shape["qwen_api_args"] if kind.startswith("qwen-api") else []
+    extra = [
+        *extra,
+        *(part for option in options for part in (f"--{option.partition('=')[0]}", option.partition("=")[2])),
+    ]
     started = time.perf_counter()
-    server = Launched(kind, extra, out, str(model_dir))
+    server = Launched(kind, extra, out, str(model_dir), name=name)
     try:
         server.wait_ready(timeout=300)
         ready_s = time.perf_counter() - started
-        print(f"{kind}: ready in {ready_s:.1f} s", file=sys.stderr)
-        asyncio.run(run_level(kind, server.url, 1, 2, 4))  # warm-up, not measured
+        print(f"{name}: ready in {ready_s:.1f} s", file=sys.stderr)
+        asyncio.run(run_level(name, server.url, 1, 2, 4))  # warm-up, not measured
         levels = []
         for c, n in shape["levels"].items():
             # the stacks of the busiest level: where the server's own CPU time goes while it serves most streams
             spy = (
-                sample_stacks(server.proc.pid, 6, out / f"py-spy-{kind}.txt")
+                sample_stacks(server.proc.pid, 6, out / f"py-spy-{name}.txt")
                 if py_spy and c == max(shape["levels"])
                 else None
             )
-            levels.append(asyncio.run(run_level(kind, server.url, c, n, shape["max_tokens"])))
+            levels.append(asyncio.run(run_level(name, server.url, c, n, shape["max_tokens"])))
             if spy is not None:
                 spy.wait(timeout=30)
         t = shape["ttft"]
         prompts = long_prompts(t["prompt_tokens"], t["requests"])
-        ttft = asyncio.run(run_level(kind, server.url, t["concurrency"], t["requests"], 8, prompts))
+        ttft = asyncio.run(run_level(name, server.url, t["concurrency"], t["requests"], 8, prompts))
     finally:
         server.stop()
-    return {"kind": kind, "ready_s": ready_s, "levels": levels, "ttft": ttft}
+    return {"kind": name, "ready_s": ready_s, "levels": levels, "ttft": ttft}
 
 
 def report(results: list[dict], shape: dict, skipped: list[str]) -> str:

@@ -223,12 +223,12 @@ def llama_server_command(port: int, extra: list[str], model: str = "demo", binar
 
 
 class Launched:
-    def __init__(self, kind: str, extra: list[str], work_dir: Path, model: str = "demo") -> None:
+    def __init__(self, kind: str, extra: list[str], work_dir: Path, model: str = "demo", name: str = "") -> None:
         self.kind, self.port = kind, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         log_dir = work_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.log = open(log_dir / f"{kind}.log", "wb")  # noqa: SIM115 (closed in stop)
+        self.log = open(log_dir / f"{name or kind}.log", "wb")  # noqa: SIM115 (closed in stop)
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         self.proc = subprocess.Popen(
             launch_command(kind, self.port, extra, work_dir, model), stdout=self.log, stderr=subprocess.STDOUT, env=env

@@ -230,5 +230,6 @@ def _load_native(settings: Settings, source: ModelSource, device: str) -> TextGe
         kv_cache_tokens=settings.kv_cache_tokens,
         prefix_cache=settings.prefix_cache,
         fuse_kernels=settings.fuse_kernels,
+        prefill_delay=settings.prefill_delay,
     )
     return TextGenerator(engine, tokenizer, sampling_defaults=sampling_defaults(source))

@@ -91,6 +91,13 @@ class Settings(BaseSettings):
         description="Native engine, 16-bit model on CUDA: fuse the elementwise steps of each layer with torch.compile "
         "(off: eager kernels; a faster start, a slower decode step).",
     )
+    prefill_delay: float = Field(
+        0.0,
+        ge=0,
+        description="Native engine: while sequences decode, new prompts wait until the oldest has waited this many "
+        "times the last prompt step's duration, and are read together (on CUDA a step with prompt tokens runs "
+        "without CUDA graphs). 0: every prompt is read at the next step.",
+    )
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own Python code.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     ray: bool = Field(False, description="Serve from engine replicas on a Ray cluster (Ray Serve) behind this front.")

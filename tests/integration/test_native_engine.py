@@ -216,6 +216,59 @@ def test_preemption_when_blocks_run_out_keeps_tokens(tiny_qwen2_dir: Path, hf_mo
         small.shutdown()
 
 
+def test_prompt_batching_holds_new_prompts_while_others_decode_then_reads_them_together() -> None:
+    from qwen_api.engine.native.kv_cache import BlockPool
+    from qwen_api.engine.native.scheduler import Scheduler, Sequence
+
+    now = [0.0]
+    scheduler = Scheduler(
+        BlockPool(64, 16), max_batch_size=8, prefill_budget=512, prefill_delay=2.0, clock=lambda: now[0]
+    )
+    first = Sequence([1, 2, 3], 3, GREEDY)
+    scheduler.add(first)
+    step, _ = scheduler.schedule()
+    assert step.prefills == [(first, 3)]  # an idle engine reads a prompt at once
+    scheduler.complete(step, [7])
+    scheduler.prompt_step_s = 0.020  # the engine measured that prompt step: 20 ms
+    late = [Sequence([4, 5], 2, GREEDY), Sequence([6], 1, GREEDY)]
+    scheduler.add(late[0])
+    now[0] = 0.030
+    scheduler.add(late[1])
+    step, _ = scheduler.schedule()  # 30 ms < 2 x 20 ms: the new prompts wait while `first` decodes
+    assert step.decodes == [first] and not step.prefills and scheduler.held_steps == 1
+    scheduler.complete(step, [8])
+    now[0] = 0.041  # the oldest has waited 41 ms: both are read in one step, beside the decode
+    step, _ = scheduler.schedule()
+    assert step.decodes == [first] and step.prefills == [(late[0], 2), (late[1], 1)]
+    off = Scheduler(BlockPool(64, 16), max_batch_size=8, prefill_budget=512, clock=lambda: now[0])
+    off.prompt_step_s = 1.0
+    off.add(Sequence([1], 1, GREEDY))
+    off.complete(off.schedule()[0], [2])
+    off.add(Sequence([3], 1, GREEDY))
+    assert not off.holding() and len(off.schedule()[0].prefills) == 1  # delay 0: read at the next step
+
+
+def test_prompt_batching_keeps_the_tokens(tiny_qwen2_dir: Path, engine: NativeEngine) -> None:
+    batching = NativeEngine(tiny_qwen2_dir, [EOS], kv_cache_tokens=8192, max_batch_size=16, prefill_delay=50.0)
+    try:
+
+        async def staggered(target: NativeEngine) -> list[list[int]]:
+            async def later(i: int) -> list[int]:
+                await asyncio.sleep(0.05 * i)  # arriving while the earlier ones decode
+                return await collect(
+                    target, random_prompt(9 + i, seed=90 + i), SamplingParams(max_new_tokens=24, temperature=0.0)
+                )
+
+            return list(await asyncio.gather(*(later(i) for i in range(4))))
+
+        held = asyncio.run(staggered(batching))
+        assert batching.scheduler.prompt_step_s > 0  # the engine measured its prompt steps
+        assert batching.scheduler.held_steps > 0  # and held later prompts back while the first ones decoded
+        assert held == asyncio.run(staggered(engine))
+    finally:
+        batching.shutdown()
+
+
 def test_seed_reproduces_beside_other_traffic(engine: NativeEngine) -> None:
     prompt = random_prompt(12, seed=60)
     seeded = SamplingParams(max_new_tokens=16, temperature=0.9, top_p=0.95, top_k=100, seed=1234)

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncGenerator, Callable, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -81,6 +82,7 @@ class NativeEngine:
         use_cuda_graphs: bool = True,
         prefix_cache: bool = True,
         fuse_kernels: bool = True,
+        prefill_delay: float = 0.0,
     ) -> None:
         self.device = torch.device(device)
         self.config = load_config(model_dir)
@@ -101,7 +103,7 @@ class NativeEngine:
         )
         if prefill_chunk is None:  # larger on a GPU: fewer steps to read a burst of prompts (time to first token)
             prefill_chunk = GPU_PREFILL_CHUNK if self.device.type == "cuda" else CPU_PREFILL_CHUNK
-        self.scheduler = Scheduler(self.cache.pool, max_batch_size, prefill_chunk)
+        self.scheduler = Scheduler(self.cache.pool, max_batch_size, prefill_chunk, prefill_delay)
         self.controls = BatchControls(max_batch_size, self.config.vocab_size, self.device)
         self._eos = set(eos_token_ids)
         self.on_step: Callable[[int], None] | None = None
@@ -193,6 +195,7 @@ class NativeEngine:
     @torch.inference_mode()
     def _step(self, step: Step) -> None:
         sampled = step.sampled
+        started = time.perf_counter()
         logits = self.runner.run(step)
         wanted = [i for i, s in enumerate(sampled) if s.params.logprobs is not None]
         # log-probabilities come from the untouched logits
@@ -208,7 +211,9 @@ class NativeEngine:
         drawn = sample(logits, [Row(s.params, s.generated) for s in sampled]) if sampled else None
         if controlled and drawn is not None:
             self.controls.accept(slots, drawn.index_select(0, to_device(controlled, drawn.device, torch.int64)))
-        tokens = drawn.tolist() if drawn is not None else []
+        tokens = drawn.tolist() if drawn is not None else []  # waits for the device
+        if step.prefills:
+            self.scheduler.prompt_step_s = time.perf_counter() - started
         for i, matcher in matchers:
             matcher.advance(tokens[i])
         logprobs: dict[int, TokenLogprob] = {}

@@ -8,12 +8,21 @@ the rest of its tokens. A decoding sequence that crosses a block boundary takes 
 free, the most recently admitted sequence is preempted (its blocks released, its prompt plus what it generated
 put back at the head of the queue, recomputed later, mostly from the prefix cache). A sequence that could
 never fit in the whole cache is refused. Pure bookkeeping: no tensors here.
+
+Prompt batching (`prefill_delay`, off at 0): on CUDA a step that reads any prompt tokens runs eagerly, without
+the decode step's CUDA graph (about 20 ms against 5 for a 7B model on an H200), so at 64 closed-loop streams,
+where a new prompt arrives every other step, half the steps ran eagerly. With a delay factor d, while sequences
+decode, new prompts wait until the oldest has waited d times the last prompt step's duration, and are then read
+together in one step (as vLLM's `scheduler_delay_factor`). A burst, or a prompt arriving at an idle engine, is
+read at once.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +45,7 @@ class Sequence:
     last_hash: int | None = None  # hash of block `hashed - 1`
     cancelled: bool = False
     preemptions: int = 0
+    arrived: float = 0.0  # when the scheduler first had it (the scheduler's clock)
 
     @property
     def generated(self) -> int:
@@ -62,15 +72,27 @@ class Step:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, max_batch_size: int, prefill_budget: int) -> None:
+    def __init__(
+        self,
+        pool: BlockPool,
+        max_batch_size: int,
+        prefill_budget: int,
+        prefill_delay: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.pool = pool
         self.max_batch_size = max_batch_size
         self.prefill_budget = prefill_budget
+        self.prefill_delay = prefill_delay  # see the module docstring; 0: every prompt is read at the next step
+        self.prompt_step_s = 0.0  # how long the last step that read prompt tokens took (the engine measures it)
+        self.clock = clock
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0  # ever
+        self.held_steps = 0  # steps that left waiting prompts for a later one (prompt batching), ever
 
     def add(self, seq: Sequence) -> None:
+        seq.arrived = self.clock()
         self.waiting.append(seq)
 
     def drop_cancelled(self) -> None:
@@ -122,8 +144,17 @@ class Scheduler:
         self.preemptions += 1
         self.waiting.appendleft(seq)
 
+    def holding(self) -> bool:
+        """Whether new prompts wait for more to read together: only while others decode (see the docstring)."""
+        if not (self.prefill_delay and self.waiting and self.running):
+            return False
+        return self.clock() - self.waiting[0].arrived < self.prefill_delay * self.prompt_step_s
+
     def _admit(self, step: Step, budget: int) -> list[Sequence]:
         refused: list[Sequence] = []
+        if self.holding():
+            self.held_steps += 1
+            return refused
         bs = self.pool.block_size
         while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
             seq = self.waiting[0]
