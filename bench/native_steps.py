@@ -62,12 +62,17 @@ async def engine_wave(engine: NativeEngine, concurrency: int, prompt_tokens: int
     params = SamplingParams(max_new_tokens=new_tokens, **QWEN2_SAMPLING)
     steps_before = engine.stats().steps
 
+    firsts: list[float] = []
+
     async def one(prompt: list[int]) -> int:
         count = 0
         async for chunk in engine.generate(prompt, params):
+            if not count:
+                firsts.append(time.perf_counter() - start)
             count += len(chunk.token_ids)
         return count
 
+    variants = triton_variants()
     start = time.perf_counter()
     counts = await asyncio.gather(*(one(p) for p in prompts))
     wall = time.perf_counter() - start
@@ -79,7 +84,20 @@ async def engine_wave(engine: NativeEngine, concurrency: int, prompt_tokens: int
         "tokens_per_s": sum(counts) / wall,
         "steps": steps,
         "ms_per_step": 1000 * wall / max(steps, 1),
+        "ttft_max_s": max(firsts),
+        # Triton kernels compiled during this wave: a first token that waits for a compile shows here
+        "triton_compiles": None if variants is None else (triton_variants() or 0) - variants,
     }
+
+
+def triton_variants() -> int | None:
+    """How many variants of the paged decode kernel Triton has compiled so far (None without Triton)."""
+    try:
+        from qwen_api.engine.native.triton_attention import _paged_decode_kernel
+    except ImportError:
+        return None
+    caches = getattr(_paged_decode_kernel, "device_caches", None) or getattr(_paged_decode_kernel, "cache", {})
+    return sum(len(c[0] if isinstance(c, tuple) else c) for c in caches.values())
 
 
 def profile(engine: NativeEngine, concurrency: int, prompt_tokens: int) -> str:
@@ -130,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             wave = asyncio.run(engine_wave(engine, c, args.prompt_tokens, args.new_tokens))
             result["engine"].append(wave)
             print(f"engine concurrency {c:>3}: {wave['tokens_per_s']:8.1f} tok/s, {wave['ms_per_step']:.2f} ms/step "
-                  f"({wave['steps']} steps, {wave['tokens']} tokens)", flush=True)  # fmt: skip
+                  f"({wave['steps']} steps, {wave['tokens']} tokens), slowest first token {wave['ttft_max_s']:.3f} s, "
+                  f"Triton compiles {wave['triton_compiles']}", flush=True)  # fmt: skip
         if args.profile:
             print(profile(engine, max(levels), args.prompt_tokens), flush=True)
         if args.compare_unfused and engine.model.ops.fused:  # recapture the graphs with the eager functions

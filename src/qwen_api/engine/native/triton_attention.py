@@ -22,7 +22,11 @@ from qwen_api.engine.native.pointwise import merge_splits
 SPLITS = 8  # context splits per (row, kv head); partials merged in torch
 
 
-@triton.jit
+# The block table's row stride is the widest row of the step, which changes from step to step in eager steps:
+# Triton would compile a variant for each kind of value it sees (1, multiples of 16, others), the first time it
+# sees it, in the middle of serving (a likely cause of the slow first tokens at each new load level; not yet
+# confirmed on a GPU: bench/native_steps.py now counts the compiles of each wave).
+@triton.jit(do_not_specialize=["stride_bt"])
 def _paged_decode_kernel(
     q_ptr,  # [B, H, D]
     k_ptr,  # [N, BLOCK, KV, D]
