@@ -54,6 +54,12 @@ class _PerRequest(ContinuousBatchingLogitsProcessor, Generic[State]):
         with self._lock:
             return [self.requests.get(request.state.request_id) for request in requests_with_new_token]
 
+    def _registered(self, requests_with_new_token: list[Any]) -> list[tuple[int, State, Any]]:
+        """(row, state, request) for each row whose request registered and is still here."""
+        states = self._states(requests_with_new_token)
+        pairs = zip(states, requests_with_new_token, strict=True)
+        return [(row, state, request) for row, (state, request) in enumerate(pairs) if state is not None]
+
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
         int32_tensor.fill_(0)
 
@@ -105,12 +111,23 @@ def install_sampling(manager: Any) -> Sampling:
     return _install(manager, Sampling(), first=False)
 
 
-class _Matched:
-    """One request's grammar state in `GrammarMask`: its matcher and how many generated tokens it has taken."""
+class _Follower:
+    """A request's state that must see each token the request generates, once: the batch appends them itself."""
+
+    taken = 0  # generated tokens already seen
+
+    def new_tokens(self, request: Any) -> list[int]:
+        """The tokens `request` generated since the last call."""
+        generated: list[int] = request.state.generated_tokens
+        new, self.taken = generated[self.taken :], len(generated)
+        return new
+
+
+class _Matched(_Follower):
+    """One request's grammar state in `GrammarMask`: its matcher, and the generated tokens it has taken."""
 
     def __init__(self, matcher: Any) -> None:
         self.matcher = matcher
-        self.taken = 0
 
 
 class GrammarMask(_PerRequest[_Matched]):
@@ -130,14 +147,9 @@ class GrammarMask(_PerRequest[_Matched]):
 
     def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
         rows: list[tuple[int, Any]] = []
-        states = self._states(requests_with_new_token)
-        for row, (state, request) in enumerate(zip(states, requests_with_new_token, strict=True)):
-            if state is None:
-                continue
-            generated = request.state.generated_tokens
-            for token in generated[state.taken :]:
+        for row, state, request in self._registered(requests_with_new_token):
+            for token in state.new_tokens(request):
                 state.matcher.advance(token)
-            state.taken = len(generated)
             rows.append((row, state.matcher))
         self._rows = rows
         return self._no_args(requests_with_new_token)
@@ -158,14 +170,14 @@ def install_grammar(manager: Any) -> GrammarMask:
     return _install(manager, GrammarMask(), first=True)
 
 
-class _Controlled:
-    """One request's state in `RequestControls`: its bias and penalties, and the raw log-probability rows of the
-    positions it sampled, waiting for their tokens (which reach the engine later, through the output handler)."""
+class _Controlled(_Follower):
+    """One request's state in `RequestControls`: its bias and penalties (which count the generated tokens it has
+    taken), and the raw log-probability rows of the positions it sampled, waiting for their tokens (which reach the
+    engine later, through the output handler)."""
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int]) -> None:
         self.params = params
         self.controls = LogitControls(params, prompt_ids) if LogitControls.needed(params) else None
-        self.accepted = 0  # generated tokens the penalties have counted
         self.rows: deque[torch.Tensor] = deque()  # one log-softmax row per sampled position, oldest first
 
     def logprobs(self, tokens: list[int]) -> tuple[TokenLogprob, ...] | None:
@@ -193,15 +205,11 @@ class RequestControls(_PerRequest[_Controlled]):
 
     def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
         rows: list[tuple[int, _Controlled]] = []
-        states = self._states(requests_with_new_token)
-        for row, (state, request) in enumerate(zip(states, requests_with_new_token, strict=True)):
-            if state is None:
-                continue
+        for row, state, request in self._registered(requests_with_new_token):
+            new = state.new_tokens(request)
             if state.controls is not None:
-                generated = request.state.generated_tokens
-                for token in generated[state.accepted :]:
+                for token in new:
                     state.controls.accept(token)
-                state.accepted = len(generated)
             rows.append((row, state))
         self._rows = rows
         return self._no_args(requests_with_new_token)
