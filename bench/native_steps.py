@@ -73,6 +73,9 @@ async def engine_wave(engine: NativeEngine, concurrency: int, prompt_tokens: int
         return count
 
     variants = triton_variants()
+    graphs = engine.runner.graphs
+    eager_before = engine.runner.eager_steps
+    mixed_before = graphs.mixed_replays if graphs is not None else 0
     start = time.perf_counter()
     counts = await asyncio.gather(*(one(p) for p in prompts))
     wall = time.perf_counter() - start
@@ -85,6 +88,9 @@ async def engine_wave(engine: NativeEngine, concurrency: int, prompt_tokens: int
         "steps": steps,
         "ms_per_step": 1000 * wall / max(steps, 1),
         "ttft_max_s": max(firsts),
+        # steps that read prompt tokens inside a CUDA graph, and steps run without one
+        "mixed_graph_steps": (graphs.mixed_replays - mixed_before) if graphs is not None else 0,
+        "eager_steps": engine.runner.eager_steps - eager_before,
         # Triton kernels compiled during this wave: a first token that waits for a compile shows here
         "triton_compiles": None if variants is None else (triton_variants() or 0) - variants,
     }
@@ -149,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             result["engine"].append(wave)
             print(f"engine concurrency {c:>3}: {wave['tokens_per_s']:8.1f} tok/s, {wave['ms_per_step']:.2f} ms/step "
                   f"({wave['steps']} steps, {wave['tokens']} tokens), slowest first token {wave['ttft_max_s']:.3f} s, "
-                  f"Triton compiles {wave['triton_compiles']}", flush=True)  # fmt: skip
+                  f"Triton compiles {wave['triton_compiles']}, steps with prompt tokens in a graph "
+                  f"{wave['mixed_graph_steps']}, eager steps {wave['eager_steps']}", flush=True)  # fmt: skip
         if args.profile:
             print(profile(engine, max(levels), args.prompt_tokens), flush=True)
         if args.compare_unfused and engine.model.ops.fused:  # recapture the graphs with the eager functions

@@ -166,6 +166,124 @@ def test_batched_prefill_attention_equals_one_call_per_chunk() -> None:
         row += n
 
 
+def test_every_token_read_as_a_decode_matches_transformers(
+    engine: NativeEngine,
+    hf_model,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the CUDA graphs replay (runner.flatten): every token of a step, prompt tokens included, read as a
+    decode reads its one token, through its own sequence's blocks up to its position. Run eagerly on the CPU for
+    every step: prompts arriving while others decode (steps with both), one after a cached prefix, one long
+    enough to span blocks; the tokens are transformers'."""
+    runner = engine.runner
+    mixed: list[int] = []
+    flat = runner.run_flat
+
+    def counted(step):  # type: ignore[no-untyped-def]
+        if step.decodes and step.prefills:
+            mixed.append(len(step.prefills))
+        return flat(step)
+
+    monkeypatch.setattr(runner, "run", counted)
+    shared = random_prompt(40, seed=60)
+    run(engine, [*shared, 9])  # indexes the shared blocks: a prompt below starts after a cached prefix
+    prompts = [random_prompt(length, seed=61 + i) for i, length in enumerate([1, 5, 18, 70])]
+    prompts.append(shared + random_prompt(6, seed=66))
+    params = SamplingParams(max_new_tokens=16, temperature=0.0)
+
+    async def staggered() -> list[list[int]]:
+        async def later(i: int, prompt: list[int]) -> list[int]:
+            await asyncio.sleep(0.03 * i)
+            return await collect(engine, prompt, params)
+
+        return list(await asyncio.gather(*(later(i, p) for i, p in enumerate(prompts))))
+
+    hits = engine.cache.pool.hit_blocks
+    results = asyncio.run(staggered())
+    assert mixed, "no step read prompt tokens beside decodes"
+    assert engine.cache.pool.hit_blocks > hits
+    for prompt, tokens in zip(prompts, results, strict=True):
+        assert tokens == reference(hf_model, prompt), f"prompt of {len(prompt)} tokens"
+
+
+def test_graph_replay_fills_its_buffers_right(
+    engine: NativeEngine,
+    hf_model,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`CudaGraphs.run` on the CPU, each captured graph replaced by an eager call of the function it captures, on
+    the same static buffers: the padding to the ladder's sizes, the sampled rows, stale buffer contents from
+    larger earlier steps. Prompts arrive while others decode; the 300-token one's step is past the ladder (16 +
+    256 tokens) and runs eagerly. The tokens are transformers'."""
+    from qwen_api.engine.native import runner as runner_module
+
+    graphs_cls = runner_module.CudaGraphs
+    real_meta = graphs_cls._meta
+
+    def cpu_meta(self, size):  # type: ignore[no-untyped-def]
+        meta = real_meta(self, size)
+        meta.use_triton, meta.max_context_len = False, int(self.lens[:size].max())  # the SDPA reference path
+        return meta
+
+    class Eager:
+        def __init__(self, graphs, size: int) -> None:  # type: ignore[no-untyped-def]
+            self.graphs, self.size = graphs, size
+            self.out = torch.empty(min(size, graphs.max_rows), engine.config.vocab_size)
+
+        def replay(self) -> None:
+            self.out.copy_(self.graphs._forward(self.size))
+
+    def capture(self) -> None:  # type: ignore[no-untyped-def]
+        for size in self.sizes:
+            eager = Eager(self, size)
+            self.graphs[size] = (eager, eager.out)
+
+    monkeypatch.setattr(graphs_cls, "_meta", cpu_meta)
+    monkeypatch.setattr(graphs_cls, "_capture", capture)
+    runner = engine.runner
+    monkeypatch.setattr(runner, "graphs", graphs_cls(runner, 16))
+    eager_before = runner.eager_steps
+    prompts = [random_prompt(length, seed=70 + i) for i, length in enumerate([2, 30, 300, 11, 6])]
+    params = SamplingParams(max_new_tokens=16, temperature=0.0)
+
+    async def staggered() -> list[list[int]]:
+        async def later(i: int, prompt: list[int]) -> list[int]:
+            await asyncio.sleep(0.03 * i)
+            return await collect(engine, prompt, params)
+
+        return list(await asyncio.gather(*(later(i, p) for i, p in enumerate(prompts))))
+
+    results = asyncio.run(staggered())
+    assert runner.graphs is not None and runner.graphs.mixed_replays > 0
+    assert runner.eager_steps > eager_before  # the 300-token prompt's step
+    for prompt, tokens in zip(prompts, results, strict=True):
+        assert tokens == reference(hf_model, prompt), f"prompt of {len(prompt)} tokens"
+
+
+def test_graph_ladder_and_which_steps_a_graph_takes() -> None:
+    from qwen_api.engine.native.kv_cache import BlockPool
+    from qwen_api.engine.native.runner import MIXED_READS, flatten, graph_sizes, prompt_reads
+    from qwen_api.engine.native.scheduler import Scheduler, Sequence
+
+    assert graph_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 128, 192, 320]
+    scheduler = Scheduler(BlockPool(64, 4), max_batch_size=8, prefill_budget=512)
+    old, new = Sequence(list(range(10, 16)), 6, GREEDY), Sequence(list(range(20, 27)), 7, GREEDY)
+    scheduler.add(old)
+    scheduler.complete(scheduler.schedule()[0], [99])  # `old` read its 6-token prompt and drew 99
+    scheduler.add(new)
+    step, _ = scheduler.schedule()
+    assert step.decodes == [old] and step.prefills == [(new, 7)]
+    assert prompt_reads(step) == 7 * 7 and prompt_reads(step) <= MIXED_READS
+    flat = flatten(step, block_size=4, scratch_block=63)
+    assert flat.ids == [99, *range(20, 27)] and flat.positions == [6, *range(7)]
+    assert flat.lens == [7, *range(1, 8)] and flat.sample_rows == [0, 7]  # the decode, the prompt's last token
+    width = max(len(old.blocks), len(new.blocks))
+    assert flat.table.shape == (8, width)
+    assert flat.table[0].tolist()[: len(old.blocks)] == old.blocks
+    assert all(row.tolist()[: len(new.blocks)] == new.blocks for row in flat.table[1:])
+    assert flat.slots[1:] == [new.blocks[p // 4] * 4 + p % 4 for p in range(7)]
+
+
 def test_prefix_cache_hits_and_keeps_tokens(engine: NativeEngine, hf_model) -> None:  # type: ignore[no-untyped-def]
     pool = engine.cache.pool
     shared = random_prompt(64, seed=30)  # four full blocks of 16
@@ -519,8 +637,10 @@ def test_gpu_triton_decode_matches_sdpa() -> None:
 
 @pytest.mark.gpu
 def test_gpu_cuda_graph_replay_matches_eager(tiny_qwen2_dir: Path) -> None:
-    """fp32 on CUDA so that graph padding (5 rows run as 8) cannot flip a bf16 near-tie."""
-    prompts = [random_prompt(length, seed=100 + i) for i, length in enumerate([3, 9, 27, 60, 130])]
+    """fp32 on CUDA so that graph padding (5 rows run as 8) cannot flip a bf16 near-tie. Prompts arrive while
+    others decode: steps with prompt tokens replay graphs too, except the 300-token prompt's (past the ladder)."""
+    prompts = [random_prompt(length, seed=100 + i) for i, length in enumerate([3, 9, 27, 60, 130, 300])]
+    params = SamplingParams(max_new_tokens=24, temperature=0.0)
     outputs = []
     for graphs in (True, False):
         gpu = NativeEngine(
@@ -528,7 +648,18 @@ def test_gpu_cuda_graph_replay_matches_eager(tiny_qwen2_dir: Path) -> None:
         )
         try:
             assert (gpu.runner.graphs is not None) == graphs
-            outputs.append(run_many(gpu, [(p, SamplingParams(max_new_tokens=24, temperature=0.0)) for p in prompts]))
+
+            async def staggered(engine: NativeEngine = gpu) -> list[list[int]]:
+                async def later(i: int, prompt: list[int]) -> list[int]:
+                    await asyncio.sleep(0.02 * i)
+                    return await collect(engine, prompt, params)
+
+                return list(await asyncio.gather(*(later(i, p) for i, p in enumerate(prompts))))
+
+            outputs.append(asyncio.run(staggered()))
+            if gpu.runner.graphs is not None:
+                assert gpu.runner.graphs.mixed_replays > 0  # steps with prompt tokens ran in graphs
+                assert gpu.runner.eager_steps > 0  # and the long prompt's step did not
         finally:
             gpu.shutdown()
     assert outputs[0] == outputs[1]
