@@ -2,7 +2,7 @@
 # The native engine's GPU checks in one call, phase by phase (default: all of them, in this order):
 #   tests  - `pytest -m gpu` on the native engine (bf16 and fp32 against transformers, Triton kernel, CUDA graphs)
 #   build  - the 7B-shaped random-weight model, initialised on the GPU, in $MODEL_DIR
-#   steps  - bench/native_steps.py: the model's decode step alone (CUDA graph and eager) and the engine's API
+#   steps  - bench/native_steps.py: the decode step alone (CUDA graph and eager), the engine's API overlapped and in turn
 #   serve  - bench/native_gpu.py: the servers in $SERVERS under bench/serve_bench.py's client
 # Run on the GPU machine from the repository root, with the wheels of bench/gpu_wheels.txt carried in
 # bench-results/gpu-wheels (that file says how to download them). With the device tool:
@@ -34,7 +34,7 @@ for p in $PHASES; do
         --dtype bfloat16 --device cuda 2>&1 | tail -2
       du -sh "$MODEL_DIR" ;;
     steps)
-      timeout 150 python bench/native_steps.py --model-dir "$MODEL_DIR" --concurrency 1,16,64 ${STEPS_ARGS:---profile} \
+      timeout 150 python bench/native_steps.py --model-dir "$MODEL_DIR" --concurrency 1,16,64 ${STEPS_ARGS:---compare-in-turn} \
         --out "$OUT/native_steps.json" 2>&1 | grep -v "^USDT" | tee "$OUT/native-steps.log" | tail -45 ;;
     serve)
       timeout $((BUDGET + 150)) python bench/native_gpu.py --shape 7b --model-dir "$MODEL_DIR" --servers "$SERVERS" \

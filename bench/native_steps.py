@@ -7,8 +7,9 @@ Two measurements on one loaded engine, so the serving benchmark (`bench/native_g
 - engine: N concurrent sequences through `NativeEngine.generate` (no HTTP, no detokeniser), each a distinct random
   prompt and the sampling Qwen2-7B-Instruct's generation_config.json gives every /v1 request (temperature 0.7,
   top-p 0.8, top-k 20, repetition penalty 1.05): output tokens/s and milliseconds per engine step.
-Optionally (`--profile`) a torch profiler table of a few engine steps at the largest concurrency, and
-(`--compare-unfused`) the step again with the eager elementwise functions instead of the fused ones.
+Optionally (`--profile`) a torch profiler table of a few engine steps at the largest concurrency,
+(`--compare-unfused`) the step again with the eager elementwise functions instead of the fused ones, and
+(`--compare-in-turn`) each wave also with steps read in turn instead of overlapped (CUDA's default), alternating.
 
     .venv/bin/python bench/native_steps.py --model-dir DIR --device cpu --dtype float32 --concurrency 1,4
     python bench/native_steps.py --model-dir /tmp/qwen2-7b --device cuda --dtype bfloat16 --concurrency 1,16,64
@@ -130,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compare-unfused", action="store_true", help="CUDA: also time the step with eager elementwise ops"
     )
+    parser.add_argument(
+        "--compare-in-turn",
+        action="store_true",
+        help="also run each wave with steps read in turn (the CPU's way), alternating with overlapped ones",
+    )
+    parser.add_argument("--waves", type=int, default=1, help="waves per level (and mode)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -150,13 +157,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"forward batch {size:>3}: {result['forward'][size]}", flush=True)
     try:
         asyncio.run(engine_wave(engine, 2, args.prompt_tokens, 4))  # warm-up
+        modes = [engine.overlap, not engine.overlap] if args.compare_in_turn else [engine.overlap]
         for c in levels:
-            wave = asyncio.run(engine_wave(engine, c, args.prompt_tokens, args.new_tokens))
-            result["engine"].append(wave)
-            print(f"engine concurrency {c:>3}: {wave['tokens_per_s']:8.1f} tok/s, {wave['ms_per_step']:.2f} ms/step "
-                  f"({wave['steps']} steps, {wave['tokens']} tokens), slowest first token {wave['ttft_max_s']:.3f} s, "
-                  f"Triton compiles {wave['triton_compiles']}, steps with prompt tokens in a graph "
-                  f"{wave['mixed_graph_steps']}, eager steps {wave['eager_steps']}", flush=True)  # fmt: skip
+            for _ in range(args.waves):
+                for overlap in modes:  # alternating, on one engine (the worker reads the switch each step)
+                    engine.overlap = overlap
+                    wave = asyncio.run(engine_wave(engine, c, args.prompt_tokens, args.new_tokens))
+                    wave["overlap"] = overlap
+                    result["engine"].append(wave)
+                    print(f"engine concurrency {c:>3}{' overlapped' if overlap else ' in turn'}: "
+                          f"{wave['tokens_per_s']:8.1f} tok/s, {wave['ms_per_step']:.2f} ms/step "
+                          f"({wave['steps']} steps, {wave['tokens']} tokens), slowest first token "
+                          f"{wave['ttft_max_s']:.3f} s, Triton compiles {wave['triton_compiles']}, steps with prompt "
+                          f"tokens in a graph {wave['mixed_graph_steps']}, eager steps {wave['eager_steps']}",
+                          flush=True)  # fmt: skip
+        engine.overlap = modes[0]
         if args.profile:
             print(profile(engine, max(levels), args.prompt_tokens), flush=True)
         if args.compare_unfused and engine.model.ops.fused:  # recapture the graphs with the eager functions

@@ -95,8 +95,8 @@ class Settings(BaseSettings):
         0.0,
         ge=0,
         description="Native engine: while sequences decode, new prompts wait until the oldest has waited this many "
-        "times the last prompt step's duration, and are read together (on CUDA a step with prompt tokens runs "
-        "without CUDA graphs). 0: every prompt is read at the next step.",
+        "times the last prompt step's duration, and are read together (on CUDA a step with more than a few hundred "
+        "prompt tokens runs without CUDA graphs). 0: every prompt is read at the next step.",
     )
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own Python code.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")

@@ -74,9 +74,16 @@ def reference(hf_model, prompt: list[int], new_tokens: int = 16) -> list[int]:  
     return out[0, len(prompt) :].tolist()
 
 
+@pytest.fixture(scope="module", params=[False, True], ids=["in-turn", "overlapped"])
+def overlap(request: pytest.FixtureRequest) -> bool:
+    """Steps read in turn (the CPU's default), or each launched before the previous one's tokens are read (the
+    GPU's): every test with an engine runs both ways."""
+    return bool(request.param)
+
+
 @pytest.fixture(scope="module")
-def engine(tiny_qwen2_dir: Path) -> Iterator[NativeEngine]:
-    engine = NativeEngine(tiny_qwen2_dir, [EOS], kv_cache_tokens=8192, max_batch_size=16)
+def engine(tiny_qwen2_dir: Path, overlap: bool) -> Iterator[NativeEngine]:
+    engine = NativeEngine(tiny_qwen2_dir, [EOS], kv_cache_tokens=8192, max_batch_size=16, overlap=overlap)
     yield engine
     engine.shutdown()
 
@@ -179,10 +186,10 @@ def test_every_token_read_as_a_decode_matches_transformers(
     mixed: list[int] = []
     flat = runner.run_flat
 
-    def counted(step):  # type: ignore[no-untyped-def]
+    def counted(step, feed=None):  # type: ignore[no-untyped-def]
         if step.decodes and step.prefills:
             mixed.append(len(step.prefills))
-        return flat(step)
+        return flat(step, feed)
 
     monkeypatch.setattr(runner, "run", counted)
     shared = random_prompt(40, seed=60)
@@ -300,7 +307,9 @@ def test_prefix_cache_hits_and_keeps_tokens(engine: NativeEngine, hf_model) -> N
 
 
 def test_chunked_prefill_matches_unchunked(tiny_qwen2_dir: Path, engine: NativeEngine, hf_model) -> None:  # type: ignore[no-untyped-def]
-    chunked = NativeEngine(tiny_qwen2_dir, [EOS], kv_cache_tokens=4096, max_batch_size=4, prefill_chunk=16)
+    chunked = NativeEngine(
+        tiny_qwen2_dir, [EOS], kv_cache_tokens=4096, max_batch_size=4, prefill_chunk=16, overlap=engine.overlap
+    )
     try:
         long_prompt, short_prompt = random_prompt(150, seed=40), random_prompt(8, seed=41)
         expected = reference(hf_model, long_prompt)
@@ -317,8 +326,8 @@ def test_chunked_prefill_matches_unchunked(tiny_qwen2_dir: Path, engine: NativeE
         chunked.shutdown()
 
 
-def test_preemption_when_blocks_run_out_keeps_tokens(tiny_qwen2_dir: Path, hf_model) -> None:  # type: ignore[no-untyped-def]
-    small = NativeEngine(tiny_qwen2_dir, [EOS], kv_cache_tokens=256, max_batch_size=8)  # 16 blocks
+def test_preemption_when_blocks_run_out_keeps_tokens(tiny_qwen2_dir: Path, hf_model, overlap: bool) -> None:  # type: ignore[no-untyped-def]
+    small = NativeEngine(tiny_qwen2_dir, [EOS], kv_cache_tokens=256, max_batch_size=8, overlap=overlap)  # 16 blocks
     try:
         params = SamplingParams(max_new_tokens=60, temperature=0.0)
         prompts = [random_prompt(40, seed=50 + i) for i in range(4)]  # 4 x 100 tokens: 28 blocks wanted
@@ -332,6 +341,69 @@ def test_preemption_when_blocks_run_out_keeps_tokens(tiny_qwen2_dir: Path, hf_mo
             run(small, random_prompt(250, seed=59), SamplingParams(max_new_tokens=10))
     finally:
         small.shutdown()
+
+
+def test_overlapped_steps_give_what_steps_in_turn_give(tiny_qwen2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU launches each step before it reads the previous one's tokens, feeding them on the device. On the
+    CPU both ways, staggered arrivals, every control: greedy with log-probabilities; seeded sampling with
+    penalties and a bias; a JSON grammar (read in turn: its mask needs the token); one token only; an end token
+    forced first (the overlapped engine ran a step for it in vain); top-k with log-probabilities. Tokens and
+    finish reasons are the same, log-probabilities too (to rounding)."""
+    from transformers import AutoTokenizer
+
+    from qwen_api.engine.native.runner import Feed
+    from qwen_api.structured.grammar import GrammarCompiler, json_schema_grammar
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    compiler = GrammarCompiler(AutoTokenizer.from_pretrained(tiny_qwen2_dir), [EOS])
+    constraint = asyncio.run(compiler.compile(json_schema_grammar(schema)))
+    controls = {"repetition_penalty": 1.3, "frequency_penalty": 0.5, "logit_bias": ((5, 3.0),)}
+    jobs = [
+        (random_prompt(5, seed=1), SamplingParams(max_new_tokens=20, temperature=0.0, logprobs=2)),
+        (random_prompt(30, seed=2), SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, seed=7, **controls)),
+        (random_prompt(3, seed=3), SamplingParams(max_new_tokens=25, temperature=0.8, seed=11, constraint=constraint)),
+        (random_prompt(60, seed=4), SamplingParams(max_new_tokens=1, temperature=0.0)),
+        (random_prompt(4, seed=5), SamplingParams(max_new_tokens=10, temperature=0.0, logit_bias=((EOS, 100.0),))),
+        (random_prompt(9, seed=6), SamplingParams(max_new_tokens=18, temperature=0.7, top_k=20, seed=3, logprobs=0)),
+    ]
+    fed: list[int] = []
+    fill = Feed.fill
+
+    def counted(self, ids, decodes):  # type: ignore[no-untyped-def]
+        fed.append(sum(seq.tokens[seq.computed] == -1 for seq in decodes))
+        fill(self, ids, decodes)
+
+    monkeypatch.setattr(Feed, "fill", counted)
+
+    async def one(engine: NativeEngine, i: int, prompt: list[int], params: SamplingParams) -> tuple:
+        await asyncio.sleep(0.02 * i)
+        chunks = [chunk async for chunk in engine.generate(prompt, params)]
+        tokens = [t for c in chunks for t in c.token_ids]
+        return tokens, chunks[-1].finish_reason, [lp for c in chunks for lp in (c.logprobs or ())]
+
+    outputs = []
+    for overlap in (False, True):
+        engine = NativeEngine(tiny_qwen2_dir, [EOS], kv_cache_tokens=4096, max_batch_size=8, overlap=overlap)
+        try:
+
+            async def main(engine: NativeEngine = engine) -> list[tuple]:
+                return list(await asyncio.gather(*(one(engine, i, p, s) for i, (p, s) in enumerate(jobs))))
+
+            outputs.append(asyncio.run(main()))
+        finally:
+            engine.shutdown()
+        assert (sum(fed) > 0) == overlap  # the overlapped engine fed decodes from the device
+    # Arrivals meet the steps at other points from run to run, so batches differ: fp32 rounding moves with the
+    # batch's shape (as beside other traffic), so log-probabilities are compared to 1e-4.
+    for (tokens, reason, logprobs), (tokens2, reason2, logprobs2) in zip(*outputs, strict=True):
+        assert (tokens, reason) == (tokens2, reason2)
+        assert [(lp.token, [t for t, _ in lp.top]) for lp in logprobs] == [
+            (lp.token, [t for t, _ in lp.top]) for lp in logprobs2
+        ]
+        values = [v for lp in logprobs for v in (lp.logprob, *(v for _, v in lp.top))]
+        assert values == pytest.approx([v for lp in logprobs2 for v in (lp.logprob, *(v for _, v in lp.top))], abs=1e-4)
+    assert [reason for _, reason, _ in outputs[1]][3:5] == ["length", "stop"]
+    assert outputs[1][4][0] == [EOS] and len(outputs[1][0][2]) == len(outputs[1][0][0])
 
 
 def test_prompt_batching_holds_new_prompts_while_others_decode_then_reads_them_together() -> None:

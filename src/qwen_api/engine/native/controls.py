@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen_api.engine.native.scheduler import Sequence
+from qwen_api.engine.native.scheduler import PENDING, Sequence
 from qwen_api.engine.sampler import to_device
 from qwen_api.engine.sampling import count_penalty, repetition_penalised
 
@@ -48,6 +48,8 @@ class BatchControls:
         params, device, vocab = seq.params, self.device, self.vocab
         self.counts[slot].zero_()
         if generated := seq.tokens[seq.prompt_len :]:
+            # a slot is taken at a sequence's first draw, or back from preemption: never over a token in flight
+            assert PENDING not in generated, "counts would miss a token the previous step drew"
             ids = to_device(generated, device, torch.int64)
             self.counts[slot].index_put_((ids,), torch.ones_like(ids, dtype=torch.int32), accumulate=True)
         self.prompt[slot].zero_()

@@ -7,6 +7,12 @@ with `call_soon_threadsafe`, once per step per event loop. Bad input (an empty p
 vocabulary, too long a prompt) fails only its own sequence; if the worker itself dies, every sequence gets the
 error and `is_healthy()` turns False.
 
+Overlapped steps (on CUDA): the worker launches step N+1, its decodes fed on the device from step N's draw,
+before it reads step N's tokens, so the host's work between steps (reading and delivering tokens, scheduling,
+building the next step's inputs) runs while the GPU computes instead of leaving it idle; the scheduler holds a
+place for each token in flight (`scheduler.PENDING`). A step with a grammar-constrained sequence is read
+before the next is scheduled (its next mask needs the token).
+
 The KV cache is sized from `kv_cache_tokens`, or on CUDA from the memory left free after the weights (less a
 reserve for activations, sampling and CUDA graphs).
 """
@@ -45,7 +51,7 @@ from qwen_api.engine.native.controls import BatchControls
 from qwen_api.engine.native.kv_cache import KVCache
 from qwen_api.engine.native.model import CausalLM
 from qwen_api.engine.native.pointwise import Pointwise
-from qwen_api.engine.native.runner import ModelRunner
+from qwen_api.engine.native.runner import Feed, ModelRunner
 from qwen_api.engine.native.scheduler import Scheduler, Sequence, Step
 from qwen_api.engine.native.weights import load_weights
 from qwen_api.engine.sampler import Row, sample, to_device
@@ -57,6 +63,25 @@ CPU_PREFILL_CHUNK = 512  # prompt tokens a step reads, shared by the sequences s
 GPU_PREFILL_CHUNK = 2048
 GPU_MEMORY_FRACTION = 0.90  # of the free memory after loading, for the KV cache and the reserve below
 GPU_RESERVE_BYTES = 3 << 30  # activations of a prefill chunk, logits and sort buffers, CUDA graphs
+
+
+@dataclass
+class _Launched:
+    """A step queued on the device: what reading its tokens needs."""
+
+    step: Step
+    places: list[tuple[Sequence, int]]  # each sampled sequence and its token's position (Scheduler.advance)
+    drawn: torch.Tensor | None  # [len(places)] on the device
+    host_tokens: torch.Tensor | None  # the same, copied to the host (once `ready`, on CUDA)
+    ready: Any  # a CUDA event recorded after that copy, or None
+    raw: torch.Tensor | None  # untouched logits of the rows that want log-probabilities
+    wanted: list[int]
+    matchers: list[tuple[int, Any]]
+    started: float
+
+    @property
+    def constrained(self) -> bool:
+        return bool(self.matchers)
 
 
 @dataclass
@@ -83,8 +108,12 @@ class NativeEngine:
         prefix_cache: bool = True,
         fuse_kernels: bool = True,
         prefill_delay: float = 0.0,
+        overlap: bool | None = None,
     ) -> None:
         self.device = torch.device(device)
+        # Launch each step before reading the previous one's tokens (see the module docstring); off on the CPU,
+        # where launching a step computes it, so reading the previous tokens after it would only delay them.
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self.config = load_config(model_dir)
         with torch.inference_mode():
             fused = fuse_kernels and Pointwise.wanted(self.device, dtype)
@@ -167,6 +196,7 @@ class NativeEngine:
 
     # ----------------------------------------------------------------------------------------- worker
     def _run(self) -> None:
+        launched: _Launched | None = None  # the step in flight, whose tokens the host has not read yet
         try:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device.index or 0)  # a new thread starts on device 0
@@ -177,14 +207,29 @@ class NativeEngine:
                     except queue.Empty:
                         break
                 self.scheduler.drop_cancelled()
+                if launched is not None and launched.constrained:
+                    self._land(launched)  # a grammar's next mask needs the token on the host
+                    launched = None
                 step, refused = self.scheduler.schedule()
                 for seq in refused:
                     _send([(seq, EngineError("the sequence does not fit in the KV cache"))])
                 if not step:
+                    if launched is not None:
+                        self._land(launched)
+                        launched = None
+                        continue
                     self._wake.wait(timeout=0.1)
                     self._wake.clear()
                     continue
-                self._step(step)
+                following = self._launch(step, launched)  # queued on the device behind the step in flight
+                if launched is not None:
+                    self._land(launched)  # read and delivered while `following` runs
+                launched = following
+                if not self.overlap:
+                    self._land(launched)
+                    launched = None
+            if launched is not None:
+                self._land(launched)
         except BaseException as exc:
             log.exception("native engine worker failed")
             self._fatal = exc
@@ -193,10 +238,15 @@ class NativeEngine:
                     seq.handle.loop.call_soon_threadsafe(seq.handle.out.put_nowait, exc)
 
     @torch.inference_mode()
-    def _step(self, step: Step) -> None:
+    def _launch(self, step: Step, previous: _Launched | None) -> _Launched:
+        """Queue the step's forward pass and sampling on the device; nothing here waits for it. Decodes whose
+        input is the previous step's draw take it on the device."""
         sampled = step.sampled
         started = time.perf_counter()
-        logits = self.runner.run(step)
+        feed = None
+        if previous is not None and previous.drawn is not None:
+            feed = Feed({seq.id: row for row, (seq, _) in enumerate(previous.places)}, previous.drawn)
+        logits = self.runner.run(step, feed)
         wanted = [i for i, s in enumerate(sampled) if s.params.logprobs is not None]
         # log-probabilities come from the untouched logits
         raw = logits.index_select(0, to_device(wanted, logits.device, torch.int64)) if wanted else None
@@ -211,23 +261,43 @@ class NativeEngine:
         drawn = sample(logits, [Row(s.params, s.generated) for s in sampled]) if sampled else None
         if controlled and drawn is not None:
             self.controls.accept(slots, drawn.index_select(0, to_device(controlled, drawn.device, torch.int64)))
-        tokens = drawn.tolist() if drawn is not None else []  # waits for the device
+        places = self.scheduler.advance(step)
+        tokens, ready = drawn, None
+        if drawn is not None and drawn.device.type == "cuda":
+            # Read the tokens through pinned memory when they are drawn: a plain `tolist()` at landing would
+            # queue its copy behind the step launched after this one, and wait for that step too.
+            tokens = torch.empty(drawn.shape, dtype=drawn.dtype, pin_memory=True)
+            tokens.copy_(drawn, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        return _Launched(step, places, drawn, tokens, ready, raw, wanted, matchers, started)
+
+    @torch.inference_mode()
+    def _land(self, launched: _Launched) -> None:
+        """Read a launched step's tokens (waiting for the device) and deliver them."""
+        step, places = launched.step, launched.places
+        if launched.ready is not None:
+            launched.ready.synchronize()  # waits for the device, up to this step's draw only
+        tokens = launched.host_tokens.tolist() if launched.host_tokens is not None else []
         if step.prefills:
-            self.scheduler.prompt_step_s = time.perf_counter() - started
-        for i, matcher in matchers:
+            self.scheduler.prompt_step_s = time.perf_counter() - launched.started
+        self.scheduler.resolve(places, tokens)
+        for i, matcher in launched.matchers:
             matcher.advance(tokens[i])
         logprobs: dict[int, TokenLogprob] = {}
-        if raw is not None:
-            tops = [sampled[i].params.logprobs or 0 for i in wanted]
-            logprobs = dict(zip(wanted, token_logprobs(raw, [tokens[i] for i in wanted], tops), strict=True))
-        self.scheduler.complete(step, tokens)
+        if launched.raw is not None:
+            wanted = launched.wanted
+            tops = [places[i][0].params.logprobs or 0 for i in wanted]
+            logprobs = dict(zip(wanted, token_logprobs(launched.raw, [tokens[i] for i in wanted], tops), strict=True))
         self._steps += 1
         self._peak_batch = max(self._peak_batch, step.size)
         if self.on_step is not None:
             self.on_step(step.size)
         deliveries: list[tuple[Sequence, TokenChunk | BaseException]] = []
-        for i, (seq, token) in enumerate(zip(sampled, tokens, strict=True)):
-            reason = self._finish_reason(seq, token)
+        for i, ((seq, index), token) in enumerate(zip(places, tokens, strict=True)):
+            if seq.done or seq.cancelled:  # finished while this step ran (an end token one step earlier)
+                continue
+            reason = self._finish_reason(seq, token, index + 1 - seq.prompt_len)
             logprob = (logprobs[i],) if i in logprobs else None
             deliveries.append((seq, TokenChunk([token], reason, logprob)))
             if reason is not None:
@@ -241,10 +311,11 @@ class NativeEngine:
             seq.handle.matcher = seq.params.constraint.matcher()
         return seq.handle.matcher
 
-    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+    def _finish_reason(self, seq: Sequence, token: int, generated: int) -> FinishReason | None:
+        """`generated`: tokens the sequence has with this one (a later step may already hold a place after it)."""
         if token in self._eos:
             return "stop"
-        if seq.generated >= seq.params.max_new_tokens:
+        if generated >= seq.params.max_new_tokens:
             return "length"
         return None
 

@@ -21,7 +21,7 @@ import torch
 from qwen_api.engine.native.attention import SHORT_CHUNK, AttentionMetadata, PrefillSpan, batch_prefills
 from qwen_api.engine.native.kv_cache import KVCache
 from qwen_api.engine.native.model import CausalLM
-from qwen_api.engine.native.scheduler import Sequence, Step
+from qwen_api.engine.native.scheduler import PENDING, Sequence, Step
 from qwen_api.engine.sampler import to_device
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,23 @@ def slot_of(seq: Sequence, pos: int, block_size: int) -> int:
 
 def prompt_reads(step: Step) -> int:
     return sum(n * (seq.computed + n) for seq, n in step.prefills)
+
+
+@dataclass(frozen=True)
+class Feed:
+    """The previous step's draw, still on the device: decodes whose input token the host has not read take it
+    from here (`rows`: sequence id -> its row in `tokens`)."""
+
+    rows: dict[int, int]
+    tokens: torch.Tensor
+
+    def fill(self, ids: torch.Tensor, decodes: list[Sequence]) -> None:
+        """Write the pending inputs into `ids` (whose first rows are `decodes`, in order), on the device."""
+        pending = [(i, self.rows[seq.id]) for i, seq in enumerate(decodes) if seq.tokens[seq.computed] == PENDING]
+        if pending:
+            dst = to_device([i for i, _ in pending], ids.device, torch.int64)
+            src = to_device([r for _, r in pending], ids.device, torch.int64)
+            ids.index_copy_(0, dst, self.tokens.index_select(0, src))
 
 
 @dataclass
@@ -125,15 +142,16 @@ class ModelRunner:
             self.graphs = CudaGraphs(self, max_batch_size)
 
     @torch.inference_mode()
-    def run(self, step: Step) -> torch.Tensor:
-        """logits [len(step.sampled), V] fp32."""
+    def run(self, step: Step, feed: Feed | None = None) -> torch.Tensor:
+        """logits [len(step.sampled), V] fp32. `feed`: the draw of the step still in flight, for inputs the host
+        has not read yet."""
         if self.graphs is not None and self.graphs.fits(step):
-            return self.graphs.run(step)
+            return self.graphs.run(step, feed)
         self.eager_steps += 1
-        return self.run_eager(step)
+        return self.run_eager(step, feed)
 
     @torch.inference_mode()
-    def run_flat(self, step: Step) -> torch.Tensor:
+    def run_flat(self, step: Step, feed: Feed | None = None) -> torch.Tensor:
         """What a CUDA graph replays, run eagerly without padding: every token read as a decode (how the CPU tests
         check that layout against transformers, every step of a run, graph-sized or not)."""
         flat = flatten(step, self.cache.block_size, self.cache.scratch_block)
@@ -147,10 +165,12 @@ class ModelRunner:
             use_triton=self.use_triton,
         )
         ids = to_device(flat.ids, self.device, torch.int64)
+        if feed is not None:
+            feed.fill(ids, step.decodes)
         hidden = self.model(ids, to_device(flat.positions, self.device, torch.int64), self.cache.layers, meta)
         return self.model.logits(hidden.index_select(0, to_device(flat.sample_rows, self.device, torch.int64)))
 
-    def run_eager(self, step: Step) -> torch.Tensor:
+    def run_eager(self, step: Step, feed: Feed | None = None) -> torch.Tensor:
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -186,12 +206,10 @@ class ModelRunner:
         if batched:
             meta.prefill_batch = batch_prefills(batched, bs, self.device)
         meta.slot_mapping = to_device(slots, self.device, torch.int64)
-        hidden = self.model(
-            to_device(ids, self.device, torch.int64),
-            to_device(positions, self.device, torch.int64),
-            self.cache.layers,
-            meta,
-        )
+        ids_tensor = to_device(ids, self.device, torch.int64)
+        if feed is not None:
+            feed.fill(ids_tensor, step.decodes)
+        hidden = self.model(ids_tensor, to_device(positions, self.device, torch.int64), self.cache.layers, meta)
         rows = to_device(sample_rows, self.device, torch.int64)
         return self.model.logits(hidden.index_select(0, rows))
 
@@ -257,7 +275,7 @@ class CudaGraphs:
         tokens = len(step.decodes) + sum(n for _, n in step.prefills)
         return tokens <= self.max_size and step.size <= self.max_rows and prompt_reads(step) <= MIXED_READS
 
-    def run(self, step: Step) -> torch.Tensor:
+    def run(self, step: Step, feed: Feed | None = None) -> torch.Tensor:
         cache = self.runner.cache
         flat = flatten(step, cache.block_size, cache.scratch_block)
         n, width = len(flat.ids), flat.table.size(1)
@@ -267,6 +285,8 @@ class CudaGraphs:
         sampled = len(flat.sample_rows)
         rows = flat.sample_rows + [0] * (min(size, self.max_rows) - sampled)
         self.ids[:size].copy_(torch.tensor(flat.ids + [0] * pad), non_blocking=True)
+        if feed is not None:
+            feed.fill(self.ids, step.decodes)
         self.positions[:size].copy_(torch.tensor(flat.positions + [0] * pad), non_blocking=True)
         self.slots[:size].copy_(torch.tensor(flat.slots + [self.scratch_slot] * pad), non_blocking=True)
         self.lens[:size].copy_(torch.tensor(flat.lens + [1] * pad, dtype=torch.int32), non_blocking=True)

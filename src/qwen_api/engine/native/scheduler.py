@@ -9,12 +9,20 @@ free, the most recently admitted sequence is preempted (its blocks released, its
 put back at the head of the queue, recomputed later, mostly from the prefix cache). A sequence that could
 never fit in the whole cache is refused. Pure bookkeeping: no tensors here.
 
-Prompt batching (`prefill_delay`, off at 0): on CUDA a step that reads any prompt tokens runs eagerly, without
-the decode step's CUDA graph (about 20 ms against 5 for a 7B model on an H200), so at 64 closed-loop streams,
-where a new prompt arrives every other step, half the steps ran eagerly. With a delay factor d, while sequences
-decode, new prompts wait until the oldest has waited d times the last prompt step's duration, and are then read
-together in one step (as vLLM's `scheduler_delay_factor`). A burst, or a prompt arriving at an idle engine, is
-read at once.
+Prompt batching (`prefill_delay`, off at 0): on CUDA a step that reads more prompt tokens than the CUDA graphs
+take (runner.MIXED_EXTRA) runs eagerly (about 20 ms against 5 for a 7B model on an H200); before steps with a
+few prompt tokens replayed graphs too, at 64 closed-loop streams half the steps ran eagerly. With a delay factor
+d, while sequences decode, new prompts wait until the oldest has waited d times the last prompt step's duration,
+and are then read together in one step (as vLLM's `scheduler_delay_factor`). A burst, or a prompt arriving at an
+idle engine, is read at once.
+
+Overlapped steps: the engine launches step N+1 before it reads step N's tokens on the host (the GPU runs N+1
+while the host delivers N). So `advance` (at launch) moves `computed` on and appends a `PENDING` placeholder for
+each sampled token, and `resolve` (once the tokens are read) writes them in by position and indexes the blocks
+they filled. A decode whose input is still `PENDING` takes it on the device from the previous step's draw. A
+sequence whose pending token is its last by length is not scheduled again; one that drew an end token runs one
+step for nothing, whose token is dropped. A preempted sequence waits for its pending token before it is
+admitted again.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from qwen_api.engine.native.kv_cache import BlockPool
 
 _ids = itertools.count()
 
+PENDING = -1  # a sampled token the host has not read yet (see the docstring)
+
 
 @dataclass(eq=False)
 class Sequence:
@@ -46,6 +56,7 @@ class Sequence:
     cancelled: bool = False
     preemptions: int = 0
     arrived: float = 0.0  # when the scheduler first had it (the scheduler's clock)
+    done: bool = False  # finished or cancelled: out of the scheduler for good
 
     @property
     def generated(self) -> int:
@@ -101,7 +112,15 @@ class Scheduler:
             self.finish(seq)
 
     def finish(self, seq: Sequence) -> None:
-        """Leave the batch and give the blocks back (indexed ones stay cached until evicted)."""
+        """Leave for good and give the blocks back (indexed ones stay cached until evicted). A preempted sequence
+        can finish too (its pending token was its last), from the queue."""
+        if seq in self.running:
+            self._leave(seq)
+        else:
+            self.waiting.remove(seq)
+        seq.done = True
+
+    def _leave(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.pool.release(seq.blocks)
         seq.blocks = []
@@ -111,7 +130,8 @@ class Scheduler:
         """The next step, and the sequences refused because they can never fit in the cache."""
         step = Step()
         for seq in list(self.running):
-            if seq in self.running and len(seq.tokens) - seq.computed == 1 and self._grow(seq, step):
+            decoding = len(seq.tokens) - seq.computed == 1 and not _last_pending(seq)
+            if seq in self.running and decoding and self._grow(seq, step):
                 step.decodes.append(seq)
         budget = self.prefill_budget
         for seq in self.running:
@@ -137,7 +157,7 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
-        self.finish(seq)
+        self._leave(seq)
         seq.computed = seq.hashed = 0
         seq.last_hash = None
         seq.preemptions += 1
@@ -158,6 +178,8 @@ class Scheduler:
         bs = self.pool.block_size
         while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
             seq = self.waiting[0]
+            if seq.tokens[-1] == PENDING:
+                break  # preempted while its token was drawn: read it first
             total = -(-len(seq.tokens) // bs)
             if total > self.pool.num_blocks:
                 refused.append(self.waiting.popleft())
@@ -181,19 +203,45 @@ class Scheduler:
         return refused
 
     def complete(self, step: Step, new_tokens: list[int]) -> None:
-        """After the forward pass: advance what is cached, index newly full blocks, append sampled tokens."""
+        """After the forward pass, when nothing else was launched since: `advance`, then `resolve`."""
+        self.resolve(self.advance(step), new_tokens)
+
+    def advance(self, step: Step) -> list[tuple[Sequence, int]]:
+        """At launch: advance what is cached and hold a `PENDING` place for each sampled token. Returns each
+        sampled sequence (in the order of the step's logits rows) and the position its token will take."""
         sampled = step.sampled
         for seq in step.decodes:
             seq.computed += 1
         for seq, n in step.prefills:
             seq.computed += n
+        places = []
+        for seq in sampled:
+            places.append((seq, len(seq.tokens)))
+            seq.tokens.append(PENDING)
+        self._index([*step.decodes, *(s for s, _ in step.prefills)])
+        return places
+
+    def resolve(self, places: list[tuple[Sequence, int]], new_tokens: list[int]) -> None:
+        """Once the step's tokens are read: write them in, and index the blocks they completed."""
+        for (seq, index), token in zip(places, new_tokens, strict=True):
+            seq.tokens[index] = token
+        self._index([seq for seq, _ in places])
+
+    def _index(self, seqs: list[Sequence]) -> None:
+        """Register each sequence's blocks that are full of computed, known tokens in the prefix index."""
         bs = self.pool.block_size
-        for seq in [*step.decodes, *(s for s, _ in step.prefills)]:
+        for seq in seqs:
+            if seq.done:
+                continue
             while (seq.hashed + 1) * bs <= seq.computed:
                 start = seq.hashed * bs
-                seq.last_hash = self.pool.register(
-                    seq.blocks[seq.hashed], seq.last_hash, seq.tokens[start : start + bs]
-                )
+                tokens = seq.tokens[start : start + bs]
+                if PENDING in tokens:
+                    break
+                seq.last_hash = self.pool.register(seq.blocks[seq.hashed], seq.last_hash, tokens)
                 seq.hashed += 1
-        for seq, token in zip(sampled, new_tokens, strict=True):
-            seq.tokens.append(token)
+
+
+def _last_pending(seq: Sequence) -> bool:
+    """Its pending token is its last by length: it finishes once that token is read, without another step."""
+    return seq.tokens[-1] == PENDING and seq.generated >= seq.params.max_new_tokens
