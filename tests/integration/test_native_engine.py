@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from contextlib import aclosing
 from pathlib import Path
 
 import httpx
@@ -404,6 +405,71 @@ def test_overlapped_steps_give_what_steps_in_turn_give(tiny_qwen2_dir: Path, mon
         assert values == pytest.approx([v for lp in logprobs2 for v in (lp.logprob, *(v for _, v in lp.top))], abs=1e-4)
     assert [reason for _, reason, _ in outputs[1]][3:5] == ["length", "stop"]
     assert outputs[1][4][0] == [EOS] and len(outputs[1][0][2]) == len(outputs[1][0][0])
+
+
+def test_overlapped_steps_under_preemption_and_closed_streams(tiny_qwen2_dir: Path) -> None:
+    """A tight cache (32 blocks for 8 sequences of up to 200 tokens: preemption, also of sequences whose token is
+    still in flight), a third of the streams closed after three tokens, the rest to the end: every stream that
+    was not closed ends with its reason and no more tokens than it asked for, and every block comes back."""
+    import random
+
+    engine = NativeEngine(tiny_qwen2_dir, [EOS], kv_cache_tokens=512, max_batch_size=8, overlap=True)
+    rng = random.Random(0)
+
+    async def one(i: int) -> tuple[bool, int, str | None, int]:
+        await asyncio.sleep(rng.random())
+        params = SamplingParams(
+            max_new_tokens=rng.randint(1, 80),
+            temperature=rng.choice([0.0, 0.8]),
+            seed=i,
+            logprobs=rng.choice([None, 1]),
+            repetition_penalty=rng.choice([1.0, 1.2]),
+        )
+        closes, count, reason = rng.random() < 0.3, 0, None
+        async with aclosing(engine.generate(random_prompt(rng.randint(1, 120), seed=i), params)) as chunks:
+            async for chunk in chunks:
+                count, reason = count + len(chunk.token_ids), chunk.finish_reason
+                if closes and count >= 3:
+                    break
+        return closes, count, reason, params.max_new_tokens
+
+    async def main() -> list[tuple[bool, int, str | None, int]]:
+        return list(await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(60))), 240))
+
+    try:
+        results = asyncio.run(main())
+        assert engine.scheduler.preemptions > 0
+        for closes, count, reason, asked in results:
+            if not closes:
+                assert reason in ("stop", "length") and count <= asked
+                assert reason == "stop" or count == asked
+        wait_idle(engine)
+        assert engine.cache.pool.num_free == engine.cache.pool.num_blocks
+    finally:
+        engine.shutdown()
+
+
+def test_a_sequence_preempted_with_a_token_in_flight_waits_for_it() -> None:
+    """Scheduler bookkeeping of overlapped steps: a sequence preempted while its drawn token is still unread
+    (a `PENDING` place), with blocks free again in the same schedule (as when one schedule preempts several
+    sequences): it waits until the token is read, then comes back with it."""
+    from qwen_api.engine.native.kv_cache import BlockPool
+    from qwen_api.engine.native.scheduler import PENDING, Scheduler, Sequence
+
+    scheduler = Scheduler(BlockPool(16, 4), max_batch_size=4, prefill_budget=64)
+    b = Sequence(list(range(20, 24)), 4, GREEDY)
+    scheduler.add(b)
+    scheduler.complete(scheduler.schedule()[0], [200])  # read its prompt, drew 200
+    step, _ = scheduler.schedule()
+    assert step.decodes == [b]
+    in_flight = scheduler.advance(step)  # launched, its token not read yet
+    scheduler._preempt(b)  # as `_grow` does when a decode finds no free block
+    step, _ = scheduler.schedule()
+    assert not step and list(scheduler.waiting) == [b] and b.tokens[-1] == PENDING  # blocks are free, yet it waits
+    scheduler.resolve(in_flight, [201])
+    assert b.tokens == [20, 21, 22, 23, 200, 201]
+    step, _ = scheduler.schedule()
+    assert step.prefills == [(b, 2)]  # its cached first block, then 200 and 201 read again
 
 
 def test_prompt_batching_holds_new_prompts_while_others_decode_then_reads_them_together() -> None:
