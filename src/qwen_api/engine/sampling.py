@@ -186,17 +186,30 @@ def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], tops: Sequence[i
     tokens: an exact log-softmax in float32 of the logits before any sampling transform."""
     import torch
 
-    from qwen_api.engine.base import TokenLogprob
+    index = torch.tensor(list(tokens), dtype=torch.int64, device=logits.device)
+    chosen, values, ids = logprob_tensors(logits, index, max(tops, default=0))
+    return logprob_entries(list(tokens), chosen.tolist(), values.tolist(), ids.tolist(), tops)
+
+
+def logprob_tensors(
+    logits: torch.Tensor, tokens: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`token_logprobs`' arithmetic, on the logits' device without reading anything back: the chosen tokens'
+    log-probabilities [B], and the `width` best of each row, values [B, width] and ids [B, width]."""
+    import torch
 
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    index = torch.tensor(list(tokens), dtype=torch.int64, device=logits.device)
-    chosen = logprobs.gather(-1, index[:, None])[:, 0].tolist()
-    width = max(tops, default=0)
-    top_values: list[list[float]] = [[] for _ in tokens]
-    top_ids: list[list[int]] = [[] for _ in tokens]
-    if width:
-        values, ids = logprobs.topk(min(width, logprobs.size(-1)), dim=-1)
-        top_values, top_ids = values.tolist(), ids.tolist()
+    chosen = logprobs.gather(-1, tokens[:, None])[:, 0]
+    values, ids = logprobs.topk(min(width, logprobs.size(-1)), dim=-1)
+    return chosen, values, ids
+
+
+def logprob_entries(
+    tokens: list[int], chosen: list[float], top_values: list[list[float]], top_ids: list[list[int]], tops: Sequence[int]
+) -> list[TokenLogprob]:
+    """Host values of `logprob_tensors` as one `TokenLogprob` per token, each with its own number of tops."""
+    from qwen_api.engine.base import TokenLogprob
+
     return [
         TokenLogprob(token, lp, tuple(zip(top_ids[i][: tops[i]], top_values[i][: tops[i]], strict=True)))
         for i, (token, lp) in enumerate(zip(tokens, chosen, strict=True))

@@ -55,7 +55,7 @@ from qwen_api.engine.native.runner import Feed, ModelRunner
 from qwen_api.engine.native.scheduler import Scheduler, Sequence, Step
 from qwen_api.engine.native.weights import load_weights
 from qwen_api.engine.sampler import Row, sample, to_device
-from qwen_api.engine.sampling import LogitControls, token_logprobs
+from qwen_api.engine.sampling import LogitControls, logprob_entries, logprob_tensors
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,11 @@ class _Launched:
     step: Step
     places: list[tuple[Sequence, int]]  # each sampled sequence and its token's position (Scheduler.advance)
     drawn: torch.Tensor | None  # [len(places)] on the device
-    host_tokens: torch.Tensor | None  # the same, copied to the host (once `ready`, on CUDA)
-    ready: Any  # a CUDA event recorded after that copy, or None
-    raw: torch.Tensor | None  # untouched logits of the rows that want log-probabilities
-    wanted: list[int]
+    # on the host (once `ready`, on CUDA): the drawn tokens, then for the rows `wanted` their log-probabilities,
+    # the best values and the best ids (sampling.logprob_tensors)
+    host: list[torch.Tensor]
+    ready: Any  # a CUDA event recorded after those copies, or None
+    wanted: list[int]  # rows that want log-probabilities
     matchers: list[tuple[int, Any]]
     started: float
 
@@ -262,15 +263,13 @@ class NativeEngine:
         if controlled and drawn is not None:
             self.controls.accept(slots, drawn.index_select(0, to_device(controlled, drawn.device, torch.int64)))
         places = self.scheduler.advance(step)
-        tokens, ready = drawn, None
-        if drawn is not None and drawn.device.type == "cuda":
-            # Read the tokens through pinned memory when they are drawn: a plain `tolist()` at landing would
-            # queue its copy behind the step launched after this one, and wait for that step too.
-            tokens = torch.empty(drawn.shape, dtype=drawn.dtype, pin_memory=True)
-            tokens.copy_(drawn, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-        return _Launched(step, places, drawn, tokens, ready, raw, wanted, matchers, started)
+        results = [] if drawn is None else [drawn]
+        if raw is not None and drawn is not None:  # log-probabilities: computed now, read with the tokens
+            tops = [sampled[i].params.logprobs or 0 for i in wanted]
+            chosen = drawn.index_select(0, to_device(wanted, drawn.device, torch.int64))
+            results += logprob_tensors(raw, chosen, max(tops))
+        host, ready = _to_host(results)
+        return _Launched(step, places, drawn, host, ready, wanted, matchers, started)
 
     @torch.inference_mode()
     def _land(self, launched: _Launched) -> None:
@@ -278,17 +277,20 @@ class NativeEngine:
         step, places = launched.step, launched.places
         if launched.ready is not None:
             launched.ready.synchronize()  # waits for the device, up to this step's draw only
-        tokens = launched.host_tokens.tolist() if launched.host_tokens is not None else []
+        host = [t.tolist() for t in launched.host]
+        tokens: list[int] = host[0] if host else []
         if step.prefills:
             self.scheduler.prompt_step_s = time.perf_counter() - launched.started
         self.scheduler.resolve(places, tokens)
         for i, matcher in launched.matchers:
             matcher.advance(tokens[i])
         logprobs: dict[int, TokenLogprob] = {}
-        if launched.raw is not None:
+        if len(host) > 1:
             wanted = launched.wanted
             tops = [places[i][0].params.logprobs or 0 for i in wanted]
-            logprobs = dict(zip(wanted, token_logprobs(launched.raw, [tokens[i] for i in wanted], tops), strict=True))
+            chosen, values, ids = host[1:]
+            entries = logprob_entries([tokens[i] for i in wanted], chosen, values, ids, tops)
+            logprobs = dict(zip(wanted, entries, strict=True))
         self._steps += 1
         self._peak_batch = max(self._peak_batch, step.size)
         if self.on_step is not None:
@@ -336,6 +338,20 @@ class NativeEngine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=10)
+
+
+def _to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
+    """Copies of `tensors` on the host, and on CUDA the event after which they are there. Through pinned memory,
+    queued now: a plain `tolist()` when the tokens are read would queue its copy behind the step launched after
+    this one, and wait for that step too."""
+    if not tensors or tensors[0].device.type != "cuda":
+        return tensors, None
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for target, tensor in zip(host, tensors, strict=True):
+        target.copy_(tensor, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 def _send(deliveries: list[tuple[Sequence, TokenChunk | BaseException]]) -> None:
