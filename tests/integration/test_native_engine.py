@@ -776,13 +776,20 @@ def test_gpu_triton_decode_matches_sdpa() -> None:
 @pytest.mark.gpu
 def test_gpu_cuda_graph_replay_matches_eager(tiny_qwen2_dir: Path) -> None:
     """fp32 on CUDA so that graph padding (5 rows run as 8) cannot flip a bf16 near-tie. Prompts arrive while
-    others decode: steps with prompt tokens replay graphs too, except the 300-token prompt's (past the ladder)."""
+    others decode: steps with prompt tokens replay graphs too, except the 300-token prompt's (past the ladder).
+    Graphs with overlapped steps (the CUDA default) against eager steps read in turn."""
     prompts = [random_prompt(length, seed=100 + i) for i, length in enumerate([3, 9, 27, 60, 130, 300])]
     params = SamplingParams(max_new_tokens=24, temperature=0.0)
     outputs = []
     for graphs in (True, False):
         gpu = NativeEngine(
-            tiny_qwen2_dir, [EOS], device="cuda", dtype=torch.float32, max_batch_size=8, use_cuda_graphs=graphs
+            tiny_qwen2_dir,
+            [EOS],
+            device="cuda",
+            dtype=torch.float32,
+            max_batch_size=8,
+            use_cuda_graphs=graphs,
+            overlap=graphs,
         )
         try:
             assert (gpu.runner.graphs is not None) == graphs
