@@ -1,9 +1,10 @@
 """The native engine without HTTP: how long the model's decode step takes, and what the engine's API delivers.
 
 Two measurements on one loaded engine, so the serving benchmark (`bench/native_gpu.py`) can be read against them:
-- forward: on CUDA, one decode step of the whole network replayed from its CUDA graph, and the same step run
-  eagerly, at each batch size asked for, timed with CUDA events (median of the timed repeats). At batch 1 this
-  is the number to hold against the bandwidth bound: the weights' bytes over the GPU's bandwidth.
+- forward: on CUDA, one step of the whole network replayed from its CUDA graph, and the same step run eagerly,
+  at each batch size asked for, and at the largest plus 32 and plus 256 tokens (a step that also reads prompt
+  tokens), timed with CUDA events (median of the timed repeats). At batch 1 this is the number to hold against
+  the bandwidth bound: the weights' bytes over the GPU's bandwidth.
 - engine: N concurrent sequences through `NativeEngine.generate` (no HTTP, no detokeniser), each a distinct random
   prompt and the sampling Qwen2-7B-Instruct's generation_config.json gives every /v1 request (temperature 0.7,
   top-p 0.8, top-k 20, repetition penalty 1.05): output tokens/s and milliseconds per engine step.
@@ -152,9 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         result["weight_bytes"] = weights
         print(f"{result['gpu']}: weights {weights / 1e9:.2f} GB, loaded in {result['load_s']:.1f} s, "
               f"fused elementwise: {result['fused']}", flush=True)  # fmt: skip
-        for size in levels:
+        # the levels, then steps that also read prompt tokens: the largest level plus 32 and plus 256 tokens
+        for size in [*levels, max(levels) + 32, max(levels) + 256]:
             result["forward"][size] = forward_ms(engine, size, args.repeats)
-            print(f"forward batch {size:>3}: {result['forward'][size]}", flush=True)
+            print(f"forward {size:>3} tokens: {result['forward'][size]}", flush=True)
     try:
         asyncio.run(engine_wave(engine, 2, args.prompt_tokens, 4))  # warm-up
         modes = [engine.overlap, not engine.overlap] if args.compare_in_turn else [engine.overlap]
