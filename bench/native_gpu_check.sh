@@ -12,7 +12,7 @@
 set -u
 OUT=${OUT:-bench-results}
 MODEL_DIR=${MODEL_DIR:-/tmp/qwen2-7b}
-SERVERS=${SERVERS:-qwen-api-native,qwen-api-native+prefill-delay=2,transformers-serve}
+SERVERS=${SERVERS:-qwen-api-native,qwen-api-transformers,transformers-serve,qwen-api-native+prefill-delay=2}
 BUDGET=${BUDGET:-330}  # seconds into the serve phase after which no further server is started
 PHASES=${*:-tests build steps serve}
 export PYTHONUNBUFFERED=1 PYTHONPATH=src HF_HUB_OFFLINE=1
