@@ -49,11 +49,6 @@ def graph_sizes(max_batch_size: int) -> list[int]:
     return [*sizes, max_batch_size, *(max_batch_size + extra for extra in MIXED_EXTRA)]
 
 
-def slot_of(seq: Sequence, pos: int, block_size: int) -> int:
-    """Where the K/V of `seq`'s token at `pos` lives in the cache."""
-    return seq.blocks[pos // block_size] * block_size + pos % block_size
-
-
 def prompt_reads(step: Step) -> int:
     return sum(n * (seq.computed + n) for seq, n in step.prefills)
 
@@ -77,17 +72,24 @@ class Feed:
 
 @dataclass
 class FlatStep:
-    """A step as one row per token, each read like a decode: its sequence's blocks, up to its own position."""
+    """A step's tokens in the stream's order (decodes, then each prompt chunk), one row each, with what reading
+    each as a decode needs: its sequence's blocks, up to its own position. The eager path takes the same rows."""
 
     ids: list[int]
     positions: list[int]
     slots: list[int]  # where each token's K/V goes
-    table: torch.Tensor  # [T, W] int32 on the host: each row its sequence's blocks, scratch-padded
     sample_rows: list[int]  # rows whose logits are sampled, in the order of `step.sampled`
+    seq_table: torch.Tensor  # [S, W] int32 on the host: each decode's, then each chunk's blocks, scratch-padded
+    owner: list[int]  # each row's row of `seq_table`
 
     @property
     def lens(self) -> list[int]:
         return [p + 1 for p in self.positions]
+
+    @property
+    def table(self) -> torch.Tensor:
+        """[T, W] int32 on the host: each token's sequence's blocks."""
+        return self.seq_table.index_select(0, torch.tensor(self.owner))
 
 
 def flatten(step: Step, block_size: int, scratch_block: int) -> FlatStep:
@@ -102,14 +104,13 @@ def flatten(step: Step, block_size: int, scratch_block: int) -> FlatStep:
         for pos in range(start, start + n):
             ids.append(seq.tokens[pos])
             positions.append(pos)
-            slots.append(slot_of(seq, pos, block_size))
+            slots.append(seq.blocks[pos // block_size] * block_size + pos % block_size)
         owner += [i] * n
         if i < len(step.decodes) or start + n == len(seq.tokens):
             sample_rows.append(len(ids) - 1)
     width = max(len(seq.blocks) for seq, _ in spans)
-    rows = torch.tensor([seq.blocks + [scratch_block] * (width - len(seq.blocks)) for seq, _ in spans])
-    table = rows.index_select(0, torch.tensor(owner)).to(torch.int32)
-    return FlatStep(ids, positions, slots, table, sample_rows)
+    table = [seq.blocks + [scratch_block] * (width - len(seq.blocks)) for seq, _ in spans]
+    return FlatStep(ids, positions, slots, sample_rows, torch.tensor(table, dtype=torch.int32), owner)
 
 
 class ModelRunner:
@@ -164,54 +165,43 @@ class ModelRunner:
             max_context_len=max(lens),
             use_triton=self.use_triton,
         )
+        return self._forward(flat, meta, step, feed)
+
+    def run_eager(self, step: Step, feed: Feed | None = None) -> torch.Tensor:
+        """Decodes through the paged decode kernel (or its SDPA reference), prompt chunks through prefill
+        attention: one call per long chunk, one for the short ones together (`batched_prefill`)."""
+        bs = self.cache.block_size
+        flat = flatten(step, bs, self.cache.scratch_block)
+        decodes = len(step.decodes)
+        meta = AttentionMetadata(
+            slot_mapping=to_device(flat.slots, self.device, torch.int64), num_decode=decodes, use_triton=self.use_triton
+        )
+        if decodes:
+            lens = flat.lens[:decodes]
+            meta.block_tables = flat.seq_table[:decodes].to(self.device, non_blocking=True)
+            meta.context_lens = to_device(lens, self.device, torch.int32)
+            meta.max_context_len = max(lens)
+        short = [seq for seq, n in step.prefills if n <= SHORT_CHUNK] if self.batched_prefill else []
+        batched: list[tuple[int, int, int, list[int]]] = []
+        row = decodes  # the chunk's first row in the stream
+        for seq, n in step.prefills:
+            end = seq.computed + n
+            if len(short) > 1 and n <= SHORT_CHUNK:
+                batched.append((row, n, end, seq.blocks))
+            else:
+                blocks = to_device(seq.blocks[: -(-end // bs)], self.device, torch.int64)
+                meta.prefills.append(PrefillSpan(q_start=row, q_len=n, ctx_len=end, blocks=blocks))
+            row += n
+        if batched:
+            meta.prefill_batch = batch_prefills(batched, bs, self.device)
+        return self._forward(flat, meta, step, feed)
+
+    def _forward(self, flat: FlatStep, meta: AttentionMetadata, step: Step, feed: Feed | None) -> torch.Tensor:
         ids = to_device(flat.ids, self.device, torch.int64)
         if feed is not None:
             feed.fill(ids, step.decodes)
         hidden = self.model(ids, to_device(flat.positions, self.device, torch.int64), self.cache.layers, meta)
         return self.model.logits(hidden.index_select(0, to_device(flat.sample_rows, self.device, torch.int64)))
-
-    def run_eager(self, step: Step, feed: Feed | None = None) -> torch.Tensor:
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        for seq in step.decodes:
-            pos = seq.computed
-            ids.append(seq.tokens[pos])
-            positions.append(pos)
-            slots.append(slot_of(seq, pos, self.cache.block_size))
-        meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode=len(step.decodes), use_triton=self.use_triton)
-        if step.decodes:
-            width = max(len(seq.blocks) for seq in step.decodes)
-            table = [seq.blocks + [self.cache.scratch_block] * (width - len(seq.blocks)) for seq in step.decodes]
-            lens = [seq.computed + 1 for seq in step.decodes]
-            meta.block_tables = to_device(table, self.device, torch.int32)
-            meta.context_lens = to_device(lens, self.device, torch.int32)
-            meta.max_context_len = max(lens)
-        sample_rows = list(range(len(step.decodes)))
-        bs = self.cache.block_size
-        short = [seq for seq, n in step.prefills if n <= SHORT_CHUNK] if self.batched_prefill else []
-        batched: list[tuple[int, int, int, list[int]]] = []
-        for seq, n in step.prefills:
-            start, end = seq.computed, seq.computed + n
-            if len(short) > 1 and n <= SHORT_CHUNK:
-                batched.append((len(ids), n, end, seq.blocks))
-            else:
-                blocks = to_device(seq.blocks[: -(-end // bs)], self.device, torch.int64)
-                meta.prefills.append(PrefillSpan(q_start=len(ids), q_len=n, ctx_len=end, blocks=blocks))
-            ids.extend(seq.tokens[start:end])
-            positions.extend(range(start, end))
-            slots.extend(slot_of(seq, p, bs) for p in range(start, end))
-            if end == len(seq.tokens):
-                sample_rows.append(len(ids) - 1)
-        if batched:
-            meta.prefill_batch = batch_prefills(batched, bs, self.device)
-        meta.slot_mapping = to_device(slots, self.device, torch.int64)
-        ids_tensor = to_device(ids, self.device, torch.int64)
-        if feed is not None:
-            feed.fill(ids_tensor, step.decodes)
-        hidden = self.model(ids_tensor, to_device(positions, self.device, torch.int64), self.cache.layers, meta)
-        rows = to_device(sample_rows, self.device, torch.int64)
-        return self.model.logits(hidden.index_select(0, rows))
 
 
 class CudaGraphs:
