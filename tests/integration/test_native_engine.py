@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import aclosing
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -49,6 +50,24 @@ def run(engine: NativeEngine, prompt: list[int], params: SamplingParams = GREEDY
 def run_many(engine: NativeEngine, jobs: list[tuple[list[int], SamplingParams]]) -> list[list[int]]:
     async def main() -> list[list[int]]:
         return list(await asyncio.gather(*(collect(engine, p, s) for p, s in jobs)))
+
+    return asyncio.run(main())
+
+
+def run_staggered(
+    engine: NativeEngine,
+    jobs: list[tuple[list[int], SamplingParams]],
+    gap: float,
+    collector: Callable[[NativeEngine, list[int], SamplingParams], Awaitable[Any]] = collect,
+) -> list[Any]:
+    """Each job `gap` seconds after the one before, so later prompts arrive while the earlier ones decode."""
+
+    async def main() -> list[Any]:
+        async def later(i: int, prompt: list[int], params: SamplingParams) -> Any:
+            await asyncio.sleep(gap * i)
+            return await collector(engine, prompt, params)
+
+        return list(await asyncio.gather(*(later(i, p, s) for i, (p, s) in enumerate(jobs))))
 
     return asyncio.run(main())
 
@@ -199,15 +218,8 @@ def test_every_token_read_as_a_decode_matches_transformers(
     prompts.append(shared + random_prompt(6, seed=66))
     params = SamplingParams(max_new_tokens=16, temperature=0.0)
 
-    async def staggered() -> list[list[int]]:
-        async def later(i: int, prompt: list[int]) -> list[int]:
-            await asyncio.sleep(0.03 * i)
-            return await collect(engine, prompt, params)
-
-        return list(await asyncio.gather(*(later(i, p) for i, p in enumerate(prompts))))
-
     hits = engine.cache.pool.hit_blocks
-    results = asyncio.run(staggered())
+    results = run_staggered(engine, [(p, params) for p in prompts], 0.03)
     assert mixed, "no step read prompt tokens beside decodes"
     assert engine.cache.pool.hit_blocks > hits
     for prompt, tokens in zip(prompts, results, strict=True):
@@ -254,14 +266,7 @@ def test_graph_replay_fills_its_buffers_right(
     prompts = [random_prompt(length, seed=70 + i) for i, length in enumerate([2, 30, 300, 11, 6])]
     params = SamplingParams(max_new_tokens=16, temperature=0.0)
 
-    async def staggered() -> list[list[int]]:
-        async def later(i: int, prompt: list[int]) -> list[int]:
-            await asyncio.sleep(0.03 * i)
-            return await collect(engine, prompt, params)
-
-        return list(await asyncio.gather(*(later(i, p) for i, p in enumerate(prompts))))
-
-    results = asyncio.run(staggered())
+    results = run_staggered(engine, [(p, params) for p in prompts], 0.03)
     assert runner.graphs is not None and runner.graphs.mixed_replays > 0
     assert runner.eager_steps > eager_before  # the 300-token prompt's step
     for prompt, tokens in zip(prompts, results, strict=True):
@@ -376,8 +381,7 @@ def test_overlapped_steps_give_what_steps_in_turn_give(tiny_qwen2_dir: Path, mon
 
     monkeypatch.setattr(Feed, "fill", counted)
 
-    async def one(engine: NativeEngine, i: int, prompt: list[int], params: SamplingParams) -> tuple:
-        await asyncio.sleep(0.02 * i)
+    async def everything(engine: NativeEngine, prompt: list[int], params: SamplingParams) -> tuple:
         chunks = [chunk async for chunk in engine.generate(prompt, params)]
         tokens = [t for c in chunks for t in c.token_ids]
         return tokens, chunks[-1].finish_reason, [lp for c in chunks for lp in (c.logprobs or ())]
@@ -386,11 +390,7 @@ def test_overlapped_steps_give_what_steps_in_turn_give(tiny_qwen2_dir: Path, mon
     for overlap in (False, True):
         engine = NativeEngine(tiny_qwen2_dir, [EOS], kv_cache_tokens=4096, max_batch_size=8, overlap=overlap)
         try:
-
-            async def main(engine: NativeEngine = engine) -> list[tuple]:
-                return list(await asyncio.gather(*(one(engine, i, p, s) for i, (p, s) in enumerate(jobs))))
-
-            outputs.append(asyncio.run(main()))
+            outputs.append(run_staggered(engine, jobs, 0.02, everything))
         finally:
             engine.shutdown()
         assert (sum(fed) > 0) == overlap  # the overlapped engine fed decodes from the device
@@ -507,20 +507,12 @@ def test_prompt_batching_holds_new_prompts_while_others_decode_then_reads_them_t
 def test_prompt_batching_keeps_the_tokens(tiny_qwen2_dir: Path, engine: NativeEngine) -> None:
     batching = NativeEngine(tiny_qwen2_dir, [EOS], kv_cache_tokens=8192, max_batch_size=16, prefill_delay=50.0)
     try:
-
-        async def staggered(target: NativeEngine) -> list[list[int]]:
-            async def later(i: int) -> list[int]:
-                await asyncio.sleep(0.05 * i)  # arriving while the earlier ones decode
-                return await collect(
-                    target, random_prompt(9 + i, seed=90 + i), SamplingParams(max_new_tokens=24, temperature=0.0)
-                )
-
-            return list(await asyncio.gather(*(later(i) for i in range(4))))
-
-        held = asyncio.run(staggered(batching))
+        params = SamplingParams(max_new_tokens=24, temperature=0.0)
+        jobs = [(random_prompt(9 + i, seed=90 + i), params) for i in range(4)]
+        held = run_staggered(batching, jobs, 0.05)
         assert batching.scheduler.prompt_step_s > 0  # the engine measured its prompt steps
         assert batching.scheduler.held_steps > 0  # and held later prompts back while the first ones decoded
-        assert held == asyncio.run(staggered(engine))
+        assert held == run_staggered(engine, jobs, 0.05)
     finally:
         batching.shutdown()
 
@@ -793,15 +785,7 @@ def test_gpu_cuda_graph_replay_matches_eager(tiny_qwen2_dir: Path) -> None:
         )
         try:
             assert (gpu.runner.graphs is not None) == graphs
-
-            async def staggered(engine: NativeEngine = gpu) -> list[list[int]]:
-                async def later(i: int, prompt: list[int]) -> list[int]:
-                    await asyncio.sleep(0.02 * i)
-                    return await collect(engine, prompt, params)
-
-                return list(await asyncio.gather(*(later(i, p) for i, p in enumerate(prompts))))
-
-            outputs.append(asyncio.run(staggered()))
+            outputs.append(run_staggered(gpu, [(p, params) for p in prompts], 0.02))
             if gpu.runner.graphs is not None:
                 assert gpu.runner.graphs.mixed_replays > 0  # steps with prompt tokens ran in graphs
                 assert gpu.runner.eager_steps > 0  # and the long prompt's step did not

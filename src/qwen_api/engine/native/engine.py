@@ -77,6 +77,7 @@ class _Launched:
     host: list[torch.Tensor]
     ready: Any  # a CUDA event recorded after those copies, or None
     wanted: list[int]  # rows that want log-probabilities
+    tops: list[int]  # and how many alternatives each
     matchers: list[tuple[int, Any]]
     started: float
 
@@ -249,8 +250,10 @@ class NativeEngine:
             feed = Feed({seq.id: row for row, (seq, _) in enumerate(previous.places)}, previous.drawn)
         logits = self.runner.run(step, feed)
         wanted = [i for i, s in enumerate(sampled) if s.params.logprobs is not None]
+        tops = [sampled[i].params.logprobs or 0 for i in wanted]
+        wanted_rows = to_device(wanted, logits.device, torch.int64) if wanted else None
         # log-probabilities come from the untouched logits
-        raw = logits.index_select(0, to_device(wanted, logits.device, torch.int64)) if wanted else None
+        raw = logits.index_select(0, wanted_rows) if wanted_rows is not None else None
         matchers = [(i, self._matcher(s)) for i, s in enumerate(sampled) if s.params.constraint is not None]
         for i, matcher in matchers:  # structured outputs: what the grammar forbids is -inf before any sampling rule
             allowed = torch.from_numpy(matcher.allowed(logits.size(-1))).to(logits.device, non_blocking=True)
@@ -264,12 +267,10 @@ class NativeEngine:
             self.controls.accept(slots, drawn.index_select(0, to_device(controlled, drawn.device, torch.int64)))
         places = self.scheduler.advance(step)
         results = [] if drawn is None else [drawn]
-        if raw is not None and drawn is not None:  # log-probabilities: computed now, read with the tokens
-            tops = [sampled[i].params.logprobs or 0 for i in wanted]
-            chosen = drawn.index_select(0, to_device(wanted, drawn.device, torch.int64))
-            results += logprob_tensors(raw, chosen, max(tops))
+        if raw is not None and wanted_rows is not None and drawn is not None:  # computed now, read with the tokens
+            results += logprob_tensors(raw, drawn.index_select(0, wanted_rows), max(tops))
         host, ready = _to_host(results)
-        return _Launched(step, places, drawn, host, ready, wanted, matchers, started)
+        return _Launched(step, places, drawn, host, ready, wanted, tops, matchers, started)
 
     @torch.inference_mode()
     def _land(self, launched: _Launched) -> None:
@@ -287,9 +288,8 @@ class NativeEngine:
         logprobs: dict[int, TokenLogprob] = {}
         if len(host) > 1:
             wanted = launched.wanted
-            tops = [places[i][0].params.logprobs or 0 for i in wanted]
             chosen, values, ids = host[1:]
-            entries = logprob_entries([tokens[i] for i in wanted], chosen, values, ids, tops)
+            entries = logprob_entries([tokens[i] for i in wanted], chosen, values, ids, launched.tops)
             logprobs = dict(zip(wanted, entries, strict=True))
         self._steps += 1
         self._peak_batch = max(self._peak_batch, step.size)
