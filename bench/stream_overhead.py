@@ -1,15 +1,20 @@
 """Server CPU per streamed token, above the engine: the HTTP, SSE, guard and text layers on a fake engine.
 
 The real app and server (create_app, uvicorn with the bounded httptools protocol, as `qwen-api serve` runs them) serve
-/v1/chat/completions over qwen_api.dev's FakeEngine, which decodes nothing and yields one token per sequence every
-`--pace` seconds. C concurrent clients stream `--tokens` tokens each; the server process's CPU time (from /proc)
-divided by the tokens streamed is what one token costs the server's event loop, machine noise mostly aside (CPU
-time, not wall time). On a 2-core machine every such microsecond is taken from llama.cpp's compute threads.
+/v1/chat/completions over a fake engine from qwen_api.dev, which decodes nothing: `--engine stepped` (the default)
+steps every open sequence together from a worker thread every `--pace` seconds and hands the event loop each
+step's tokens in one call, as the llama.cpp and native engines do; `--engine paced` yields each sequence's tokens
+from its own asyncio timer. C concurrent clients stream `--tokens` tokens each; the server process's CPU time (from
+/proc) divided by the tokens streamed is what one token costs the server's event loop, machine noise mostly aside
+(CPU time, not wall time). On a 2-core machine every such microsecond is taken from llama.cpp's compute threads.
+A pace shorter than the event loop can follow (e.g. 64 streams every 4 ms, a GPU's step) shows the most tokens a
+second the HTTP layers deliver: the `tok/s` column against the offered concurrency / pace.
 
 `--variant NAME=PYTHONPATH` (repeatable) serves the same load from another source tree (e.g. a copy of `src`
 before a change), round by round alternating with this checkout, so the variants see the same noise.
 
     .venv/bin/python bench/stream_overhead.py --concurrency 8 --rounds 5
+    .venv/bin/python bench/stream_overhead.py --concurrency 64 --pace 0.004 --tokens 256   # offered: 16,000 tok/s
     cp -r src /tmp/before && ...edit... && .venv/bin/python bench/stream_overhead.py --variant before=/tmp/before
 """
 
@@ -19,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -31,12 +37,12 @@ REPO = Path(__file__).resolve().parent.parent
 TEXT = "The quick brown fox jumps over the lazy dog, and then it writes a story about a lighthouse keeper. "
 
 
-def serve(port: int, pace: float, tokens: int) -> None:
+def serve(port: int, pace: float, tokens: int, engine: str) -> None:
     import uvicorn
 
     from qwen_api.admission import Admission
     from qwen_api.api.app import create_app, observe_with
-    from qwen_api.dev.fake_engine import FakeEngine
+    from qwen_api.dev.fake_engine import FakeEngine, SteppedFakeEngine
     from qwen_api.dev.random_qwen2 import build_qwen2_tokenizer
     from qwen_api.runtime import Runtime
     from qwen_api.server import Server, bounded_http, connection_bound
@@ -48,7 +54,8 @@ def serve(port: int, pace: float, tokens: int) -> None:
     script = (ids * (tokens // len(ids) + 1))[:tokens]
     overrides: dict[str, object] = {"model": "fake-model", "host": "127.0.0.1", "port": port, "log_level": "warning"}
     settings = Settings(**overrides)  # type: ignore[arg-type]
-    runtime = Runtime(lambda: TextGenerator(FakeEngine(script, pace=pace), tokenizer), "fake-model")
+    fake = SteppedFakeEngine if engine == "stepped" else FakeEngine
+    runtime = Runtime(lambda: TextGenerator(fake(script, pace=pace), tokenizer), "fake-model")
     admission = Admission(settings.admission_capacity())
     app = create_app(settings, runtime, admission)
     http = bounded_http(connection_bound(settings.max_connections), settings.header_timeout)
@@ -63,28 +70,45 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def load(url: str, concurrency: int, requests: int, tokens: int) -> tuple[int, float]:
-    """Stream `requests` chat completions, `concurrency` at a time; returns the content chunks seen and wall time."""
-    body = {"model": "fake-model", "messages": [{"role": "user", "content": "Tell me a story."}],
-            "max_tokens": tokens, "stream": True, "temperature": 0}  # fmt: skip
-    seen = 0
+async def load(url: str, concurrency: int, requests: int, tokens: int) -> tuple[int, int, float]:
+    """Stream `requests` chat completions, `concurrency` at a time; returns the tokens streamed (each stream's usage),
+    the content events seen (fewer than the tokens when the server sent a client that fell behind several tokens
+    in one event), and wall time.
+
+    The client reads raw bytes and parses each response once it has ended, so that it costs little CPU per token:
+    on a 2-core machine a client that parses every event (httpx, the openai SDK) takes as much CPU per token as the
+    server, and becomes what limits tokens/s."""
+    host, port = url.removeprefix("http://").split(":")
+    request = {"model": "fake-model", "messages": [{"role": "user", "content": "Tell me a story."}],
+               "max_tokens": tokens, "stream": True, "temperature": 0, "stream_options": {"include_usage": True}}  # fmt: skip
+    payload = json.dumps(request).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    streamed = events = 0
     todo = list(range(requests))
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
 
-        async def worker() -> None:
-            nonlocal seen
-            while todo:
-                todo.pop()
-                async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-                    r.raise_for_status()
-                    async for line in r.aiter_lines():
-                        if line.startswith("data: {") and '"content":"' in line and '"content":""' not in line:
-                            seen += 1
+    async def worker() -> None:
+        nonlocal streamed, events
+        while todo:
+            todo.pop()
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(head + payload)
+            parts = []
+            while data := await reader.read(1 << 16):
+                parts.append(data)
+            writer.close()
+            response = b"".join(parts)
+            if not response.startswith(b"HTTP/1.1 200"):
+                raise SystemExit(f"request failed: {response[:300]!r}")
+            events += response.count(b'"content":"') - response.count(b'"content":""')
+            usage = re.search(rb'"completion_tokens":(\d+)', response)
+            streamed += int(usage.group(1)) if usage else 0
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return seen, time.perf_counter() - start
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return streamed, events, time.perf_counter() - start
 
 
 def free_port() -> int:
@@ -100,7 +124,8 @@ def measure(name: str, pythonpath: str | None, args: argparse.Namespace) -> dict
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, __file__, "--serve", str(port), "--pace", str(args.pace), "--tokens", str(args.tokens)]
+    cmd = [sys.executable, __file__, "--serve", str(port), "--pace", str(args.pace), "--tokens", str(args.tokens),
+           "--engine", args.engine]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -116,12 +141,15 @@ def measure(name: str, pythonpath: str | None, args: argparse.Namespace) -> dict
             time.sleep(0.2)
         asyncio.run(load(url, 2, 2, 8))  # warm-up
         before = cpu_seconds(proc.pid)
-        chunks, wall = asyncio.run(load(url, args.concurrency, args.requests, args.tokens))
+        streamed, events, wall = asyncio.run(load(url, args.concurrency, args.requests, args.tokens))
         cpu = cpu_seconds(proc.pid) - before
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    return {"us_per_token": cpu / chunks * 1e6, "server_cpu_s": cpu, "chunks": chunks, "tok_s": chunks / wall}
+    if streamed != args.requests * args.tokens:
+        raise SystemExit(f"{name}: {streamed} tokens streamed, {args.requests * args.tokens} expected")
+    return {"us_per_token": cpu / streamed * 1e6, "server_cpu_s": cpu, "tokens": streamed, "events": events,
+            "tokens_per_event": streamed / events, "tok_s": streamed / wall}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,12 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=0, help="default: 2 x concurrency")
     parser.add_argument("--tokens", type=int, default=128, help="tokens per request")
     parser.add_argument("--pace", type=float, default=0.02, help="seconds between a sequence's tokens")
+    parser.add_argument("--engine", choices=["stepped", "paced"], default="stepped", help="which fake engine")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=PYTHONPATH")
     parser.add_argument("--json", metavar="FILE", help="write every round's numbers here")
     args = parser.parse_args(argv)
     if args.serve:
-        serve(args.serve, args.pace, args.tokens)
+        serve(args.serve, args.pace, args.tokens, args.engine)
         return 0
     args.requests = args.requests or 2 * args.concurrency
     variants: list[tuple[str, str | None]] = [("this-checkout", None)]
@@ -146,13 +175,18 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in variants if round_ % 2 == 0 else variants[::-1]:
             r = measure(name, path, args)
             results[name].append(r)
-            print(f"round {round_} {name}: {r['us_per_token']:.0f} us/token, {r['tok_s']:.0f} tok/s", file=sys.stderr)
-    print(f"{'variant':<16} {'us/token p50':>12} {'min':>6} {'max':>6} {'tok/s p50':>10}")
+            print(
+                f"round {round_} {name}: {r['us_per_token']:.0f} us/token, {r['tok_s']:.0f} tok/s, "
+                f"{r['tokens_per_event']:.2f} tokens/event",
+                file=sys.stderr,
+            )
+    print(f"{'variant':<16} {'us/token p50':>12} {'min':>6} {'max':>6} {'tok/s p50':>10} {'tokens/event':>13}")
     for name, rounds in results.items():
         us = [r["us_per_token"] for r in rounds]
         print(
             f"{name:<16} {statistics.median(us):>12.0f} {min(us):>6.0f} {max(us):>6.0f} "
-            f"{statistics.median(r['tok_s'] for r in rounds):>10.0f}"
+            f"{statistics.median(r['tok_s'] for r in rounds):>10.0f} "
+            f"{statistics.median(r['tokens_per_event'] for r in rounds):>13.2f}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))

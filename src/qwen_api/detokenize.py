@@ -120,6 +120,11 @@ class StopMatcher:
         self.stopped = False
         self.matched: str | None = None  # the stop string that ended the text, once one has
 
+    @property
+    def active(self) -> bool:
+        """Whether there is any stop string to look for."""
+        return bool(self._stops)
+
     def push(self, text: str) -> str:
         """Return the text that is safe to emit now. After a stop string, returns "" forever."""
         if self.stopped or not text:

@@ -184,6 +184,11 @@ class TextGenerator:
     async def _interleave(
         self, prompt_ids: list[int], params: SamplingParams, n: int, stop: Sequence[str]
     ) -> AsyncGenerator[TextDelta, None]:
+        if n == 1:  # one sequence: its deltas as they are, without a task and a queue between (a hop per event)
+            async with aclosing(self._sequence(0, prompt_ids, _for_choice(params, 0), stop)) as deltas:
+                async for delta in deltas:
+                    yield delta
+            return
         queue: asyncio.Queue[TextDelta | BaseException] = asyncio.Queue()
 
         async def pump(index: int) -> None:
@@ -221,12 +226,12 @@ class TextGenerator:
             async for chunk in tokens:
                 if not produced and chunk.token_ids:
                     first = time.perf_counter() - start
-                produced += len(chunk.token_ids)
-                if pending is not None:
-                    if chunk.logprobs is None or len(chunk.logprobs) != len(chunk.token_ids):
-                        raise EngineError("the engine returned tokens without the log-probabilities asked for")
-                    pending.extend(chunk.logprobs)
-                text = matcher.push(detokenizer.push(chunk.token_ids))
+                if pending is not None and (chunk.logprobs is None or len(chunk.logprobs) != len(chunk.token_ids)):
+                    raise EngineError("the engine returned tokens without the log-probabilities asked for")
+                text, used = _push(chunk.token_ids, detokenizer, matcher)
+                produced += used
+                if pending is not None and chunk.logprobs is not None:
+                    pending.extend(chunk.logprobs[:used])
                 if chunk.finish_reason is not None:
                     text += matcher.push(detokenizer.flush())
                     text += matcher.flush()
@@ -260,6 +265,20 @@ class TextGenerator:
                         tuple(logprobs) if delta.logprobs is not None else None,
                     )
         raise EngineError("the engine ended a sequence without a finish reason")
+
+
+def _push(token_ids: list[int], detokenizer: IncrementalDetokenizer, matcher: StopMatcher) -> tuple[str, int]:
+    """The text `token_ids` add, and how many of them count: with stop strings, a chunk of several tokens (the
+    engine ran ahead of a slow client) is read token by token, so that the count and the log-probabilities end at
+    the token that completed the stop string, as they do when tokens come one by one."""
+    if not matcher.active or len(token_ids) < 2:
+        return matcher.push(detokenizer.push(token_ids)), len(token_ids)
+    parts: list[str] = []
+    for used, token in enumerate(token_ids, 1):
+        parts.append(matcher.push(detokenizer.push([token])))
+        if matcher.stopped:
+            return "".join(parts), used
+    return "".join(parts), len(token_ids)
 
 
 def _take(pending: list[TokenLogprob] | None) -> tuple[TokenLogprob, ...] | None:

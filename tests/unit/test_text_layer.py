@@ -8,7 +8,7 @@ import pytest
 
 from qwen_api.dev.fake_engine import FakeEngine
 from qwen_api.dev.random_qwen2 import build_qwen2_tokenizer
-from qwen_api.engine.base import EngineError, SamplingParams
+from qwen_api.engine.base import EngineError, SamplingParams, TokenChunk, TokenLogprob
 from qwen_api.engine.sampling import choice_seed, effective_top_k, is_greedy, seed32
 from qwen_api.textgen import EmptyPrompt, PromptTooLong, TextGenerator
 
@@ -105,3 +105,92 @@ def test_shared_sampling_rules() -> None:
     for seed in (-1, 0, 2**32 - 1, 2**64 - 1, -(2**63), 123456789):
         assert 0 <= seed32(seed) < 0xFFFFFFFF  # llama.cpp reads 0xFFFFFFFF as "random"
     assert len({seed32(s) for s in range(1000)}) == 1000
+
+
+def test_relay_hands_a_consumer_that_fell_behind_the_waiting_chunks_as_one() -> None:
+    from qwen_api.engine.base import relay
+
+    def lp(token: int) -> tuple[TokenLogprob, ...]:
+        return (TokenLogprob(token, -token / 10, ()),)
+
+    async def main() -> None:
+        queue: asyncio.Queue[TokenChunk | BaseException] = asyncio.Queue()
+        for token in (1, 2, 3):
+            queue.put_nowait(TokenChunk([token], logprobs=lp(token)))
+        queue.put_nowait(TokenChunk([4], "length", lp(4)))
+        queue.put_nowait(TokenChunk([5]))  # after the finish: never merged into this sequence
+        chunks = [c async for c in relay(queue, lambda: None, lambda: None)]
+        assert chunks == [TokenChunk([1, 2, 3, 4], "length", lp(1) + lp(2) + lp(3) + lp(4))]
+
+        # a failure after some tokens: the tokens first, then the error; and the sequence is cancelled once
+        for token in (7, 8):
+            queue.put_nowait(TokenChunk([token]))
+        queue.put_nowait(RuntimeError("worker fault"))
+        cancelled: list[bool] = []
+        got: list[TokenChunk] = []
+        with pytest.raises(EngineError, match="worker fault"):
+            async for chunk in relay(queue, lambda: None, lambda: cancelled.append(True)):
+                got.append(chunk)
+        assert got == [TokenChunk([5, 7, 8])] and cancelled == []
+
+    asyncio.run(main())
+
+
+class _ChunkedEngine(FakeEngine):
+    """Yields its whole script as one chunk: what a client that fell behind receives from `relay`."""
+
+    async def generate(self, prompt_ids, params):  # type: ignore[no-untyped-def,override]
+        n = min(params.max_new_tokens, len(self.script))
+        reason = "length" if params.max_new_tokens <= len(self.script) else "stop"
+        logprobs = None
+        if params.logprobs is not None:
+            logprobs = tuple(TokenLogprob(t, -i / 8, ()) for i, t in enumerate(self.script[:n]))
+        yield TokenChunk(self.script[:n], reason, logprobs)
+
+
+def test_a_stop_string_inside_a_chunk_of_several_tokens_ends_the_count_at_its_token() -> None:
+    """Tokens coalesced into one chunk give what they give one by one: text, finish, token count, log-probs."""
+    text = "one two <<END>> three four five"
+    script = TOKENIZER(text, add_special_tokens=False)["input_ids"]
+    params = SamplingParams(max_new_tokens=100, logprobs=0)
+    singly = TextGenerator(FakeEngine(script), TOKENIZER)
+    chunked = TextGenerator(_ChunkedEngine(script), TOKENIZER)
+
+    async def main() -> None:
+        [one] = await singly.complete([1], params, stop=["<<END>>"])
+        [together] = await chunked.complete([1], params, stop=["<<END>>"])
+        assert (together.text, together.finish_reason, together.stop_string) == ("one two ", "stop", "<<END>>")
+        assert together.completion_tokens == one.completion_tokens < len(script)
+        assert together.logprobs is not None and len(together.logprobs) == together.completion_tokens
+        [whole] = await chunked.complete([1], params)
+        assert (whole.text, whole.completion_tokens) == (text, len(script))
+
+    asyncio.run(main())
+
+
+def test_the_stepped_fake_engine_streams_every_token_and_coalesces_for_a_slow_reader() -> None:
+    """The delivery path of the engines with a worker thread (a step's tokens in one call, read through `relay`):
+    a reader that keeps up gets a chunk a token; one that sleeps gets the same tokens in fewer chunks."""
+    from qwen_api.dev.fake_engine import SteppedFakeEngine
+
+    script = list(range(100, 140))
+    engine = SteppedFakeEngine(script, pace=0.002)
+
+    async def read(pause: float) -> list[TokenChunk]:
+        chunks = []
+        async for chunk in engine.generate([1], SamplingParams(max_new_tokens=30)):
+            chunks.append(chunk)
+            await asyncio.sleep(pause)
+        return chunks
+
+    async def main() -> None:
+        fast, slow = await asyncio.gather(read(0), read(0.03))
+        for chunks in (fast, slow):
+            assert [t for c in chunks for t in c.token_ids] == script[:30]
+            assert [c.finish_reason for c in chunks][-1] == "length"
+        assert len(slow) < len(fast) / 3
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()

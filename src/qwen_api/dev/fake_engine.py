@@ -6,12 +6,19 @@ log-probabilities, token i gets -(i + 1) / 8, and its alternatives are the next 
 Faults are injected on demand: fail a sequence after k tokens, or kill the whole engine. It counts what a test
 needs to see: open sequences, steps, peak batch, and what each sequence was asked. Never used to serve; real
 engines are tested on real models.
+
+`SteppedFakeEngine` delivers the same scripts the way the engines with a worker thread do (llama.cpp, native):
+one thread steps every open sequence together and hands each event loop a step's tokens in one call, and each
+sequence reads its queue through `relay`. `bench/stream_overhead.py` measures the layers above an engine on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from qwen_api.engine.base import (
@@ -23,6 +30,7 @@ from qwen_api.engine.base import (
     TokenChunk,
     TokenLogprob,
     check_prompt_ids,
+    relay,
 )
 
 
@@ -59,20 +67,9 @@ class FakeEngine:
                 self.steps += 1
                 if self.on_step is not None:
                     self.on_step(self.open)
-                last = i == min(params.max_new_tokens, len(self.script)) - 1
-                reason: FinishReason | None = None
-                if last:
-                    reason = "length" if params.max_new_tokens <= len(self.script) else "stop"
-                yield TokenChunk([self.script[i]], reason, self._logprobs(i, params.logprobs))
+                yield scripted_chunk(self.script, i, params)
         finally:
             self.open -= 1
-
-    def _logprobs(self, i: int, top: int | None) -> tuple[TokenLogprob, ...] | None:
-        if top is None:
-            return None
-        lp = -(i + 1) / 8
-        alternatives = tuple((self.script[(i + k) % len(self.script)], lp - k) for k in range(top))
-        return (TokenLogprob(self.script[i], lp, alternatives),)
 
     def kill(self, why: str = "injected death") -> None:
         self._dead = why
@@ -85,3 +82,96 @@ class FakeEngine:
 
     def shutdown(self) -> None:
         self._dead = self._dead or "shut down"
+
+
+def scripted_chunk(script: list[int], i: int, params: SamplingParams) -> TokenChunk:
+    """Token i of a script as a sequence gets it: with its finish reason when it is the last one."""
+    reason: FinishReason | None = None
+    if i == min(params.max_new_tokens, len(script)) - 1:
+        reason = "length" if params.max_new_tokens <= len(script) else "stop"
+    logprobs = None
+    if params.logprobs is not None:
+        lp = -(i + 1) / 8
+        alternatives = tuple((script[(i + k) % len(script)], lp - k) for k in range(params.logprobs))
+        logprobs = (TokenLogprob(script[i], lp, alternatives),)
+    return TokenChunk([script[i]], reason, logprobs)
+
+
+@dataclass
+class _Stepped:
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue[TokenChunk | BaseException]
+    done: int = 0  # tokens delivered
+    cancelled: bool = False
+
+
+class SteppedFakeEngine:
+    """Scripted tokens from a worker thread that steps every open sequence together every `pace` seconds."""
+
+    def __init__(self, script: list[int], pace: float = 0.0, max_context_tokens: int = 4096) -> None:
+        self.script, self.pace, self.max_context_tokens = script, pace, max_context_tokens
+        self.on_step: Callable[[int], None] | None = None
+        self.steps = 0
+        self._open: list[_Stepped] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stepped-fake-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[TokenChunk, None]:
+        if not self.is_healthy():
+            raise EngineDead("the fake engine is shut down")
+        check_prompt_ids(prompt_ids, 1 << 20)
+        seq = _Stepped(params, asyncio.get_running_loop(), asyncio.Queue())
+
+        def cancel() -> None:
+            seq.cancelled = True
+
+        with self._lock:
+            self._open.append(seq)
+        self._wake.set()
+        async with aclosing(relay(seq.out, lambda: None if self.is_healthy() else "shut down", cancel)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                self._open = [s for s in self._open if not s.cancelled]
+                batch = list(self._open)
+            if not batch:
+                self._wake.wait(0.1)
+                self._wake.clear()
+                continue
+            time.sleep(self.pace)
+            self.steps += 1
+            if self.on_step is not None:
+                self.on_step(len(batch))
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stepped, TokenChunk]]] = {}
+            for seq in batch:
+                chunk = scripted_chunk(self.script, seq.done, seq.params)
+                seq.done += 1
+                if chunk.finish_reason is not None:
+                    seq.cancelled = True  # finished: leaves the batch at the next step
+                by_loop.setdefault(seq.loop, []).append((seq, chunk))
+            for loop, items in by_loop.items():  # one wake-up of each event loop per step, as the real engines
+                loop.call_soon_threadsafe(_deliver, items)
+
+    def is_healthy(self) -> bool:
+        return not self._stop.is_set()
+
+    def stats(self) -> EngineStats:
+        active = len(self._open)
+        return EngineStats(running=active, waiting=0, active=active, steps=self.steps, peak_batch_size=active)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+
+def _deliver(items: list[tuple[_Stepped, TokenChunk]]) -> None:
+    for seq, chunk in items:
+        seq.out.put_nowait(chunk)

@@ -131,6 +131,8 @@ async def next_output(outputs: asyncio.Queue[T], death: Callable[[], str | None]
     cancellation that lands in the same loop tick as an item, so a request cancelled for its deadline or
     a departed client went on decoding to its last token (seen in CI: a 0.5 s deadline answered after 60 s).
     """
+    if not outputs.empty():  # the common case while tokens flow: no timer to arm and cancel
+        return outputs.get_nowait()
     while True:
         try:
             async with asyncio.timeout(1.0):
@@ -145,23 +147,54 @@ async def relay(
 ) -> AsyncGenerator[TokenChunk, None]:
     """One sequence's chunks from the queue its engine's worker fills, until the chunk with a finish reason.
 
-    An exception the worker put on the queue fails this sequence (`EngineError`); a dead worker fails it with
-    `EngineDead`. Left early (closed, cancelled, failed in the caller), it calls `cancel()` so the worker drops the
-    sequence and frees its slot. The engines with their own worker thread (llama.cpp, native) share it; drive it with
-    `contextlib.aclosing` so that leaving early cancels now, not when the garbage collector gets to it.
+    Chunks that are already waiting when the consumer comes for the next one are handed over as one (`coalesce`):
+    a client that fell behind the engine gets the tokens it missed in one event instead of paying the HTTP and
+    text layers' per-event cost for each, which is what lets the event loop keep up with a fast engine.
+
+    An exception the worker put on the queue fails this sequence (`EngineError`), after the tokens before it; a
+    dead worker fails it with `EngineDead`. Left early (closed, cancelled, failed in the caller), it calls
+    `cancel()` so the worker drops the sequence and frees its slot. The engines with their own worker thread
+    (llama.cpp, native) share it; drive it with `contextlib.aclosing` so that leaving early cancels now, not when
+    the garbage collector gets to it.
     """
     finished = False
     try:
         while not finished:
             item = await next_output(outputs, death)
-            if isinstance(item, BaseException):
+            failure = item if isinstance(item, BaseException) else None
+            if isinstance(item, TokenChunk):
+                chunk, failure = coalesce(item, outputs)
+                finished = chunk.finish_reason is not None
+                yield chunk
+            if failure is not None:
                 finished = True
-                raise EngineError(str(item)) from item
-            finished = item.finish_reason is not None
-            yield item
+                raise EngineError(str(failure)) from failure
     finally:
         if not finished:
             cancel()
+
+
+def coalesce(
+    first: TokenChunk, outputs: asyncio.Queue[TokenChunk | BaseException]
+) -> tuple[TokenChunk, BaseException | None]:
+    """`first` and the chunks already queued behind it, up to a finish reason, as one chunk; and the worker's
+    exception when one came next (it is raised after the tokens before it are delivered)."""
+    if first.finish_reason is not None or outputs.empty():
+        return first, None
+    ids, reason = list(first.token_ids), None
+    logprobs = list(first.logprobs) if first.logprobs is not None else None
+    failure: BaseException | None = None
+    while reason is None and not outputs.empty():
+        item = outputs.get_nowait()
+        if isinstance(item, BaseException):
+            failure = item
+            break
+        ids += item.token_ids
+        reason = item.finish_reason
+        # every chunk of a sequence that asked for log-probabilities carries them; a chunk without makes the
+        # whole merged chunk "without", which the text layer refuses as it would have refused that chunk
+        logprobs = None if logprobs is None or item.logprobs is None else logprobs + list(item.logprobs)
+    return TokenChunk(ids, reason, tuple(logprobs) if logprobs is not None else None), failure
 
 
 class Engine(Protocol):
