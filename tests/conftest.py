@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 import uvicorn
 
 from qwen_api.admission import Admission
@@ -31,27 +32,31 @@ from qwen_api.server import Server, bounded_http
 from qwen_api.settings import Settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not torch.cuda.is_available():
+    # Where no GPU exists, the Triton kernels run through Triton's interpreter (the `triton_interpret` tests).
+    # Set before anything imports triton: it decides at import and at each kernel's decoration.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """GPU tests run only where CUDA exists; elsewhere they are deselected, and the summary says how many."""
-    import torch
-
+    """GPU tests run only where CUDA exists, and the Triton-interpreter tests only where it does not (there the
+    GPU tests run the compiled kernels); the others are deselected, and the summary says how many."""
     if torch.cuda.is_available():
-        return
-    gpu = [item for item in items if item.get_closest_marker("gpu")]
-    if gpu:
-        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
-        config.hook.pytest_deselected(items=gpu)
-        config._qwen_api_gpu_deselected = len(gpu)  # type: ignore[attr-defined]
+        marker, why = "triton_interpret", "a CUDA device runs the compiled kernels here (`pytest -m gpu`)"
+    else:
+        marker, why = "gpu", "no CUDA device here (run `pytest -m gpu` on one)"
+    dropped = [item for item in items if item.get_closest_marker(marker)]
+    if dropped:
+        items[:] = [item for item in items if not item.get_closest_marker(marker)]
+        config.hook.pytest_deselected(items=dropped)
+        config._qwen_api_deselected = f"{len(dropped)} {marker} test(s) deselected: {why}"  # type: ignore[attr-defined]
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
-    count = getattr(config, "_qwen_api_gpu_deselected", 0)
-    if count:
-        terminalreporter.write_line(f"{count} GPU test(s) deselected: no CUDA device here (run `pytest -m gpu` on one)")
+    if line := getattr(config, "_qwen_api_deselected", ""):
+        terminalreporter.write_line(line)
 
 
 _SDK_CLIENTS: dict[str, Any] = {}

@@ -4,7 +4,9 @@ On the CPU in fp32: greedy tokens equal transformers' `generate` token for token
 sampled traffic, through the prefix cache, with chunked prefill, under preemption); seeds reproduce beside other
 traffic; bad input fails only its own sequence; a closed stream gives its blocks back; the whole server answers
 on this engine. The `gpu` tests repeat the comparison in bf16 on CUDA, check the Triton decode kernel against the
-SDPA reference, and CUDA-graph replay against eager steps.
+SDPA reference, and CUDA-graph replay against eager steps. Without a GPU, the `triton_interpret` tests run that
+kernel through Triton's interpreter: against the reference, and as the attention of every step of a run in the
+CUDA graphs' layout.
 """
 
 from __future__ import annotations
@@ -226,15 +228,12 @@ def test_every_token_read_as_a_decode_matches_transformers(
         assert tokens == reference(hf_model, prompt), f"prompt of {len(prompt)} tokens"
 
 
-def test_graph_replay_fills_its_buffers_right(
-    engine: NativeEngine,
-    hf_model,  # type: ignore[no-untyped-def]
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """`CudaGraphs.run` on the CPU, each captured graph replaced by an eager call of the function it captures, on
-    the same static buffers: the padding to the ladder's sizes, the sampled rows, stale buffer contents from
-    larger earlier steps. Prompts arrive while others decode; the 300-token one's step is past the ladder (16 +
-    256 tokens) and runs eagerly. The tokens are transformers'."""
+def graphs_replayed_eagerly(
+    monkeypatch: pytest.MonkeyPatch, engine: NativeEngine, max_batch_size: int, triton: bool = False
+) -> Any:
+    """`CudaGraphs` on the CPU, each captured graph replaced by an eager call of the function it captures, on the
+    same static buffers, installed on `engine`'s runner. Attention through the SDPA reference, or with `triton`
+    through the Triton kernel the graphs capture (Triton's interpreter on the CPU)."""
     from qwen_api.engine.native import runner as runner_module
 
     graphs_cls = runner_module.CudaGraphs
@@ -242,7 +241,8 @@ def test_graph_replay_fills_its_buffers_right(
 
     def cpu_meta(self, size):  # type: ignore[no-untyped-def]
         meta = real_meta(self, size)
-        meta.use_triton, meta.max_context_len = False, int(self.lens[:size].max())  # the SDPA reference path
+        if not triton:  # the SDPA reference path
+            meta.use_triton, meta.max_context_len = False, int(self.lens[:size].max())
         return meta
 
     class Eager:
@@ -260,17 +260,83 @@ def test_graph_replay_fills_its_buffers_right(
 
     monkeypatch.setattr(graphs_cls, "_meta", cpu_meta)
     monkeypatch.setattr(graphs_cls, "_capture", capture)
+    graphs = graphs_cls(engine.runner, max_batch_size)
+    monkeypatch.setattr(engine.runner, "graphs", graphs)
+    return graphs
+
+
+def test_graph_replay_fills_its_buffers_right(
+    engine: NativeEngine,
+    hf_model,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`CudaGraphs.run` on the CPU (`graphs_replayed_eagerly`): the padding to the ladder's sizes, the sampled rows,
+    stale buffer contents from larger earlier steps. Prompts arrive while others decode; the 300-token one's step
+    is past the ladder (16 + 256 tokens) and runs eagerly. The tokens are transformers'."""
+    graphs = graphs_replayed_eagerly(monkeypatch, engine, 16)
     runner = engine.runner
-    monkeypatch.setattr(runner, "graphs", graphs_cls(runner, 16))
     eager_before = runner.eager_steps
     prompts = [random_prompt(length, seed=70 + i) for i, length in enumerate([2, 30, 300, 11, 6])]
     params = SamplingParams(max_new_tokens=16, temperature=0.0)
 
     results = run_staggered(engine, [(p, params) for p in prompts], 0.03)
-    assert runner.graphs is not None and runner.graphs.mixed_replays > 0
+    assert graphs.mixed_replays > 0
     assert runner.eager_steps > eager_before  # the 300-token prompt's step
     for prompt, tokens in zip(prompts, results, strict=True):
         assert tokens == reference(hf_model, prompt), f"prompt of {len(prompt)} tokens"
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_decode_kernel_matches_sdpa_interpreted(dtype: torch.dtype) -> None:
+    """The paged decode kernel itself, run by Triton's interpreter on the CPU: grouped-query heads (2 and 7 query
+    heads a kv head, padded to 16), contexts of 1 token, one block, a block and one, and long enough that each of
+    the 8 splits has blocks, or few enough that some have none; block tables in random order, padded with a
+    scratch block, as the graphs pad them."""
+    from qwen_api.engine.native.attention import decode_sdpa
+    from qwen_api.engine.native.triton_attention import paged_decode
+
+    torch.manual_seed(0)
+    blocks, block, dim = 48, 16, 16
+    lens = torch.tensor([1, 16, 17, 40, 300], dtype=torch.int32)
+    width = 20
+    tables = torch.full((len(lens), width), blocks - 1, dtype=torch.int32)  # the last block: scratch
+    for row, n in enumerate(lens.tolist()):
+        tables[row, : -(-n // block)] = torch.randperm(blocks - 1)[: -(-n // block)].to(torch.int32)
+    for heads, kv_heads in ((4, 2), (7, 1)):
+        k_cache = torch.randn(blocks, block, kv_heads, dim, dtype=dtype)
+        v_cache = torch.randn_like(k_cache)
+        q = torch.randn(len(lens), heads, dim, dtype=dtype)
+        mine = paged_decode(q, k_cache, v_cache, tables, lens)
+        ref = decode_sdpa(q.float(), k_cache.float(), v_cache.float(), tables, lens, int(lens.max()))
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+        torch.testing.assert_close(mine.float(), ref, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.triton_interpret
+def test_graph_steps_through_the_triton_kernel_give_transformers_tokens(
+    tiny_qwen2_dir: Path,
+    hf_model,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What a GPU runs, but on the CPU: every step in the CUDA graphs' layout and buffers (`graphs_replayed_eagerly`)
+    with attention in the Triton kernel the graphs capture (through Triton's interpreter), steps overlapped as on
+    CUDA; prompts arrive while others decode, so prompt tokens are read as decodes in the kernel; one prompt
+    starts after a cached prefix. The tokens are transformers'."""
+    engine = NativeEngine(tiny_qwen2_dir, [EOS], kv_cache_tokens=1024, max_batch_size=4, overlap=True)
+    try:
+        graphs = graphs_replayed_eagerly(monkeypatch, engine, 4, triton=True)
+        monkeypatch.setattr(engine.runner, "use_triton", True)  # steps past the ladder: decodes in the kernel too
+        shared = random_prompt(20, seed=80)
+        prompts = [[*shared, 7], random_prompt(3, seed=81), random_prompt(9, seed=82), [*shared, 8, 9]]
+        params = SamplingParams(max_new_tokens=5, temperature=0.0)
+        results = run_staggered(engine, [(p, params) for p in prompts], 0.05)
+        assert graphs.mixed_replays > 0
+        assert engine.cache.pool.hit_blocks > 0
+        for prompt, tokens in zip(prompts, results, strict=True):
+            assert tokens == reference(hf_model, prompt, 5), f"prompt of {len(prompt)} tokens"
+    finally:
+        engine.shutdown()
 
 
 def test_graph_ladder_and_which_steps_a_graph_takes() -> None:
