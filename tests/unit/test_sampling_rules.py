@@ -96,7 +96,7 @@ def test_native_batch_controls_equal_the_per_row_rules() -> None:
     generator = torch.Generator().manual_seed(3)
     seqs = [Sequence(torch.randint(0, vocab, (6,), generator=generator).tolist(), 6, k) for k in kinds]
     reference = [LogitControls(s.params, s.tokens) for s in seqs]
-    batch = BatchControls(slots=3, vocab=vocab, device=torch.device("cpu"))
+    batch = BatchControls(slots=3, vocab=vocab, device=torch.device("cpu"), capacity=16)
     for step in range(8):
         # three of four in the batch at a time; the one left out returns later and must pick up its counts
         live = [i for i in range(4) if i != step % 4]
@@ -105,11 +105,11 @@ def test_native_batch_controls_equal_the_per_row_rules() -> None:
         expected = logits.clone()
         for row, i in enumerate(live, start=1):
             reference[i].apply(expected[row])
-        slots = batch.apply(logits, list(range(1, len(live) + 1)), [seqs[i] for i in live])
+        applied = batch.apply(logits, list(range(1, len(live) + 1)), [seqs[i] for i in live])
         torch.testing.assert_close(logits, expected, rtol=0, atol=0)
         tokens = torch.randint(0, vocab, (len(live),), generator=generator)
         tokens[0] = seqs[live[0]].tokens[-1]  # a repeat, so counts above 1 occur
-        batch.accept(slots, tokens)
+        batch.accept(applied, tokens)
         for i, token in zip(live, tokens.tolist(), strict=True):
             reference[i].accept(token)
             seqs[i].tokens.append(token)

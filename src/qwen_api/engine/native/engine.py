@@ -135,7 +135,7 @@ class NativeEngine:
         if prefill_chunk is None:  # larger on a GPU: fewer steps to read a burst of prompts (time to first token)
             prefill_chunk = GPU_PREFILL_CHUNK if self.device.type == "cuda" else CPU_PREFILL_CHUNK
         self.scheduler = Scheduler(self.cache.pool, max_batch_size, prefill_chunk, prefill_delay)
-        self.controls = BatchControls(max_batch_size, self.config.vocab_size, self.device)
+        self.controls = BatchControls(max_batch_size, self.config.vocab_size, self.device, self.max_context_tokens)
         self._eos = set(eos_token_ids)
         self.on_step: Callable[[int], None] | None = None
         self._incoming: queue.Queue[Sequence] = queue.Queue()
@@ -261,10 +261,10 @@ class NativeEngine:
         self.controls.retain(self.scheduler.running)
         controlled = [i for i, s in enumerate(sampled) if LogitControls.needed(s.params)]
         if controlled:  # bias and penalties, all rows at once
-            slots = self.controls.apply(logits, controlled, [sampled[i] for i in controlled])
+            applied = self.controls.apply(logits, controlled, [sampled[i] for i in controlled])
         drawn = sample(logits, [Row(s.params, s.generated) for s in sampled]) if sampled else None
         if controlled and drawn is not None:
-            self.controls.accept(slots, drawn.index_select(0, to_device(controlled, drawn.device, torch.int64)))
+            self.controls.accept(applied, drawn.index_select(0, to_device(controlled, drawn.device, torch.int64)))
         places = self.scheduler.advance(step)
         results = [] if drawn is None else [drawn]
         if raw is not None and wanted_rows is not None and drawn is not None:  # computed now, read with the tokens
