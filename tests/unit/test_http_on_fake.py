@@ -105,3 +105,42 @@ def test_a_full_server_refuses_at_once_with_429() -> None:
         assert (await client.post("/generate", json={"prompt": "hi"})).status_code == 200
 
     run(test, max_batch_size=2, max_waiting_sequences=0)
+
+
+def test_no_route_or_dependency_runs_in_the_thread_pool(monkeypatch: Any) -> None:
+    """FastAPI runs a plain `def` route or dependency in its thread pool: a round trip to a worker thread per call
+    per request (a chat request made six, a quarter of its server CPU: bench/stream_overhead.py --tokens 1). The
+    inference routes, the probes and the metrics run on the event loop only."""
+    import fastapi.dependencies.utils
+    import fastapi.routing
+
+    pooled: list[str] = []
+    for module in (fastapi.dependencies.utils, fastapi.routing):
+        original = module.run_in_threadpool
+
+        def counted(func: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            pooled.append(getattr(func, "__qualname__", repr(func)))
+            return _original(func, *args, **kwargs)
+
+        monkeypatch.setattr(module, "run_in_threadpool", counted)
+
+    async def test(client: httpx.AsyncClient, fake: FakeEngine, admission: Admission) -> None:
+        chat = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        calls = [
+            ("POST", "/v1/chat/completions", chat),
+            ("POST", "/v1/chat/completions", {**chat, "stream": True}),
+            ("POST", "/v1/completions", {"model": "fake-model", "prompt": "Hi", "max_tokens": 4}),
+            ("POST", "/generate", {"prompt": "Hi", "max_length": 4}),
+            ("POST", "/v1/messages", {"model": "fake-model", "max_tokens": 4, "messages": chat["messages"]}),
+            ("POST", "/v1/responses", {"model": "fake-model", "input": "Hi", "max_output_tokens": 4}),
+            ("GET", "/health", None),
+            ("GET", "/", None),
+            ("GET", "/v1/models", None),
+            ("GET", "/metrics", None),
+        ]
+        for method, path, body in calls:
+            response = await client.request(method, path, json=body)
+            assert response.status_code == 200, (path, response.text)
+        assert not pooled, f"run in the thread pool: {sorted(set(pooled))}"
+
+    run(test)

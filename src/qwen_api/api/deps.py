@@ -1,4 +1,9 @@
-"""Dependency aliases shared by the routers (settings, runtime, guard, a ready text generator) and the API-key check."""
+"""Dependency aliases shared by the routers (settings, runtime, guard, a ready text generator) and the API-key check.
+
+Every dependency is `async def`, though none awaits: FastAPI runs a plain `def` dependency in its thread pool, and a
+chat request has six of them, so each request made six round trips to a worker thread before reaching its route.
+On two cores shared with the engine's compute threads each trip waits for the scheduler, and the time to first
+token paid for it."""
 
 from __future__ import annotations
 
@@ -17,26 +22,28 @@ from qwen_api.textgen import TextGenerator
 log = logging.getLogger("qwen_api.requests")
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def _runtime(request: Request) -> Runtime:
+async def _runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-def _generator(request: Request) -> TextGenerator:
-    return _runtime(request).generator()
+async def _generator(request: Request) -> TextGenerator:
+    runtime: Runtime = request.app.state.runtime
+    return runtime.generator()
 
 
-def _guard(request: Request) -> Guard:
+async def _guard(request: Request) -> Guard:
     return request.app.state.guard
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
     """When an API key is configured, inference routes need it as `Authorization: Bearer <key>` or, as Anthropic's
     clients send it, `x-api-key: <key>` (constant-time checks)."""
-    key = _settings(request).api_key
+    settings: Settings = request.app.state.settings
+    key = settings.api_key
     if key is None:
         return
     expected = key.get_secret_value().encode()

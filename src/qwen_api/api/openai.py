@@ -17,6 +17,7 @@ from fastapi.responses import StreamingResponse
 
 from qwen_api.api.deps import GeneratorDep, GuardDep, RuntimeDep, SettingsDep, log_outputs, log_prompt
 from qwen_api.api.errors import ModelNotFound, openai_error_payload
+from qwen_api.api.guard import Guard
 from qwen_api.api.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -26,6 +27,7 @@ from qwen_api.api.openai_protocol import (
 )
 from qwen_api.api.sse import sse_response
 from qwen_api.engine.base import TokenLogprob
+from qwen_api.settings import Settings
 from qwen_api.structured.grammar import GrammarError
 from qwen_api.structured.tools import parse_tool_calls, render_history, safe_prefix_len, template_renders_tools
 from qwen_api.textgen import Completion, TextDelta, TextGenerator
@@ -36,8 +38,8 @@ router = APIRouter(prefix="/v1")
 class _Context:
     """What both completion routes need: the settings, the served name, a ready generator, the guard."""
 
-    def __init__(self, settings: SettingsDep, runtime: RuntimeDep, generator: GeneratorDep, guard: GuardDep) -> None:
-        self.settings, self.model_name, self.generator, self.guard = settings, runtime.model_name, generator, guard
+    def __init__(self, settings: Settings, model_name: str, generator: TextGenerator, guard: Guard) -> None:
+        self.settings, self.model_name, self.generator, self.guard = settings, model_name, generator, guard
 
     def validate(self, body: ChatCompletionRequest | CompletionRequest) -> None:
         if body.model != self.model_name:
@@ -77,6 +79,11 @@ class _Context:
         return _response(kind, head, results, len(prompt_ids), _tools_on(body), _LogprobShape(generator))
 
 
+async def _context(settings: SettingsDep, runtime: RuntimeDep, generator: GeneratorDep, guard: GuardDep) -> _Context:
+    """The routes' `_Context`, built on the event loop (a class as a dependency would run in the thread pool)."""
+    return _Context(settings, runtime.model_name, generator, guard)
+
+
 @router.get("/models")
 async def list_models(runtime: RuntimeDep) -> dict[str, Any]:
     model = {"id": runtime.model_name, "object": "model", "created": runtime.created, "owned_by": "qwen-api"}
@@ -92,7 +99,7 @@ async def retrieve_model(model_id: str, runtime: RuntimeDep) -> dict[str, Any]:
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, ctx: Annotated[_Context, Depends()]
+    body: ChatCompletionRequest, request: Request, ctx: Annotated[_Context, Depends(_context)]
 ) -> dict[str, Any] | StreamingResponse:
     ctx.validate(body)
     tools = body.tool_dicts()
@@ -105,7 +112,7 @@ async def chat_completions(
 
 @router.post("/completions", response_model=None)
 async def completions(
-    body: CompletionRequest, request: Request, ctx: Annotated[_Context, Depends()]
+    body: CompletionRequest, request: Request, ctx: Annotated[_Context, Depends(_context)]
 ) -> dict[str, Any] | StreamingResponse:
     ctx.validate(body)
     prompts = body.prompts()
