@@ -30,6 +30,7 @@ from qwen_api.engine.base import (
     TokenChunk,
     TokenLogprob,
     check_prompt_ids,
+    hand_over,
     relay,
 )
 
@@ -149,15 +150,14 @@ class SteppedFakeEngine:
             self.steps += 1
             if self.on_step is not None:
                 self.on_step(len(batch))
-            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stepped, TokenChunk]]] = {}
+            deliveries: list[tuple[_Stepped, TokenChunk]] = []
             for seq in batch:
                 chunk = scripted_chunk(self.script, seq.done, seq.params)
                 seq.done += 1
                 if chunk.finish_reason is not None:
                     seq.cancelled = True  # finished: leaves the batch at the next step
-                by_loop.setdefault(seq.loop, []).append((seq, chunk))
-            for loop, items in by_loop.items():  # one wake-up of each event loop per step, as the real engines
-                loop.call_soon_threadsafe(_deliver, items)
+                deliveries.append((seq, chunk))
+            hand_over(deliveries, lambda d: d[0].loop, _deliver)
 
     def is_healthy(self) -> bool:
         return not self._stop.is_set()

@@ -8,11 +8,13 @@ matched) cancels the sequence and frees its batch slot. Engines raise the `Engin
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
 
@@ -195,6 +197,24 @@ def coalesce(
         # whole merged chunk "without", which the text layer refuses as it would have refused that chunk
         logprobs = None if logprobs is None or item.logprobs is None else logprobs + list(item.logprobs)
     return TokenChunk(ids, reason, tuple(logprobs) if logprobs is not None else None), failure
+
+
+def hand_over(
+    deliveries: list[T],
+    loop_of: Callable[[T], asyncio.AbstractEventLoop],
+    put: Callable[[list[T]], None],
+) -> None:
+    """From an engine's worker thread: `put` each event loop's share of a step's deliveries, on that loop, in one
+    `call_soon_threadsafe` (one wake-up of each loop per step, not one per token). A loop that has closed (its
+    caller left) is skipped: nobody is waiting there, and the worker must not die of it."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[T]] = {}
+    for item in deliveries:
+        by_loop.setdefault(loop_of(item), []).append(item)
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(put, items)
+        except RuntimeError:
+            log.debug("dropped %d outputs for a closed event loop", len(items))
 
 
 class Engine(Protocol):

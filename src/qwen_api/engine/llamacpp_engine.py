@@ -53,6 +53,7 @@ from qwen_api.engine.base import (
     TokenLogprob,
     check_prompt_ids,
     common_prefix_len,
+    hand_over,
     relay,
 )
 from qwen_api.engine.sampling import LogitControls, effective_top_k, is_greedy, seed32, token_logprobs
@@ -318,11 +319,7 @@ class LlamaCppEngine:
             deliveries.append((seq, TokenChunk([token], reason, logprob)))
             if reason is not None:
                 self._release(seq)
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Sequence, TokenChunk]]] = {}
-        for seq, chunk in deliveries:
-            by_loop.setdefault(seq.loop, []).append((seq, chunk))
-        for loop, items in by_loop.items():  # one wake-up of each event loop per step
-            loop.call_soon_threadsafe(_deliver, items)
+        hand_over(deliveries, lambda d: d[0].loop, _deliver)
 
     def _sample(self, seq: _Sequence, index: int) -> tuple[int, tuple[TokenLogprob, ...] | None]:
         """Sample one sequence's next token from row `index` of the batch's logits.

@@ -44,6 +44,7 @@ from qwen_api.engine.base import (
     TokenChunk,
     TokenLogprob,
     check_prompt_ids,
+    hand_over,
     relay,
 )
 from qwen_api.engine.native.config import load_config
@@ -356,15 +357,7 @@ def _to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
 
 def _send(deliveries: list[tuple[Sequence, TokenChunk | BaseException]]) -> None:
     """Hand items to their sequences' queues: one wake-up of each event loop per step."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, TokenChunk | BaseException]]] = {}
-    for seq, item in deliveries:
-        if not seq.cancelled:
-            by_loop.setdefault(seq.handle.loop, []).append((seq, item))
-    for loop, items in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_deliver, items)
-        except RuntimeError:  # that event loop has closed (its caller left): nobody is waiting for these
-            log.debug("dropped %d outputs for a closed event loop", len(items))
+    hand_over([(seq, item) for seq, item in deliveries if not seq.cancelled], lambda d: d[0].handle.loop, _deliver)
 
 
 def _deliver(items: list[tuple[Sequence, TokenChunk | BaseException]]) -> None:
