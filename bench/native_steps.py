@@ -4,7 +4,9 @@ Two measurements on one loaded engine, so the serving benchmark (`bench/native_g
 - forward: on CUDA, one step of the whole network replayed from its CUDA graph, and the same step run eagerly,
   at each batch size asked for, and at the largest plus 32 and plus 256 tokens (a step that also reads prompt
   tokens), timed with CUDA events (median of the timed repeats). At batch 1 this is the number to hold against
-  the bandwidth bound: the weights' bytes over the GPU's bandwidth.
+  the bandwidth bound: the weights' bytes over the GPU's bandwidth. And one eager step reading fresh prompt
+  chunks (`--prefill-shapes`, prompts x tokens), with attention in the Triton prefill kernel and in SDPA over
+  gathered blocks: the step that time to first token waits for.
 - engine: N concurrent sequences through `NativeEngine.generate` (no HTTP, no detokeniser), each a distinct random
   prompt and the sampling Qwen2-7B-Instruct's generation_config.json gives every /v1 request (temperature 0.7,
   top-p 0.8, top-k 20, repetition penalty 1.05): output tokens/s and milliseconds per engine step.
@@ -31,30 +33,63 @@ import torch
 from qwen_api.engine.base import SamplingParams
 from qwen_api.engine.native.engine import NativeEngine
 from qwen_api.engine.native.runner import CudaGraphs
+from qwen_api.engine.native.scheduler import Sequence, Step
 
 QWEN2_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+
+
+def timed(fn, repeats: int, cuda: bool = True) -> float:  # type: ignore[no-untyped-def]
+    """Median milliseconds of `fn` after 3 untimed calls: on the GPU by CUDA events, on the CPU by the clock."""
+    times = []
+    for i in range(repeats + 3):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            elapsed = start.elapsed_time(end)
+        else:
+            began = time.perf_counter()
+            fn()
+            elapsed = 1000 * (time.perf_counter() - began)
+        if i >= 3:
+            times.append(elapsed)
+    return statistics.median(times)
 
 
 def forward_ms(engine: NativeEngine, size: int, repeats: int) -> dict[str, float]:
     """Median milliseconds of one decode step at `size` rows: graph replay, and eager (CUDA only)."""
     graphs = engine.runner.graphs
     assert graphs is not None and size in graphs.graphs, f"no CUDA graph for batch {size}"
-
-    def timed(fn) -> float:  # type: ignore[no-untyped-def]
-        times = []
-        for i in range(repeats + 3):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            if i >= 3:
-                times.append(start.elapsed_time(end))
-        return statistics.median(times)
-
     graph, _ = graphs.graphs[size]
     with torch.inference_mode():
-        return {"graph_ms": timed(graph.replay), "eager_ms": timed(lambda: graphs._forward(size))}
+        return {"graph_ms": timed(graph.replay, repeats), "eager_ms": timed(lambda: graphs._forward(size), repeats)}
+
+
+def prefill_ms(engine: NativeEngine, prompts: int, tokens: int, repeats: int) -> dict[str, float]:
+    """Median milliseconds of one eager step reading `prompts` fresh chunks of `tokens` prompt tokens, attention in
+    the Triton prefill kernel (on CUDA, when it passed its check at load) and in SDPA over gathered blocks. The
+    engine must be idle: the step takes blocks from its pool."""
+    pool, runner = engine.cache.pool, engine.runner
+    params = SamplingParams(max_new_tokens=1)
+    seqs = [Sequence([(7 * i + t) % 1000 for t in range(tokens)], tokens, params) for i in range(prompts)]
+    for seq in seqs:
+        seq.blocks = [pool.allocate() for _ in range(-(-tokens // pool.block_size))]
+    step = Step(prefills=[(seq, tokens) for seq in seqs])
+    checked, result = runner.prefill_kernel, {}
+    try:
+        with torch.inference_mode():
+            for name, kernel in (("kernel_ms", True), ("sdpa_ms", False)):
+                if kernel and not checked:
+                    continue
+                runner.prefill_kernel = kernel
+                result[name] = timed(lambda: runner.run_eager(step), repeats, engine.device.type == "cuda")
+    finally:
+        runner.prefill_kernel = checked
+        for seq in seqs:
+            pool.release(seq.blocks)
+    return result
 
 
 async def engine_wave(engine: NativeEngine, concurrency: int, prompt_tokens: int, new_tokens: int) -> dict:
@@ -99,13 +134,16 @@ async def engine_wave(engine: NativeEngine, concurrency: int, prompt_tokens: int
 
 
 def triton_variants() -> int | None:
-    """How many variants of the paged decode kernel Triton has compiled so far (None without Triton)."""
+    """How many variants of the paged decode and prefill kernels Triton has compiled so far (None without Triton)."""
     try:
-        from qwen_api.engine.native.triton_attention import _paged_decode_kernel
+        from qwen_api.engine.native.triton_attention import _paged_decode_kernel, _paged_prefill_kernel
     except ImportError:
         return None
-    caches = getattr(_paged_decode_kernel, "device_caches", None) or getattr(_paged_decode_kernel, "cache", {})
-    return sum(len(c[0] if isinstance(c, tuple) else c) for c in caches.values())
+    total = 0
+    for kernel in (_paged_decode_kernel, _paged_prefill_kernel):
+        caches = getattr(kernel, "device_caches", None) or getattr(kernel, "cache", {})
+        total += sum(len(c[0] if isinstance(c, tuple) else c) for c in caches.values())
+    return total
 
 
 def profile(engine: NativeEngine, concurrency: int, prompt_tokens: int) -> str:
@@ -128,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--prefill-shapes", default="2x1024,16x128", help="prompts x tokens of the timed prefill steps")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(
         "--compare-unfused", action="store_true", help="CUDA: also time the step with eager elementwise ops"
@@ -157,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         for size in [*levels, max(levels) + 32, max(levels) + 256]:
             result["forward"][size] = forward_ms(engine, size, args.repeats)
             print(f"forward {size:>3} tokens: {result['forward'][size]}", flush=True)
+    result["prefill"] = {}
+    for shape in args.prefill_shapes.split(","):
+        prompts, tokens = (int(x) for x in shape.split("x"))
+        result["prefill"][shape] = prefill_ms(engine, prompts, tokens, args.repeats)
+        print(f"prefill step of {prompts} x {tokens} prompt tokens: {result['prefill'][shape]}", flush=True)
     try:
         asyncio.run(engine_wave(engine, 2, args.prompt_tokens, 4))  # warm-up
         modes = [engine.overlap, not engine.overlap] if args.compare_in_turn else [engine.overlap]

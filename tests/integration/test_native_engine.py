@@ -313,6 +313,109 @@ def test_triton_decode_kernel_matches_sdpa_interpreted(dtype: torch.dtype) -> No
         torch.testing.assert_close(mine.float(), ref, atol=tolerance, rtol=tolerance)
 
 
+def test_prefill_tiles_cut_each_chunk_and_keep_their_columns_aligned() -> None:
+    """Tiles of at most block_q tokens, in the stream's order; each column starts on 16 bytes whatever the count
+    (Triton compiles a variant per pointer alignment: unaligned columns would each cost a compile mid-serving)."""
+    from qwen_api.engine.native.attention import prefill_tiles
+
+    tables = torch.zeros(3, 4, dtype=torch.int32)
+    tiles = prefill_tiles([(1, 2, 5, 0), (2, 7, 1, 40)], tables, 2, torch.device("cpu"))
+    assert tiles.table_row.tolist() == [1, 1, 1, 2] and tiles.start.tolist() == [2, 4, 6, 7]
+    assert tiles.count.tolist() == [2, 2, 1, 1] and tiles.position.tolist() == [0, 2, 4, 40]
+    for n in range(1, 10):
+        tiles = prefill_tiles([(0, 0, n, 0)], tables, 1, torch.device("cpu"))
+        columns = (tiles.table_row, tiles.start, tiles.count, tiles.position)
+        assert tiles.tiles == n and all(c.data_ptr() % 16 == 0 and c.is_contiguous() for c in columns)
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_prefill_kernel_matches_sdpa_interpreted(dtype: torch.dtype) -> None:
+    """The prefill kernel itself, through Triton's interpreter, against SDPA over each chunk's gathered blocks:
+    2 and 7 query heads a kv head (7: tiles of 18 tokens, rows not a power of two), chunks with no cached prefix,
+    after one, a single token after 40, chunks of several tiles; block tables in random order, scratch-padded; the
+    step's decode rows, before the chunks, are left as they were."""
+    from qwen_api.engine.native.attention import PrefillSpan, _prefill_span, prefill_block_q, prefill_tiles
+    from qwen_api.engine.native.triton_attention import paged_prefill
+
+    torch.manual_seed(0)
+    blocks, block, dim, decodes = 64, 16, 16, 2
+    chunks = [(6, 6), (3, 40), (1, 41), (150, 150), (70, 200)]  # (chunk tokens, context tokens)
+    width = max(-(-ctx // block) for _, ctx in chunks)
+    for heads, kv_heads in ((4, 2), (14, 2)):
+        k_cache = torch.randn(blocks + 1, block, kv_heads, dim, dtype=dtype)  # the last block: scratch
+        v_cache = torch.randn_like(k_cache)
+        q = torch.randn(decodes + sum(n for n, _ in chunks), heads, dim, dtype=dtype)
+        order = torch.randperm(blocks).tolist()
+        tables, spec, refs, row = [], [], [], decodes
+        for i, (n, ctx) in enumerate(chunks):
+            own, order = order[: -(-ctx // block)], order[-(-ctx // block) :]
+            tables.append(own + [blocks] * (width - len(own)))
+            spec.append((i, row, n, ctx - n))
+            span = PrefillSpan(q_start=row, q_len=n, ctx_len=ctx, blocks=torch.tensor(own))
+            refs.append(_prefill_span(q[row : row + n].float(), k_cache.float(), v_cache.float(), span))
+            row += n
+        block_q = prefill_block_q(heads // kv_heads)
+        tiles = prefill_tiles(spec, torch.tensor(tables, dtype=torch.int32), block_q, torch.device("cpu"))
+        assert tiles.tiles == sum(-(-n // block_q) for n, _ in chunks) > len(chunks)
+        out = torch.full_like(q, 7.0)
+        paged_prefill(q, k_cache, v_cache, tiles, out)
+        assert bool((out[:decodes] == 7.0).all())
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+        torch.testing.assert_close(out[decodes:].float(), torch.cat(refs), atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.triton_interpret
+def test_prefill_kernel_steps_give_transformers_tokens(
+    tiny_qwen2_dir: Path,
+    hf_model,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Eager steps as a GPU runs them, on the CPU: decodes in the Triton decode kernel, every prompt chunk in the
+    prefill kernel (both through Triton's interpreter), steps overlapped. Prompts arrive while others decode, a
+    130-token one is read in chunks of 48, one starts after a cached prefix. The tokens are transformers'."""
+    from qwen_api.engine.native import runner as runner_module
+
+    engine = NativeEngine(tiny_qwen2_dir, [EOS], kv_cache_tokens=1024, max_batch_size=4, prefill_chunk=48, overlap=True)
+    try:
+        assert runner_module._prefill_kernel_works(engine.model)  # the load-time check, on the tiny model's heads
+        monkeypatch.setattr(engine.runner, "use_triton", True)
+        monkeypatch.setattr(engine.runner, "prefill_kernel", True)
+        tiled: list[int] = []
+        build = runner_module.prefill_tiles
+        monkeypatch.setattr(
+            runner_module, "prefill_tiles", lambda chunks, *a: tiled.append(len(chunks)) or build(chunks, *a)
+        )
+        shared = random_prompt(20, seed=83)
+        prompts = [[*shared, 7], random_prompt(130, seed=84), random_prompt(9, seed=85), [*shared, 8, 9]]
+        params = SamplingParams(max_new_tokens=5, temperature=0.0)
+        results = run_staggered(engine, [(p, params) for p in prompts], 0.05)
+        assert len(tiled) >= 4 and engine.cache.pool.hit_blocks > 0
+        for prompt, tokens in zip(prompts, results, strict=True):
+            assert tokens == reference(hf_model, prompt, 5), f"prompt of {len(prompt)} tokens"
+    finally:
+        engine.shutdown()
+
+
+def test_a_prefill_kernel_that_fails_its_check_leaves_sdpa(
+    tiny_qwen2_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A kernel that does not compile or computes wrong on this GPU costs speed, never the engine: logged, SDPA."""
+    from qwen_api.engine.native import runner as runner_module
+    from qwen_api.engine.native import triton_attention
+
+    def broken(*args: Any) -> None:
+        raise AssertionError("mismatch")
+
+    monkeypatch.setattr(triton_attention, "check_paged_prefill", broken)
+    engine = NativeEngine(tiny_qwen2_dir, [EOS], kv_cache_tokens=1024, max_batch_size=4)
+    try:
+        assert not runner_module._prefill_kernel_works(engine.model)
+        assert "prompt chunks go through SDPA instead" in caplog.text
+    finally:
+        engine.shutdown()
+
+
 @pytest.mark.triton_interpret
 def test_graph_steps_through_the_triton_kernel_give_transformers_tokens(
     tiny_qwen2_dir: Path,
@@ -775,7 +878,7 @@ def test_gpu_fp32_greedy_matches_transformers(tiny_qwen2_dir: Path) -> None:
     hf = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32).to("cuda").eval()
     gpu = NativeEngine(tiny_qwen2_dir, [EOS], device="cuda", dtype=torch.float32, max_batch_size=16)
     try:
-        assert gpu.runner.use_triton and gpu.runner.graphs is not None
+        assert gpu.runner.use_triton and gpu.runner.graphs is not None and gpu.runner.prefill_kernel
         prompts = [random_prompt(length, seed=90 + i) for i, length in enumerate([1, 7, 33, 100, 300])]
         results = run_many(gpu, [*((p, GREEDY) for p in prompts), *((p, SAMPLED) for p in prompts[:3])])
         for prompt, tokens in zip(prompts, results, strict=False):
@@ -800,6 +903,7 @@ def test_gpu_bf16_greedy_against_transformers(tiny_qwen2_dir: Path) -> None:
     gpu = NativeEngine(tiny_qwen2_dir, [EOS], device="cuda", dtype=torch.bfloat16, max_batch_size=16)
     try:
         assert gpu.model.ops.fused  # bf16 on CUDA runs the torch.compile'd elementwise steps, not a fallback
+        assert gpu.runner.prefill_kernel  # and the Triton prefill kernel passed its check
         prompts = [random_prompt(length, seed=90 + i) for i, length in enumerate([1, 7, 33, 100, 300])]
         results = run_many(gpu, [(p, GREEDY) for p in prompts])
         for prompt, tokens in zip(prompts, results, strict=True):
@@ -829,6 +933,15 @@ def test_gpu_triton_decode_matches_sdpa() -> None:
     mine = paged_decode(q, k_cache, v_cache, tables, lens)
     ref = decode_sdpa(q.float(), k_cache.float(), v_cache.float(), tables, lens, int(lens.max()))
     torch.testing.assert_close(mine.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_triton_prefill_matches_sdpa(dtype: torch.dtype) -> None:
+    """The prefill kernel compiled for Qwen2-7B's heads (28 query heads on 4 kv heads, 128 dims), against SDPA."""
+    from qwen_api.engine.native.triton_attention import check_paged_prefill
+
+    check_paged_prefill(28, 4, 128, dtype, torch.device("cuda"))
 
 
 @pytest.mark.gpu

@@ -6,10 +6,12 @@ also runs inside CUDA graphs), then:
 - decodes: on CUDA with Triton, `triton_attention.paged_decode` walks each sequence's block table on the GPU
   (no gather, no host sync: capturable in a CUDA graph); elsewhere their blocks are gathered into a padded
   batch and read with SDPA under a length mask;
-- prompt spans: each span's context (cached prefix plus the chunk) is gathered from its blocks and read with
-  SDPA, causal within the chunk. A long chunk gets its own call (the flash kernel when it has no cached prefix);
-  on a GPU, a step's short chunks (many new short prompts at once) share one call under a mask that keeps each
-  query to its own sequence (`PrefillBatch`): one call a layer instead of one per prompt.
+- prompt spans: on CUDA, `triton_attention.paged_prefill` reads every chunk of the step in one launch, tile by
+  tile of query tokens (`PrefillTiles`), streaming each sequence's blocks. Elsewhere (and on a GPU where that
+  kernel failed its check at load) each span's context (cached prefix plus the chunk) is gathered from its blocks
+  and read with SDPA, causal within the chunk: a long chunk gets its own call (the flash kernel when it has no
+  cached prefix); on a GPU, a step's short chunks (many new short prompts at once) share one call under a mask
+  that keeps each query to its own sequence (`PrefillBatch`): one call a layer instead of one per prompt.
 """
 
 from __future__ import annotations
@@ -72,6 +74,46 @@ def batch_prefills(spans: list[tuple[int, int, int, list[int]]], block_size: int
     return PrefillBatch(q_rows=q_rows, ctx_slots=ctx_slots, mask=mask)
 
 
+PREFILL_ROWS = 128  # (query token, query head) rows one program of the Triton prefill kernel holds
+
+
+def prefill_block_q(groups: int) -> int:
+    """Query tokens a prefill tile holds when each kv head serves `groups` query heads."""
+    return max(1, PREFILL_ROWS // groups)
+
+
+@dataclass(frozen=True)
+class PrefillTiles:
+    """A step's prompt chunks cut into tiles of at most `block_q` query tokens, for the Triton prefill kernel
+    (`triton_attention.paged_prefill`); [tiles] int32 tensors on the device."""
+
+    table_row: torch.Tensor  # the tile's sequence: its row of `tables`
+    start: torch.Tensor  # the tile's first query: its row in the step's stream of tokens
+    count: torch.Tensor  # query tokens in the tile
+    position: torch.Tensor  # the first query's position in its sequence (after the cached prefix, earlier tiles)
+    tables: torch.Tensor  # [S, W] int32: the block tables the tiles' rows index
+    block_q: int
+
+    @property
+    def tiles(self) -> int:
+        return self.table_row.numel()
+
+
+def prefill_tiles(
+    chunks: list[tuple[int, int, int, int]], tables: torch.Tensor, block_q: int, device: torch.device
+) -> PrefillTiles:
+    """chunks: (its sequence's row of `tables`, first row in the stream, tokens, first position) each, host values."""
+    tiles: list[tuple[int, int, int, int]] = []
+    for table_row, start, n, position in chunks:
+        tiles += [(table_row, start + i, min(block_q, n - i), position + i) for i in range(0, n, block_q)]
+    # One copy to the device, each column padded to 16 bytes: Triton compiles a kernel variant per alignment of
+    # its pointer arguments, and columns at unaligned offsets would each cost a compile in the middle of serving.
+    host = torch.zeros(4, -(-len(tiles) // 4) * 4, dtype=torch.int32)
+    host[:, : len(tiles)] = torch.tensor(tiles, dtype=torch.int32).t()
+    rows, starts, counts, positions = (column[: len(tiles)] for column in host.to(device, non_blocking=True).unbind(0))
+    return PrefillTiles(rows, starts, counts, positions, tables=tables, block_q=block_q)
+
+
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: where each token's K/V goes (block * block_size + offset)
@@ -81,6 +123,7 @@ class AttentionMetadata:
     max_context_len: int = 0  # host copy of context_lens.max(), for the gather path
     prefills: list[PrefillSpan] = field(default_factory=list)  # chunks read one call each
     prefill_batch: PrefillBatch | None = None  # short chunks read together
+    prefill_tiles: PrefillTiles | None = None  # every chunk, read by the Triton prefill kernel (CUDA)
     use_triton: bool = False
 
 
@@ -102,7 +145,7 @@ def paged_attention(
     meta: AttentionMetadata,
     ops: Pointwise,
 ) -> torch.Tensor:  # [T, H, D]
-    if not meta.prefills and meta.prefill_batch is None:  # decodes only (the CUDA-graph case)
+    if not meta.prefills and meta.prefill_batch is None and meta.prefill_tiles is None:  # decodes only (graphs)
         return _decode(q, k_cache, v_cache, meta, ops)
     out = torch.empty_like(q)
     if meta.num_decode:
@@ -112,6 +155,10 @@ def paged_attention(
         out[rows] = _prefill_span(q[rows], k_cache, v_cache, span)
     if (batch := meta.prefill_batch) is not None:
         out.index_copy_(0, batch.q_rows, prefill_batched(q.index_select(0, batch.q_rows), k_cache, v_cache, batch))
+    if (tiles := meta.prefill_tiles) is not None:
+        from qwen_api.engine.native.triton_attention import paged_prefill
+
+        paged_prefill(q, k_cache, v_cache, tiles, out)
     return out
 
 

@@ -8,7 +8,9 @@ scratch slot, one launch instead of hundreds. A graph reads every token as a dec
 (`flatten`): its own sequence's blocks up to its position, in the paged decode kernel, so a step that also
 reads short prompt chunks replays a graph too (before, any prompt token made the step eager: 22.8 ms against
 5.1 ms at 64 sequences on an H200). That kernel reads a token's whole context for each prompt token, so steps
-with more prompt tokens, or long contexts behind them (`MIXED_READS`), run eagerly, with prefill attention.
+with more prompt tokens, or long contexts behind them (`MIXED_READS`), run eagerly, with prefill attention: on
+CUDA the Triton prefill kernel (`triton_attention.paged_prefill`, all of a step's chunks in one launch a layer,
+checked against SDPA at load), elsewhere SDPA over each chunk's gathered blocks.
 """
 
 from __future__ import annotations
@@ -18,7 +20,15 @@ from dataclasses import dataclass
 
 import torch
 
-from qwen_api.engine.native.attention import SHORT_CHUNK, AttentionMetadata, PrefillSpan, batch_prefills
+from qwen_api.engine.native.attention import (
+    SHORT_CHUNK,
+    AttentionMetadata,
+    PrefillSpan,
+    PrefillTiles,
+    batch_prefills,
+    prefill_block_q,
+    prefill_tiles,
+)
 from qwen_api.engine.native.kv_cache import KVCache
 from qwen_api.engine.native.model import CausalLM
 from qwen_api.engine.native.scheduler import PENDING, Sequence, Step
@@ -130,6 +140,9 @@ class ModelRunner:
         # launches for nothing; the CPU keeps one call each (its numerics are what the exact CPU tests compare).
         self.batched_prefill = self.device.type == "cuda" if batched_prefill is None else batched_prefill
         self.max_blocks_per_seq = max_blocks_per_seq
+        # Prompt chunks through the Triton prefill kernel on CUDA (SDPA over gathered blocks otherwise, and as the
+        # fallback when the kernel fails its check at load).
+        self.prefill_kernel = self.use_triton and _prefill_kernel_works(model)
         if model.ops.fused:
             try:
                 model.ops.warm(model)
@@ -168,19 +181,26 @@ class ModelRunner:
         return self._forward(flat, meta, step, feed)
 
     def run_eager(self, step: Step, feed: Feed | None = None) -> torch.Tensor:
-        """Decodes through the paged decode kernel (or its SDPA reference), prompt chunks through prefill
-        attention: one call per long chunk, one for the short ones together (`batched_prefill`)."""
+        """Decodes through the paged decode kernel (or its SDPA reference), prompt chunks through the Triton
+        prefill kernel (`prefill_kernel`), or else through SDPA: one call per long chunk, one for the short ones
+        together (`batched_prefill`)."""
         bs = self.cache.block_size
         flat = flatten(step, bs, self.cache.scratch_block)
         decodes = len(step.decodes)
+        tiled = self.prefill_kernel and bool(step.prefills)
         meta = AttentionMetadata(
             slot_mapping=to_device(flat.slots, self.device, torch.int64), num_decode=decodes, use_triton=self.use_triton
         )
+        # one copy of the block tables: the decodes' rows, then (for the prefill kernel) each chunk's
+        tables = (flat.seq_table if tiled else flat.seq_table[:decodes]).to(self.device, non_blocking=True)
         if decodes:
             lens = flat.lens[:decodes]
-            meta.block_tables = flat.seq_table[:decodes].to(self.device, non_blocking=True)
+            meta.block_tables = tables[:decodes]
             meta.context_lens = to_device(lens, self.device, torch.int32)
             meta.max_context_len = max(lens)
+        if tiled:
+            meta.prefill_tiles = self._tiles(step, tables)
+            return self._forward(flat, meta, step, feed)
         short = [seq for seq, n in step.prefills if n <= SHORT_CHUNK] if self.batched_prefill else []
         batched: list[tuple[int, int, int, list[int]]] = []
         row = decodes  # the chunk's first row in the stream
@@ -196,12 +216,37 @@ class ModelRunner:
             meta.prefill_batch = batch_prefills(batched, bs, self.device)
         return self._forward(flat, meta, step, feed)
 
+    def _tiles(self, step: Step, tables: torch.Tensor) -> PrefillTiles:
+        """The step's prompt chunks as the prefill kernel's tiles; `tables` holds the decodes' rows, then each
+        chunk's, as `flatten` lays them out."""
+        decodes, chunks, row = len(step.decodes), [], len(step.decodes)
+        for i, (seq, n) in enumerate(step.prefills):
+            chunks.append((decodes + i, row, n, seq.computed))
+            row += n
+        config = self.model.config
+        return prefill_tiles(chunks, tables, prefill_block_q(config.num_heads // config.num_kv_heads), self.device)
+
     def _forward(self, flat: FlatStep, meta: AttentionMetadata, step: Step, feed: Feed | None) -> torch.Tensor:
         ids = to_device(flat.ids, self.device, torch.int64)
         if feed is not None:
             feed.fill(ids, step.decodes)
         hidden = self.model(ids, to_device(flat.positions, self.device, torch.int64), self.cache.layers, meta)
         return self.model.logits(hidden.index_select(0, to_device(flat.sample_rows, self.device, torch.int64)))
+
+
+def _prefill_kernel_works(model: CausalLM) -> bool:
+    """Compile the Triton prefill kernel for the model's shapes and check it against SDPA (at load: a failure costs
+    speed, never the engine)."""
+    from qwen_api.engine.native.triton_attention import check_paged_prefill
+
+    c, weight = model.config, model.embed_tokens
+    try:
+        check_paged_prefill(c.num_heads, c.num_kv_heads, c.head_dim, weight.dtype, weight.device)
+    except Exception:
+        log.exception("the Triton prefill kernel failed its check; prompt chunks go through SDPA instead")
+        return False
+    log.info("prompt chunks read by the Triton prefill kernel")
+    return True
 
 
 class CudaGraphs:

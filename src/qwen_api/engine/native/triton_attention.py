@@ -1,12 +1,21 @@
-"""Paged decode attention as a Triton kernel: one query token per sequence, reading only that sequence's blocks.
+"""Paged attention as Triton kernels: each query token reads only its own sequence's blocks, through its table.
 
-Flash-decoding over the block table, split along the context: program (b, kv_head, split) walks its share of
-row b's blocks with an online softmax, for all query heads of that kv head at once (grouped-query attention:
-the group is one small matrix product per block), and writes a partial (max, sum, weighted values);
-`pointwise.merge_splits` then merges the splits. Splitting keeps the GPU busy when the batch is small (at batch 1
-there are only kv_heads rows of work otherwise). Everything the kernel reads is on the device (block tables, context
-lengths), and shapes depend only on the batch size, so a CUDA graph can capture it. Imported only on CUDA
-where Triton is installed; `attention.decode_sdpa` is the reference it is tested against.
+- `paged_decode`, one query token per sequence: flash-decoding over the block table, split along the context:
+  program (b, kv_head, split) walks its share of row b's blocks with an online softmax, for all query heads of
+  that kv head at once (grouped-query attention: the group is one small matrix product per block), and writes a
+  partial (max, sum, weighted values); `pointwise.merge_splits` then merges the splits. Splitting keeps the GPU
+  busy when the batch is small (at batch 1 there are only kv_heads rows of work otherwise). Everything the kernel
+  reads is on the device (block tables, context lengths), and shapes depend only on the batch size, so a CUDA
+  graph can capture it.
+- `paged_prefill`, the prompt chunks of a step: each chunk is cut into tiles of up to `BLOCK_Q` consecutive
+  query tokens (`prefill_tiles`); program (tile, kv_head) holds the tile's queries for every query head of that
+  kv head as one [tokens x heads, head_dim] matrix and streams the sequence's keys and values block by block from
+  the cache (flash attention: online softmax, fp32 accumulators), up to the tile's last query, causal within the
+  chunk, the cached prefix included. One launch a layer for every chunk of the step, nothing gathered or
+  repeated per query head, no mask in memory: what SDPA over gathered blocks cost the prompt steps on a GPU.
+
+Imported only on CUDA where Triton is installed (and by the tests, through Triton's interpreter on the CPU);
+`attention.decode_sdpa` and `attention._prefill_span` are the references they are tested against.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qwen_api.engine.native.attention import PrefillTiles, prefill_block_q
 from qwen_api.engine.native.pointwise import merge_splits
 
 SPLITS = 8  # context splits per (row, kv head); partials merged in torch
@@ -119,3 +129,137 @@ def paged_decode(
         N_SPLITS=SPLITS, IEEE=q.dtype == torch.float32,
     )  # fmt: skip
     return merge(part_out, part_max, part_sum, q.dtype)
+
+
+PREFILL_KEYS = 64  # keys (4 blocks of 16) a prefill program reads per iteration
+
+
+@triton.jit(do_not_specialize=["stride_bt"])
+def _paged_prefill_kernel(
+    q_ptr,  # [T, H, D]
+    k_ptr,  # [N, BLOCK, KV, D]
+    v_ptr,
+    out_ptr,  # [T, H, D]
+    block_tables_ptr,  # [S, W] int32
+    tile_row_ptr,  # [tiles] int32 each (PrefillTiles)
+    tile_start_ptr,
+    tile_count_ptr,
+    tile_position_ptr,
+    scale,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kn,
+    stride_kt,
+    stride_kh,
+    stride_bt,
+    GROUPS: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    ROWS: tl.constexpr,  # BLOCK_Q * GROUPS, padded to a power of two
+    HEAD_DIM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    KEYS: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    table_row = tl.load(tile_row_ptr + tile)
+    start = tl.load(tile_start_ptr + tile)
+    count = tl.load(tile_count_ptr + tile)
+    first = tl.load(tile_position_ptr + tile)
+
+    r = tl.arange(0, ROWS)
+    token = r // GROUPS  # row r is query token r // GROUPS of the tile, for query head r % GROUPS of this kv head
+    head = kv_head * GROUPS + r % GROUPS
+    valid = token < count
+    # rows past the tile's tokens read as its last token: finite sums, never stored
+    position = first + tl.minimum(token, count - 1)
+    d = tl.arange(0, HEAD_DIM)
+    q_rows = (start + token).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=valid[:, None],
+                other=0.0)  # fmt: skip
+
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    s_sum = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    context = first + count  # keys up to the tile's last query; key 0 is within every row's reach
+    j = tl.arange(0, KEYS)
+    for key0 in range(0, context, KEYS):
+        keys = key0 + j
+        in_context = keys < context
+        block = tl.load(block_tables_ptr + table_row * stride_bt + keys // BLOCK, mask=in_context, other=0)
+        offs = block.to(tl.int64) * stride_kn + (keys % BLOCK) * stride_kt + kv_head * stride_kh
+        k = tl.load(k_ptr + offs[:, None] + d[None, :], mask=in_context[:, None], other=0.0)  # [KEYS, D]
+        v = tl.load(v_ptr + offs[:, None] + d[None, :], mask=in_context[:, None], other=0.0)
+        if IEEE:  # noqa: SIM108 (a constexpr branch, resolved when Triton compiles)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [ROWS, KEYS], fp32
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where(keys[None, :] <= position[:, None], s, float("-inf"))  # causal; past the context too
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        s_sum = s_sum * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+
+    out = acc / s_sum[:, None]
+    o_rows = (start + token).to(tl.int64)
+    tl.store(out_ptr + o_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=valid[:, None])  # fmt: skip
+
+
+def paged_prefill(
+    q: torch.Tensor,  # [T, H, D]: the step's stream; the tiles name the prompt rows
+    k_cache: torch.Tensor,  # [N, BLOCK, KV, D], the chunks' own keys and values already written
+    v_cache: torch.Tensor,
+    tiles: PrefillTiles,
+    out: torch.Tensor,  # [T, H, D]: the tiles' rows are written, the others left as they are
+) -> None:
+    _, heads, dim = q.shape
+    _, block, kv_heads, _ = k_cache.shape
+    groups = heads // kv_heads
+    assert tiles.block_q == prefill_block_q(groups) and q.stride(2) == 1 and out.stride(2) == 1
+    _paged_prefill_kernel[(tiles.tiles, kv_heads)](
+        q, k_cache, v_cache, out, tiles.tables, tiles.table_row, tiles.start, tiles.count, tiles.position,
+        dim**-0.5,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), tiles.tables.stride(0),
+        GROUPS=groups, BLOCK_Q=tiles.block_q, ROWS=max(16, triton.next_power_of_2(tiles.block_q * groups)),
+        HEAD_DIM=dim, BLOCK=block, KEYS=PREFILL_KEYS, IEEE=q.dtype == torch.float32,
+        num_warps=8 if dim >= 128 else 4,
+    )  # fmt: skip
+
+
+def check_paged_prefill(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Compile the prefill kernel for this model's shapes and check it against the SDPA reference on a small random
+    step (two chunks, one after a cached prefix, tiles crossing blocks): at load, so that a kernel that fails to
+    compile or computes wrong on this GPU is found before any prompt, and the engine keeps SDPA instead."""
+    from qwen_api.engine.native.attention import PrefillSpan, _prefill_span, prefill_tiles
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    block, blocks = 16, 24
+    k_cache = torch.randn(blocks, block, kv_heads, head_dim, device=device, dtype=dtype, generator=generator)
+    v_cache = torch.randn(k_cache.shape, device=device, dtype=dtype, generator=generator)
+    chunks = [(40, 40, [3, 9, 1]), (150, 180, [*range(10, 22)])]  # (tokens, context, blocks)
+    q = torch.randn(1 + sum(n for n, _, _ in chunks), heads, head_dim, device=device, dtype=dtype, generator=generator)
+    width = max(len(b) for _, _, b in chunks)
+    tables = torch.tensor([b + [0] * (width - len(b)) for _, _, b in chunks], dtype=torch.int32, device=device)
+    spec, row = [], 1  # row 0 stands for a decode, which the kernel must leave alone
+    for i, (n, ctx, _) in enumerate(chunks):
+        spec.append((i, row, n, ctx - n))
+        row += n
+    out = torch.zeros_like(q)
+    paged_prefill(q, k_cache, v_cache, prefill_tiles(spec, tables, prefill_block_q(heads // kv_heads), device), out)
+    k32, v32 = k_cache.float(), v_cache.float()
+    for (_, start, n, _), (_, ctx, b) in zip(spec, chunks, strict=True):
+        span = PrefillSpan(q_start=start, q_len=n, ctx_len=ctx, blocks=torch.tensor(b, device=device))
+        ref = _prefill_span(q[start : start + n].float(), k32, v32, span)
+        tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out[start : start + n].float(), ref, atol=tolerance, rtol=tolerance)
+    if out[0].abs().max().item() != 0:
+        raise AssertionError("the prefill kernel wrote a row outside its tiles")
