@@ -417,25 +417,41 @@ def test_a_prefill_kernel_that_fails_its_check_leaves_sdpa(
 
 
 @pytest.mark.triton_interpret
+@pytest.mark.parametrize("tiled", [False, True], ids=["prompt-as-decodes", "prefill-kernel"])
 def test_graph_steps_through_the_triton_kernel_give_transformers_tokens(
     tiny_qwen2_dir: Path,
     hf_model,  # type: ignore[no-untyped-def]
     monkeypatch: pytest.MonkeyPatch,
+    tiled: bool,
 ) -> None:
     """What a GPU runs, but on the CPU: every step in the CUDA graphs' layout and buffers (`graphs_replayed_eagerly`)
-    with attention in the Triton kernel the graphs capture (through Triton's interpreter), steps overlapped as on
-    CUDA; prompts arrive while others decode, so prompt tokens are read as decodes in the kernel; one prompt
-    starts after a cached prefix. The tokens are transformers'."""
+    with attention in the Triton kernels the graphs capture (through Triton's interpreter), steps overlapped as on
+    CUDA; prompts arrive while others decode, one starts after a cached prefix. Their prompt tokens are read as
+    decodes in the decode kernel, or (`tiled`, the GPU's default) in the prefill kernel's tiles inside the graphs
+    past max_batch_size, where no limit on the contexts read applies (MIXED_READS 0 here). The tokens are
+    transformers'."""
+    from qwen_api.engine.native import runner as runner_module
+
     engine = NativeEngine(tiny_qwen2_dir, [EOS], kv_cache_tokens=1024, max_batch_size=4, overlap=True)
     try:
-        graphs = graphs_replayed_eagerly(monkeypatch, engine, 4, triton=True)
         monkeypatch.setattr(engine.runner, "use_triton", True)  # steps past the ladder: decodes in the kernel too
+        monkeypatch.setattr(engine.runner, "prefill_kernel", tiled)
+        if tiled:
+            monkeypatch.setattr(runner_module, "MIXED_READS", 0)
+        graphs = graphs_replayed_eagerly(monkeypatch, engine, 4, triton=True)
+        assert graphs.tiled == tiled
+        replayed: list[int] = []
+        monkeypatch.setattr(
+            graphs, "_forward", lambda size: replayed.append(size) or type(graphs)._forward(graphs, size)
+        )
         shared = random_prompt(20, seed=80)
         prompts = [[*shared, 7], random_prompt(3, seed=81), random_prompt(9, seed=82), [*shared, 8, 9]]
         params = SamplingParams(max_new_tokens=5, temperature=0.0)
         results = run_staggered(engine, [(p, params) for p in prompts], 0.05)
         assert graphs.mixed_replays > 0
         assert engine.cache.pool.hit_blocks > 0
+        if tiled:  # steps with prompt tokens replayed the sizes past max_batch_size, which hold the prefill kernel
+            assert any(size > 4 for size in replayed) and graphs._meta(20).prefill_tiles is not None
         for prompt, tokens in zip(prompts, results, strict=True):
             assert tokens == reference(hf_model, prompt, 5), f"prompt of {len(prompt)} tokens"
     finally:

@@ -99,19 +99,33 @@ class PrefillTiles:
         return self.table_row.numel()
 
 
-def prefill_tiles(
-    chunks: list[tuple[int, int, int, int]], tables: torch.Tensor, block_q: int, device: torch.device
-) -> PrefillTiles:
-    """chunks: (its sequence's row of `tables`, first row in the stream, tokens, first position) each, host values."""
+def tile_columns(chunks: list[tuple[int, int, int, int]], block_q: int, width: int = 0) -> tuple[torch.Tensor, int]:
+    """chunks: (its sequence's row of the block tables, first row in the stream, tokens, first position) each, host
+    values. Returns the tiles as a [4, W] int32 host tensor (table row, start, count, position; W at least `width`,
+    the columns past the tiles zero: tiles of no tokens, which the kernel skips) and how many tiles there are.
+    W is a multiple of 4, so on the device each column starts on 16 bytes: Triton compiles a kernel variant per
+    alignment of its pointer arguments, and columns at unaligned offsets would each cost a compile mid-serving."""
     tiles: list[tuple[int, int, int, int]] = []
     for table_row, start, n, position in chunks:
         tiles += [(table_row, start + i, min(block_q, n - i), position + i) for i in range(0, n, block_q)]
-    # One copy to the device, each column padded to 16 bytes: Triton compiles a kernel variant per alignment of
-    # its pointer arguments, and columns at unaligned offsets would each cost a compile in the middle of serving.
-    host = torch.zeros(4, -(-len(tiles) // 4) * 4, dtype=torch.int32)
-    host[:, : len(tiles)] = torch.tensor(tiles, dtype=torch.int32).t()
-    rows, starts, counts, positions = (column[: len(tiles)] for column in host.to(device, non_blocking=True).unbind(0))
-    return PrefillTiles(rows, starts, counts, positions, tables=tables, block_q=block_q)
+    host = torch.zeros(4, -(-max(len(tiles), width) // 4) * 4, dtype=torch.int32)
+    if tiles:
+        host[:, : len(tiles)] = torch.tensor(tiles, dtype=torch.int32).t()
+    return host, len(tiles)
+
+
+def prefill_tiles(
+    chunks: list[tuple[int, int, int, int]], tables: torch.Tensor, block_q: int, device: torch.device
+) -> PrefillTiles:
+    """The chunks (as `tile_columns` takes them) cut into tiles, in one copy to the device."""
+    host, count = tile_columns(chunks, block_q)
+    return PrefillTiles(*tiles_of(host.to(device, non_blocking=True), count), tables=tables, block_q=block_q)
+
+
+def tiles_of(columns: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first `count` tiles of `tile_columns`' layout: table rows, starts, counts, positions."""
+    rows, starts, counts, positions = (column[:count] for column in columns.unbind(0))
+    return rows, starts, counts, positions
 
 
 @dataclass

@@ -4,13 +4,14 @@ Tokens are laid out as the scheduler's decodes (one each), then each prompt chun
 rows whose logits are sampled (every decode, and a chunk's last token when it ends its prompt). On CUDA with
 Triton, steps replay a CUDA graph captured for the next size up on a ladder of token counts (1, 2, 4, 8, 16,
 24, ..., max_batch_size, then max_batch_size + 16, 32, 64, 128, 256): the whole network, rows padded with a
-scratch slot, one launch instead of hundreds. A graph reads every token as a decode reads its one token
-(`flatten`): its own sequence's blocks up to its position, in the paged decode kernel, so a step that also
-reads short prompt chunks replays a graph too (before, any prompt token made the step eager: 22.8 ms against
-5.1 ms at 64 sequences on an H200). That kernel reads a token's whole context for each prompt token, so steps
-with more prompt tokens, or long contexts behind them (`MIXED_READS`), run eagerly, with prefill attention: on
-CUDA the Triton prefill kernel (`triton_attention.paged_prefill`, all of a step's chunks in one launch a layer,
-checked against SDPA at load), elsewhere SDPA over each chunk's gathered blocks.
+scratch slot, one launch instead of hundreds. Steps that also read prompt tokens replay graphs too (before,
+any prompt token made the step eager: 22.8 ms against 5.1 ms at 64 sequences on an H200): the sizes past
+max_batch_size hold the Triton prefill kernel (`triton_attention.paged_prefill`, checked against SDPA at load)
+for their prompt chunks. Where that kernel failed its check, a graph reads every token as a decode reads its one
+token (`flatten`: its own sequence's blocks up to its position, in the paged decode kernel), which reads a
+token's whole context for each prompt token, so steps with long contexts behind them (`MIXED_READS`) run
+eagerly. Steps with more prompt tokens than the ladder takes run eagerly, their chunks in the prefill kernel (all
+of a step's chunks in one launch a layer) on CUDA, elsewhere in SDPA over each chunk's gathered blocks.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from qwen_api.engine.native.attention import (
     batch_prefills,
     prefill_block_q,
     prefill_tiles,
+    tile_columns,
+    tiles_of,
 )
 from qwen_api.engine.native.kv_cache import KVCache
 from qwen_api.engine.native.model import CausalLM
@@ -254,6 +257,12 @@ class CudaGraphs:
 
     A step samples at most one row per sequence, so at most max_batch_size rows: every graph computes logits for
     the rows that `rows` names (the sampled ones, padded), not for every token of a prompt chunk.
+
+    With the prefill kernel (`runner.prefill_kernel`), the sizes past max_batch_size are captured with it: a step
+    with prompt tokens replays one of those, its decodes read by the decode kernel and its prompt chunks by the
+    prefill kernel, over a fixed grid of tiles (spare tiles hold no tokens). The decode kernel also passes over the
+    prompt rows, reading one key each, and the prefill kernel then writes their real values. Without it, prompt
+    tokens are read as decodes (`flatten`), in any size, up to `MIXED_READS`.
     """
 
     def __init__(self, runner: ModelRunner, max_batch_size: int) -> None:
@@ -270,19 +279,32 @@ class CudaGraphs:
         self.tables = torch.full((n, runner.max_blocks_per_seq), cache.scratch_block, dtype=torch.int32, device=device)
         self.lens = torch.ones(n, dtype=torch.int32, device=device)
         self.rows = torch.zeros(self.max_rows, dtype=torch.int64, device=device)
+        self.tiled = runner.prefill_kernel
+        config = runner.model.config
+        self.block_q = prefill_block_q(config.num_heads // config.num_kv_heads)
+        spare, _ = tile_columns([], self.block_q, self._tiles_for(self.max_size))
+        self.tile_columns = spare.to(device)  # [4, W]: the tiles of the step being replayed (PrefillTiles' columns)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.replays = 0
         self.mixed_replays = 0  # of them, steps that also read prompt tokens
         self._capture()
 
+    def _tiles_for(self, size: int) -> int:
+        """The most tiles a step of `size` tokens cuts its chunks into: one per chunk, plus one per block_q tokens."""
+        return min(size, self.max_rows) + -(-size // self.block_q)
+
     def _meta(self, size: int) -> AttentionMetadata:
-        return AttentionMetadata(
+        meta = AttentionMetadata(
             slot_mapping=self.slots[:size],
             num_decode=size,
             block_tables=self.tables[:size],
             context_lens=self.lens[:size],
             use_triton=True,
         )
+        if self.tiled and size > self.max_rows:  # the sizes that steps with prompt tokens replay
+            tiles = tiles_of(self.tile_columns, self._tiles_for(size))
+            meta.prefill_tiles = PrefillTiles(*tiles, tables=self.tables[:size], block_q=self.block_q)
+        return meta
 
     def _forward(self, size: int) -> torch.Tensor:
         model = self.runner.model
@@ -308,23 +330,37 @@ class CudaGraphs:
 
     def fits(self, step: Step) -> bool:
         tokens = len(step.decodes) + sum(n for _, n in step.prefills)
-        return tokens <= self.max_size and step.size <= self.max_rows and prompt_reads(step) <= MIXED_READS
+        if tokens > self.max_size or step.size > self.max_rows:
+            return False
+        return self.tiled or prompt_reads(step) <= MIXED_READS  # the prefill kernel reads a context once a tile
 
     def run(self, step: Step, feed: Feed | None = None) -> torch.Tensor:
         cache = self.runner.cache
         flat = flatten(step, cache.block_size, cache.scratch_block)
         n, width = len(flat.ids), flat.table.size(1)
-        size = next(s for s in self.sizes if s >= n)
+        tiled = self.tiled and bool(step.prefills)
+        size = next(s for s in self.sizes if s >= n and (s > self.max_rows or not tiled))
         pad = size - n
         table = torch.cat([flat.table, torch.full((pad, width), cache.scratch_block, dtype=torch.int32)])
         sampled = len(flat.sample_rows)
         rows = flat.sample_rows + [0] * (min(size, self.max_rows) - sampled)
+        lens = flat.lens
+        if tiled:  # prompt rows: one key each in the decode kernel, then their real values from the prefill kernel
+            decodes = len(step.decodes)
+            lens = lens[:decodes] + [1] * (n - decodes)
+            chunks, row = [], decodes
+            for seq, count in step.prefills:
+                chunks.append((row, row, count, seq.computed))  # its first token's row of `tables` holds its blocks
+                row += count
+            host, count = tile_columns(chunks, self.block_q, self.tile_columns.size(1))
+            assert count <= self._tiles_for(size), (count, size)
+            self.tile_columns.copy_(host, non_blocking=True)  # the spare tiles' zeros included
         self.ids[:size].copy_(torch.tensor(flat.ids + [0] * pad), non_blocking=True)
         if feed is not None:
             feed.fill(self.ids, step.decodes)
         self.positions[:size].copy_(torch.tensor(flat.positions + [0] * pad), non_blocking=True)
         self.slots[:size].copy_(torch.tensor(flat.slots + [self.scratch_slot] * pad), non_blocking=True)
-        self.lens[:size].copy_(torch.tensor(flat.lens + [1] * pad, dtype=torch.int32), non_blocking=True)
+        self.lens[:size].copy_(torch.tensor(lens + [1] * pad, dtype=torch.int32), non_blocking=True)
         self.tables[:size, :width].copy_(table, non_blocking=True)
         self.rows[: len(rows)].copy_(torch.tensor(rows), non_blocking=True)
         graph, out = self.graphs[size]

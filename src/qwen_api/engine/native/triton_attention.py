@@ -167,6 +167,8 @@ def _paged_prefill_kernel(
     table_row = tl.load(tile_row_ptr + tile)
     start = tl.load(tile_start_ptr + tile)
     count = tl.load(tile_count_ptr + tile)
+    if count == 0:  # a spare tile of a CUDA graph's fixed grid
+        return
     first = tl.load(tile_position_ptr + tile)
 
     r = tl.arange(0, ROWS)
