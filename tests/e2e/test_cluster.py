@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import threading
@@ -91,6 +92,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # Ray's single-machine mode: every Ray port on the loopback only
         "RAY_AUTH_MODE": "token",  # as `ray start --head` has it by default; the front joins with the same token
+        # the token itself, made for this cluster: `ray start` finds none on a new machine (no ~/.ray/auth_token)
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
         "HF_HUB_OFFLINE": "1",
     }
     port = free_port()
