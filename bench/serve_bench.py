@@ -24,6 +24,15 @@ Servers are given as NAME=URL (already running), or launched with --launch:
 Each level runs --rounds times, the servers alternating within a round; the table shows per server and level
 the median round (by output tokens/s) and the JSON keeps every round.
 
+The client must not be what limits a fast server: the `openai` SDK costs its process about 160 us of CPU per
+streamed token on the team's 2-core VM, so one process reads at most about 6,000-8,000 tokens/s. Against a fake
+engine that steps 64 streams every 4 ms (`bench/stream_overhead.py --concurrency 64 --pace 0.004 --requests 64
+--client sdk --client-procs N`, 3 rounds alternating with a raw-bytes client): one SDK process received 7,664
+tokens/s, two 9,396, the raw client (16 us a token) 10,826. So a level's streams are spread over `--client-procs`
+processes, each with its own event loop and SDK client, released together; by default one per 16 streams, with at
+most half the machine's cores (so one on two cores, four at 64 streams on 16). Each request is timed in its own
+process; a level's wall time runs from the release to the last answer.
+
     .venv/bin/python bench/serve_bench.py --launch qwen-api --concurrency 1,4,16,64 --max-tokens 64
     .venv/bin/python bench/serve_bench.py --server mine=http://127.0.0.1:2025 --server other=http://...:8000
     make bench-tools && .venv/bin/python bench/serve_bench.py --launch qwen-api --launch llama-server \
@@ -35,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import shutil
 import socket
@@ -80,6 +90,7 @@ class Level:
     samples: list[Sample] = field(default_factory=list)
     errors: int = 0
     round: int = 0
+    clients: int = 1  # client processes that drove the level
 
     def summary(self) -> dict[str, float]:
         ok = self.samples
@@ -133,6 +144,70 @@ async def one_request(
     return Sample(ttft=first if first is not None else e2e, e2e=e2e, tokens=usage_tokens or tokens)
 
 
+STREAMS_PER_CLIENT = 16  # concurrent streams one client process drives, by default (see the module docstring)
+
+
+def client_processes(concurrency: int, cpus: int | None = None) -> int:
+    """Client processes for a level by default: one per STREAMS_PER_CLIENT streams, at most half the cores."""
+    cpus = cpus or os.cpu_count() or 1
+    return max(1, min(-(-concurrency // STREAMS_PER_CLIENT), cpus // 2))
+
+
+async def _drive(
+    base_url: str, concurrency: int, indices: list[int], max_tokens: int, prompts: list[str], temperature: float,
+    ready: asyncio.Event | None = None, go: asyncio.Event | None = None,
+) -> tuple[list[Sample], int, float]:  # fmt: skip
+    """`concurrency` closed-loop workers send the requests `indices` (prompt i % len(prompts)) one after another.
+    Returns the samples, the errors and the seconds from the first request to the last answer."""
+    samples: list[Sample] = []
+    errors = 0
+    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="bench", max_retries=0, timeout=1800) as client:
+        model = (await client.models.list()).data[0].id
+        todo = list(reversed(indices))
+
+        async def worker() -> None:
+            nonlocal errors
+            while todo:
+                i = todo.pop()
+                try:
+                    samples.append(await one_request(client, model, prompts[i % len(prompts)], max_tokens, temperature))
+                except openai.OpenAIError:
+                    errors += 1
+
+        if ready is not None and go is not None:
+            ready.set()
+            await go.wait()
+        start = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        wall = time.perf_counter() - start
+    return samples, errors, wall
+
+
+def _client_process(
+    base_url: str, concurrency: int, indices: list[int], max_tokens: int, prompts: list[str], temperature: float,
+    ready: multiprocessing.Queue, go: multiprocessing.Event, out: multiprocessing.Queue,
+) -> None:  # fmt: skip
+    """One client process of a level: connects, says it is ready, waits for the release, streams its share."""
+
+    async def main() -> tuple[list[Sample], int, float]:
+        here_ready, here_go = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(
+            _drive(base_url, concurrency, indices, max_tokens, prompts, temperature, here_ready, here_go)
+        )
+        await here_ready.wait()
+        ready.put(os.getpid())
+        await asyncio.to_thread(go.wait)
+        here_go.set()
+        return await task
+
+    try:
+        samples, errors, _ = asyncio.run(main())
+    except BaseException:
+        out.put(([], len(indices)))  # the parent is waiting for this share: every request of it failed
+        raise
+    out.put(([asdict(s) for s in samples], errors))
+
+
 async def run_level(
     name: str,
     base_url: str,
@@ -141,28 +216,44 @@ async def run_level(
     max_tokens: int,
     prompts: list[str] | None = None,
     temperature: float = 0.7,
+    processes: int | None = None,
 ) -> Level:
+    """`requests` streaming chats, `concurrency` at a time, from `processes` client processes (default
+    `client_processes(concurrency)`): request i goes to process i % processes, which runs its share of the
+    concurrency."""
     prompts = prompts or PROMPTS
-    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="bench", max_retries=0, timeout=1800) as client:
-        model = (await client.models.list()).data[0].id
-        queue: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(requests):
-            queue.put_nowait(i)
-        level = Level(name, concurrency, requests, 0.0)
-
-        async def worker() -> None:
-            while not queue.empty():
-                i = queue.get_nowait()
-                try:
-                    prompt = prompts[i % len(prompts)]
-                    level.samples.append(await one_request(client, model, prompt, max_tokens, temperature))
-                except openai.OpenAIError:
-                    level.errors += 1
-
-        start = time.perf_counter()
-        await asyncio.gather(*[worker() for _ in range(concurrency)])
-        level.wall_s = time.perf_counter() - start
+    processes = min(processes or client_processes(concurrency), concurrency, requests)
+    level = Level(name, concurrency, requests, 0.0)
+    if processes <= 1:
+        level.samples, level.errors, level.wall_s = await _drive(base_url, concurrency, list(range(requests)),
+                                                                 max_tokens, prompts, temperature)  # fmt: skip
         return level
+    ctx = multiprocessing.get_context("spawn")
+    ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    shares = [concurrency // processes + (k < concurrency % processes) for k in range(processes)]
+    children = [
+        ctx.Process(target=_client_process, daemon=True, args=(
+            base_url, shares[k], list(range(k, requests, processes)), max_tokens, prompts, temperature, ready, go, out))
+        for k in range(processes)
+    ]  # fmt: skip
+    for child in children:
+        child.start()
+    try:
+        pids = {await asyncio.to_thread(ready.get, True, 120) for _ in children}
+        level.clients = len(pids - {os.getpid()})
+        start = time.perf_counter()
+        go.set()
+        for _ in children:
+            samples, errors = await asyncio.to_thread(out.get, True, 3600)
+            level.samples += [Sample(**s) for s in samples]
+            level.errors += errors
+        level.wall_s = time.perf_counter() - start
+    finally:
+        for child in children:
+            child.join(timeout=30)
+            if child.is_alive():
+                child.kill()
+    return level
 
 
 # ------------------------------------------------------------------------------------------------ servers
@@ -350,6 +441,10 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=1, help="runs of each level, the servers alternating; medians are reported"
     )
     parser.add_argument("--baseline", metavar="NAME", help="report the other servers' medians as ratios to this one")
+    parser.add_argument(
+        "--client-procs", type=int, default=0, help="client processes per level (default: one per 16 streams, "
+        "at most half the cores)"
+    )  # fmt: skip
     parser.add_argument("--out-dir", default="bench-results")
     parser.add_argument("--from-json", metavar="FILE", help="only redraw the table and chart of an earlier run")
     args = parser.parse_args(argv)
@@ -364,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
                 [Sample(**x) for x in lv["samples"]],
                 lv["errors"],
                 lv.get("round", 0),
+                lv.get("clients", 1),
             )
             for lv in saved["levels"]
         ]
@@ -390,8 +486,9 @@ def main(argv: list[str] | None = None) -> int:
                 for name, url in servers:
                     asyncio.run(run_level(name, url, 1, 2, 4))  # warm-up, not measured
                     level = asyncio.run(
-                        run_level(name, url, concurrency, count, args.max_tokens, temperature=args.temperature)
-                    )
+                        run_level(name, url, concurrency, count, args.max_tokens, temperature=args.temperature,
+                                  processes=args.client_procs or None)
+                    )  # fmt: skip
                     level.round = round_
                     levels.append(level)
                     print(

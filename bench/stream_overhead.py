@@ -13,6 +13,10 @@ second the HTTP layers deliver: the `tok/s` column against the offered concurren
 `--variant NAME=PYTHONPATH` (repeatable) serves the same load from another source tree (e.g. a copy of `src`
 before a change), round by round alternating with this checkout, so the variants see the same noise.
 
+`--client sdk` drives the server with `bench/serve_bench.py`'s client instead (the `openai` SDK, in
+`--client-procs` processes) and also reports that client's time per token: whether the serving benchmark's own
+client keeps up with a fast engine, or is what its figures measure.
+
     .venv/bin/python bench/stream_overhead.py --concurrency 8 --rounds 5
     .venv/bin/python bench/stream_overhead.py --concurrency 64 --pace 0.004 --tokens 256   # offered: 16,000 tok/s
     cp -r src /tmp/before && ...edit... && .venv/bin/python bench/stream_overhead.py --variant before=/tmp/before
@@ -140,16 +144,31 @@ def measure(name: str, pythonpath: str | None, args: argparse.Namespace) -> dict
                 raise SystemExit(f"{name}: server exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
             time.sleep(0.2)
         asyncio.run(load(url, 2, 2, 8))  # warm-up
-        before = cpu_seconds(proc.pid)
-        streamed, events, wall = asyncio.run(load(url, args.concurrency, args.requests, args.tokens))
-        cpu = cpu_seconds(proc.pid) - before
+        before, client_before = cpu_seconds(proc.pid), time.process_time()
+        tpot = float("nan")
+        if args.client == "sdk":
+            sys.path.insert(0, str(REPO / "bench"))
+            from serve_bench import run_level
+
+            level = asyncio.run(
+                run_level(name, url, args.concurrency, args.requests, args.tokens, temperature=0,
+                          processes=args.client_procs)
+            )  # fmt: skip
+            streamed, events, wall = sum(s.tokens for s in level.samples), 0, level.wall_s
+            tpot = level.summary()["tpot_p50_s"]
+        else:
+            streamed, events, wall = asyncio.run(load(url, args.concurrency, args.requests, args.tokens))
+        cpu, client_cpu = cpu_seconds(proc.pid) - before, time.process_time() - client_before
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     if streamed != args.requests * args.tokens:
         raise SystemExit(f"{name}: {streamed} tokens streamed, {args.requests * args.tokens} expected")
     return {"us_per_token": cpu / streamed * 1e6, "server_cpu_s": cpu, "tokens": streamed, "events": events,
-            "tokens_per_event": streamed / events, "tok_s": streamed / wall}  # fmt: skip
+            "tokens_per_event": streamed / events if events else float("nan"), "tok_s": streamed / wall,
+            "tpot_p50_ms": 1000 * tpot,
+            # the client's own CPU a token, when it runs in this process (not --client-procs > 1)
+            "client_us_per_token": client_cpu / streamed * 1e6 if args.client_procs == 1 else float("nan")}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=PYTHONPATH")
     parser.add_argument("--json", metavar="FILE", help="write every round's numbers here")
+    parser.add_argument("--client", choices=["raw", "sdk"], default="raw", help="sdk: serve_bench.py's client")
+    parser.add_argument("--client-procs", type=int, default=1, help="with --client sdk: its processes")
     args = parser.parse_args(argv)
     if args.serve:
         serve(args.serve, args.pace, args.tokens, args.engine)
@@ -177,16 +198,19 @@ def main(argv: list[str] | None = None) -> int:
             results[name].append(r)
             print(
                 f"round {round_} {name}: {r['us_per_token']:.0f} us/token, {r['tok_s']:.0f} tok/s, "
-                f"{r['tokens_per_event']:.2f} tokens/event",
+                f"{r['tokens_per_event']:.2f} tokens/event, client tpot p50 {r['tpot_p50_ms']:.1f} ms, client "
+                f"{r['client_us_per_token']:.0f} us/token",
                 file=sys.stderr,
             )
-    print(f"{'variant':<16} {'us/token p50':>12} {'min':>6} {'max':>6} {'tok/s p50':>10} {'tokens/event':>13}")
+    print(f"{'variant':<16} {'us/token p50':>12} {'min':>6} {'max':>6} {'tok/s p50':>10} {'tokens/event':>13} "
+          f"{'tpot p50':>9}")  # fmt: skip
     for name, rounds in results.items():
         us = [r["us_per_token"] for r in rounds]
         print(
             f"{name:<16} {statistics.median(us):>12.0f} {min(us):>6.0f} {max(us):>6.0f} "
             f"{statistics.median(r['tok_s'] for r in rounds):>10.0f} "
-            f"{statistics.median(r['tokens_per_event'] for r in rounds):>13.2f}"
+            f"{statistics.median(r['tokens_per_event'] for r in rounds):>13.2f} "
+            f"{statistics.median(r['tpot_p50_ms'] for r in rounds):>7.1f}ms"
         )
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))

@@ -31,6 +31,24 @@ def test_serve_bench_reports_table_json_and_chart(tiny_server: InProcessServer, 
     assert (tmp_path / "serve_bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_level_spread_over_client_processes_keeps_every_request(tiny_server: InProcessServer) -> None:
+    """The load of one level from two client processes (each its own event loop and SDK client, released
+    together): every request answered once, with its tokens, and the streams shared out as the concurrency asks."""
+    import asyncio
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import serve_bench
+
+        level = asyncio.run(serve_bench.run_level("tiny", tiny_server.base_url, 3, 5, 4, processes=2))
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    assert level.clients == 2 and level.errors == 0 and len(level.samples) == 5 and level.wall_s > 0
+    assert all(1 <= s.tokens <= 4 and 0 < s.ttft <= s.e2e <= level.wall_s for s in level.samples)
+    assert serve_bench.client_processes(64, cpus=16) == 4 and serve_bench.client_processes(16, cpus=16) == 1
+    assert serve_bench.client_processes(64, cpus=2) == 1 and serve_bench.client_processes(1, cpus=64) == 1
+
+
 def test_llama_server_runs_on_the_engines_kernels_and_says_how_to_build_it(tmp_path: Path) -> None:
     sys.path.insert(0, str(REPO / "bench"))
     try:
