@@ -32,6 +32,32 @@ from qwen_api.engine.native.pointwise import merge_splits
 SPLITS = 8  # context splits per (row, kv head); partials merged in torch
 
 
+@triton.jit
+def _scores(q, k, scale, IEEE: tl.constexpr):
+    """q [R, D] against k [N, D]: scaled scores [R, N] in fp32 (exact fp32 products for fp32 caches, not TF32: the
+    fp32 tests compare tokens exactly)."""
+    if IEEE:  # noqa: SIM108 (a constexpr branch, resolved when Triton compiles; one return, kept plain for its parser)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    return s * scale
+
+
+@triton.jit
+def _online_softmax(s, v, m, s_sum, acc, IEEE: tl.constexpr):
+    """Fold one block of scores s [R, N] (-inf where masked; at least one finite score a row once m is) and its
+    values v [N, D] into the running max m [R], softmax denominator s_sum [R] and weighted values acc [R, D]."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(s - m_new[:, None])
+    s_sum = s_sum * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, s_sum, acc
+
+
 # The block table's row stride is the widest row of the step, which changes from step to step in eager steps:
 # Triton would compile a variant for each kind of value it sees (1, multiples of 16, others), the first time it
 # sees it, in the middle of serving (a likely cause of the slow first tokens at each new load level; not yet
@@ -58,7 +84,7 @@ def _paged_decode_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK: tl.constexpr,
     N_SPLITS: tl.constexpr,
-    IEEE: tl.constexpr,  # fp32 caches: exact fp32 products, not TF32 (the fp32 tests compare tokens exactly)
+    IEEE: tl.constexpr,  # fp32 caches (_scores)
 ):
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -85,20 +111,8 @@ def _paged_decode_kernel(
         offs = block * stride_kn + t[:, None] * stride_kt + kv_head * stride_kh + d[None, :]
         k = tl.load(k_ptr + offs, mask=t_ok[:, None], other=0.0)  # [BLOCK, D]
         v = tl.load(v_ptr + offs, mask=t_ok[:, None], other=0.0)
-        if IEEE:  # noqa: SIM108 (a constexpr branch, resolved when Triton compiles; kept plain for its parser)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [G, BLOCK], fp32
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where(t_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        s_sum = s_sum * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        s = tl.where(t_ok[None, :], _scores(q, k, scale, IEEE), float("-inf"))  # [G, BLOCK]
+        m, s_sum, acc = _online_softmax(s, v, m, s_sum, acc, IEEE)
 
     part = (row * (GROUPS * tl.num_programs(1)) + heads) * N_SPLITS + split  # index into [B, H, SPLITS]
     tl.store(part_max_ptr + part, m, mask=g_ok)
@@ -125,10 +139,15 @@ def paged_decode(
         q, k_cache, v_cache, block_tables, context_lens, part_out, part_max, part_sum,
         dim**-0.5,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        GROUPS=groups, GROUPS_PAD=max(16, triton.next_power_of_2(groups)), HEAD_DIM=dim, BLOCK=block,
-        N_SPLITS=SPLITS, IEEE=q.dtype == torch.float32,
+        **decode_constants(groups, dim, block, q.dtype == torch.float32),
     )  # fmt: skip
     return merge(part_out, part_max, part_sum, q.dtype)
+
+
+def decode_constants(groups: int, head_dim: int, block: int, ieee: bool) -> dict[str, int | bool]:
+    """The decode kernel's compile-time arguments for a model (one place: `paged_decode` and the compile test)."""
+    return {"GROUPS": groups, "GROUPS_PAD": max(16, triton.next_power_of_2(groups)), "HEAD_DIM": head_dim,
+            "BLOCK": block, "N_SPLITS": SPLITS, "IEEE": ieee, "num_warps": 4}  # fmt: skip
 
 
 PREFILL_KEYS = 64  # keys (4 blocks of 16) a prefill program reads per iteration
@@ -194,20 +213,9 @@ def _paged_prefill_kernel(
         offs = block.to(tl.int64) * stride_kn + (keys % BLOCK) * stride_kt + kv_head * stride_kh
         k = tl.load(k_ptr + offs[:, None] + d[None, :], mask=in_context[:, None], other=0.0)  # [KEYS, D]
         v = tl.load(v_ptr + offs[:, None] + d[None, :], mask=in_context[:, None], other=0.0)
-        if IEEE:  # noqa: SIM108 (a constexpr branch, resolved when Triton compiles)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [ROWS, KEYS], fp32
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where(keys[None, :] <= position[:, None], s, float("-inf"))  # causal; past the context too
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        s_sum = s_sum * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        causal = keys[None, :] <= position[:, None]  # and so within the context
+        s = tl.where(causal, _scores(q, k, scale, IEEE), float("-inf"))  # [ROWS, KEYS]
+        m, s_sum, acc = _online_softmax(s, v, m, s_sum, acc, IEEE)
 
     out = acc / s_sum[:, None]
     o_rows = (start + token).to(tl.int64)
@@ -231,10 +239,16 @@ def paged_prefill(
         dim**-0.5,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), tiles.tables.stride(0),
-        GROUPS=groups, BLOCK_Q=tiles.block_q, ROWS=max(16, triton.next_power_of_2(tiles.block_q * groups)),
-        HEAD_DIM=dim, BLOCK=block, KEYS=PREFILL_KEYS, IEEE=q.dtype == torch.float32,
-        num_warps=8 if dim >= 128 else 4,
+        **prefill_constants(groups, dim, block, q.dtype == torch.float32),
     )  # fmt: skip
+
+
+def prefill_constants(groups: int, head_dim: int, block: int, ieee: bool) -> dict[str, int | bool]:
+    """The prefill kernel's compile-time arguments for a model (one place: `paged_prefill` and the compile test)."""
+    block_q = prefill_block_q(groups)
+    return {"GROUPS": groups, "BLOCK_Q": block_q, "ROWS": max(16, triton.next_power_of_2(block_q * groups)),
+            "HEAD_DIM": head_dim, "BLOCK": block, "KEYS": PREFILL_KEYS, "IEEE": ieee,
+            "num_warps": 8 if head_dim >= 128 else 4}  # fmt: skip
 
 
 def check_paged_prefill(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
