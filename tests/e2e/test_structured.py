@@ -222,6 +222,7 @@ TIME = {
     },
 }
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+BAD_CALL = {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "{city: Paris"}}
 SCRIPTED_CALL = '<tool_call>{"name": "lookup","arguments":{"city":"Paris"}}'
 LOOKUP = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
 
@@ -284,6 +285,10 @@ def test_streamed_call_equals_plain_call_and_two_turns(demo: InProcessServer) ->
             },
             "tools",
         ),
+        (  # an earlier call whose arguments are not JSON (found by Schemathesis: a 500 before)
+            {"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [BAD_CALL]}]},
+            "messages.1.tool_calls.0.function.arguments",
+        ),
     ],
 )
 def test_bad_tool_input_is_a_400(demo: InProcessServer, change: dict, param: str) -> None:
@@ -293,6 +298,19 @@ def test_bad_tool_input_is_a_400(demo: InProcessServer, change: dict, param: str
     error = reply.json()["error"]
     assert error["type"] == "invalid_request_error"
     assert param in (error["param"] or "") + error["message"]
+
+
+def test_a_call_in_the_history_with_empty_arguments_means_no_arguments(demo: InProcessServer) -> None:
+    """`arguments: ""` (a call of a function without parameters, as some clients send it) is read as `{}`."""
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "sunny"}]  # fmt: skip
+    body = {"model": model_of(demo), "messages": history, "tools": [WEATHER], "max_tokens": 2}
+    reply = httpx.post(demo.base_url + "/v1/chat/completions", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    from qwen_api.api.openai_protocol import FunctionCall
+
+    assert FunctionCall(name="f", arguments=" ").arguments == "{}"
 
 
 def test_qwen2_tool_template_renders_as_specified() -> None:

@@ -10,6 +10,7 @@ it has them, else OpenAI's; `top_k`, `min_p` and `repetition_penalty` are extens
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -54,6 +55,19 @@ class TextPart(_OpenAIRequest):
 class FunctionCall(_OpenAIRequest):
     name: str = Field(..., min_length=1)
     arguments: str
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_text(cls, arguments: str) -> str:
+        """A call in the history goes back to the model as its JSON: the arguments must be JSON text. Empty means
+        no arguments (`{}`), as vLLM reads it."""
+        if not arguments.strip():
+            return "{}"
+        try:
+            json.loads(arguments)
+        except ValueError:
+            raise ValueError("a tool call's arguments must be JSON text (a JSON object)") from None
+        return arguments
 
 
 class ToolCall(_OpenAIRequest):
