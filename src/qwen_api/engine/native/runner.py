@@ -222,12 +222,9 @@ class ModelRunner:
     def _tiles(self, step: Step, tables: torch.Tensor) -> PrefillTiles:
         """The step's prompt chunks as the prefill kernel's tiles; `tables` holds the decodes' rows, then each
         chunk's, as `flatten` lays them out."""
-        decodes, chunks, row = len(step.decodes), [], len(step.decodes)
-        for i, (seq, n) in enumerate(step.prefills):
-            chunks.append((decodes + i, row, n, seq.computed))
-            row += n
         config = self.model.config
-        return prefill_tiles(chunks, tables, prefill_block_q(config.num_heads // config.num_kv_heads), self.device)
+        block_q = prefill_block_q(config.num_heads // config.num_kv_heads)
+        return prefill_tiles(prompt_chunks(step, per_token=False), tables, block_q, self.device)
 
     def _forward(self, flat: FlatStep, meta: AttentionMetadata, step: Step, feed: Feed | None) -> torch.Tensor:
         ids = to_device(flat.ids, self.device, torch.int64)
@@ -235,6 +232,18 @@ class ModelRunner:
             feed.fill(ids, step.decodes)
         hidden = self.model(ids, to_device(flat.positions, self.device, torch.int64), self.cache.layers, meta)
         return self.model.logits(hidden.index_select(0, to_device(flat.sample_rows, self.device, torch.int64)))
+
+
+def prompt_chunks(step: Step, per_token: bool) -> list[tuple[int, int, int, int]]:
+    """The step's prompt chunks as `attention.tile_columns` takes them: (the chunk's row of the block tables, its
+    first row in the stream, its tokens, its first position). The tables hold a row per sequence, decodes first
+    (`FlatStep.seq_table`, eager steps), or a row per token (`FlatStep.table`, the graphs' layout)."""
+    decodes = len(step.decodes)
+    chunks, row = [], decodes
+    for i, (seq, n) in enumerate(step.prefills):
+        chunks.append((row if per_token else decodes + i, row, n, seq.computed))
+        row += n
+    return chunks
 
 
 def _prefill_kernel_works(model: CausalLM) -> bool:
@@ -283,7 +292,7 @@ class CudaGraphs:
         config = runner.model.config
         self.block_q = prefill_block_q(config.num_heads // config.num_kv_heads)
         spare, _ = tile_columns([], self.block_q, self._tiles_for(self.max_size))
-        self.tile_columns = spare.to(device)  # [4, W]: the tiles of the step being replayed (PrefillTiles' columns)
+        self.tile_buffer = spare.to(device)  # [4, W]: the tiles of the step being replayed (`tile_columns`' layout)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.replays = 0
         self.mixed_replays = 0  # of them, steps that also read prompt tokens
@@ -302,7 +311,7 @@ class CudaGraphs:
             use_triton=True,
         )
         if self.tiled and size > self.max_rows:  # the sizes that steps with prompt tokens replay
-            tiles = tiles_of(self.tile_columns, self._tiles_for(size))
+            tiles = tiles_of(self.tile_buffer, self._tiles_for(size))
             meta.prefill_tiles = PrefillTiles(*tiles, tables=self.tables[:size], block_q=self.block_q)
         return meta
 
@@ -348,13 +357,9 @@ class CudaGraphs:
         if tiled:  # prompt rows: one key each in the decode kernel, then their real values from the prefill kernel
             decodes = len(step.decodes)
             lens = lens[:decodes] + [1] * (n - decodes)
-            chunks, row = [], decodes
-            for seq, count in step.prefills:
-                chunks.append((row, row, count, seq.computed))  # its first token's row of `tables` holds its blocks
-                row += count
-            host, count = tile_columns(chunks, self.block_q, self.tile_columns.size(1))
-            assert count <= self._tiles_for(size), (count, size)
-            self.tile_columns.copy_(host, non_blocking=True)  # the spare tiles' zeros included
+            host, tiles = tile_columns(prompt_chunks(step, per_token=True), self.block_q, self.tile_buffer.size(1))
+            assert tiles <= self._tiles_for(size), (tiles, size)
+            self.tile_buffer.copy_(host, non_blocking=True)  # the spare tiles' zeros included
         self.ids[:size].copy_(torch.tensor(flat.ids + [0] * pad), non_blocking=True)
         if feed is not None:
             feed.fill(self.ids, step.decodes)
