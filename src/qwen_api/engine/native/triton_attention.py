@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen_api.engine.native.attention import PrefillTiles, prefill_block_q
+from qwen_api.engine.native.attention import PrefillSpan, PrefillTiles, _prefill_span, prefill_block_q, prefill_tiles
 from qwen_api.engine.native.pointwise import merge_splits
 
 SPLITS = 8  # context splits per (row, kv head); partials merged in torch
@@ -255,8 +255,6 @@ def check_paged_prefill(heads: int, kv_heads: int, head_dim: int, dtype: torch.d
     """Compile the prefill kernel for this model's shapes and check it against the SDPA reference on a small random
     step (two chunks, one after a cached prefix, tiles crossing blocks): at load, so that a kernel that fails to
     compile or computes wrong on this GPU is found before any prompt, and the engine keeps SDPA instead."""
-    from qwen_api.engine.native.attention import PrefillSpan, _prefill_span, prefill_tiles
-
     generator = torch.Generator(device=device).manual_seed(0)
     block, blocks = 16, 24
     k_cache = torch.randn(blocks, block, kv_heads, head_dim, device=device, dtype=dtype, generator=generator)
