@@ -10,6 +10,10 @@ from its own asyncio timer. C concurrent clients stream `--tokens` tokens each; 
 A pace shorter than the event loop can follow (e.g. 64 streams every 4 ms, a GPU's step) shows the most tokens a
 second the HTTP layers deliver: the `tok/s` column against the offered concurrency / pace.
 
+`--host-ms MS` gives the stepped engine's worker MS of Python work a step (the GIL held) while the step's pace runs,
+as a GPU engine's worker schedules, launches and reads tokens while the device computes: whether the event loop
+and that worker, sharing one interpreter, keep the device busy (qwen_api.engine.base.favour_worker_threads).
+
 `--variant NAME=PYTHONPATH` (repeatable) serves the same load from another source tree (e.g. a copy of `src`
 before a change), round by round alternating with this checkout, so the variants see the same noise.
 
@@ -19,6 +23,7 @@ client keeps up with a fast engine, or is what its figures measure.
 
     .venv/bin/python bench/stream_overhead.py --concurrency 8 --rounds 5
     .venv/bin/python bench/stream_overhead.py --concurrency 64 --pace 0.004 --tokens 256   # offered: 16,000 tok/s
+    .venv/bin/python bench/stream_overhead.py --concurrency 64 --pace 0.005 --host-ms 2 --tokens 256
     cp -r src /tmp/before && ...edit... && .venv/bin/python bench/stream_overhead.py --variant before=/tmp/before
 """
 
@@ -41,7 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 TEXT = "The quick brown fox jumps over the lazy dog, and then it writes a story about a lighthouse keeper. "
 
 
-def serve(port: int, pace: float, tokens: int, engine: str) -> None:
+def serve(port: int, pace: float, tokens: int, engine: str, host: float) -> None:
     import uvicorn
 
     from qwen_api.admission import Admission
@@ -58,8 +63,8 @@ def serve(port: int, pace: float, tokens: int, engine: str) -> None:
     script = (ids * (tokens // len(ids) + 1))[:tokens]
     overrides: dict[str, object] = {"model": "fake-model", "host": "127.0.0.1", "port": port, "log_level": "warning"}
     settings = Settings(**overrides)  # type: ignore[arg-type]
-    fake = SteppedFakeEngine if engine == "stepped" else FakeEngine
-    runtime = Runtime(lambda: TextGenerator(fake(script, pace=pace), tokenizer), "fake-model")
+    fake = SteppedFakeEngine(script, pace=pace, host=host) if engine == "stepped" else FakeEngine(script, pace=pace)
+    runtime = Runtime(lambda: TextGenerator(fake, tokenizer), "fake-model")
     admission = Admission(settings.admission_capacity())
     app = create_app(settings, runtime, admission)
     http = bounded_http(connection_bound(settings.max_connections), settings.header_timeout)
@@ -129,7 +134,7 @@ def measure(name: str, pythonpath: str | None, args: argparse.Namespace) -> dict
     if pythonpath:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, __file__, "--serve", str(port), "--pace", str(args.pace), "--tokens", str(args.tokens),
-           "--engine", args.engine]  # fmt: skip
+           "--engine", args.engine, "--host-ms", str(args.host_ms)]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -179,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=128, help="tokens per request")
     parser.add_argument("--pace", type=float, default=0.02, help="seconds between a sequence's tokens")
     parser.add_argument("--engine", choices=["stepped", "paced"], default="stepped", help="which fake engine")
+    parser.add_argument(
+        "--host-ms",
+        type=float,
+        default=0.0,
+        help="stepped: Python work a step (GIL held) while its --pace runs, as an overlapped GPU engine",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=PYTHONPATH")
     parser.add_argument("--json", metavar="FILE", help="write every round's numbers here")
@@ -186,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-procs", type=int, default=1, help="with --client sdk: its processes")
     args = parser.parse_args(argv)
     if args.serve:
-        serve(args.serve, args.pace, args.tokens, args.engine)
+        serve(args.serve, args.pace, args.tokens, args.engine, args.host_ms / 1000)
         return 0
     args.requests = args.requests or 2 * args.concurrency
     variants: list[tuple[str, str | None]] = [("this-checkout", None)]

@@ -70,3 +70,25 @@ def test_create_app_attaches_nothing_and_observe_with_wires_the_metrics() -> Non
     metrics = app.state.metrics
     assert observed_generator.observer is metrics
     assert observed_generator.engine.on_step == metrics.batch_size.observe
+
+
+def test_the_server_hands_a_waiting_engine_thread_the_gil_within_half_a_millisecond() -> None:
+    """CPython's default 5 ms switch interval would hold a GPU engine's worker (back from a CUDA synchronize) behind
+    a busy event loop for up to a whole decode step; `bench/stream_overhead.py --host-ms` measures what it costs."""
+    import sys
+
+    import uvicorn
+
+    from qwen_api.admission import Admission
+    from qwen_api.engine.base import WORKER_SWITCH_INTERVAL_S
+    from qwen_api.server import Server
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)
+    try:
+        runtime = Runtime(lambda: TextGenerator(FakeEngine([1]), TOKENIZER), "m")
+        Server(uvicorn.Config(create_app(Settings(), runtime, Admission(4))), runtime, Admission(4), 1.0)
+        assert sys.getswitchinterval() == pytest.approx(WORKER_SWITCH_INTERVAL_S)
+        assert WORKER_SWITCH_INTERVAL_S <= 0.001
+    finally:
+        sys.setswitchinterval(before)

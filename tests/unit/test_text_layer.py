@@ -194,3 +194,24 @@ def test_the_stepped_fake_engine_streams_every_token_and_coalesces_for_a_slow_re
         asyncio.run(main())
     finally:
         engine.shutdown()
+
+
+def test_the_stepped_fake_engine_steps_no_faster_than_its_host_work() -> None:
+    """With `host` seconds of Python work a step (a GPU engine's host side, overlapped with a shorter `pace`), a
+    step takes the longer of the two."""
+    import time
+
+    from qwen_api.dev.fake_engine import SteppedFakeEngine
+
+    engine = SteppedFakeEngine(list(range(100, 120)), pace=0.001, host=0.01)
+
+    async def main() -> float:
+        start = time.perf_counter()
+        tokens = [t async for c in engine.generate([1], SamplingParams(max_new_tokens=10)) for t in c.token_ids]
+        assert tokens == list(range(100, 110))
+        return time.perf_counter() - start
+
+    try:
+        assert asyncio.run(main()) >= 10 * 0.01
+    finally:
+        engine.shutdown()

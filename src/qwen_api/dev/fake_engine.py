@@ -10,6 +10,9 @@ engines are tested on real models.
 `SteppedFakeEngine` delivers the same scripts the way the engines with a worker thread do (llama.cpp, native):
 one thread steps every open sequence together and hands each event loop a step's tokens in one call, and each
 sequence reads its queue through `relay`. `bench/stream_overhead.py` measures the layers above an engine on it.
+With `host` seconds a step, it also models an overlapped GPU engine's worker: Python work holding the GIL
+(scheduling, launching, reading tokens) while the device computes the step, then a wait for the device's `pace`
+(the GIL released, as a CUDA synchronize releases it).
 """
 
 from __future__ import annotations
@@ -107,11 +110,19 @@ class _Stepped:
     cancelled: bool = False
 
 
-class SteppedFakeEngine:
-    """Scripted tokens from a worker thread that steps every open sequence together every `pace` seconds."""
+def _hold_gil(seconds: float) -> None:
+    """Pure Python work for `seconds` (interruptible only at the interpreter's switch interval, as real work is)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
 
-    def __init__(self, script: list[int], pace: float = 0.0, max_context_tokens: int = 4096) -> None:
-        self.script, self.pace, self.max_context_tokens = script, pace, max_context_tokens
+
+class SteppedFakeEngine:
+    """Scripted tokens from a worker thread that steps every open sequence together every `pace` seconds (or
+    every `host` seconds of Python work, when that is longer)."""
+
+    def __init__(self, script: list[int], pace: float = 0.0, max_context_tokens: int = 4096, host: float = 0.0) -> None:
+        self.script, self.pace, self.max_context_tokens, self.host = script, pace, max_context_tokens, host
         self.on_step: Callable[[int], None] | None = None
         self.steps = 0
         self._open: list[_Stepped] = []
@@ -138,6 +149,7 @@ class SteppedFakeEngine:
                 yield chunk
 
     def _run(self) -> None:
+        ready = time.perf_counter()  # when the step "on the device" is done
         while not self._stop.is_set():
             with self._lock:
                 self._open = [s for s in self._open if not s.cancelled]
@@ -145,8 +157,12 @@ class SteppedFakeEngine:
             if not batch:
                 self._wake.wait(0.1)
                 self._wake.clear()
+                ready = time.perf_counter()
                 continue
-            time.sleep(self.pace)
+            ready += self.pace
+            _hold_gil(self.host)  # the host's work on this step, while the device computes it
+            time.sleep(max(0.0, ready - time.perf_counter()))
+            ready = max(ready, time.perf_counter())
             self.steps += 1
             if self.on_step is not None:
                 self.on_step(len(batch))
