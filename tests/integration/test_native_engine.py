@@ -1023,6 +1023,47 @@ def test_gpu_triton_prefill_matches_sdpa(dtype: torch.dtype) -> None:
     check_paged_prefill(28, 4, 128, dtype, torch.device("cuda"))
 
 
+def test_step_inputs_are_staged_as_asked_on_the_cpu() -> None:
+    """Off CUDA, `staged` is the host tensor itself (no page-locking there), with the dtype asked for."""
+    from qwen_api.engine.sampler import staged, to_device
+
+    cpu = torch.device("cpu")
+    assert staged([1, 2], cpu, torch.int32).dtype == torch.int32
+    host = torch.arange(4, dtype=torch.int32)
+    assert staged(host, cpu) is host
+    assert (
+        staged(host, cpu, torch.int64).tolist() == [0, 1, 2, 3] and staged(host, cpu, torch.int64).dtype == torch.int64
+    )
+    assert to_device([3, 4], cpu, torch.int64).tolist() == [3, 4]
+
+
+@pytest.mark.gpu
+def test_gpu_step_inputs_reach_the_device_without_the_host_waiting() -> None:
+    """A step's inputs are copied from pinned memory, so the host does not wait for the work queued before the copy
+    (the step in flight, when steps overlap): here a device sleep of 10^9 clock cycles (0.5 s at 2 GHz). From
+    pageable memory CUDA may make such a copy synchronous with the host."""
+    import time
+
+    from qwen_api.engine.sampler import staged, to_device
+
+    cuda = torch.device("cuda")
+    assert staged([1, 2, 3], cuda, torch.int64).is_pinned()
+    assert staged(torch.arange(3), cuda).is_pinned()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    torch.cuda._sleep(1_000_000_000)
+    copies = [to_device(list(range(i, i + 64)), cuda, torch.int64) for i in range(8)]
+    table = torch.full((4, 8), 7, dtype=torch.int32, device=cuda)
+    table[:2, :3].copy_(staged(torch.ones(2, 3, dtype=torch.int32), cuda), non_blocking=True)  # strided, as graphs do
+    queued = time.perf_counter() - start
+    torch.cuda.synchronize()
+    slept = time.perf_counter() - start
+    assert slept > 0.25, f"the device slept only {slept:.3f} s: too short to tell"
+    assert queued < 0.1, f"queuing the copies took {queued:.3f} s of the device's {slept:.3f} s: the host waited"
+    assert [c.tolist() for c in copies] == [list(range(i, i + 64)) for i in range(8)]
+    assert table[:2, :3].eq(1).all() and table[2:].eq(7).all() and table[:, 3:].eq(7).all()
+
+
 @pytest.mark.gpu
 def test_gpu_cuda_graph_replay_matches_eager(tiny_qwen2_dir: Path) -> None:
     """fp32 on CUDA so that graph padding (5 rows run as 8) cannot flip a bf16 near-tie. Prompts arrive while

@@ -30,11 +30,26 @@ class Row:
     step: int  # tokens this sequence has generated so far
 
 
-def to_device(values: list, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def staged(values: list | torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host values (a list, or a host tensor) as a host tensor that a copy to `device` with `non_blocking=True`
+    need not wait for: in page-locked memory when `device` is a GPU. A copy from pageable memory may be synchronous
+    with the host, waiting for all the work queued on the stream before it (CUDA stages it through a pinned buffer
+    of its own), which would make the host wait for the step in flight before it can launch the next one: the
+    overlap of steps undone. From pinned memory the copy is a DMA queued in stream order; PyTorch's pinned-memory
+    cache does not hand the buffer out again before that copy has run. vLLM stages its step inputs the same way."""
+    pin = device.type == "cuda"
+    if isinstance(values, torch.Tensor):
+        values = values if dtype is None else values.to(dtype)
+        return values.pin_memory() if pin and not values.is_pinned() else values
+    return torch.tensor(values, dtype=dtype, pin_memory=pin)
+
+
+def to_device(values: list | torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A small tensor from host values, copied without waiting for the device: a plain `torch.tensor(values,
     device=cuda)` synchronises the stream, and each such wait in a step leaves the GPU idle while the host
-    launches what follows. Asynchronous, the host queues the whole sampling step while the forward pass runs."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    launches what follows. Asynchronous (from pinned memory, `staged`), the host queues the whole sampling step
+    while the forward pass runs."""
+    return staged(values, device, dtype).to(device, non_blocking=True)
 
 
 def sanitise(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -119,7 +119,7 @@ def prefill_tiles(
 ) -> PrefillTiles:
     """The chunks (as `tile_columns` takes them) cut into tiles, in one copy to the device."""
     host, count = tile_columns(chunks, block_q)
-    return PrefillTiles(*tiles_of(host.to(device, non_blocking=True), count), tables=tables, block_q=block_q)
+    return PrefillTiles(*tiles_of(to_device(host, device), count), tables=tables, block_q=block_q)
 
 
 def tiles_of(columns: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

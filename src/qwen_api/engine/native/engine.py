@@ -257,7 +257,7 @@ class NativeEngine:
         raw = logits.index_select(0, wanted_rows) if wanted_rows is not None else None
         matchers = [(i, self._matcher(s)) for i, s in enumerate(sampled) if s.params.constraint is not None]
         for i, matcher in matchers:  # structured outputs: what the grammar forbids is -inf before any sampling rule
-            allowed = torch.from_numpy(matcher.allowed(logits.size(-1))).to(logits.device, non_blocking=True)
+            allowed = to_device(torch.from_numpy(matcher.allowed(logits.size(-1))), logits.device)
             logits[i].masked_fill_(~allowed, float("-inf"))
         self.controls.retain(self.scheduler.running)
         controlled = [i for i, s in enumerate(sampled) if LogitControls.needed(s.params)]

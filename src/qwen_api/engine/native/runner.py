@@ -35,7 +35,7 @@ from qwen_api.engine.native.attention import (
 from qwen_api.engine.native.kv_cache import KVCache
 from qwen_api.engine.native.model import CausalLM
 from qwen_api.engine.native.scheduler import PENDING, Sequence, Step
-from qwen_api.engine.sampler import to_device
+from qwen_api.engine.sampler import staged, to_device
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=to_device(flat.slots, self.device, torch.int64),
             num_decode=len(lens),
-            block_tables=flat.table.to(self.device),
+            block_tables=to_device(flat.table, self.device),
             context_lens=to_device(lens, self.device, torch.int32),
             max_context_len=max(lens),
             use_triton=self.use_triton,
@@ -195,7 +195,7 @@ class ModelRunner:
             slot_mapping=to_device(flat.slots, self.device, torch.int64), num_decode=decodes, use_triton=self.use_triton
         )
         # one copy of the block tables: the decodes' rows, then (for the prefill kernel) each chunk's
-        tables = (flat.seq_table if tiled else flat.seq_table[:decodes]).to(self.device, non_blocking=True)
+        tables = to_device(flat.seq_table if tiled else flat.seq_table[:decodes], self.device)
         if decodes:
             lens = flat.lens[:decodes]
             meta.block_tables = tables[:decodes]
@@ -359,15 +359,16 @@ class CudaGraphs:
             lens = lens[:decodes] + [1] * (n - decodes)
             host, tiles = tile_columns(prompt_chunks(step, per_token=True), self.block_q, self.tile_buffer.size(1))
             assert tiles <= self._tiles_for(size), (tiles, size)
-            self.tile_buffer.copy_(host, non_blocking=True)  # the spare tiles' zeros included
-        self.ids[:size].copy_(torch.tensor(flat.ids + [0] * pad), non_blocking=True)
+            self.tile_buffer.copy_(staged(host, self.runner.device), non_blocking=True)  # spare tiles' zeros too
+        device = self.runner.device  # every input from pinned memory (`staged`): no copy waits for the step in flight
+        self.ids[:size].copy_(staged(flat.ids + [0] * pad, device, torch.int64), non_blocking=True)
         if feed is not None:
             feed.fill(self.ids, step.decodes)
-        self.positions[:size].copy_(torch.tensor(flat.positions + [0] * pad), non_blocking=True)
-        self.slots[:size].copy_(torch.tensor(flat.slots + [self.scratch_slot] * pad), non_blocking=True)
-        self.lens[:size].copy_(torch.tensor(lens + [1] * pad, dtype=torch.int32), non_blocking=True)
-        self.tables[:size, :width].copy_(table, non_blocking=True)
-        self.rows[: len(rows)].copy_(torch.tensor(rows), non_blocking=True)
+        self.positions[:size].copy_(staged(flat.positions + [0] * pad, device, torch.int64), non_blocking=True)
+        self.slots[:size].copy_(staged(flat.slots + [self.scratch_slot] * pad, device, torch.int64), non_blocking=True)
+        self.lens[:size].copy_(staged(lens + [1] * pad, device, torch.int32), non_blocking=True)
+        self.tables[:size, :width].copy_(staged(table, device), non_blocking=True)
+        self.rows[: len(rows)].copy_(staged(rows, device, torch.int64), non_blocking=True)
         graph, out = self.graphs[size]
         graph.replay()
         self.replays += 1
