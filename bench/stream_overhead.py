@@ -12,7 +12,9 @@ second the HTTP layers deliver: the `tok/s` column against the offered concurren
 
 `--host-ms MS` gives the stepped engine's worker MS of Python work a step (the GIL held) while the step's pace runs,
 as a GPU engine's worker schedules, launches and reads tokens while the device computes: whether the event loop
-and that worker, sharing one interpreter, keep the device busy (qwen_api.engine.base.favour_worker_threads).
+and that worker, sharing one interpreter, keep the device busy. The server switches threads as `qwen-api serve`
+does for an engine on a GPU (`qwen_api.engine.base.favour_worker_threads`); `--switch-ms 5,0.5` instead serves
+each of those interpreter switch intervals as a variant, alternating.
 
 `--variant NAME=PYTHONPATH` (repeatable) serves the same load from another source tree (e.g. a copy of `src`
 before a change), round by round alternating with this checkout, so the variants see the same noise.
@@ -23,7 +25,7 @@ client keeps up with a fast engine, or is what its figures measure.
 
     .venv/bin/python bench/stream_overhead.py --concurrency 8 --rounds 5
     .venv/bin/python bench/stream_overhead.py --concurrency 64 --pace 0.004 --tokens 256   # offered: 16,000 tok/s
-    .venv/bin/python bench/stream_overhead.py --concurrency 64 --pace 0.005 --host-ms 2 --tokens 256
+    .venv/bin/python bench/stream_overhead.py --concurrency 64 --pace 0.005 --host-ms 2 --tokens 256 --switch-ms 5,0.5
     cp -r src /tmp/before && ...edit... && .venv/bin/python bench/stream_overhead.py --variant before=/tmp/before
 """
 
@@ -46,18 +48,23 @@ REPO = Path(__file__).resolve().parent.parent
 TEXT = "The quick brown fox jumps over the lazy dog, and then it writes a story about a lighthouse keeper. "
 
 
-def serve(port: int, pace: float, tokens: int, engine: str, host: float) -> None:
+def serve(port: int, pace: float, tokens: int, engine: str, host: float, switch: float | None) -> None:
     import uvicorn
 
     from qwen_api.admission import Admission
     from qwen_api.api.app import create_app, observe_with
     from qwen_api.dev.fake_engine import FakeEngine, SteppedFakeEngine
     from qwen_api.dev.random_qwen2 import build_qwen2_tokenizer
+    from qwen_api.engine.base import favour_worker_threads
     from qwen_api.runtime import Runtime
     from qwen_api.server import Server, bounded_http, connection_bound
     from qwen_api.settings import Settings
     from qwen_api.textgen import TextGenerator
 
+    if switch is None:
+        favour_worker_threads()  # as the server does for an engine on a GPU, which the stepped engine stands for
+    else:
+        sys.setswitchinterval(switch)
     tokenizer = build_qwen2_tokenizer()
     ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     script = (ids * (tokens // len(ids) + 1))[:tokens]
@@ -128,13 +135,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def measure(name: str, pythonpath: str | None, args: argparse.Namespace) -> dict[str, float]:
+def measure(name: str, pythonpath: str | None, switch_ms: str | None, args: argparse.Namespace) -> dict[str, float]:
     port = free_port()
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, __file__, "--serve", str(port), "--pace", str(args.pace), "--tokens", str(args.tokens),
            "--engine", args.engine, "--host-ms", str(args.host_ms)]  # fmt: skip
+    if switch_ms is not None:
+        cmd += ["--switch-ms", switch_ms]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -190,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="stepped: Python work a step (GIL held) while its --pace runs, as an overlapped GPU engine",
     )
+    parser.add_argument("--switch-ms", help="interpreter switch intervals to serve with, as variants (e.g. 5,0.5)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=PYTHONPATH")
     parser.add_argument("--json", metavar="FILE", help="write every round's numbers here")
@@ -197,15 +207,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-procs", type=int, default=1, help="with --client sdk: its processes")
     args = parser.parse_args(argv)
     if args.serve:
-        serve(args.serve, args.pace, args.tokens, args.engine, args.host_ms / 1000)
+        switch = float(args.switch_ms) / 1000 if args.switch_ms else None
+        serve(args.serve, args.pace, args.tokens, args.engine, args.host_ms / 1000, switch)
         return 0
     args.requests = args.requests or 2 * args.concurrency
-    variants: list[tuple[str, str | None]] = [("this-checkout", None)]
-    variants += [(name, path) for name, _, path in (v.partition("=") for v in args.variant)]
-    results: dict[str, list[dict[str, float]]] = {name: [] for name, _ in variants}
+    variants: list[tuple[str, str | None, str | None]] = [("this-checkout", None, None)]
+    if args.switch_ms and not args.serve:
+        variants = [(f"switch={ms}ms", None, ms) for ms in args.switch_ms.split(",")]
+    variants += [(name, path, None) for name, _, path in (v.partition("=") for v in args.variant)]
+    results: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in variants}
     for round_ in range(args.rounds):
-        for name, path in variants if round_ % 2 == 0 else variants[::-1]:
-            r = measure(name, path, args)
+        for name, path, switch_ms in variants if round_ % 2 == 0 else variants[::-1]:
+            r = measure(name, path, switch_ms, args)
             results[name].append(r)
             print(
                 f"round {round_} {name}: {r['us_per_token']:.0f} us/token, {r['tok_s']:.0f} tok/s, "

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
-from qwen_api.engine.base import EngineStats
+from qwen_api.engine.base import EngineStats, favour_worker_threads
 from qwen_api.engine.loading import ModelSource, load_model, pick_device, pick_dtype, sampling_defaults
 from qwen_api.settings import Settings
 from qwen_api.textgen import TextGenerator
@@ -162,6 +162,8 @@ def default_loader(settings: Settings, source: ModelSource) -> Loader:
 
     def load() -> TextGenerator:
         device = pick_device(settings.device)
+        if device.startswith("cuda"):
+            favour_worker_threads()  # the engine's worker launches GPU steps between the event loop's tokens
         engine = choose_engine(settings.engine, source, device)
         if engine == "llamacpp":
             return _load_llamacpp(settings, source, device)

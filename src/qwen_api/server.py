@@ -26,7 +26,6 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from qwen_api.admission import Admission
-from qwen_api.engine.base import favour_worker_threads
 from qwen_api.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -104,7 +103,6 @@ class Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, runtime: Runtime, admission: Admission, drain_timeout: float) -> None:
         super().__init__(config)
         self.runtime, self.admission, self.drain_timeout = runtime, admission, drain_timeout
-        favour_worker_threads()  # the engine's worker thread launches steps between the event loop's tokens
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
         self.cut_off = False  # stopped at once with requests still in flight

@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
-from qwen_api.engine.base import Engine, EngineStats, SamplingParams, TokenChunk, favour_worker_threads
+from qwen_api.engine.base import Engine, EngineStats, SamplingParams, TokenChunk
 from qwen_api.engine.loading import ModelSource, pick_device, resolve_model
 from qwen_api.runtime import choose_engine, default_loader, eos_token_ids
 from qwen_api.settings import Settings
@@ -71,7 +71,6 @@ class EngineReplica:
         logging.basicConfig(level=self.settings.log_level.upper())
         self.name = serve.get_replica_context().replica_id.unique_id
         _unnice()
-        favour_worker_threads()  # the engine's worker shares the interpreter with the loop that relays its tokens
         self.engine = load_engine(self.settings, resolve_model(self.settings.model), threads)
         self.served = 0
         self._loop_unniced = False

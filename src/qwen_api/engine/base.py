@@ -218,19 +218,20 @@ def hand_over(
             log.debug("dropped %d outputs for a closed event loop", len(items))
 
 
-# How often CPython hands the GIL to another thread that waits for it, in a process that serves an engine.
+# How often CPython hands the GIL to another thread that waits for it, in a process that serves an engine on a GPU.
 WORKER_SWITCH_INTERVAL_S = 0.0005
 
 
 def favour_worker_threads() -> None:
     """Make a waiting thread get the GIL within half a millisecond instead of CPython's default 5 ms.
 
-    For a process where an engine's worker thread shares the interpreter with the event loop that streams its
-    tokens (the server; a Ray replica). The worker releases the GIL while it waits (a CUDA synchronize, a
-    llama.cpp decode, a long torch op) and wants it back to launch the next step; if the event loop is then busy
-    (64 streams' tokens from the step before), CPython makes the loop let go only after the switch interval. At
-    5 ms that is a whole GPU decode step lost at each step, the GPU idle (bench/stream_overhead.py --host-ms
-    measures it); at 0.5 ms the loop loses little to the extra switches."""
+    For a process whose engine runs on a GPU (`runtime.default_loader`, in the server and in each Ray replica):
+    its worker thread shares the interpreter with the event loop that streams its tokens. The worker releases the
+    GIL while it waits for the device, and wants it back at once to launch the next step; if the event loop is
+    busy then (64 streams' tokens from the step before), CPython makes it let go only after the switch interval.
+    At 5 ms that is about a whole GPU decode step, with the GPU idle (bench/stream_overhead.py --host-ms measures
+    it). On the CPU, where a step takes tens of milliseconds, it made no difference beyond noise: the CPU keeps
+    CPython's default."""
     sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
 
 
