@@ -12,9 +12,10 @@ second the HTTP layers deliver: the `tok/s` column against the offered concurren
 
 `--host-ms MS` gives the stepped engine's worker MS of Python work a step (the GIL held) while the step's pace runs,
 as a GPU engine's worker schedules, launches and reads tokens while the device computes: whether the event loop
-and that worker, sharing one interpreter, keep the device busy. The server switches threads as `qwen-api serve`
-does for an engine on a GPU (`qwen_api.engine.base.favour_worker_threads`); `--switch-ms 5,0.5` instead serves
-each of those interpreter switch intervals as a variant, alternating.
+and that worker, sharing one interpreter, keep the device busy. `--switch-ms 5,0.5` serves with each of those
+interpreter switch intervals as a variant, alternating: CPython's default, and what `qwen-api serve` sets for an
+engine on a GPU (`qwen_api.engine.base.favour_worker_threads`; the fake engine is on no device, so without the flag
+the server keeps the default).
 
 `--variant NAME=PYTHONPATH` (repeatable) serves the same load from another source tree (e.g. a copy of `src`
 before a change), round by round alternating with this checkout, so the variants see the same noise.
@@ -55,22 +56,21 @@ def serve(port: int, pace: float, tokens: int, engine: str, host: float, switch:
     from qwen_api.api.app import create_app, observe_with
     from qwen_api.dev.fake_engine import FakeEngine, SteppedFakeEngine
     from qwen_api.dev.random_qwen2 import build_qwen2_tokenizer
-    from qwen_api.engine.base import favour_worker_threads
     from qwen_api.runtime import Runtime
     from qwen_api.server import Server, bounded_http, connection_bound
     from qwen_api.settings import Settings
     from qwen_api.textgen import TextGenerator
 
-    if switch is None:
-        favour_worker_threads()  # as the server does for an engine on a GPU, which the stepped engine stands for
-    else:
+    if switch is not None:
         sys.setswitchinterval(switch)
     tokenizer = build_qwen2_tokenizer()
     ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     script = (ids * (tokens // len(ids) + 1))[:tokens]
     overrides: dict[str, object] = {"model": "fake-model", "host": "127.0.0.1", "port": port, "log_level": "warning"}
     settings = Settings(**overrides)  # type: ignore[arg-type]
-    fake = SteppedFakeEngine(script, pace=pace, host=host) if engine == "stepped" else FakeEngine(script, pace=pace)
+    # `host` only when asked: a --variant tree from before it existed can still serve the other loads
+    stepped = {"host": host} if host else {}
+    fake = SteppedFakeEngine(script, pace=pace, **stepped) if engine == "stepped" else FakeEngine(script, pace=pace)
     runtime = Runtime(lambda: TextGenerator(fake, tokenizer), "fake-model")
     admission = Admission(settings.admission_capacity())
     app = create_app(settings, runtime, admission)
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.requests = args.requests or 2 * args.concurrency
     variants: list[tuple[str, str | None, str | None]] = [("this-checkout", None, None)]
-    if args.switch_ms and not args.serve:
+    if args.switch_ms:
         variants = [(f"switch={ms}ms", None, ms) for ms in args.switch_ms.split(",")]
     variants += [(name, path, None) for name, _, path in (v.partition("=") for v in args.variant)]
     results: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in variants}
