@@ -137,6 +137,27 @@ def _level_json(level: Level) -> dict:
     return {**asdict(level), "summary": level.summary()}
 
 
+def write_json(out: Path, shape: str, build_s: float, total_s: float, skipped: list[str], results: list[dict]) -> float:
+    """The raw figures so far in OUT/native_gpu.json; returns `total_s`."""
+    raw = {
+        "shape": shape,
+        "build_s": build_s,
+        "total_s": total_s,
+        "skipped": skipped,
+        "servers": [
+            {
+                "kind": r["kind"],
+                "ready_s": r["ready_s"],
+                "levels": [_level_json(lv) for lv in r["levels"]],
+                "ttft": _level_json(r["ttft"]),
+            }
+            for r in results
+        ],
+    }
+    (out / "native_gpu.json").write_text(json.dumps(raw, indent=2))
+    return total_s
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
@@ -160,25 +181,12 @@ def main(argv: list[str] | None = None) -> int:
             skipped.append(kind)
             continue
         results.append(bench_server(kind, shape, model_dir, out, args.py_spy and kind.startswith("qwen-api")))
-    text = report(results, shape, skipped)
-    print(text)
-    raw = {
-        "shape": args.shape,
-        "build_s": build_s,
-        "total_s": time.perf_counter() - start,
-        "skipped": skipped,
-        "servers": [
-            {
-                "kind": r["kind"],
-                "ready_s": r["ready_s"],
-                "levels": [_level_json(lv) for lv in r["levels"]],
-                "ttft": _level_json(r["ttft"]),
-            }
-            for r in results
-        ],
-    }
-    (out / "native_gpu.json").write_text(json.dumps(raw, indent=2))
-    print(f"\ntotal {raw['total_s']:.0f} s; raw figures: {out / 'native_gpu.json'}")
+        # after each server, so that a run stopped from outside (the device machine's time limit) keeps what finished
+        write_json(out, args.shape, build_s, time.perf_counter() - start, skipped, results)
+        print(report(results[-1:], shape, []), file=sys.stderr)
+    print(report(results, shape, skipped))
+    total_s = write_json(out, args.shape, build_s, time.perf_counter() - start, skipped, results)
+    print(f"\ntotal {total_s:.0f} s; raw figures: {out / 'native_gpu.json'}")
     return 1 if any(lv.errors for r in results for lv in [*r["levels"], r["ttft"]]) else 0
 
 
