@@ -12,6 +12,7 @@ CUDA graphs' layout.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import aclosing
@@ -776,6 +777,28 @@ def test_seed_reproduces_beside_other_traffic(engine: NativeEngine) -> None:
         engine, prompt, SamplingParams(max_new_tokens=16, temperature=0.9, top_p=0.95, top_k=100, seed=4321)
     )
     assert other_seed != alone
+
+
+def test_sequences_started_in_one_event_loop_tick_share_their_first_step(engine: NativeEngine) -> None:
+    """A request's n samples start in one tick of the event loop; they reach the worker together, so they share
+    their steps the same way every time (in 16-bit the logits depend on the batch's shape: README, `seed`). With
+    the interpreter switching threads as often as it can, the worker would otherwise take the first alone."""
+    import sys
+
+    wait_idle(engine)
+    firsts: list[int] = []
+    engine.on_step = firsts.append
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for seed in range(5):
+            firsts.clear()
+            prompt = random_prompt(9, seed=80 + seed)
+            run_many(engine, [(prompt, dataclasses.replace(SAMPLED, seed=seed * 10 + i)) for i in range(4)])
+            assert firsts[0] == 4, firsts
+    finally:
+        sys.setswitchinterval(before)
+        engine.on_step = None
 
 
 def test_bad_input_fails_only_its_sequence(engine: NativeEngine, hf_model) -> None:  # type: ignore[no-untyped-def]

@@ -1,9 +1,10 @@
 """`NativeEngine`: the engine contract over our own Qwen2 network, paged KV cache and continuous batcher.
 
-Shaped like the llama.cpp engine: `generate` validates the prompt, queues a sequence and waits on its own
-asyncio queue; one worker thread admits new sequences, drops cancelled ones, runs one step (every decoding
-sequence plus a bounded chunk of prompts), samples each sequence on the device, and sends the tokens back
-with `call_soon_threadsafe`, once per step per event loop. Bad input (an empty prompt, an id outside the
+Shaped like the llama.cpp engine: `generate` validates the prompt, queues a sequence (with the others started in
+the same tick of its event loop: a request's n samples enter one step together) and waits on its own asyncio
+queue; one worker thread admits new sequences, drops cancelled ones, runs one step (every decoding sequence plus
+a bounded chunk of prompts), samples each sequence on the device, and sends the tokens back with
+`call_soon_threadsafe`, once per step per event loop. Bad input (an empty prompt, an id outside the
 vocabulary, too long a prompt) fails only its own sequence; if the worker itself dies, every sequence gets the
 error and `is_healthy()` turns False.
 
@@ -22,9 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, Callable, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -139,7 +140,9 @@ class NativeEngine:
         self.controls = BatchControls(max_batch_size, self.config.vocab_size, self.device, self.max_context_tokens)
         self._eos = set(eos_token_ids)
         self.on_step: Callable[[int], None] | None = None
-        self._incoming: queue.Queue[Sequence] = queue.Queue()
+        self._incoming: deque[Sequence] = deque()  # handed to the worker, a tick of an event loop at a time
+        self._incoming_lock = threading.Lock()
+        self._arriving: dict[asyncio.AbstractEventLoop, list[Sequence]] = {}  # started in this tick of each loop
         self._running = 0
         self._steps = 0
         self._peak_batch = 0
@@ -185,14 +188,29 @@ class NativeEngine:
             self._wake.set()
 
         self._running += 1
-        self._incoming.put(seq)
-        self._wake.set()
+        self._submit(seq)
         try:
             async with aclosing(relay(handle.out, self._death, cancel)) as chunks:
                 async for chunk in chunks:
                     yield chunk
         finally:
             self._running -= 1
+
+    def _submit(self, seq: Sequence) -> None:
+        """Hand `seq` to the worker together with every sequence started in the same tick of its event loop (a
+        request's n samples): they enter the same step, so they share their steps the same way each time they are
+        asked for (in 16-bit the logits depend on the batch's shape; README, `seed`). The hand-off is the loop's
+        next callback, which runs once every task made ready in this tick has reached its first wait."""
+        loop = seq.handle.loop
+        arriving = self._arriving.setdefault(loop, [])
+        arriving.append(seq)
+        if len(arriving) == 1:
+            loop.call_soon(self._hand_off, loop)
+
+    def _hand_off(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._incoming_lock:
+            self._incoming.extend(self._arriving.pop(loop))
+        self._wake.set()
 
     def _death(self) -> str | None:
         return None if self.is_healthy() else f"the native engine's worker died: {self._fatal}"
@@ -204,11 +222,10 @@ class NativeEngine:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device.index or 0)  # a new thread starts on device 0
             while not self._stop.is_set():
-                while True:
-                    try:
-                        self.scheduler.add(self._incoming.get_nowait())
-                    except queue.Empty:
-                        break
+                with self._incoming_lock:
+                    arrived, self._incoming = self._incoming, deque()
+                for seq in arrived:
+                    self.scheduler.add(seq)
                 self.scheduler.drop_cancelled()
                 if launched is not None and launched.constrained:
                     self._land(launched)  # a grammar's next mask needs the token on the host
@@ -329,7 +346,7 @@ class NativeEngine:
     def stats(self) -> EngineStats:
         return EngineStats(
             running=self._running,
-            waiting=len(self.scheduler.waiting) + self._incoming.qsize(),
+            waiting=len(self.scheduler.waiting) + len(self._incoming) + sum(map(len, list(self._arriving.values()))),
             active=len(self.scheduler.running),
             steps=self._steps,
             peak_batch_size=self._peak_batch,
