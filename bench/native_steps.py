@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             print(profile(engine, max(levels), args.prompt_tokens), flush=True)
         if args.compare_unfused and engine.model.ops.fused:  # recapture the graphs with the eager functions
             engine.model.ops.unfuse()
-            engine.runner.graphs = CudaGraphs(engine.runner, max(levels))
+            tiled = engine.runner.graphs is not None and engine.runner.graphs.tiled
+            engine.runner.graphs = CudaGraphs(engine.runner, max(levels), tiled)
             result["forward_unfused"] = {}
             for size in levels:
                 result["forward_unfused"][size] = forward_ms(engine, size, args.repeats)

@@ -230,7 +230,7 @@ def test_every_token_read_as_a_decode_matches_transformers(
 
 
 def graphs_replayed_eagerly(
-    monkeypatch: pytest.MonkeyPatch, engine: NativeEngine, max_batch_size: int, triton: bool = False
+    monkeypatch: pytest.MonkeyPatch, engine: NativeEngine, max_batch_size: int, triton: bool = False, install: bool = True
 ) -> Any:
     """`CudaGraphs` on the CPU, each captured graph replaced by an eager call of the function it captures, on the
     same static buffers, installed on `engine`'s runner. Attention through the SDPA reference, or with `triton`
@@ -261,7 +261,9 @@ def graphs_replayed_eagerly(
 
     monkeypatch.setattr(graphs_cls, "_meta", cpu_meta)
     monkeypatch.setattr(graphs_cls, "_capture", capture)
-    graphs = graphs_cls(engine.runner, max_batch_size)
+    if not install:  # the caller captures (`runner.capture_graphs`)
+        return None
+    graphs = graphs_cls(engine.runner, max_batch_size, engine.runner.prefill_kernel)
     monkeypatch.setattr(engine.runner, "graphs", graphs)
     return graphs
 
@@ -285,6 +287,46 @@ def test_graph_replay_fills_its_buffers_right(
     assert runner.eager_steps > eager_before  # the 300-token prompt's step
     for prompt, tokens in zip(prompts, results, strict=True):
         assert tokens == reference(hf_model, prompt), f"prompt of {len(prompt)} tokens"
+
+
+def test_a_failed_graph_capture_costs_speed_never_the_engine(
+    engine: NativeEngine,
+    hf_model,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`runner.capture_graphs`: when capturing with the prefill kernel fails, the graphs are captured again without
+    it (prompt tokens read as decodes), and they answer transformers' tokens; when that fails too, there are no
+    graphs and every step runs eagerly. Each failure is logged, none is raised."""
+    from qwen_api.engine.native import runner as runner_module
+
+    graphs_replayed_eagerly(monkeypatch, engine, 16, install=False)
+    graphs_cls = runner_module.CudaGraphs
+    replayed_capture = graphs_cls._capture
+
+    def capture(self) -> None:  # type: ignore[no-untyped-def]
+        if self.tiled:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        replayed_capture(self)
+
+    monkeypatch.setattr(graphs_cls, "_capture", capture)
+    monkeypatch.setattr(engine.runner, "prefill_kernel", True)
+    graphs = runner_module.capture_graphs(engine.runner, 16)
+    assert graphs is not None and not graphs.tiled
+    assert "capturing CUDA graphs with the prefill kernel failed" in caplog.text
+    monkeypatch.setattr(engine.runner, "prefill_kernel", False)  # the CPU's eager steps read prompts through SDPA
+    monkeypatch.setattr(engine.runner, "graphs", graphs)
+    prompt = random_prompt(12, seed=90)
+    assert run(engine, prompt) == reference(hf_model, prompt)
+    assert graphs.replays > 0
+
+    def fail(self) -> None:  # type: ignore[no-untyped-def]
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(graphs_cls, "_capture", fail)
+    assert runner_module.capture_graphs(engine.runner, 16) is None
+    assert "capturing CUDA graphs without the prefill kernel failed" in caplog.text
+    assert "every step runs eagerly" in caplog.text
 
 
 @pytest.mark.triton_interpret

@@ -156,7 +156,7 @@ class ModelRunner:
         self.eager_steps = 0  # steps run without a graph (all of them off CUDA)
         self.graphs: CudaGraphs | None = None
         if use_cuda_graphs and self.use_triton:
-            self.graphs = CudaGraphs(self, max_batch_size)
+            self.graphs = capture_graphs(self, max_batch_size)
 
     @torch.inference_mode()
     def run(self, step: Step, feed: Feed | None = None) -> torch.Tensor:
@@ -261,6 +261,19 @@ def _prefill_kernel_works(model: CausalLM) -> bool:
     return True
 
 
+def capture_graphs(runner: ModelRunner, max_batch_size: int) -> CudaGraphs | None:
+    """The step's CUDA graphs, captured with the prefill kernel where it passed its check; a capture that fails
+    costs speed, never the engine: then without the prefill kernel (prompt tokens read as decodes), then none (every
+    step eager)."""
+    for tiled in dict.fromkeys((runner.prefill_kernel, False)):
+        try:
+            return CudaGraphs(runner, max_batch_size, tiled)
+        except Exception:
+            log.exception("capturing CUDA graphs %s the prefill kernel failed", "with" if tiled else "without")
+    log.error("no CUDA graphs: every step runs eagerly")
+    return None
+
+
 class CudaGraphs:
     """Steps captured once per token count on the ladder, replayed with the step's inputs copied in.
 
@@ -274,7 +287,7 @@ class CudaGraphs:
     tokens are read as decodes (`flatten`), in any size, up to `MIXED_READS`.
     """
 
-    def __init__(self, runner: ModelRunner, max_batch_size: int) -> None:
+    def __init__(self, runner: ModelRunner, max_batch_size: int, tiled: bool) -> None:
         self.runner = runner
         self.sizes = graph_sizes(max_batch_size)
         self.max_size = self.sizes[-1]
@@ -288,7 +301,7 @@ class CudaGraphs:
         self.tables = torch.full((n, runner.max_blocks_per_seq), cache.scratch_block, dtype=torch.int32, device=device)
         self.lens = torch.ones(n, dtype=torch.int32, device=device)
         self.rows = torch.zeros(self.max_rows, dtype=torch.int64, device=device)
-        self.tiled = runner.prefill_kernel
+        self.tiled = tiled  # steps with prompt tokens read by the prefill kernel (`runner.prefill_kernel`) in graphs
         config = runner.model.config
         self.block_q = prefill_block_q(config.num_heads // config.num_kv_heads)
         spare, _ = tile_columns([], self.block_q, self._tiles_for(self.max_size))
