@@ -230,7 +230,11 @@ def test_every_token_read_as_a_decode_matches_transformers(
 
 
 def graphs_replayed_eagerly(
-    monkeypatch: pytest.MonkeyPatch, engine: NativeEngine, max_batch_size: int, triton: bool = False, install: bool = True
+    monkeypatch: pytest.MonkeyPatch,
+    engine: NativeEngine,
+    max_batch_size: int,
+    triton: bool = False,
+    install: bool = True,
 ) -> Any:
     """`CudaGraphs` on the CPU, each captured graph replaced by an eager call of the function it captures, on the
     same static buffers, installed on `engine`'s runner. Attention through the SDPA reference, or with `triton`
