@@ -230,11 +230,7 @@ def test_every_token_read_as_a_decode_matches_transformers(
 
 
 def graphs_replayed_eagerly(
-    monkeypatch: pytest.MonkeyPatch,
-    engine: NativeEngine,
-    max_batch_size: int,
-    triton: bool = False,
-    install: bool = True,
+    monkeypatch: pytest.MonkeyPatch, engine: NativeEngine, max_batch_size: int, triton: bool = False
 ) -> Any:
     """`CudaGraphs` on the CPU, each captured graph replaced by an eager call of the function it captures, on the
     same static buffers, installed on `engine`'s runner. Attention through the SDPA reference, or with `triton`
@@ -265,8 +261,6 @@ def graphs_replayed_eagerly(
 
     monkeypatch.setattr(graphs_cls, "_meta", cpu_meta)
     monkeypatch.setattr(graphs_cls, "_capture", capture)
-    if not install:  # the caller captures (`runner.capture_graphs`)
-        return None
     graphs = graphs_cls(engine.runner, max_batch_size, engine.runner.prefill_kernel)
     monkeypatch.setattr(engine.runner, "graphs", graphs)
     return graphs
@@ -304,7 +298,7 @@ def test_a_failed_graph_capture_costs_speed_never_the_engine(
     graphs and every step runs eagerly. Each failure is logged, none is raised."""
     from qwen_api.engine.native import runner as runner_module
 
-    graphs_replayed_eagerly(monkeypatch, engine, 16, install=False)
+    graphs_replayed_eagerly(monkeypatch, engine, 16)  # `CudaGraphs` made to run on the CPU; its graphs unused here
     graphs_cls = runner_module.CudaGraphs
     replayed_capture = graphs_cls._capture
 
