@@ -202,6 +202,56 @@ def test_seed_and_openai_answer_through_the_replicas(cluster: Cluster) -> None:
     assert bad.status_code == 400  # bad input is refused at the front, never sent to a replica
 
 
+def test_schemas_and_forced_tool_calls_are_enforced_on_the_replicas(cluster: Cluster) -> None:
+    """A grammar crosses to the replicas as its text: each binds it to its own tokenizer (it was a 500 before,
+    when Ray could not pickle llguidance's tokenizer). Both replicas get one (the router spreads idle requests)."""
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}, "year": {"type": "integer", "maximum": 3000}},
+        "required": ["city", "year"],
+        "additionalProperties": False,
+    }
+    body = _chat(
+        [{"role": "user", "content": "Name a city and a year as JSON."}],
+        max_tokens=48,
+        response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema}},
+    )
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(
+                *[client.post(f"{cluster.base_url}/v1/chat/completions", json=body) for _ in range(4)]
+            )
+
+    for reply in asyncio.run(run()):
+        assert reply.status_code == 200, reply.text
+        choice = reply.json()["choices"][0]
+        assert choice["finish_reason"] == "stop", choice
+        answer = json.loads(choice["message"]["content"])
+        assert set(answer) == {"city", "year"} and isinstance(answer["year"], int), answer
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                           "required": ["city"], "additionalProperties": False},
+        },
+    }  # fmt: skip
+    called = httpx.post(
+        f"{cluster.base_url}/v1/chat/completions",
+        json=_chat(
+            [{"role": "user", "content": "Weather in Paris?"}], max_tokens=64, tools=[tool], tool_choice="required"
+        ),
+        timeout=120,
+    )
+    assert called.status_code == 200, called.text
+    choice = called.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    assert set(json.loads(call["function"]["arguments"])) == {"city"}
+
+
 def test_sixteen_concurrent_requests_are_spread_over_both_replicas(cluster: Cluster) -> None:
     before = _served(cluster.base_url)
 

@@ -385,3 +385,51 @@ def test_the_native_engine_enforces_a_schema_too(tiny_qwen2_dir: Path) -> None:
         for choice in response.choices:
             jsonschema.validate(json.loads(choice.message.content or ""), schema)
             assert choice.finish_reason == "stop"
+
+
+def test_a_constraint_crosses_a_process_as_its_grammar_and_binds_to_that_process_tokenizer(
+    tiny_qwen2_dir: Path,
+) -> None:
+    """What a Ray replica receives: the pickled constraint carries its grammar and the vocabulary's key, not
+    llguidance's tokenizer (which cannot be pickled); the other process binds it once it has built its own, and
+    its matcher then allows exactly what this process's allows."""
+    import asyncio
+    import pickle
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from qwen_api.structured.grammar import GrammarCompiler, json_schema_grammar
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    compiler = GrammarCompiler(AutoTokenizer.from_pretrained(tiny_qwen2_dir))
+    constraint = asyncio.run(compiler.compile(json_schema_grammar(schema)))
+    blob = pickle.dumps(constraint)
+    assert len(blob) < len(constraint.grammar) + 1000  # the grammar and a key, nothing the size of a vocabulary
+    here = constraint.matcher()
+    allowed = [int(here.allowed(152064).sum())]
+    here.advance(int(here.allowed(152064).nonzero()[0][0]))  # "{"
+    allowed.append(int(here.allowed(152064).sum()))
+    script = f"""
+import asyncio, pickle, sys
+from transformers import AutoTokenizer
+from qwen_api.structured.grammar import GrammarCompiler, GrammarError
+constraint = pickle.loads(sys.stdin.buffer.read())
+assert not constraint.bound()
+try:
+    constraint.matcher()
+    raise SystemExit("a matcher without a tokenizer")
+except GrammarError:
+    pass
+asyncio.run(GrammarCompiler(AutoTokenizer.from_pretrained({str(tiny_qwen2_dir)!r})).prepare())
+assert constraint.bound()
+there = constraint.matcher()
+counts = [int(there.allowed(152064).sum())]
+there.advance(int(there.allowed(152064).nonzero()[0][0]))
+counts.append(int(there.allowed(152064).sum()))
+print(counts)
+"""
+    done = subprocess.run([sys.executable, "-c", script], input=blob, capture_output=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert done.stdout.decode().strip().splitlines()[-1] == str(allowed)

@@ -5,7 +5,9 @@ CPU, transformers otherwise; one GPU each where there are GPUs) and serves the e
 `generate(prompt_ids, params)` streams first the replica's name (the request has reached it and not another),
 then the engine's `TokenChunk`s. Closing the stream at the front cancels this call, which closes the engine's
 stream and so cancels the sequence within a step. `check_health` fails once the engine's worker has died, and
-Ray Serve then replaces the replica. Nothing here knows HTTP or text.
+Ray Serve then replaces the replica. A grammar (structured outputs, tool calls) arrives as its text and the key
+of the vocabulary it was compiled for; the replica builds its own llguidance tokenizer for its model once, off the
+event loop, before the first such sequence. Nothing here knows HTTP or text.
 """
 
 from __future__ import annotations
@@ -17,16 +19,18 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
-from qwen_api.engine.base import Engine, EngineStats, SamplingParams, TokenChunk
+from qwen_api.engine.base import Engine, EngineError, EngineStats, SamplingParams, TokenChunk
 from qwen_api.engine.loading import ModelSource, pick_device, resolve_model
 from qwen_api.runtime import choose_engine, default_loader, eos_token_ids
 from qwen_api.settings import Settings
+from qwen_api.structured.grammar import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
 
-def load_engine(settings: Settings, source: ModelSource, threads: int | None) -> Engine:
-    """The engine a single process would load, with llama.cpp held to the `threads` CPUs Ray gave this replica."""
+def load_engine(settings: Settings, source: ModelSource, threads: int | None) -> tuple[Engine, Any]:
+    """The engine a single process would load, with llama.cpp held to the `threads` CPUs Ray gave this replica,
+    and the model's tokenizer."""
     device = pick_device(settings.device)
     if threads and source.gguf_file and choose_engine(settings.engine, source, device) == "llamacpp":
         # default_loader gives llama.cpp every core of the machine; replicas sharing a machine would then fight
@@ -36,7 +40,7 @@ def load_engine(settings: Settings, source: ModelSource, threads: int | None) ->
         from qwen_api.engine.llamacpp_engine import LlamaCppEngine
 
         tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-        return LlamaCppEngine(
+        engine = LlamaCppEngine(
             Path(source.path) / source.gguf_file,
             eos_token_ids(tokenizer),
             max_batch_size=settings.max_batch_size,
@@ -44,7 +48,9 @@ def load_engine(settings: Settings, source: ModelSource, threads: int | None) ->
             n_threads=threads,
             prefix_cache=settings.prefix_cache,
         )
-    return default_loader(settings, source)().engine
+        return engine, tokenizer
+    generator = default_loader(settings, source)()
+    return generator.engine, generator.tokenizer
 
 
 def _unnice() -> None:
@@ -71,7 +77,8 @@ class EngineReplica:
         logging.basicConfig(level=self.settings.log_level.upper())
         self.name = serve.get_replica_context().replica_id.unique_id
         _unnice()
-        self.engine = load_engine(self.settings, resolve_model(self.settings.model), threads)
+        self.engine, tokenizer = load_engine(self.settings, resolve_model(self.settings.model), threads)
+        self.grammars = GrammarCompiler(tokenizer)  # the constraints' tokenizer on this side, built when first needed
         self.served = 0
         self._loop_unniced = False
         log.info("replica %s (pid %d) ready: %d threads", self.name, os.getpid(), threads or 0)
@@ -81,6 +88,10 @@ class EngineReplica:
             self._loop_unniced = True
             _unnice()
         yield self.name
+        if params.constraint is not None and not params.constraint.bound():
+            await self.grammars.prepare()
+            if not params.constraint.bound():
+                raise EngineError("the grammar was compiled for another vocabulary than this replica's model")
         tokens = self.engine.generate(prompt_ids, params)
         try:
             async for chunk in tokens:

@@ -67,6 +67,11 @@ class TokenMatcher(Protocol):
 class TokenConstraint(Protocol):
     def matcher(self) -> TokenMatcher: ...
 
+    def bound(self) -> bool:
+        """Whether `matcher()` can work in this process (one that came from another process needs this
+        process's grammar tokenizer for its vocabulary first: structured/grammar.py)."""
+        ...
+
 
 @dataclass(frozen=True)
 class TokenLogprob:

@@ -6,11 +6,16 @@ under a time limit, so a pathological schema is a `GrammarError` (a 400), never 
 is the plain handle that crosses the engine contract in `SamplingParams.constraint`; each engine asks it for one
 `TokenMatcher` per sequence, applies `allowed()` to that sequence's logits before any other sampling transform,
 and `advance()`s it with the token it sampled. When the JSON is complete the matcher allows only end-of-sequence.
+
+A constraint also crosses processes (to a Ray replica): llguidance's tokenizer cannot be pickled, so a pickled
+constraint carries its grammar and the key of its vocabulary (`tokenizer_key`), and binds to the receiving
+process's own tokenizer for that vocabulary, which that process's `GrammarCompiler` registers when it builds it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import threading
 from collections import OrderedDict
@@ -91,15 +96,44 @@ class TokenMatcher:
         return bool(self._matcher.consume_token(int(token)))
 
 
+# This process's llguidance tokenizers, by `tokenizer_key`: where a constraint that came from another process binds.
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def tokenizer_key(hf_tokenizer: Any, n_vocab: int, eos: Any) -> str:
+    """The same text in every process that loaded the same tokenizer: a digest of its vocabulary, merges, added
+    tokens and pre-tokenizer (the fast tokenizer's JSON), the vocabulary size and the end tokens."""
+    digest = hashlib.sha256(hf_tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(repr((n_vocab, eos)).encode())
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class Constraint:
-    """A compiled grammar bound to a tokenizer: the handle an engine turns into one matcher per sequence."""
+    """A compiled grammar bound to a tokenizer: the handle an engine turns into one matcher per sequence.
+
+    Pickled, it keeps its grammar and `tokenizer_key` only; unpickled in another process it uses that process's
+    registered tokenizer of the same key (`bound`), which the process must have built first (`GrammarCompiler`)."""
 
     grammar: str
-    tokenizer: Any = field(repr=False, compare=False)
+    tokenizer_key: str
+    tokenizer: Any = field(default=None, repr=False, compare=False)
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return (Constraint, (self.grammar, self.tokenizer_key))
+
+    def _tokenizer(self) -> Any:
+        return self.tokenizer if self.tokenizer is not None else _TOKENIZERS.get(self.tokenizer_key)
+
+    def bound(self) -> bool:
+        """Whether this process has the tokenizer that `matcher()` needs."""
+        return self._tokenizer() is not None
 
     def matcher(self) -> TokenMatcher:
-        return TokenMatcher(self.tokenizer, self.grammar)
+        tokenizer = self._tokenizer()
+        if tokenizer is None:
+            raise GrammarError("this process has no grammar tokenizer for the model's vocabulary")
+        return TokenMatcher(tokenizer, self.grammar)
 
 
 class GrammarCompiler:
@@ -109,6 +143,7 @@ class GrammarCompiler:
         self._hf = hf_tokenizer
         self._eos = eos_token_ids
         self._tokenizer: Any = None
+        self._key = ""
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, Constraint] = OrderedDict()
 
@@ -119,6 +154,8 @@ class GrammarCompiler:
 
                 eos = self._eos or self._hf.eos_token_id
                 self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=len(self._hf), eos_token=eos)
+                self._key = tokenizer_key(self._hf, len(self._hf), eos)
+                _TOKENIZERS[self._key] = self._tokenizer
             return self._tokenizer
 
     def _compile_sync(self, grammar: str, param: str) -> Constraint:
@@ -132,10 +169,11 @@ class GrammarCompiler:
         probe = LLMatcher(tokenizer, grammar)
         if probe.is_error():
             raise GrammarError(f"this schema cannot be enforced: {probe.get_error()}", param)
-        return Constraint(grammar, tokenizer)
+        return Constraint(grammar, self._key, tokenizer)
 
     async def prepare(self) -> None:
-        """Build the token table now (seconds for a 151k vocabulary), so that the first request does not wait."""
+        """Build the token table now (seconds for a 151k vocabulary), so that the first request does not wait, and
+        register it for the constraints that other processes send here."""
         await asyncio.to_thread(self._ll_tokenizer)
 
     async def compile(self, grammar: str, param: str = "response_format") -> Constraint:
