@@ -92,6 +92,44 @@ def test_errors_keep_their_family_shape() -> None:
     run(test)
 
 
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+def test_input_nested_past_the_limit_is_a_4xx_in_each_route_shape() -> None:
+    """Objects 500 deep (4 KB of JSON): the recursive surrogate check hit Python's recursion limit, a 500 on every
+    route. Refused now, whatever the depth (iteratively), with the route's own error shape."""
+    from qwen_api.api.schema import MAX_NESTING, _content_problem
+
+    assert _content_problem([_nested(MAX_NESTING - 1)]) is None  # MAX_NESTING levels in all
+    assert "deeper than" in (_content_problem([_nested(MAX_NESTING)]) or "")
+    assert "deeper than" in (_content_problem(_nested(200_000)) or "")
+    deep = _nested(500)
+    chat = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+    cases = [
+        ("/v1/chat/completions", {**chat, "logit_bias": deep}, 400, "error"),
+        ("/v1/chat/completions", {**chat, "tools": [{"type": "function", "function": {"name": "f", "parameters": deep}}]},
+         400, "error"),
+        ("/v1/completions", {"model": "fake-model", "prompt": "hi", "logit_bias": deep}, 400, "error"),
+        ("/v1/responses", {"model": "fake-model", "input": "hi", "metadata": deep}, 400, "error"),
+        ("/v1/messages", {"model": "fake-model", "max_tokens": 4, "messages": [], "metadata": deep}, 400, "type"),
+        ("/v1/messages/count_tokens", {"model": "fake-model", "messages": [], "system": deep}, 400, "type"),
+        ("/tokenize", {"prompt": "hi", "model": deep}, 400, "error"),
+        ("/generate", {"prompt": "hi", "max_length": deep}, 422, "detail"),
+    ]  # fmt: skip
+
+    async def test(client: httpx.AsyncClient, *_: object) -> None:
+        for path, body, status, key in cases:
+            r = await client.post(path, json=body)
+            assert r.status_code == status, (path, r.text[:300])
+            assert key in r.json() and "deeper than" in r.text, (path, r.text[:300])
+
+    run(test)
+
+
 def test_a_full_server_refuses_at_once_with_429() -> None:
     async def test(client: httpx.AsyncClient, _: FakeEngine, admission: Admission) -> None:
         held = admission.acquire(admission.capacity)

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from qwen_api.admission import Draining, Overloaded
 from qwen_api.api.guard import ClientDisconnected, RequestTimeout
 from qwen_api.api.openai_protocol import Unsupported, error_body
+from qwen_api.api.schema import MAX_NESTING
 from qwen_api.engine.base import EngineError
 from qwen_api.runtime import ModelNotReady
 from qwen_api.textgen import EmptyPrompt, PromptTooLong
@@ -58,17 +59,20 @@ def openai_error_payload(exc: Exception) -> dict[str, Any]:
     return error_body(str(exc), "server_error")
 
 
-def _json_safe(value: Any) -> Any:
+def _json_safe(value: Any, depth: int = 0) -> Any:
     """Make a bad input that is echoed back encodable: strict JSON has no NaN (non-finite floats become their text),
-    and UTF-8 has no lone surrogates (they become their escapes)."""
+    UTF-8 has no lone surrogates (they become their escapes), and what nests past `MAX_NESTING` levels (which the
+    schemas refuse) is cut there, so that neither this nor the JSON encoder recurses without bound."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, str):
         return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, list | dict) and depth >= MAX_NESTING:
+        return f"(nested deeper than {MAX_NESTING} levels)"
     if isinstance(value, list):
-        return [_json_safe(v) for v in value]
+        return [_json_safe(v, depth + 1) for v in value]
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: _json_safe(v, depth + 1) for k, v in value.items()}
     return value
 
 
@@ -209,7 +213,9 @@ def _error_text(error: Any) -> str:
 async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     if not _is_openai(request):  # FastAPI's own shape, but NaN/inf inputs must not break the JSON encoder
-        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+        # cut before the encoder too: it recurses into the inputs as well
+        detail = jsonable_encoder(_json_safe(exc.errors()))
+        return JSONResponse({"detail": _json_safe(detail)}, status_code=422)
     errors = exc.errors()
     first = errors[0] if errors else {}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]

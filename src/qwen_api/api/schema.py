@@ -3,7 +3,8 @@
 Unknown fields are refused (`extra="forbid"`) and types are not coerced (`strict=True`: `"5"` is no integer, `true`
 no `n`, `"no"` no boolean); and text must be Unicode that can be encoded: JSON may escape a lone UTF-16 surrogate
 (`"\\udfff"`), which no tokenizer can encode, so it is refused here with a 4xx naming the field instead of failing
-deep inside the tokenizer. In the OpenAI-style dialects `null` means "the default", as OpenAI's SDKs expect.
+deep inside the tokenizer. Arrays and objects nested past `MAX_NESTING` levels are refused here too. In the
+OpenAI-style dialects `null` means "the default", as OpenAI's SDKs expect.
 
 The operator's caps (`--max-new-tokens-limit`, `--max-num-return-sequences`) are the schemas' own constraints too
 (`at_most`): `ServerCaps.apply` makes them this request's, for the app that serves it, so an over-cap value fails
@@ -56,16 +57,27 @@ def at_most(value: int | None, cap: str) -> int | None:
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# Levels of arrays and objects one field may nest (a JSON schema 30 objects deep needs about 60). Deeper input is
+# refused before anything walks it: the validators, jsonschema and the templates recurse, and past a few hundred
+# levels Python's recursion limit made such a body a 500.
+MAX_NESTING = 100
 
 
-def _has_lone_surrogate(value: Any) -> bool:
-    if isinstance(value, str):
-        return _SURROGATE.search(value) is not None
-    if isinstance(value, dict):
-        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(_has_lone_surrogate(v) for v in value)
-    return False
+def _content_problem(value: Any) -> str | None:
+    """Why `value` is not acceptable request content, or None: a lone UTF-16 surrogate in any string (key or value),
+    or arrays and objects nested deeper than `MAX_NESTING`. Iterative, so no depth of input can exhaust the stack."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item) is not None:
+                return "holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text"
+        elif isinstance(item, dict | list | tuple):
+            if depth >= MAX_NESTING:
+                return f"nests arrays and objects deeper than {MAX_NESTING} levels"
+            children = [x for pair in item.items() for x in pair] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return None
 
 
 class RequestModel(BaseModel):
@@ -84,9 +96,9 @@ class RequestModel(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _valid_unicode(cls, value: Any) -> Any:
-        if _has_lone_surrogate(value):
-            raise ValueError("holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text")
+    def _valid_content(cls, value: Any) -> Any:
+        if (problem := _content_problem(value)) is not None:
+            raise ValueError(problem)
         return value
 
 
