@@ -130,6 +130,23 @@ def test_input_nested_past_the_limit_is_a_4xx_in_each_route_shape() -> None:
     run(test)
 
 
+def test_n_past_what_admission_could_ever_take_is_a_4xx_not_a_429() -> None:
+    """With 2 batch slots and 1 waiting place, 4 samples can never be admitted: a 429 would have the client retry
+    for good. The cap on n is the smaller of --max-num-return-sequences and that capacity."""
+
+    async def test(client: httpx.AsyncClient, *_: object) -> None:
+        chat = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        over = await client.post("/v1/chat/completions", json={**chat, "n": 4})
+        assert over.status_code == 400 and over.json()["error"]["param"] == "n", over.text
+        assert "at most 3" in over.json()["error"]["message"]
+        seed = await client.post("/generate", json={"prompt": "hi", "max_length": 3, "num_return_sequences": 4})
+        assert seed.status_code == 422 and seed.json()["detail"][0]["loc"] == ["body", "num_return_sequences"]
+        fits = await client.post("/v1/chat/completions", json={**chat, "n": 3})
+        assert fits.status_code == 200 and len(fits.json()["choices"]) == 3
+
+    run(test, max_batch_size=2, max_waiting_sequences=1)
+
+
 def test_a_full_server_refuses_at_once_with_429() -> None:
     async def test(client: httpx.AsyncClient, _: FakeEngine, admission: Admission) -> None:
         held = admission.acquire(admission.capacity)

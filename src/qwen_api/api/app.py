@@ -82,7 +82,9 @@ def create_app(
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "X-Api-Key", "Content-Type", "X-Request-ID"],
         )
-    app.add_middleware(ServerCaps(settings.max_new_tokens_limit, settings.max_num_return_sequences).apply)
+    # n is capped by what admission could ever take at once too: past it a request would be told "busy, retry" for good
+    choices = min(settings.max_num_return_sequences, settings.admission_capacity())
+    app.add_middleware(ServerCaps(settings.max_new_tokens_limit, choices).apply)
     app.add_middleware(CatchAll)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestId)
