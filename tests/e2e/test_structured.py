@@ -433,3 +433,114 @@ print(counts)
     done = subprocess.run([sys.executable, "-c", script], input=blob, capture_output=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert done.stdout.decode().strip().splitlines()[-1] == str(allowed)
+
+
+PICK = {
+    "type": "function",
+    "function": {
+        "name": "pick",
+        "parameters": {
+            "type": "object",
+            "properties": {"kind": {"enum": ["cat", "dog"]}, "size": {"type": "integer", "minimum": 0, "maximum": 99}},
+            "required": ["kind", "size"],
+            "additionalProperties": False,
+        },
+    },
+}
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}},
+    "required": ["ok"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def native_tiny(tiny_qwen2_dir: Path) -> Iterator[InProcessServer]:
+    """Random weights: whatever a grammar leaves them free to write, they write, whitespace included."""
+    with serve_in_process(tiny_qwen2_dir, engine="native", max_num_return_sequences=8) as server:
+        yield server
+
+
+def test_a_forced_call_is_compact_whole_and_beyond_stop_strings(native_tiny: InProcessServer) -> None:
+    """The call's JSON had free whitespace: random weights padded it with newlines and tabs until max_tokens, and
+    the unfinished markup came back as content. And a stop string inside the markup (`call`, a newline) cut it
+    into content. A forced call is the whole answer, so no stop string applies to it."""
+    client = client_of(native_tiny)
+    for stop in (None, ["call", "\n", "_"]):
+        out = client.chat.completions.create(
+            model=model_of(native_tiny), messages=ASK, tools=[PICK], tool_choice="required", n=6, temperature=1.0,
+            seed=5, max_tokens=60, stop=stop,
+        )  # fmt: skip
+        for choice in out.choices:
+            assert choice.finish_reason == "tool_calls", (stop, choice)
+            assert not choice.message.content, (stop, choice.message.content)
+            (call,) = choice.message.tool_calls or []
+            jsonschema.validate(json.loads(call.function.arguments), PICK["function"]["parameters"])
+
+
+def test_auto_tools_beside_a_response_format_may_call_or_answer_in_the_format(native_tiny: InProcessServer) -> None:
+    """OpenAI's agents send `tools` (auto) and a `response_format` together: the model either calls a tool or answers
+    in the format. The grammar was the format's alone, so no call could ever come. A bias picks the branch: on `<`
+    (how a call opens) calls, on `{` (how the JSON opens) content."""
+    tokenizer = native_tiny.runtime.generator().tokenizer
+    (lt,), (brace,) = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("<", "{"))
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA}}
+    client = client_of(native_tiny)
+    for first, calls in ((lt, True), (brace, False)):
+        out = client.chat.completions.create(
+            model=model_of(native_tiny), messages=ASK, tools=[PICK], response_format=fmt, n=3, temperature=1.0,
+            seed=9, max_tokens=80, logit_bias={str(first): 100},
+        )  # fmt: skip
+        for choice in out.choices:
+            if calls:
+                assert choice.finish_reason == "tool_calls", choice
+                for call in choice.message.tool_calls or []:
+                    jsonschema.validate(json.loads(call.function.arguments), PICK["function"]["parameters"])
+            else:
+                assert choice.finish_reason == "stop" and not choice.message.tool_calls, choice
+                jsonschema.validate(json.loads(choice.message.content or ""), ANSWER_SCHEMA)
+
+
+EXPLODING = {  # llguidance compiles it, then gives up matching: the lexer's regex grows past its limit
+    "type": "object",
+    "properties": {"s": {"type": "string", "pattern": "^(([a-z]{1,100}){1,100}){1,100}$"}},
+    "required": ["s"],
+}
+ENDLESS = {  # every object must hold another: no JSON ends, and the parser gives up on the first key
+    "$defs": {"n": {"type": "object", "properties": {"c": {"$ref": "#/$defs/n"}}, "required": ["c"]}},
+    "$ref": "#/$defs/n",
+}
+
+
+def _schema_failures_are_errors_not_invalid_json(server: InProcessServer) -> None:
+    """A schema llguidance accepts but gives up on while matching made the output end early, `finish_reason: stop`,
+    200 with invalid JSON. Now the request fails: 400 `schema_not_followed`, or an error event once streaming."""
+    client = client_of(server)
+    args = {"model": model_of(server), "messages": ASK, "max_tokens": 40, "seed": 1}
+    for schema in (EXPLODING, ENDLESS):
+        fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+        with pytest.raises(openai.BadRequestError) as failed:
+            client.chat.completions.create(**args, response_format=fmt)
+        assert failed.value.code == "schema_not_followed" and "schema" in failed.value.message
+        with httpx.stream(
+            "POST", f"{server.base_url}/v1/chat/completions", json={**args, "response_format": fmt, "stream": True},
+            timeout=60,
+        ) as r:  # fmt: skip
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert "schema" in events[-1]["error"]["message"], events[-1]
+        assert all(c["choices"][0]["finish_reason"] is None for c in events[:-1] if c.get("choices"))
+    # one whose first step already fails is refused before generating, like any schema that cannot be enforced
+    itself = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(**args, response_format=itself)
+    assert refused.value.param == "response_format"
+    assert client.chat.completions.create(**args).choices[0].message.content is not None  # the engine still serves
+
+
+def test_a_schema_the_grammar_engine_gives_up_on_is_an_error(demo: InProcessServer) -> None:
+    _schema_failures_are_errors_not_invalid_json(demo)
+
+
+def test_a_schema_the_grammar_engine_gives_up_on_is_an_error_on_the_native_engine(native_tiny: InProcessServer) -> None:
+    _schema_failures_are_errors_not_invalid_json(native_tiny)

@@ -28,7 +28,7 @@ from qwen_api.admission import Draining, Overloaded
 from qwen_api.api.guard import ClientDisconnected, RequestTimeout
 from qwen_api.api.openai_protocol import Unsupported, error_body
 from qwen_api.api.schema import MAX_NESTING
-from qwen_api.engine.base import EngineError
+from qwen_api.engine.base import ConstraintFailed, EngineError
 from qwen_api.runtime import ModelNotReady
 from qwen_api.textgen import EmptyPrompt, PromptTooLong
 
@@ -156,6 +156,14 @@ async def _generation_failed(request: Request, exc: Exception) -> JSONResponse:
     return _reply(request, 500, message, "server_error")
 
 
+async def _constraint_failed(request: Request, exc: Exception) -> JSONResponse:
+    """A schema that compiled but that the grammar engine gave up on while generating: the request's fault, a 400 in
+    the OpenAI-style dialects (where schemas come from); the seed API keeps its one failure answer."""
+    if not _is_openai(request):
+        return await _generation_failed(request, exc)
+    return _reply(request, 400, str(exc), "invalid_request_error", "schema_not_followed")
+
+
 async def _overloaded(request: Request, exc: Exception) -> JSONResponse:
     _count_rejection(request, "overloaded")
     return _reply(request, 429, str(exc), "server_overloaded", "overloaded", headers={"Retry-After": "1"})
@@ -257,6 +265,7 @@ def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Unauthorized, _unauthorized)
     app.add_exception_handler(ModelNotReady, _not_ready)
     app.add_exception_handler(EngineError, _generation_failed)
+    app.add_exception_handler(ConstraintFailed, _constraint_failed)
     app.add_exception_handler(PromptTooLong, _prompt_too_long)
     app.add_exception_handler(EmptyPrompt, _empty_prompt)
     app.add_exception_handler(StarletteHTTPException, _http_error)

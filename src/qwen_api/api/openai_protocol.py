@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from qwen_api.api.schema import RequestModel, at_most, resolve_sampling
 from qwen_api.engine.base import SamplingParams
-from qwen_api.structured.grammar import GrammarError, response_format_grammar
+from qwen_api.structured.grammar import GrammarError, response_format_grammar, response_format_schema
 from qwen_api.structured.tools import call_grammar
 
 MAX_STOP_STRINGS = 8
@@ -258,14 +258,30 @@ class ChatCompletionRequest(_SamplingRequest):
             return None
         return [t.model_dump(exclude_none=True) for t in self.tools]
 
+    def forced_call(self) -> bool:
+        """Whether the answer must be one tool call (`required`, or a named function)."""
+        return bool(self.tool_dicts()) and (
+            self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+        )
+
+    def stop_list(self) -> list[str]:
+        """A forced call is the whole answer, one grammar-bound call block: a stop string could only cut it, so
+        none applies (they apply to content, and a forced call has none)."""
+        return [] if self.forced_call() else super().stop_list()
+
     def grammar(self) -> tuple[str, str] | None:
+        """A forced call's grammar (`response_format` shapes content, which a call has none of); with `auto`
+        beside a `response_format`, calls or content in that format; else `response_format`'s."""
         tools = self.tool_dicts()
-        if tools and (self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)):
-            name = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
-            try:
+        try:
+            if tools and self.forced_call():
+                name = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
                 return call_grammar(tools, name), "tools"
-            except GrammarError as exc:
-                raise Unsupported(exc.param, str(exc)) from None
+            content = response_format_schema(self.response_format) if tools else None
+            if tools and content is not None:
+                return call_grammar(tools, None, content, parallel=self.parallel_tool_calls is not False), "tools"
+        except GrammarError as exc:
+            raise Unsupported(exc.param, str(exc)) from None
         return super().grammar()
 
     @field_validator("max_tokens", "max_completion_tokens")

@@ -18,7 +18,7 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from qwen_api.engine.base import EngineDead, EngineError, EngineStats, SamplingParams, TokenChunk
+from qwen_api.engine.base import ConstraintFailed, EngineDead, EngineError, EngineStats, SamplingParams, TokenChunk
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,8 @@ class RemoteEngine:
                 except RayError as exc:
                     failed = True
                     cause = getattr(exc, "cause", None)
+                    if isinstance(cause, ConstraintFailed):  # the request's grammar failed: a 400, as in one process
+                        raise ConstraintFailed(str(cause)) from exc
                     if isinstance(cause, EngineError):  # the engine failed the sequence; another try won't help
                         raise EngineError(str(cause)) from exc
                     if not produced and attempt < RETRIES:

@@ -57,11 +57,14 @@ class SamplingParams:
 
 class TokenMatcher(Protocol):
     """One sequence's grammar state: `allowed(width)` is a bool row over the logits (True where a token may come
-    next), applied before temperature, top-k, top-p and the draw; `advance(token)` takes the sampled token."""
+    next), applied before temperature, top-k, top-p and the draw; `advance(token)` takes the sampled token;
+    `failure()` says why the grammar engine gave up on it (it then allows only the end token), or None."""
 
     def allowed(self, width: int) -> Any: ...
 
     def advance(self, token: int) -> bool: ...
+
+    def failure(self) -> str | None: ...
 
 
 class TokenConstraint(Protocol):
@@ -111,6 +114,20 @@ class EngineError(Exception):
 
 class EngineDead(EngineError):
     """The engine's worker has died; no request can be served until the process restarts."""
+
+
+class ConstraintFailed(EngineError):
+    """The grammar engine gave up on a sequence's grammar while matching it (it compiled, then exceeded the
+    engine's limits): the output ended early and does not follow the grammar. The request's fault, not the
+    engine's: only that sequence fails."""
+
+
+def last_chunk(chunk: TokenChunk, matcher: TokenMatcher | None) -> TokenChunk | ConstraintFailed:
+    """What an engine delivers for a sequence's chunk: `ConstraintFailed` instead of an end that a failed grammar
+    forced (it allows only the end token once it has failed), else the chunk."""
+    if chunk.finish_reason == "stop" and matcher is not None and (why := matcher.failure()) is not None:
+        return ConstraintFailed(f"the output could not be held to its schema: {why}")
+    return chunk
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -176,6 +193,8 @@ async def relay(
                 yield chunk
             if failure is not None:
                 finished = True
+                if isinstance(failure, EngineError):  # the engine's own verdict on this sequence, kept as it is
+                    raise failure
                 raise EngineError(str(failure)) from failure
     finally:
         if not finished:

@@ -54,6 +54,7 @@ from qwen_api.engine.base import (
     check_prompt_ids,
     common_prefix_len,
     hand_over,
+    last_chunk,
     relay,
 )
 from qwen_api.engine.sampling import LogitControls, effective_top_k, is_greedy, seed32, token_logprobs
@@ -311,12 +312,12 @@ class LlamaCppEngine:
         self._peak_batch = max(self._peak_batch, len(in_batch))
         if self.on_step is not None:
             self.on_step(len(in_batch))
-        deliveries: list[tuple[_Sequence, TokenChunk]] = []
+        deliveries: list[tuple[_Sequence, TokenChunk | BaseException]] = []
         for seq, index in sampled:
             token, logprob = self._sample(seq, index)
             seq.generated.append(token)
             reason = self._finish_reason(seq, token)
-            deliveries.append((seq, TokenChunk([token], reason, logprob)))
+            deliveries.append((seq, last_chunk(TokenChunk([token], reason, logprob), seq.matcher)))
             if reason is not None:
                 self._release(seq)
         hand_over(deliveries, lambda d: d[0].loop, _deliver)
@@ -393,7 +394,7 @@ def _cpu_reports_amx() -> bool:
         return False
 
 
-def _deliver(deliveries: list[tuple[_Sequence, TokenChunk]]) -> None:
+def _deliver(deliveries: list[tuple[_Sequence, TokenChunk | BaseException]]) -> None:
     for seq, chunk in deliveries:
         if not seq.cancelled:
             seq.out.put_nowait(chunk)

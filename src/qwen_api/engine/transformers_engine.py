@@ -27,6 +27,7 @@ from qwen_api.engine.base import (
     SamplingParams,
     TokenChunk,
     check_prompt_ids,
+    last_chunk,
     next_output,
 )
 
@@ -125,8 +126,9 @@ class TransformersEngine:
         request_id = f"seq-{next(self._ids)}"
         outputs: asyncio.Queue[Any] = asyncio.Queue()
         self._manager.register_result_handler(request_id, outputs.put_nowait)
-        if params.constraint is not None:
-            self._grammar.register(request_id, params.constraint.matcher())
+        matcher = params.constraint.matcher() if params.constraint is not None else None
+        if matcher is not None:
+            self._grammar.register(request_id, matcher)
         controlled = self._controls.register(request_id, params, prompt_ids)
         self._sampling.register(request_id, params)
         self._manager.add_request(
@@ -149,7 +151,10 @@ class TransformersEngine:
                 finished = output.is_finished()
                 logprobs = controlled.logprobs(new) if controlled is not None and new else None
                 if finished:
-                    yield TokenChunk(new, self._finish_reason(tokens), logprobs)
+                    last = last_chunk(TokenChunk(new, self._finish_reason(tokens), logprobs), matcher)
+                    if isinstance(last, EngineError):
+                        raise last
+                    yield last
                 elif new:
                     yield TokenChunk(new, logprobs=logprobs)
         finally:

@@ -38,8 +38,8 @@ class GrammarError(ValueError):
         super().__init__(message)
 
 
-def json_schema_grammar(schema: dict[str, Any] | bool, param: str = "response_format") -> str:
-    """The llguidance grammar text for a JSON schema, after checking that the schema is itself valid."""
+def checked_schema(schema: dict[str, Any] | bool, param: str = "response_format") -> dict[str, Any] | bool:
+    """`schema`, once checked to be a valid JSON schema (a `GrammarError` naming `param` if not)."""
     from jsonschema import Draft202012Validator
     from jsonschema.exceptions import SchemaError
 
@@ -49,7 +49,12 @@ def json_schema_grammar(schema: dict[str, Any] | bool, param: str = "response_fo
         Draft202012Validator.check_schema(schema)
     except SchemaError as exc:
         raise GrammarError(f"invalid JSON schema: {exc.message}", param) from None
-    return _lark_free_json(schema)
+    return schema
+
+
+def json_schema_grammar(schema: dict[str, Any] | bool, param: str = "response_format") -> str:
+    """The llguidance grammar text for a JSON schema, after checking that the schema is itself valid."""
+    return _lark_free_json(checked_schema(schema, param))
 
 
 def _lark_free_json(schema: Any) -> str:
@@ -62,8 +67,12 @@ def _lark_free_json(schema: Any) -> str:
         raise GrammarError(f"invalid JSON schema: {exc}") from None
 
 
-def any_json_object_grammar() -> str:
-    return _lark_free_json({"type": "object"})
+def compact_json(schema: dict[str, Any] | bool) -> dict[str, Any]:
+    """`schema` for a `%json` rule of a lark grammar, with the same compact JSON as `json_schema_grammar` (its
+    options ride in llguidance's `x-guidance` key; the schema's own settings there win, as they do there)."""
+    if isinstance(schema, bool):
+        return {"allOf": [schema], "x-guidance": dict(_JSON_OPTIONS)}
+    return {**schema, "x-guidance": {**_JSON_OPTIONS, **schema.get("x-guidance", {})}}
 
 
 class TokenMatcher:
@@ -94,6 +103,14 @@ class TokenMatcher:
     def advance(self, token: int) -> bool:
         """Take the sampled token; False if the grammar refuses it (it cannot, after `allowed`, but never raise)."""
         return bool(self._matcher.consume_token(int(token)))
+
+    def failure(self) -> str | None:
+        """Why the grammar engine gave up on this sequence, or None. A grammar it can compile may still exceed its
+        limits while matching (a regular expression that explodes, a schema that recurses without end); it then
+        allows only the end token, so such an output ends early and does not follow the grammar."""
+        if not self._matcher.is_error():
+            return None
+        return str(self._matcher.get_error()).splitlines()[0]
 
 
 # This process's llguidance tokenizers, by `tokenizer_key`: where a constraint that came from another process binds.
@@ -166,9 +183,10 @@ class GrammarCompiler:
         if is_error or warnings:
             # A warning means a part of the schema would not be enforced: refuse it rather than ignore it.
             raise GrammarError(f"this schema cannot be enforced: {'; '.join(warnings) or 'invalid grammar'}", param)
-        probe = LLMatcher(tokenizer, grammar)
-        if probe.is_error():
-            raise GrammarError(f"this schema cannot be enforced: {probe.get_error()}", param)
+        probe = TokenMatcher(tokenizer, grammar)
+        probe.allowed(tokenizer.vocab_size)  # the first step's mask: some grammars already fail there
+        if (why := probe.failure()) is not None:
+            raise GrammarError(f"this schema cannot be enforced: {why}", param)
         return Constraint(grammar, self._key, tokenizer)
 
     async def prepare(self) -> None:
@@ -193,15 +211,15 @@ class GrammarCompiler:
         return constraint
 
 
-def response_format_grammar(response_format: dict[str, Any] | None) -> str | None:
-    """The grammar text for an OpenAI `response_format`, or None for plain text."""
+def response_format_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | bool | None:
+    """The (checked) JSON schema an OpenAI `response_format` asks the content to follow, or None for plain text."""
     if not response_format:
         return None
     kind = response_format.get("type")
     if kind == "text":
         return None
     if kind == "json_object":
-        return any_json_object_grammar()
+        return {"type": "object"}
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
@@ -209,6 +227,11 @@ def response_format_grammar(response_format: dict[str, Any] | None) -> str | Non
         unknown = set(spec) - {"name", "schema", "strict", "description"}
         if unknown:
             raise GrammarError(f"json_schema: unknown field(s) {sorted(unknown)}")
-        schema = spec.get("schema", {})
-        return json_schema_grammar(schema)
+        return checked_schema(spec.get("schema", {}))
     raise GrammarError(f"unknown response_format type {kind!r}: use 'text', 'json_object' or 'json_schema'")
+
+
+def response_format_grammar(response_format: dict[str, Any] | None) -> str | None:
+    """The grammar text for an OpenAI `response_format`, or None for plain text."""
+    schema = response_format_schema(response_format)
+    return None if schema is None else _lark_free_json(schema)

@@ -5,7 +5,8 @@ the model's chat template renders `tools` itself (Qwen2.5's does) it is used; ot
 demo SmolLM2) the server renders that same format's system block from its own text below, never from a request.
 History is rendered as text the model was trained on: an assistant's calls as `<tool_call>` blocks and tool
 results as `<tool_response>` blocks in a user turn. `required` or a named function becomes a grammar, so the call's
-arguments always validate against the function's `parameters`.
+arguments always validate against the function's `parameters`; so does `auto` beside a `response_format`, whose
+grammar lets the answer be either calls or content in that format.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from qwen_api.structured.grammar import GrammarError, json_schema_grammar
+from qwen_api.structured.grammar import GrammarError, checked_schema, compact_json
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 # A last block left open at the end of the output still counts: small models often stop before the closing tag.
@@ -79,15 +80,23 @@ def render_history(
     return out
 
 
-def call_grammar(tools: list[dict[str, Any]], name: str | None) -> str:
-    """The grammar of one call block to `name`, or to any of `tools` when name is None (`required`)."""
+def call_grammar(
+    tools: list[dict[str, Any]],
+    name: str | None,
+    content: dict[str, Any] | bool | None = None,
+    parallel: bool = True,
+) -> str:
+    """The grammar of an answer that tools constrain, its JSON compact as `response_format`'s is:
+    - `content` None: one call block, to `name` or (None: `required`) to any of `tools`;
+    - `content` a JSON schema (`auto` with a `response_format`): either call blocks to any of `tools` (one, or
+      several when `parallel`), or content that follows that schema."""
     from llguidance import LLMatcher
 
     chosen = [t for t in tools if name is None or t["function"]["name"] == name]
     options = []
     for t in chosen:
         params = t["function"].get("parameters") or {"type": "object", "properties": {}}
-        json_schema_grammar(params, param="tools")  # an invalid parameters schema is a 400 naming tools
+        checked_schema(params, param="tools")  # an invalid parameters schema is a 400 naming tools
         options.append(
             {
                 "type": "object",
@@ -96,10 +105,19 @@ def call_grammar(tools: list[dict[str, Any]], name: str | None) -> str:
                 "additionalProperties": False,
             }
         )
-    schema = options[0] if len(options) == 1 else {"anyOf": options}
-    lark = f'start: "{OPEN}\\n" call "\\n{CLOSE}"\ncall: %json {json.dumps(schema)}\n'
+    call = options[0] if len(options) == 1 else {"anyOf": options}
+    rules = [
+        f'block: "{OPEN}\\n" call "\\n{CLOSE}"',
+        f"call: %json {json.dumps(compact_json(call))}",
+    ]
+    if content is None:
+        rules.insert(0, "start: block")
+    else:
+        calls = 'block ("\\n" block)*' if parallel else "block"
+        rules[:0] = ["start: calls | content", f"calls: {calls}"]
+        rules.append(f"content: %json {json.dumps(compact_json(content))}")
     try:
-        return LLMatcher.grammar_from_lark(lark)
+        return LLMatcher.grammar_from_lark("\n".join(rules) + "\n")
     except ValueError as exc:
         raise GrammarError(str(exc), "tools") from None
 

@@ -46,6 +46,7 @@ from qwen_api.engine.base import (
     TokenLogprob,
     check_prompt_ids,
     hand_over,
+    last_chunk,
     relay,
 )
 from qwen_api.engine.native.config import load_config
@@ -319,7 +320,7 @@ class NativeEngine:
                 continue
             reason = self._finish_reason(seq, token, index + 1 - seq.prompt_len)
             logprob = (logprobs[i],) if i in logprobs else None
-            deliveries.append((seq, TokenChunk([token], reason, logprob)))
+            deliveries.append((seq, last_chunk(TokenChunk([token], reason, logprob), seq.handle.matcher)))
             if reason is not None:
                 self.scheduler.finish(seq)
         _send(deliveries)
