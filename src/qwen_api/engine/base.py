@@ -122,7 +122,7 @@ class ConstraintFailed(EngineError):
     engine's: only that sequence fails."""
 
 
-def last_chunk(chunk: TokenChunk, matcher: TokenMatcher | None) -> TokenChunk | ConstraintFailed:
+def checked_chunk(chunk: TokenChunk, matcher: TokenMatcher | None) -> TokenChunk | ConstraintFailed:
     """What an engine delivers for a sequence's chunk: `ConstraintFailed` instead of an end that a failed grammar
     forced (it allows only the end token once it has failed), else the chunk."""
     if chunk.finish_reason == "stop" and matcher is not None and (why := matcher.failure()) is not None:

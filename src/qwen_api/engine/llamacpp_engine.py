@@ -52,9 +52,9 @@ from qwen_api.engine.base import (
     TokenChunk,
     TokenLogprob,
     check_prompt_ids,
+    checked_chunk,
     common_prefix_len,
     hand_over,
-    last_chunk,
     relay,
 )
 from qwen_api.engine.sampling import LogitControls, effective_top_k, is_greedy, seed32, token_logprobs
@@ -317,7 +317,7 @@ class LlamaCppEngine:
             token, logprob = self._sample(seq, index)
             seq.generated.append(token)
             reason = self._finish_reason(seq, token)
-            deliveries.append((seq, last_chunk(TokenChunk([token], reason, logprob), seq.matcher)))
+            deliveries.append((seq, checked_chunk(TokenChunk([token], reason, logprob), seq.matcher)))
             if reason is not None:
                 self._release(seq)
         hand_over(deliveries, lambda d: d[0].loop, _deliver)

@@ -27,7 +27,7 @@ from qwen_api.engine.base import (
     SamplingParams,
     TokenChunk,
     check_prompt_ids,
-    last_chunk,
+    checked_chunk,
     next_output,
 )
 
@@ -151,7 +151,7 @@ class TransformersEngine:
                 finished = output.is_finished()
                 logprobs = controlled.logprobs(new) if controlled is not None and new else None
                 if finished:
-                    last = last_chunk(TokenChunk(new, self._finish_reason(tokens), logprobs), matcher)
+                    last = checked_chunk(TokenChunk(new, self._finish_reason(tokens), logprobs), matcher)
                     if isinstance(last, EngineError):
                         raise last
                     yield last

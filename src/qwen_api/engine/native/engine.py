@@ -45,8 +45,8 @@ from qwen_api.engine.base import (
     TokenChunk,
     TokenLogprob,
     check_prompt_ids,
+    checked_chunk,
     hand_over,
-    last_chunk,
     relay,
 )
 from qwen_api.engine.native.config import load_config
@@ -320,7 +320,7 @@ class NativeEngine:
                 continue
             reason = self._finish_reason(seq, token, index + 1 - seq.prompt_len)
             logprob = (logprobs[i],) if i in logprobs else None
-            deliveries.append((seq, last_chunk(TokenChunk([token], reason, logprob), seq.handle.matcher)))
+            deliveries.append((seq, checked_chunk(TokenChunk([token], reason, logprob), seq.handle.matcher)))
             if reason is not None:
                 self.scheduler.finish(seq)
         _send(deliveries)
