@@ -17,6 +17,7 @@ from qwen_api.api.guard import ClientDisconnected, RequestTimeout
 from qwen_api.api.protocol import GenerateRequest, GenerateResponse, HealthResponse, RootResponse
 from qwen_api.api.sse import sse_response
 from qwen_api.engine.base import EngineError
+from qwen_api.runtime import Runtime
 from qwen_api.structured.grammar import GrammarError, response_format_grammar
 from qwen_api.textgen import TextDelta
 
@@ -39,11 +40,17 @@ async def root(runtime: RuntimeDep) -> RootResponse:
     responses={503: {"description": "The model is loading, failed to load, its engine died, or it is shutting down."}},
 )
 async def health(runtime: RuntimeDep) -> HealthResponse | JSONResponse:
+    return unhealthy(runtime) or HealthResponse(status="healthy")
+
+
+def unhealthy(runtime: Runtime, **extra: Any) -> JSONResponse | None:
+    """/health's 503, when there is one (`extra` joins its body): shutting down, with Retry-After (a balancer
+    should try another instance), or no model to serve (loading, failed, or its engine died)."""
     if runtime.draining:
-        return JSONResponse({"detail": str(Draining())}, status_code=503, headers={"Retry-After": "5"})
+        return JSONResponse({"detail": str(Draining()), **extra}, status_code=503, headers={"Retry-After": "5"})
     if not runtime.healthy():
-        return JSONResponse({"detail": NOT_LOADED}, status_code=503)
-    return HealthResponse(status="healthy")
+        return JSONResponse({"detail": NOT_LOADED, **extra}, status_code=503)
+    return None
 
 
 @inference_router.post(

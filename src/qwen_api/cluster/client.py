@@ -80,7 +80,7 @@ class RemoteEngine:
         self._running += 1
         try:
             for attempt in range(RETRIES + 1):
-                replica, produced, finished, failed = None, False, False, False
+                replica, produced, finished, lost = None, False, False, False
                 stream = self._stream.remote(list(prompt_ids), params)
                 self._waiting += 1
                 try:
@@ -102,18 +102,18 @@ class RemoteEngine:
                         raise EngineError(f"replica {replica} ended a sequence without a finish reason")
                     return
                 except TimeoutError:
-                    failed = True
                     raise EngineError(f"no engine replica took the request within {self._assign_timeout:g} s") from None
                 except RayError as exc:
-                    failed = True
                     cause = getattr(exc, "cause", None)
                     if isinstance(cause, ConstraintFailed):  # the request's grammar failed: a 400, as in one process
                         raise ConstraintFailed(str(cause)) from exc
-                    if isinstance(cause, EngineError):  # the engine failed the sequence; another try won't help
+                    # the engine failed the sequence (another try won't help), unless it died: a replica failure
+                    if isinstance(cause, EngineError) and not isinstance(cause, EngineDead):
                         raise EngineError(str(cause)) from exc
                     if not produced and attempt < RETRIES:
                         log.warning("replica %s failed before a token (%s); sent again", replica, _first_line(exc))
                         continue
+                    lost = True
                     raise EngineError(f"the engine replica {replica or '?'} failed: {_first_line(exc)}") from exc
                 finally:
                     if not produced:
@@ -122,7 +122,7 @@ class RemoteEngine:
                         counts = self.board.of(replica)
                         counts.running -= 1
                         counts.waiting -= not produced
-                        counts.failed += failed
+                        counts.failed += lost  # sent again and answered elsewhere: not lost
                     if not finished:
                         stream.cancel()  # the replica's call is cancelled, and with it the sequence
         finally:

@@ -15,8 +15,10 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from qwen_api.engine.loading import DEMO_ALIAS
 from qwen_api.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -111,7 +113,15 @@ def engine_app(settings: Settings, cluster: dict[str, float]) -> Any:
         **scaling(settings),
     )
     payload = settings.model_dump(mode="json", exclude={"api_key", "cors_allow_origins"})
+    payload["model"] = replica_model(settings.model)
     return deployment.bind(payload, threads)
+
+
+def replica_model(model: str) -> str:
+    """`--model` as the replicas must read it: a local path made absolute (replicas run in the Ray worker's working
+    directory, not the front's, where a relative path would name nothing, or a hub id), else as given."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if model != DEMO_ALIAS and path.exists() else model
 
 
 def app_builder(args: dict[str, Any]) -> Any:
@@ -126,22 +136,37 @@ def deploy(settings: Settings, started: bool) -> Deployed:
     import ray
     from ray import serve
 
-    existing = APP_NAME in serve.status().applications
-    if existing:
+    existing = serve.status().applications.get(APP_NAME)
+    if existing is not None:
+        if existing.status == "DEPLOY_FAILED":  # a str enum: nothing serves there, and waiting on it cannot help
+            raise RuntimeError(
+                f"the Ray Serve application {APP_NAME!r} on this cluster failed to deploy ({existing.message}); "
+                f"delete it (`serve.delete({APP_NAME!r})`) or let whatever deployed it fix it, then start again"
+            )
         log.info("attaching to the Ray Serve application %r already deployed", APP_NAME)
     else:
         serve.start(proxy_location="Disabled")
         log.info("deploying the engine replicas on Ray (%s)", ray.cluster_resources())
-        serve.run(engine_app(settings, ray.cluster_resources()), name=APP_NAME, route_prefix=None)
+        try:
+            serve.run(engine_app(settings, ray.cluster_resources()), name=APP_NAME, route_prefix=None)
+        except BaseException:
+            # left behind, the failed application would be what the next front attaches to, and waits on in vain
+            serve.delete(APP_NAME)
+            raise
     handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP_NAME)
-    return Deployed(handle, deployed_here=not existing, started_cluster=started)
+    return Deployed(handle, deployed_here=existing is None, started_cluster=started)
 
 
-def undeploy(deployed: Deployed) -> None:
-    """Delete what the front deployed (its replicas drain), stop what it started, and disconnect."""
+def undeploy(deployed: Deployed, reachable: bool = True) -> None:
+    """Delete what the front deployed (its replicas drain), stop what it started, and disconnect; nothing when the
+    cluster is gone (not `reachable`): every call to it would wait for it in vain (a minute, then Ray ends the
+    process itself)."""
     import ray
     from ray import serve
 
+    if not reachable:
+        log.warning("the Ray cluster is gone: nothing to delete there")
+        return
     try:
         if deployed.deployed_here:
             serve.delete(APP_NAME)

@@ -11,9 +11,11 @@ exits 1 only when the cluster itself is gone. `/metrics` adds the per-replica se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -23,7 +25,7 @@ from prometheus_client.registry import Collector
 
 from qwen_api.admission import Admission
 from qwen_api.api.app import create_app
-from qwen_api.api.errors import NOT_LOADED
+from qwen_api.api.seed import unhealthy
 from qwen_api.cluster.client import RemoteEngine, ReplicaBoard
 from qwen_api.engine.loading import ModelSource, sampling_defaults
 from qwen_api.runtime import Runtime
@@ -61,7 +63,10 @@ class ClusterRuntime(Runtime):
             undeploy(deployed)
             raise
         engine = RemoteEngine(
-            deployed.handle, info["max_context_tokens"], self.board, on_shutdown=lambda: undeploy(deployed)
+            deployed.handle,
+            info["max_context_tokens"],
+            self.board,
+            on_shutdown=lambda: undeploy(deployed, reachable=self.board.reachable),
         )
         log.info("%d of %d engine replica(s) running", self.board.ready, self.board.target)
         return TextGenerator(engine, tokenizer, sampling_defaults=sampling_defaults(self.source))
@@ -87,7 +92,7 @@ class ClusterRuntime(Runtime):
         while True:
             try:
                 async with asyncio.timeout(UNREACHABLE_AFTER / 3):  # a cluster that is gone may never answer
-                    await asyncio.to_thread(self._poll)
+                    await _in_daemon_thread(self._poll)
                 last_answer, self.board.reachable = time.monotonic(), True
             except Exception as exc:
                 log.warning("Ray Serve did not answer: %r", exc)
@@ -100,6 +105,34 @@ class ClusterRuntime(Runtime):
             # Each running replica admits what one engine admits alone; none running: 503, not 429.
             self.admission.capacity = per_replica * max(1, self.board.ready)
             await asyncio.sleep(self.period)
+
+
+def _in_daemon_thread(fn: Callable[[], None]) -> asyncio.Future[None]:
+    """`fn()` off the event loop, in a thread of its own that the process does not wait for: a call stuck on a
+    cluster that is gone (Ray gives up after a minute) would otherwise hold the front's exit, since the event loop's
+    executor threads are joined when it closes."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if done.done():  # the caller stopped waiting (its timeout)
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(None)
+
+    def run() -> None:
+        error = None
+        try:
+            fn()
+        except BaseException as exc:
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop closed while the call was stuck: nobody waits
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name="ray-serve-poll", daemon=True).start()
+    return done
 
 
 class ReplicaCollector(Collector):
@@ -140,9 +173,8 @@ def health_router(board: ReplicaBoard) -> APIRouter:
     @router.get("/health", include_in_schema=False)
     async def health(request: Request) -> JSONResponse:
         replicas = {"ready": board.ready, "target": board.target}
-        if not request.app.state.runtime.healthy():
-            return JSONResponse({"detail": NOT_LOADED, "replicas": replicas}, status_code=503)
-        return JSONResponse({"status": "healthy", "replicas": replicas})
+        down = unhealthy(request.app.state.runtime, replicas=replicas)
+        return down or JSONResponse({"status": "healthy", "replicas": replicas})
 
     return router
 
