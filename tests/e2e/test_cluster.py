@@ -72,6 +72,69 @@ def test_replicas_get_local_model_paths_made_absolute(tmp_path: Path, monkeypatc
     assert replica_model("demo") == "demo" and replica_model("Qwen/Qwen2-7B-Instruct") == "Qwen/Qwen2-7B-Instruct"
 
 
+def test_a_replica_whose_engine_died_has_its_waiting_sequence_sent_again() -> None:
+    """The README: a sequence with no token yet is sent again to a live replica, once, when its replica fails. A
+    replica whose engine worker had died (EngineDead, its process alive) failed it at once instead. The handle is a
+    stand-in here; the stream protocol is Ray Serve's (first item the replica's name, then chunks)."""
+    from ray.exceptions import RayError
+
+    from qwen_api.cluster.client import RemoteEngine, ReplicaBoard
+    from qwen_api.engine.base import EngineDead, EngineError, SamplingParams, TokenChunk
+
+    class Failed(RayError):
+        def __init__(self, cause: Exception) -> None:
+            super().__init__(str(cause))
+            self.cause = cause
+
+    class Stream:
+        def __init__(self, replica: str, items: list) -> None:  # type: ignore[type-arg]
+            self.items = [replica, *items]
+
+        def __aiter__(self) -> Stream:
+            return self
+
+        async def __anext__(self) -> object:
+            if not self.items:
+                raise StopAsyncIteration
+            item = self.items.pop(0)
+            if isinstance(item, Exception):
+                raise item
+            return item
+
+        def cancel(self) -> None:
+            pass
+
+    class Handle:
+        def __init__(self, streams: list[Stream]) -> None:
+            self.streams = streams
+            self.generate = self
+
+        def options(self, stream: bool) -> Handle:
+            return self
+
+        def remote(self, prompt_ids: list[int], params: SamplingParams) -> Stream:
+            return self.streams.pop(0)
+
+    def run(*streams: Stream) -> list[int]:
+        board = ReplicaBoard(ready=2, target=2)
+        engine = RemoteEngine(Handle(list(streams)), 1024, board)
+
+        async def collect() -> list[int]:
+            return [
+                t async for chunk in engine.generate([1, 2], SamplingParams(max_new_tokens=2)) for t in chunk.token_ids
+            ]
+
+        try:
+            return asyncio.run(collect())
+        finally:
+            assert all(c.failed == 0 for c in board.snapshot().values())  # sent again, or failed by its engine
+
+    done = TokenChunk([7, 8], "length")
+    assert run(Stream("a", [Failed(EngineDead("the worker died"))]), Stream("b", [done])) == [7, 8]
+    with pytest.raises(EngineError, match="prompt too long"):  # the engine's verdict on the sequence: no retry
+        run(Stream("a", [Failed(EngineError("prompt too long"))]), Stream("b", [done]))
+
+
 def test_kuberay_manifest_deploys_the_same_application() -> None:
     docs = list(yaml.safe_load_all((REPO / "deploy" / "kuberay-rayservice.yaml").read_text()))
     service = next(d for d in docs if d["kind"] == "RayService")
