@@ -7,6 +7,7 @@ The model is resolved before the server starts, so a model that cannot be had fa
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from qwen_api.settings import Settings
@@ -50,7 +51,13 @@ def serve(settings: Settings) -> int:
     # (with the runtime's exit code) when the model fails to load or its engine dies.
     runtime.connect(on_ready=observe_with(app.state.metrics), on_fatal=server.request_exit)
     server.run()
-    return 1 if server.cut_off else runtime.exit_code
+    code = 1 if server.cut_off else runtime.exit_code
+    if runtime.skip_teardown:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

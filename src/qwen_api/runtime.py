@@ -104,6 +104,11 @@ class Runtime:
     def exit_code(self) -> int:
         return 1 if self.state in ("failed", "dead") else 0
 
+    @property
+    def skip_teardown(self) -> bool:
+        """True when the process must end without the interpreter's teardown (see `ClusterRuntime`)."""
+        return False
+
     async def wait_ready(self) -> None:
         if self._task is not None:
             await self._task
