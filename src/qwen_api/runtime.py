@@ -190,6 +190,7 @@ def _load_transformers(settings: Settings, source: ModelSource, device: str) -> 
         eos_token_ids(tokenizer, getattr(model.generation_config, "eos_token_id", None)),
         max_batch_size=settings.max_batch_size,
         kv_cache_tokens=settings.kv_cache_tokens,
+        decodable_tokens=len(tokenizer),
     )
     return TextGenerator(engine, tokenizer, sampling_defaults=sampling_defaults(source))
 
@@ -238,5 +239,6 @@ def _load_native(settings: Settings, source: ModelSource, device: str) -> TextGe
         prefix_cache=settings.prefix_cache,
         fuse_kernels=settings.fuse_kernels,
         prefill_delay=settings.prefill_delay,
+        decodable_tokens=len(tokenizer),
     )
     return TextGenerator(engine, tokenizer, sampling_defaults=sampling_defaults(source))

@@ -94,6 +94,7 @@ def reference_log_softmax(generator: TextGenerator, prompt: list[int], generated
         with torch.no_grad():
             out = hf(torch.tensor([ids])).logits[0]
         logits = out[len(prompt) - 1 :].double().numpy()
+    logits = logits[:, : generator.vocab_size]  # a distribution over what the tokenizer decodes (no padding rows)
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
@@ -127,6 +128,31 @@ def test_a_large_logit_bias_forces_a_token_and_a_negative_one_bans_it(generator:
     greedy, _ = run(generator, prompt, dataclasses.replace(GREEDY, max_new_tokens=1))
     banned, _ = run(generator, prompt, dataclasses.replace(GREEDY, max_new_tokens=1, logit_bias=((greedy[0], -100.0),)))
     assert banned != greedy
+
+
+def test_the_embeddings_padding_rows_are_never_drawn(generator: TextGenerator) -> None:
+    """The tiny Qwen2, like Qwen2-7B, has 152,064 embedding rows for 151,646 token ids: the rest is padding the
+    tokenizer decodes as nothing. Even biased far above every other token, such an id is never drawn, greedy or
+    sampled, nor listed among the log-probabilities. (llama.cpp's GGUF vocabulary names every row.)"""
+    engine, prompt, decodable = generator.engine, prompt_of(generator), generator.vocab_size
+    name = type(engine).__name__
+    if name == "LlamaCppEngine":
+        assert engine._n_vocab == decodable
+        return
+    rows = engine.config.vocab_size if name == "NativeEngine" else engine.model.config.vocab_size
+    assert rows == 152_064 and decodable == 151_646
+    padding = 151_700
+    bias = ((padding, 100.0), (padding + 1, 90.0))
+    jobs = [
+        (prompt, dataclasses.replace(GREEDY, max_new_tokens=6, logit_bias=bias, logprobs=5)),
+        (prompt, SamplingParams(max_new_tokens=6, temperature=1.5, top_k=0, logit_bias=bias, seed=3)),
+        (prompt, SamplingParams(max_new_tokens=6, temperature=1.0, top_k=5, logit_bias=bias)),
+    ]
+    results = run_together(generator, jobs)
+    for tokens, _ in results:
+        assert len(tokens) == 6 and all(0 <= t < decodable for t in tokens), tokens
+    assert all(t < decodable for entry in results[0][1] for t, _ in entry.top)
+    assert results[0][0] == run(generator, prompt, dataclasses.replace(GREEDY, max_new_tokens=6))[0]
 
 
 def _repeats(tokens: list[int]) -> int:

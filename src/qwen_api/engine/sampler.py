@@ -61,6 +61,14 @@ def sanitise(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return logits, greedy, torch.isneginf(best)
 
 
+def forbid_undecodable(logits: torch.Tensor, decodable: int) -> None:
+    """Make the ids at or past `decodable` -inf in `logits` [B, V], in place, before anything reads them. A
+    checkpoint's embedding may be padded past its tokenizer (Qwen2-7B: 152,064 rows for 151,646 ids); those rows were
+    never trained, the tokenizer cannot decode them, and a drawn one would come out as no text at all."""
+    if decodable < logits.size(-1):
+        logits[:, decodable:] = float("-inf")
+
+
 def top_candidates(scores: torch.Tensor, top_k: list[int], top_p: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """scores [B, V] already divided by temperature; top_k per row (0: off), top_p per row (1: off).
 

@@ -45,6 +45,7 @@ class TransformersEngine:
         eos_token_ids: Iterable[int],
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         kv_cache_tokens: int | None = None,
+        decodable_tokens: int | None = None,
     ) -> None:
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -70,6 +71,8 @@ class TransformersEngine:
         check_internals(self._manager)
         self._grammar = transformers_processors.install_grammar(self._manager)
         self._controls = transformers_processors.install_controls(self._manager)
+        if decodable_tokens is not None and decodable_tokens < self._vocab_size:  # the embedding's padding rows
+            transformers_processors.install_decodable(self._manager, decodable_tokens)
         self._sampling = transformers_processors.install_sampling(self._manager)
         self._ids = itertools.count()
         self._running = 0

@@ -7,7 +7,8 @@ rules every engine shares (`engine/sampler.py`: temperature, top-k, top-p over w
 Gumbel-max with per-request seeds hashed from (seed, step, token id), so a seed holds beside other traffic; a
 row's NaN cannot stop the batch), and leaves only the drawn token finite.
 
-Before it, `RequestControls` records the raw log-probabilities a request asked for, then applies its logit bias and
+First of all, `Decodable` makes the embedding's padding rows past the tokenizer -inf (engine/sampler.py). Then
+`RequestControls` records the raw log-probabilities a request asked for, then applies its logit bias and
 penalties, and `GrammarMask`, for structured outputs, leaves only the tokens a request's grammar allows, so that a
 draw is a draw among them.
 """
@@ -22,7 +23,7 @@ import torch
 from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
 
 from qwen_api.engine.base import SamplingParams, TokenLogprob
-from qwen_api.engine.sampler import Row, sample
+from qwen_api.engine.sampler import Row, forbid_undecodable, sample
 from qwen_api.engine.sampling import LogitControls, token_logprobs
 
 _GREEDY = SamplingParams(max_new_tokens=1, temperature=0.0)  # for a row whose request has left
@@ -229,3 +230,28 @@ class RequestControls(_PerRequest[_Controlled]):
 def install_controls(manager: Any) -> RequestControls:
     """Put `RequestControls` first in a manager's list; call after `install_grammar`."""
     return _install(manager, RequestControls(), first=True)
+
+
+class Decodable(ContinuousBatchingLogitsProcessor):
+    """First in the list: the ids past what the tokenizer decodes are -inf for every row (`forbid_undecodable`)."""
+
+    supported_kwargs: dict[str, type] = {}  # noqa: RUF012 (declared so by the base class)
+    ignored_kwargs: tuple[str, ...] = ()
+
+    def __init__(self, decodable: int) -> None:
+        self.decodable = decodable
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(0)
+
+    def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
+        return torch.zeros(len(requests_with_new_token), dtype=torch.int32)
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        forbid_undecodable(scores, self.decodable)
+        return scores
+
+
+def install_decodable(manager: Any, decodable: int) -> Decodable:
+    """Put `Decodable` first in a manager's list; call after `install_controls`."""
+    return _install(manager, Decodable(decodable), first=True)

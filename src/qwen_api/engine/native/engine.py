@@ -57,7 +57,7 @@ from qwen_api.engine.native.pointwise import Pointwise
 from qwen_api.engine.native.runner import Feed, ModelRunner
 from qwen_api.engine.native.scheduler import Scheduler, Sequence, Step
 from qwen_api.engine.native.weights import load_weights
-from qwen_api.engine.sampler import Row, sample, to_device
+from qwen_api.engine.sampler import Row, forbid_undecodable, sample, to_device
 from qwen_api.engine.sampling import LogitControls, logprob_entries, logprob_tensors
 
 log = logging.getLogger(__name__)
@@ -114,12 +114,15 @@ class NativeEngine:
         fuse_kernels: bool = True,
         prefill_delay: float = 0.0,
         overlap: bool | None = None,
+        decodable_tokens: int | None = None,
     ) -> None:
         self.device = torch.device(device)
         # Launch each step before reading the previous one's tokens (see the module docstring); off on the CPU,
         # where launching a step computes it, so reading the previous tokens after it would only delay them.
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self.config = load_config(model_dir)
+        # ids the tokenizer decodes (len(tokenizer)); the embedding's padding rows past them are never drawn
+        self.decodable = min(decodable_tokens or self.config.vocab_size, self.config.vocab_size)
         with torch.inference_mode():
             fused = fuse_kernels and Pointwise.wanted(self.device, dtype)
             self.model = CausalLM(self.config, self.device, dtype, fused=fused).eval()
@@ -268,6 +271,7 @@ class NativeEngine:
         if previous is not None and previous.drawn is not None:
             feed = Feed({seq.id: row for row, (seq, _) in enumerate(previous.places)}, previous.drawn)
         logits = self.runner.run(step, feed)
+        forbid_undecodable(logits, self.decodable)  # before log-probabilities, grammars and the draw
         wanted = [i for i, s in enumerate(sampled) if s.params.logprobs is not None]
         tops = [sampled[i].params.logprobs or 0 for i in wanted]
         wanted_rows = to_device(wanted, logits.device, torch.int64) if wanted else None
