@@ -8,7 +8,8 @@ U+FFFD at once, and a character that the sequence's end cuts short is dropped. O
 decode a small window of recent tokens and hold back a trailing U+FFFD for at most a few tokens.
 
 `StopMatcher` holds back any tail of the text that could still grow into a stop string, so a stop string
-split across tokens or chunks is never sent, not even its first characters.
+split across tokens or chunks is never sent, not even its first characters; given `Stops.shielded`, stop strings
+do not count inside a tool call's block.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import codecs
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -111,11 +113,25 @@ class IncrementalDetokenizer:
         return str(self._tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
 
 
-class StopMatcher:
-    """Cuts text at the first stop string and holds back tails that may become one."""
+@dataclass(frozen=True)
+class Stops:
+    """Stop strings, and optionally a block, (opening, closing) marker, inside which they do not match: with tools,
+    a `<tool_call>` block's arguments may hold a stop string, and a call cut there would be neither a call nor
+    content (its markup would leak into the answer's text)."""
 
-    def __init__(self, stops: Iterable[str]) -> None:
-        self._stops = [s for s in stops if s]
+    strings: tuple[str, ...] = ()
+    shielded: tuple[str, str] | None = None
+
+
+class StopMatcher:
+    """Cuts text at the first stop string and holds back tails that may become one (or a shielded block's
+    marker, which decides whether a stop string that follows counts)."""
+
+    def __init__(self, stops: Stops | Iterable[str]) -> None:
+        stops = stops if isinstance(stops, Stops) else Stops(tuple(stops))
+        self._stops = [s for s in stops.strings if s]
+        self._shield = stops.shielded if self._stops else None
+        self._inside = False  # within a shielded block
         self._pending = ""
         self.stopped = False
         self.matched: str | None = None  # the stop string that ended the text, once one has
@@ -132,13 +148,35 @@ class StopMatcher:
         if not self._stops:
             return text
         self._pending += text
-        found = [(i, s) for s in self._stops if (i := self._pending.find(s)) >= 0]
-        if found:
-            cut, self.matched = min(found)
-            self.stopped = True
-            out, self._pending = self._pending[:cut], ""
-            return out
-        keep = self._longest_stop_prefix_at_end()
+        out: list[str] = []
+        while True:
+            if self._inside:  # no stop string counts until the block closes
+                close = self._shield[1] if self._shield else ""
+                at = self._pending.find(close)
+                if at < 0:
+                    out.append(self._release(_partial_at_end(self._pending, [close])))
+                    return "".join(out)
+                out.append(self._release(len(self._pending) - at - len(close)))
+                self._inside = False
+                continue
+            found = [(i, s) for s in self._stops if (i := self._pending.find(s)) >= 0]
+            opened = self._pending.find(self._shield[0]) if self._shield else -1
+            if opened >= 0 and (not found or opened < min(found)[0]) and self._shield:  # a stop string wins a tie
+                out.append(self._release(len(self._pending) - opened - len(self._shield[0])))
+                self._inside = True
+                continue
+            if found:
+                cut, self.matched = min(found)
+                self.stopped = True
+                out.append(self._pending[:cut])
+                self._pending = ""
+                return "".join(out)
+            markers = [*self._stops, self._shield[0]] if self._shield else self._stops
+            out.append(self._release(_partial_at_end(self._pending, markers)))
+            return "".join(out)
+
+    def _release(self, keep: int) -> str:
+        """Emit all of the pending text but its last `keep` characters."""
         out = self._pending[: len(self._pending) - keep]
         self._pending = self._pending[len(self._pending) - keep :]
         return out
@@ -148,11 +186,13 @@ class StopMatcher:
         out, self._pending = ("" if self.stopped else self._pending), ""
         return out
 
-    def _longest_stop_prefix_at_end(self) -> int:
-        longest = 0
-        for stop in self._stops:
-            for n in range(min(len(stop) - 1, len(self._pending)), longest, -1):
-                if self._pending.endswith(stop[:n]):
-                    longest = n
-                    break
-        return longest
+
+def _partial_at_end(text: str, markers: list[str]) -> int:
+    """The length of the longest end of `text` that is the start (not the whole) of one of `markers`."""
+    longest = 0
+    for marker in markers:
+        for n in range(min(len(marker) - 1, len(text)), longest, -1):
+            if text.endswith(marker[:n]):
+                longest = n
+                break
+    return longest

@@ -16,7 +16,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from qwen_api.detokenize import IncrementalDetokenizer, StopMatcher, byte_level_reader
+from qwen_api.detokenize import IncrementalDetokenizer, StopMatcher, Stops, byte_level_reader
 from qwen_api.engine.base import Engine, EngineError, FinishReason, SamplingParams, TokenLogprob
 from qwen_api.engine.sampling import choice_seed
 from qwen_api.structured.grammar import GrammarCompiler
@@ -164,7 +164,7 @@ class TextGenerator:
 
     # ------------------------------------------------------------------------------------------ output
     async def complete(
-        self, prompt_ids: list[int], params: SamplingParams, n: int = 1, stop: Sequence[str] = ()
+        self, prompt_ids: list[int], params: SamplingParams, n: int = 1, stop: Sequence[str] | Stops = ()
     ) -> list[Completion]:
         """Generate n independent sequences for one prompt and return them once all have finished."""
         self.check_fits(prompt_ids, params.max_new_tokens)
@@ -172,7 +172,7 @@ class TextGenerator:
         return await _gather_all(runs)
 
     def stream(
-        self, prompt_ids: list[int], params: SamplingParams, n: int = 1, stop: Sequence[str] = ()
+        self, prompt_ids: list[int], params: SamplingParams, n: int = 1, stop: Sequence[str] | Stops = ()
     ) -> AsyncGenerator[TextDelta, None]:
         """Generate n sequences, yielding their deltas interleaved as they come. Closing it cancels them all.
 
@@ -182,7 +182,7 @@ class TextGenerator:
         return self._interleave(prompt_ids, params, n, stop)
 
     async def _interleave(
-        self, prompt_ids: list[int], params: SamplingParams, n: int, stop: Sequence[str]
+        self, prompt_ids: list[int], params: SamplingParams, n: int, stop: Sequence[str] | Stops
     ) -> AsyncGenerator[TextDelta, None]:
         if n == 1:  # one sequence: its deltas as they are, without a task and a queue between (a hop per event)
             async with aclosing(self._sequence(0, prompt_ids, _for_choice(params, 0), stop)) as deltas:
@@ -213,7 +213,7 @@ class TextGenerator:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _sequence(
-        self, index: int, prompt_ids: list[int], params: SamplingParams, stop: Sequence[str]
+        self, index: int, prompt_ids: list[int], params: SamplingParams, stop: Sequence[str] | Stops
     ) -> AsyncGenerator[TextDelta, None]:
         """One sequence as text deltas; a stop string ends it (and cancels it in the engine) at once."""
         detokenizer = IncrementalDetokenizer(self.tokenizer, skip_ids=self._special_ids)

@@ -362,6 +362,18 @@ def test_scripted_qwen2_tool_call_comes_back_as_tool_calls(tmp_path: Path) -> No
         # Without tools the same text is plain content: nothing is parsed behind the client's back.
         bare = client.chat.completions.create(**{k: v for k, v in args.items() if k != "tools"})
         assert bare.choices[0].message.content == SCRIPTED_CALL and not bare.choices[0].message.tool_calls
+        # A stop string inside the call's arguments does not cut the call (it was cut there, and its markup came
+        # back as content); stop strings apply to content, as the same request without tools shows.
+        stopped = client.chat.completions.create(**args, stop=["Paris", "xyz"])
+        assert stopped.choices[0].finish_reason == "tool_calls" and stopped.choices[0].message.content is None
+        assert json.loads(stopped.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris"}
+        with client.chat.completions.stream(**args, stop=["Paris"]) as stream:
+            final = stream.get_final_completion()
+        assert json.loads(final.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris"}
+        assert final.choices[0].finish_reason == "tool_calls" and not final.choices[0].message.content
+        bare = client.chat.completions.create(**{k: v for k, v in args.items() if k != "tools"}, stop=["Paris"])
+        assert bare.choices[0].message.content == SCRIPTED_CALL[: SCRIPTED_CALL.index("Paris")]
+        assert bare.choices[0].finish_reason == "stop"
 
 
 def test_the_native_engine_enforces_a_schema_too(tiny_qwen2_dir: Path) -> None:

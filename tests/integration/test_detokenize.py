@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qwen_api.detokenize import REPLACEMENT, IncrementalDetokenizer, StopMatcher
+from qwen_api.detokenize import REPLACEMENT, IncrementalDetokenizer, StopMatcher, Stops
 
 MIXED = "你好，世界！犇 嵇 𠀀𪚥龘 are rare characters. 🦜🧬🫠🎉👍🏽 Émoji and English, 日本語も。"
 
@@ -55,3 +55,36 @@ def test_stop_strings_never_leak(pieces: list[str], stops: list[str], emitted: s
     out.append(matcher.flush())
     assert "".join(out) == emitted
     assert matcher.stopped is stopped
+
+
+CALL = '<tool_call>{"name": "f", "arguments": {"q": "a STOP b"}}</tool_call>'
+SHIELD = ("<tool_call>", "</tool_call>")
+
+
+@pytest.mark.parametrize(
+    ("text", "stops", "emitted", "matched"),
+    [
+        (f"Sure. {CALL} done", ["STOP"], f"Sure. {CALL} done", None),  # inside the block it does not count
+        (f"{CALL} then STOP here", ["STOP"], f"{CALL} then ", "STOP"),  # after the block it does
+        (f"a STOP {CALL}", ["STOP"], "a ", "STOP"),  # and before it
+        (f"x{CALL}{CALL}y STOP", ["STOP", "q"], f"x{CALL}{CALL}y ", "STOP"),  # two blocks, one stop in each
+        (f"<tool{CALL}", ["<tool"], "", "<tool"),  # a stop string that starts where a block would wins
+        ('<tool_call>{"q": "STOP', ["STOP"], '<tool_call>{"q": "STOP', None),  # a block the sequence ends inside
+        ("<tool_ca STOP", ["STOP"], "<tool_ca ", "STOP"),  # the start of a marker that never completes
+    ],
+)
+def test_stop_strings_do_not_count_inside_a_shielded_block(
+    text: str, stops: list[str], emitted: str, matched: str | None
+) -> None:
+    """With tools on, a stop string inside a `<tool_call>` block would cut the call; the text is fed whole, in
+    pieces of 3, and a character at a time, with the same result each time."""
+    for size in (len(text), 3, 1):
+        matcher = StopMatcher(Stops(tuple(stops), SHIELD))
+        out = [matcher.push(text[i : i + size]) for i in range(0, len(text), size)]
+        out.append(matcher.flush())
+        assert ("".join(out), matcher.matched) == (emitted, matched), size
+
+
+def test_without_a_shield_a_stop_string_cuts_inside_the_block() -> None:
+    plain = StopMatcher(["STOP"])
+    assert plain.push(f"Sure. {CALL}") == f"Sure. {CALL}".split("STOP")[0] and plain.matched == "STOP"

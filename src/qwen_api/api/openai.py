@@ -69,11 +69,11 @@ class _Context:
         ticket = self.guard.admit(body.n, len(prompt_ids))
         head = {"id": response_id, "created": int(time.time()), "model": body.model}
         if body.stream:
-            deltas = generator.stream(prompt_ids, params, n=body.n, stop=body.stop_list())
+            deltas = generator.stream(prompt_ids, params, n=body.n, stop=body.stops())
             shape = _LogprobShape(generator)
             chunks = self.guard.stream(ticket, _chunks(deltas, body, kind, head, len(prompt_ids), shape))
             return sse_response(chunks, openai_error_payload, error_event=None, on_close=ticket.release)
-        work = generator.complete(prompt_ids, params, n=body.n, stop=body.stop_list())
+        work = generator.complete(prompt_ids, params, n=body.n, stop=body.stops())
         results = await self.guard.complete(request, ticket, work)
         log_outputs(self.settings, [c.text for c in results])
         return _response(kind, head, results, len(prompt_ids), _tools_on(body), _LogprobShape(generator))

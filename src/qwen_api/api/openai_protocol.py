@@ -10,15 +10,17 @@ it has them, else OpenAI's; `top_k`, `min_p` and `repetition_penalty` are extens
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from qwen_api.api.schema import RequestModel, at_most, resolve_sampling
+from qwen_api.detokenize import Stops
 from qwen_api.engine.base import SamplingParams
 from qwen_api.structured.grammar import GrammarError, response_format_grammar, response_format_schema
-from qwen_api.structured.tools import call_grammar
+from qwen_api.structured.tools import CLOSE, OPEN, call_grammar
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256
@@ -178,10 +180,10 @@ class _SamplingRequest(_OpenAIRequest):
                 raise ValueError(f"biases are between -100 and 100; token {key} has {value}")
         return bias
 
-    def stop_list(self) -> list[str]:
+    def stops(self) -> Stops:
         if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+            return Stops()
+        return Stops((self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
 
     def check_supported(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -264,10 +266,14 @@ class ChatCompletionRequest(_SamplingRequest):
             self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
         )
 
-    def stop_list(self) -> list[str]:
-        """A forced call is the whole answer, one grammar-bound call block: a stop string could only cut it, so
-        none applies (they apply to content, and a forced call has none)."""
-        return [] if self.forced_call() else super().stop_list()
+    def stops(self) -> Stops:
+        """Stop strings apply to content, never inside a call block, where one could only cut the call (its
+        markup would leak into the content). A forced call is the whole answer, one grammar-bound call block: none
+        applies."""
+        if self.forced_call():
+            return Stops()
+        stops = super().stops()
+        return dataclasses.replace(stops, shielded=(OPEN, CLOSE)) if self.tool_dicts() else stops
 
     def grammar(self) -> tuple[str, str] | None:
         """A forced call's grammar (`response_format` shapes content, which a call has none of); with `auto`
