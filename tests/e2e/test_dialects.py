@@ -432,6 +432,31 @@ def test_tokenize_chat_messages_counts_as_chat_completions(scripted_server: InPr
     assert text.startswith("<|im_start|>system\nBe terse.<|im_end|>") and text.endswith("<|im_start|>assistant\n")
 
 
+def test_tokenize_counts_tools_and_tool_history_as_chat_completions(scripted_server: InProcessServer) -> None:
+    """A conversation with a call and its result, and the tools shown: the same ids chat completions reads (the
+    calls and results were dropped, and the tools block missing)."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    client, base = oai(scripted_server), scripted_server.base_url
+    for shown in (None, tools):
+        extra = {"tools": shown} if shown else {}
+        r = httpx.post(f"{base}/tokenize", json={"messages": messages, **extra}, timeout=30)
+        assert r.status_code == 200, r.text
+        chat = client.chat.completions.create(model=name(scripted_server), messages=messages, max_tokens=1, **extra)
+        assert chat.usage is not None and r.json()["count"] == chat.usage.prompt_tokens
+        text = httpx.post(f"{base}/detokenize", json={"tokens": r.json()["tokens"]}).json()["prompt"]
+        assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
+        assert "<tool_response>\nsunny\n</tool_response>" in text and "<|im_start|>tool" not in text
+        assert ("# Tools" in text) == (shown is not None)
+    r = httpx.post(f"{base}/tokenize", json={"prompt": "hi", "tools": tools}, timeout=30)
+    assert r.status_code == 400 and "tools" in r.json()["error"]["message"]
+
+
 @pytest.mark.parametrize(
     ("path", "body", "status", "needle"),
     [

@@ -20,6 +20,7 @@ from qwen_api.api.errors import ModelNotFound, openai_error_payload
 from qwen_api.api.guard import Guard
 from qwen_api.api.openai_protocol import (
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     Unsupported,
     _SamplingRequest,
@@ -97,16 +98,24 @@ async def retrieve_model(model_id: str, runtime: RuntimeDep) -> dict[str, Any]:
     return {"id": runtime.model_name, "object": "model", "created": runtime.created, "owned_by": "qwen-api"}
 
 
+def chat_prompt(
+    generator: TextGenerator, chat: list[ChatMessage], tools: list[dict[str, Any]] | None
+) -> tuple[list[dict[str, str]], list[int]]:
+    """A chat's messages as the template gets them and its prompt ids, with `tools` shown to the model (None: no
+    tools): tool calls and results rendered as the model's format, and the tools block by the model's own template
+    when it renders one, else by ours. The one rule for /v1/chat/completions and /tokenize."""
+    model_renders = template_renders_tools(getattr(generator.tokenizer, "chat_template", None))
+    messages = render_history([m.as_dict() for m in chat], tools, own_block=not model_renders)
+    return messages, generator.chat_prompt_ids(messages, tools if model_renders else None)
+
+
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, ctx: Annotated[_Context, Depends(_context)]
 ) -> dict[str, Any] | StreamingResponse:
     ctx.validate(body)
-    tools = body.tool_dicts()
-    model_renders = template_renders_tools(getattr(ctx.generator.tokenizer, "chat_template", None))
-    messages = render_history([m.as_dict() for m in body.messages], tools, own_block=not model_renders)
+    messages, prompt_ids = chat_prompt(ctx.generator, body.messages, body.tool_dicts())
     log_prompt(ctx.settings, messages)
-    prompt_ids = ctx.generator.chat_prompt_ids(messages, tools if model_renders else None)
     return await ctx.serve(request, body, prompt_ids, "chat.completion", f"chatcmpl-{uuid.uuid4().hex}")
 
 

@@ -1,7 +1,8 @@
 """`POST /tokenize` and `POST /detokenize`, as vLLM's and llama.cpp's servers have them, and their schemas.
 
-`/tokenize` takes a raw `prompt` (tokenised as `/v1/completions` reads it) or chat `messages` (through the chat
-template with the generation prompt, exactly as `/v1/chat/completions` counts them) and answers the ids, their
+`/tokenize` takes a raw `prompt` (tokenised as `/v1/completions` reads it) or chat `messages` and optional
+`tools` (through the chat template with the generation prompt, tool calls and results rendered, exactly as
+`/v1/chat/completions` counts them: `openai.chat_prompt`) and answers the ids, their
 count and the model's context length. `/detokenize` turns ids back into text, special tokens included. Both
 sit behind the API key and answer errors in OpenAI's shape: an empty input, an id outside the vocabulary or a
 wrong type is a 400 that says which.
@@ -16,7 +17,8 @@ from pydantic import Field, model_validator
 
 from qwen_api.api.deps import GeneratorDep, RuntimeDep
 from qwen_api.api.errors import ModelNotFound, invalid_field
-from qwen_api.api.openai_protocol import ChatMessage
+from qwen_api.api.openai import chat_prompt
+from qwen_api.api.openai_protocol import ChatMessage, Tool
 from qwen_api.api.schema import RequestModel
 from qwen_api.runtime import Runtime
 
@@ -33,11 +35,14 @@ class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = Field(None, min_length=1)
     messages: list[ChatMessage] | None = Field(None, min_length=1)
+    tools: list[Tool] | None = None  # shown to the model as chat completions show them (with `messages` only)
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("send either 'prompt' (text) or 'messages' (a chat), not both and not neither")
+        if self.tools is not None and self.messages is None:
+            raise ValueError("'tools' go with 'messages', not with a raw 'prompt'")
         return self
 
 
@@ -55,10 +60,8 @@ def _check_model(model: str | None, runtime: Runtime) -> None:
 async def tokenize(body: TokenizeRequest, runtime: RuntimeDep, generator: GeneratorDep) -> dict[str, Any]:
     _check_model(body.model, runtime)
     if body.messages is not None:
-        roles = {"developer": "system"}
-        ids = generator.chat_prompt_ids(
-            [{"role": roles.get(m.role, m.role), "content": m.text()} for m in body.messages]
-        )
+        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+        _, ids = chat_prompt(generator, body.messages, tools)
     else:
         ids = generator.text_prompt_ids(body.prompt or "")
     return {"tokens": ids, "count": len(ids), "max_model_len": generator.engine.max_context_tokens}
