@@ -89,7 +89,8 @@ class TextGenerator:
         # The checkpoint's generation_config defaults: what /v1 requests get for sampling fields they leave out.
         self.sampling_defaults = dict(sampling_defaults or {})
         self.grammars = GrammarCompiler(tokenizer)  # structured outputs; builds nothing until first used
-        self._special_ids = set(tokenizer.all_special_ids)
+        # never text: special tokens, and the tokens the engine ends a sequence on (which need not be special)
+        self._special_ids = set(tokenizer.all_special_ids) | engine.end_token_ids
         self._token_bytes = byte_level_reader(tokenizer)
         added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
         self._special_texts = {str(t) for t in tokenizer.all_special_tokens} | {

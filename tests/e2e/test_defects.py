@@ -254,6 +254,7 @@ def test_every_engine_samples_temperature_first(api_server: InProcessServer) -> 
 # ------------------------------------------------------------------------------ 9. control tokens in content
 class _NoEngine:
     max_context_tokens = 4096
+    end_token_ids: frozenset[int] = frozenset()
 
 
 def test_control_tokens_typed_in_a_message_are_text() -> None:
@@ -403,6 +404,7 @@ class FakeEngine:
     """Scripted tokens at a controllable pace; records how many sequences are open."""
 
     max_context_tokens = 100_000
+    end_token_ids: frozenset[int] = frozenset()
     on_step = None
 
     def __init__(self, tokens: list[int], pace: float = 0.0) -> None:

@@ -155,6 +155,18 @@ def test_the_embeddings_padding_rows_are_never_drawn(generator: TextGenerator) -
     assert results[0][0] == run(generator, prompt, dataclasses.replace(GREEDY, max_new_tokens=6))[0]
 
 
+def test_a_token_that_ends_the_sequence_is_never_text(generator: TextGenerator) -> None:
+    """llama.cpp ends the demo's sequences on ids its tokenizer does not call special (`<reponame>`, id 4): its
+    text came back as the answer. Forced by a bias, each engine's end tokens end the answer with no text."""
+    engine, prompt = generator.engine, prompt_of(generator)
+    plain = set(engine.end_token_ids) - set(generator.tokenizer.all_special_ids)
+    assert (4 in plain) == (type(engine).__name__ == "LlamaCppEngine"), plain
+    for end in sorted(plain)[:2] or sorted(engine.end_token_ids)[:1]:
+        params = dataclasses.replace(GREEDY, max_new_tokens=4, logit_bias=((end, 100.0),))
+        [result] = asyncio.run(generator.complete(prompt, params))
+        assert (result.text, result.finish_reason, result.completion_tokens) == ("", "stop", 1), end
+
+
 def _repeats(tokens: list[int]) -> int:
     return len(tokens) - len(set(tokens))
 

@@ -62,10 +62,12 @@ class RemoteEngine:
         board: ReplicaBoard,
         on_shutdown: Callable[[], None] | None = None,
         assign_timeout: float = 30.0,
+        end_token_ids: frozenset[int] = frozenset(),
     ) -> None:
         self._handle = handle
         self._stream = handle.generate.options(stream=True)
         self.max_context_tokens = max_context_tokens
+        self.end_token_ids = end_token_ids  # the replicas' engines'
         self.on_step: Callable[[int], None] | None = None  # steps happen on the replicas, not here
         self.board = board
         self._on_shutdown = on_shutdown

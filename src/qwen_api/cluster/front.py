@@ -73,6 +73,7 @@ class ClusterRuntime(Runtime):
             info["max_context_tokens"],
             self.board,
             on_shutdown=lambda: undeploy(deployed, reachable=self.board.reachable),
+            end_token_ids=frozenset(info["end_token_ids"]),
         )
         log.info("%d of %d engine replica(s) running", self.board.ready, self.board.target)
         return TextGenerator(engine, tokenizer, sampling_defaults=sampling_defaults(self.source))

@@ -102,7 +102,12 @@ class EngineReplica:
             await tokens.aclose()  # a cancelled call cancels the sequence here
 
     def info(self) -> dict[str, Any]:
-        return {"replica": self.name, "pid": os.getpid(), "max_context_tokens": self.engine.max_context_tokens}
+        return {
+            "replica": self.name,
+            "pid": os.getpid(),
+            "max_context_tokens": self.engine.max_context_tokens,
+            "end_token_ids": sorted(self.engine.end_token_ids),
+        }
 
     def stats(self) -> tuple[str, int, EngineStats]:
         return self.name, self.served, self.engine.stats()

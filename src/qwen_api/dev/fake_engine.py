@@ -46,6 +46,7 @@ class FakeEngine:
     pace: float = 0.0  # seconds before each token
     max_context_tokens: int = 4096
     vocab_size: int = 1 << 20
+    end_token_ids: frozenset[int] = frozenset()
     fail_after: int | None = None  # tokens a sequence yields before it fails with EngineError
     on_step: Callable[[int], None] | None = None
     open: int = 0
@@ -124,6 +125,7 @@ class SteppedFakeEngine:
     def __init__(self, script: list[int], pace: float = 0.0, max_context_tokens: int = 4096, host: float = 0.0) -> None:
         self.script, self.pace, self.max_context_tokens, self.host = script, pace, max_context_tokens, host
         self.on_step: Callable[[int], None] | None = None
+        self.end_token_ids: frozenset[int] = frozenset()
         self.steps = 0
         self._open: list[_Stepped] = []
         self._lock = threading.Lock()

@@ -263,6 +263,7 @@ class Engine(Protocol):
     """What the HTTP layer may ask of an engine."""
 
     max_context_tokens: int  # prompt + generated tokens one sequence may hold
+    end_token_ids: frozenset[int]  # the tokens that end a sequence: delivered and counted, never text
     on_step: Callable[[int], None] | None  # told each forward step's batch size, on the engine's thread
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[TokenChunk, None]:

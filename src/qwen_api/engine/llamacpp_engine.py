@@ -111,7 +111,11 @@ class LlamaCppEngine:
         self._batch = _internals.LlamaBatch(n_tokens=params.n_batch, embd=0, n_seq_max=1, verbose=False)
         self._vocab = llama_cpp.llama_model_get_vocab(self.model.model)
         self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
-        self._eos = set(eos_token_ids)
+        # llama.cpp's end-of-generation ids besides the given ones (for SmolLM2 also `<reponame>`, which its
+        # tokenizer does not count as special): they end a sequence, so they are never its text
+        eog = (t for t in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t))
+        self._eos = set(eos_token_ids) | set(eog)
+        self.end_token_ids = frozenset(self._eos)
         per_sequence = int(llama_cpp.llama_n_ctx_seq(self._ctx.ctx))
         self.max_context_tokens = min(per_sequence, int(self.model.n_ctx_train()))
         self.on_step: Callable[[int], None] | None = None
@@ -350,7 +354,7 @@ class LlamaCppEngine:
         return token, tuple(token_logprobs(raw[None, :], [token], [seq.params.logprobs or 0]))
 
     def _finish_reason(self, seq: _Sequence, token: int) -> FinishReason | None:
-        if token in self._eos or self._c.llama_vocab_is_eog(self._vocab, token):
+        if token in self._eos:
             return "stop"
         if len(seq.generated) >= seq.params.max_new_tokens:
             return "length"

@@ -52,6 +52,7 @@ class TransformersEngine:
 
         self.model = model
         self._eos = sorted(set(eos_token_ids))
+        self.end_token_ids = frozenset(self._eos)
         self._vocab_size = int(model.config.get_text_config().vocab_size)
         if kv_cache_tokens is None and model.device.type == "cpu":
             # The library sizes the cache from 60% of all RAM on a CPU; a bounded default leaves room for others.

@@ -143,6 +143,7 @@ class NativeEngine:
         self.scheduler = Scheduler(self.cache.pool, max_batch_size, prefill_chunk, prefill_delay)
         self.controls = BatchControls(max_batch_size, self.config.vocab_size, self.device, self.max_context_tokens)
         self._eos = set(eos_token_ids)
+        self.end_token_ids = frozenset(self._eos)
         self.on_step: Callable[[int], None] | None = None
         self._incoming: deque[Sequence] = deque()  # handed to the worker, a tick of an event loop at a time
         self._incoming_lock = threading.Lock()
