@@ -15,13 +15,16 @@ Retry-After while draining, 504 past the request deadline, 413 for a body over t
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from collections.abc import Sequence
+from types import NoneType, UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwen_api.admission import Draining, Overloaded
@@ -54,9 +57,18 @@ def failure_detail(exc: Exception) -> str:
 
 def openai_error_payload(exc: Exception) -> dict[str, Any]:
     """OpenAI's error object for a failure after a stream began: the same type and code as before it began."""
+    type_, code = stream_error_kind(exc)
+    return error_body(str(exc), type_, code=code)
+
+
+def stream_error_kind(exc: Exception) -> tuple[str, str | None]:
+    """(type, code) of a failure after an OpenAI-style stream began, as the same failure has them before it began:
+    a timeout, a schema the grammar engine gave up on (the request's fault: `_constraint_failed`), or the server's."""
     if isinstance(exc, RequestTimeout):
-        return error_body(str(exc), "timeout", code="request_timeout")
-    return error_body(str(exc), "server_error")
+        return "timeout", "request_timeout"
+    if isinstance(exc, ConstraintFailed):
+        return "invalid_request_error", "schema_not_followed"
+    return "server_error", None
 
 
 def _json_safe(value: Any, depth: int = 0) -> Any:
@@ -190,7 +202,11 @@ async def _unauthorized(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _prompt_param(request: Request) -> str:
-    return "prompt" if request.url.path.endswith("/completions") and "/chat/" not in request.url.path else "messages"
+    """The field that holds the prompt on the route the request came to."""
+    path = request.url.path
+    if path == "/v1/responses":
+        return "input"
+    return "prompt" if path.endswith("/completions") and "/chat/" not in path else "messages"
 
 
 async def _prompt_too_long(request: Request, exc: Exception) -> JSONResponse:
@@ -210,8 +226,59 @@ async def _empty_prompt(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=422)
 
 
-def _error_text(error: Any) -> str:
-    where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+def _body_model(request: Request) -> Any:
+    """The type the matched route reads its JSON body as (a request model), or None."""
+    field = getattr(request.scope.get("route"), "body_field", None)
+    return getattr(getattr(field, "field_info", None), "annotation", None)
+
+
+def _arms(type_: Any) -> list[Any]:
+    """The types a value of `type_` may be: `Annotated` unwrapped, a union's arms without None."""
+    while get_origin(type_) is Annotated:
+        type_ = get_args(type_)[0]
+    if get_origin(type_) in (Union, UnionType):
+        return [arm for t in get_args(type_) if t is not NoneType for arm in _arms(t)]
+    return [type_]
+
+
+def _step(type_: Any, part: Any) -> Any:
+    """The type at `part` inside a value of `type_` (a model's field, a list's item, a dict's value), or None."""
+    origin = get_origin(type_)
+    if isinstance(type_, type) and issubclass(type_, BaseModel):
+        field = type_.model_fields.get(part) if isinstance(part, str) else None
+        return None if field is None else field.annotation
+    if origin in (list, tuple, set, frozenset) and isinstance(part, int):
+        return get_args(type_)[0] if get_args(type_) else None
+    if origin is dict and isinstance(part, str):
+        return get_args(type_)[1] if len(get_args(type_)) == 2 else None
+    return None
+
+
+def _field_path(loc: Sequence[Any], model: Any) -> list[str]:
+    """A validation error's location as the request's field path: without FastAPI's leading `body`, and without
+    the tags pydantic puts in it for the arm of a union that failed (`prompt.str`, `input.constrained-str`,
+    `messages.0.content.list[TextPart].0.text`), which are no fields. The body's model says where a union is: the
+    part after one is its arm's tag; the arm is then the one whose fields (or items) the rest of the path walks."""
+    parts = list(loc[1:] if loc and loc[0] == "body" else loc)
+    path: list[str] = []
+    type_ = model
+    i = 0
+    while i < len(parts):
+        arms = _arms(type_) if type_ is not None else []
+        if len(arms) > 1:  # a union: parts[i] is the tag of the arm that failed
+            i += 1
+            if i == len(parts):
+                break
+            type_ = next((arm for arm in arms if _step(arm, parts[i]) is not None), None)
+            continue
+        type_ = _step(arms[0], parts[i]) if arms else None
+        path.append(str(parts[i]))
+        i += 1
+    return path
+
+
+def _error_text(error: Any, model: Any = None) -> str:
+    where = ".".join(_field_path(error.get("loc", ()), model))
     what = str(error.get("msg", "invalid")).removeprefix("Value error, ")
     if error.get("type") == "json_invalid":
         return f"the body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')} at position {where})"
@@ -224,11 +291,12 @@ async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
         # cut before the encoder too: it recurses into the inputs as well
         detail = jsonable_encoder(_json_safe(exc.errors()))
         return JSONResponse({"detail": _json_safe(detail)}, status_code=422)
-    errors = exc.errors()
+    errors, model = exc.errors(), _body_model(request)
     first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = _field_path(first.get("loc", ()), model)
     param = None if first.get("type") == "json_invalid" else ".".join(loc) or None
-    message = "; ".join(_error_text(e) for e in errors)
+    # one text per distinct message: the arms of a union can fail alike at the same field
+    message = "; ".join(dict.fromkeys(_error_text(e, model) for e in errors))
     return _reply(request, 400, message or "invalid request", "invalid_request_error", param=param)
 
 

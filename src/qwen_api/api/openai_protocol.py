@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -300,7 +300,9 @@ class ChatCompletionRequest(_SamplingRequest):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] = Field(..., min_length=1)
+    # An empty string is no validation error: like `[""]`, it tokenises to no tokens and is the 400 `empty_prompt`
+    # (README). An empty list holds no prompt at all.
+    prompt: str | Annotated[list[str], Field(min_length=1)]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)

@@ -20,8 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from qwen_api.api.deps import GeneratorDep, GuardDep, RuntimeDep, SettingsDep, log_outputs, log_prompt
-from qwen_api.api.errors import ModelNotFound
-from qwen_api.api.guard import RequestTimeout
+from qwen_api.api.errors import ModelNotFound, stream_error_kind
 from qwen_api.api.openai_protocol import Unsupported
 from qwen_api.api.responses_protocol import (
     ResponsesRequest,
@@ -95,8 +94,10 @@ class _Shape:
         return {"type": type_, "sequence_number": next(self._sequence), **fields}
 
     def error_event(self, exc: Exception) -> dict[str, Any]:
-        code = "request_timeout" if isinstance(exc, RequestTimeout) else "server_error"
-        return self._event("error", code=code, message=str(exc), param=None)
+        """The `error` event of a failure after the stream began, its code as the same failure's before it began
+        (`schema_not_followed` for a schema the grammar engine gave up on); `server_error` for the server's own."""
+        _, code = stream_error_kind(exc)
+        return self._event("error", code=code or "server_error", message=str(exc), param=None)
 
     async def events(self, deltas: AsyncGenerator[TextDelta, None]) -> AsyncGenerator[dict[str, Any], None]:
         where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}

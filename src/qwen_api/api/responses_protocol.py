@@ -52,7 +52,9 @@ class InputMessage(_Request):
 
 
 class TextFormat(_Request):
-    model_config = ConfigDict(extra="allow")  # json_schema formats carry more fields; they are refused by type
+    # json_schema formats carry more fields: kept as sent, then checked against the format's type (unknown fields,
+    # wrong types) by `ResponsesRequest.grammar` (structured/grammar.py)
+    model_config = ConfigDict(extra="allow")
 
     type: str
 
@@ -105,9 +107,6 @@ class ResponsesRequest(_Request):
         refusals = [
             ("store", self.store, "this server keeps no responses: send store false or leave it out"),
             ("background", self.background, "background responses are not supported"),
-            ("previous_response_id", self.previous_response_id, "this server keeps no responses: send the history"),
-            ("conversation", self.conversation, "this server keeps no conversations: send the history"),
-            ("prompt", self.prompt, "stored prompt templates are not supported"),
             ("include", self.include, "no additional output data is available"),
             ("tools", self.tools, "tool calling is not supported by this server"),
             ("max_tool_calls", self.max_tool_calls, "tool calling is not supported by this server"),
@@ -121,6 +120,15 @@ class ResponsesRequest(_Request):
         for param, value, why in refusals:
             if value:
                 raise Unsupported(param, why)
+        # These name stored state whatever their value: an empty id or object is no neutral value (null is).
+        stored = [
+            ("previous_response_id", self.previous_response_id, "this server keeps no responses: send the history"),
+            ("conversation", self.conversation, "this server keeps no conversations: send the history"),
+            ("prompt", self.prompt, "stored prompt templates are not supported"),
+        ]
+        for field, state, reason in stored:
+            if state is not None:
+                raise Unsupported(field, reason)
         if self.tool_choice not in (None, "none", "auto"):
             raise Unsupported("tool_choice", "tool calling is not supported by this server")
         if self.truncation == "auto":

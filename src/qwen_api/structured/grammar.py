@@ -211,24 +211,46 @@ class GrammarCompiler:
         return constraint
 
 
+# The fields each `response_format` type has (OpenAI's shapes), besides `type`; and those of a json_schema's spec.
+_FORMAT_FIELDS: dict[str, frozenset[str]] = {
+    "text": frozenset(),
+    "json_object": frozenset(),
+    "json_schema": frozenset({"json_schema"}),
+}
+_JSON_SCHEMA_FIELDS = frozenset({"name", "schema", "strict", "description"})
+
+
+def _check_spec(spec: Any) -> None:
+    """A json_schema format's `json_schema` object: OpenAI's fields only, each of its type (never coerced)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise GrammarError("json_schema needs a 'name' and a 'schema'")
+    if unknown := set(spec) - _JSON_SCHEMA_FIELDS:
+        raise GrammarError(f"json_schema: unknown field(s) {sorted(unknown)}")
+    if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+        raise GrammarError(f"json_schema: 'strict' must be a boolean (true or false), not {spec['strict']!r}")
+    if spec.get("description") is not None and not isinstance(spec["description"], str):
+        raise GrammarError("json_schema: 'description' must be a string")
+
+
 def response_format_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | bool | None:
-    """The (checked) JSON schema an OpenAI `response_format` asks the content to follow, or None for plain text."""
+    """The (checked) JSON schema an OpenAI `response_format` asks the content to follow, or None for plain text.
+
+    Closed and strict as the request schemas are: a field the format's type does not have (a `schema` beside
+    `json_object`, a `name` beside `text`) or a field of the wrong type (`strict: "yes"`) is a `GrammarError`."""
     if not response_format:
         return None
     kind = response_format.get("type")
+    if not isinstance(kind, str) or kind not in _FORMAT_FIELDS:
+        raise GrammarError(f"unknown response_format type {kind!r}: use 'text', 'json_object' or 'json_schema'")
+    if unknown := set(response_format) - {"type"} - _FORMAT_FIELDS[kind]:
+        raise GrammarError(f"a {kind!r} format has no field(s) {sorted(unknown)}")
     if kind == "text":
         return None
     if kind == "json_object":
         return {"type": "object"}
-    if kind == "json_schema":
-        spec = response_format.get("json_schema")
-        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
-            raise GrammarError("json_schema needs a 'name' and a 'schema'")
-        unknown = set(spec) - {"name", "schema", "strict", "description"}
-        if unknown:
-            raise GrammarError(f"json_schema: unknown field(s) {sorted(unknown)}")
-        return checked_schema(spec.get("schema", {}))
-    raise GrammarError(f"unknown response_format type {kind!r}: use 'text', 'json_object' or 'json_schema'")
+    spec: Any = response_format.get("json_schema")
+    _check_spec(spec)
+    return checked_schema(spec.get("schema", {}))
 
 
 def response_format_grammar(response_format: dict[str, Any] | None) -> str | None:
