@@ -11,10 +11,11 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from qwen_api.detokenize import IncrementalDetokenizer, StopMatcher, Stops, byte_level_reader
 from qwen_api.engine.base import Engine, EngineError, FinishReason, SamplingParams, TokenLogprob
@@ -22,6 +23,7 @@ from qwen_api.engine.sampling import choice_seed
 from qwen_api.structured.grammar import GrammarCompiler
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class PromptTooLong(ValueError):
@@ -98,6 +100,14 @@ class TextGenerator:
         }
         if not getattr(tokenizer, "chat_template", None):
             log.warning("this tokenizer has no chat template: prompts are sent to the model as raw text")
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+
+    async def off_loop(self, work: Callable[[], T]) -> T:
+        """`work()`, a prompt's templating and tokenisation, on the tokenizer's own thread rather than the event
+        loop's: a prompt of a megabyte or two (the body limit) takes about a second to tokenise, and every stream
+        would stall meanwhile; the tokenizer lets go of the GIL while it works. One thread, so that calls into
+        the tokenizer never overlap."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, work)
 
     # ------------------------------------------------------------------------------------------ prompts
     def chat_prompt_ids(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None) -> list[int]:

@@ -145,6 +145,51 @@ def test_body_over_the_limit_is_413(tiny_qwen2_dir: Path) -> None:
         assert httpx.post(f"{server.base_url}/generate", json={"prompt": "hi", "max_length": 2}).status_code == 200
 
 
+MARK = "tokenise me slowly"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "method"),
+    [
+        ("/tokenize", {"prompt": MARK}, "text_prompt_ids"),
+        ("/v1/completions", {"prompt": MARK, "max_tokens": 1}, "text_prompt_ids"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": MARK}], "max_tokens": 1}, "chat_prompt_ids"),
+        ("/v1/messages", {"messages": [{"role": "user", "content": MARK}], "max_tokens": 1}, "chat_prompt_ids"),
+        ("/v1/responses", {"input": MARK, "max_output_tokens": 1}, "chat_prompt_ids"),
+        ("/generate", {"prompt": MARK, "max_length": 1}, "chat_prompt_ids"),
+    ],
+)
+def test_tokenising_a_prompt_does_not_hold_the_event_loop(
+    tiny_server: InProcessServer, monkeypatch: pytest.MonkeyPatch, path: str, body: dict, method: str
+) -> None:
+    """A prompt of the body limit's 2 MB takes the tokenizer about a second; on the event loop that stalled every
+    stream and /health. Here the tokenizer is held until /health has answered: on the loop, it never would."""
+    generator = tiny_server.runtime.generator()
+    original = getattr(generator, method)
+    entered, release = threading.Event(), threading.Event()
+
+    def held(first: object, *args: object) -> object:
+        if MARK in json.dumps(first):
+            entered.set()
+            release.wait(30)
+        return original(first, *args)
+
+    monkeypatch.setattr(generator, method, held)
+    named = body if path in ("/generate", "/tokenize") else {"model": tiny_server.runtime.model_name, **body}
+    with httpx.Client(base_url=tiny_server.base_url, timeout=60) as http:
+        pending: list[httpx.Response] = []
+        sender = threading.Thread(target=lambda: pending.append(http.post(path, json=named)))
+        sender.start()
+        try:
+            assert entered.wait(30), "the prompt never reached the tokenizer"
+            health = httpx.get(f"{tiny_server.base_url}/health", timeout=5)  # while the tokenizer is held
+            assert health.status_code == 200 and not pending
+        finally:
+            release.set()
+            sender.join(60)
+    assert pending and pending[0].status_code == 200, pending[0].text if pending else "no answer"
+
+
 def test_schemathesis_finds_no_server_error(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
     with serve_in_process(tiny_qwen2_dir, max_new_tokens_limit=8, max_num_return_sequences=2) as server:
         result = subprocess.run(

@@ -30,17 +30,21 @@ from qwen_api.textgen import Completion, TextDelta, TextGenerator
 router = APIRouter(prefix="/v1")
 
 
-def _prompt_ids(body: Conversation, settings: Settings, runtime: Runtime, generator: TextGenerator) -> list[int]:
+async def _prompt_ids(body: Conversation, settings: Settings, runtime: Runtime, generator: TextGenerator) -> list[int]:
     if body.model != runtime.model_name:
         raise ModelNotFound(body.model, runtime.model_name)
     body.check_supported()
     messages = body.chat_messages()
     log_prompt(settings, messages)
-    ids = generator.chat_prompt_ids(messages)
     prefill = body.prefill()
-    if prefill:  # plain text: control tokens typed in it stay characters, as in any message
-        ids += generator.content_ids(prefill)
-    return ids
+
+    def tokenise() -> list[int]:
+        ids = generator.chat_prompt_ids(messages)
+        if prefill:  # plain text: control tokens typed in it stay characters, as in any message
+            ids += generator.content_ids(prefill)
+        return ids
+
+    return await generator.off_loop(tokenise)
 
 
 @router.post("/messages", response_model=None)
@@ -52,7 +56,7 @@ async def create_message(
     generator: GeneratorDep,
     guard: GuardDep,
 ) -> dict[str, Any] | StreamingResponse:
-    prompt_ids = _prompt_ids(body, settings, runtime, generator)
+    prompt_ids = await _prompt_ids(body, settings, runtime, generator)
     params, stop = body.sampling_params(generator.sampling_defaults), body.stop_sequences or []
     generator.check_fits(prompt_ids, params.max_new_tokens)
     ticket = guard.admit(1, len(prompt_ids))
@@ -70,7 +74,7 @@ async def count_tokens(
     body: Conversation, settings: SettingsDep, runtime: RuntimeDep, generator: GeneratorDep
 ) -> dict[str, int]:
     """The prompt's tokens exactly as `/v1/messages` would count them (its `usage.input_tokens`)."""
-    return {"input_tokens": len(_prompt_ids(body, settings, runtime, generator))}
+    return {"input_tokens": len(await _prompt_ids(body, settings, runtime, generator))}
 
 
 def _error_event(exc: Exception) -> dict[str, Any]:

@@ -114,7 +114,8 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, ctx: Annotated[_Context, Depends(_context)]
 ) -> dict[str, Any] | StreamingResponse:
     ctx.validate(body)
-    messages, prompt_ids = chat_prompt(ctx.generator, body.messages, body.tool_dicts())
+    generator, tools = ctx.generator, body.tool_dicts()
+    messages, prompt_ids = await generator.off_loop(lambda: chat_prompt(generator, body.messages, tools))
     log_prompt(ctx.settings, messages)
     return await ctx.serve(request, body, prompt_ids, "chat.completion", f"chatcmpl-{uuid.uuid4().hex}")
 
@@ -128,7 +129,7 @@ async def completions(
     if len(prompts) != 1:
         raise Unsupported("prompt", "send one prompt per request")
     log_prompt(ctx.settings, prompts[0])
-    prompt_ids = ctx.generator.text_prompt_ids(prompts[0])
+    prompt_ids = await ctx.generator.off_loop(lambda: ctx.generator.text_prompt_ids(prompts[0]))
     return await ctx.serve(request, body, prompt_ids, "text_completion", f"cmpl-{uuid.uuid4().hex}")
 
 

@@ -53,7 +53,7 @@ async def create_response(
     cap = settings.max_new_tokens_limit
     messages = body.chat_messages()
     log_prompt(settings, messages)
-    prompt_ids = generator.chat_prompt_ids(messages)
+    prompt_ids = await generator.off_loop(lambda: generator.chat_prompt_ids(messages))
     # Left out: as much as fits, up to the cap (a prompt that leaves no room fails the context check below).
     max_new = body.max_output_tokens or max(1, min(cap, generator.engine.max_context_tokens - len(prompt_ids)))
     params = body.sampling_params(max_new, generator.sampling_defaults)

@@ -65,7 +65,7 @@ def unhealthy(runtime: Runtime, **extra: Any) -> JSONResponse | None:
 async def generate(
     body: GenerateRequest, request: Request, settings: SettingsDep, generator: GeneratorDep, guard: GuardDep
 ) -> GenerateResponse | StreamingResponse:
-    prompt_ids = generator.chat_prompt_ids([{"role": "user", "content": body.prompt}])
+    prompt_ids = await generator.off_loop(lambda: generator.chat_prompt_ids([{"role": "user", "content": body.prompt}]))
     params, n = body.to_sampling_params(), body.num_return_sequences
     generator.check_fits(prompt_ids, params.max_new_tokens)
     try:

@@ -61,9 +61,10 @@ async def tokenize(body: TokenizeRequest, runtime: RuntimeDep, generator: Genera
     _check_model(body.model, runtime)
     if body.messages is not None:
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-        _, ids = chat_prompt(generator, body.messages, tools)
+        messages = body.messages
+        _, ids = await generator.off_loop(lambda: chat_prompt(generator, messages, tools))
     else:
-        ids = generator.text_prompt_ids(body.prompt or "")
+        ids = await generator.off_loop(lambda: generator.text_prompt_ids(body.prompt or ""))
     return {"tokens": ids, "count": len(ids), "max_model_len": generator.engine.max_context_tokens}
 
 
