@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -110,6 +111,22 @@ def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from qwen_api.dev.random_qwen2 import write_random_qwen2
 
     return write_random_qwen2(tmp_path_factory.mktemp("tiny-qwen2"), shape="tiny")
+
+
+def sse_events(response: httpx.Response, done: bool = False) -> list[tuple[str | None, dict[str, Any]]]:
+    """(event name, data) of every SSE event with JSON data. OpenAI's chat and completions streams end with a
+    `data: [DONE]` line (`done`); the other dialects must send none, which this asserts."""
+    events: list[tuple[str | None, dict[str, Any]]] = []
+    name = None
+    for line in response.iter_lines():
+        if line == "data: [DONE]":
+            assert done, "a [DONE] line in a stream that has none"
+        elif line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line.removeprefix("data: "))))
+            name = None
+    return events
 
 
 class InProcessServer:

@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import SCRIPT, InProcessServer, sdk, serve_in_process
+from conftest import SCRIPT, InProcessServer, sdk, serve_in_process, sse_events
 
 STOP = "<<STOP>>"
 BEFORE_STOP = SCRIPT[: SCRIPT.index(STOP)]
@@ -59,19 +59,6 @@ def tokens_through_stop(server: InProcessServer) -> int:
     """How many of the script's tokens the model produces until the stop string is complete: an independent count."""
     generator, ids = server.runtime.generator(), script_tokens(server)
     return next(k for k in range(1, len(ids) + 1) if STOP in generator.tokenizer.decode(ids[:k]))
-
-
-def sse_events(response: httpx.Response) -> list[tuple[str | None, dict]]:
-    """(event name, data) of every SSE event; asserts no OpenAI-style [DONE] line is sent."""
-    events, name_ = [], None
-    for line in response.iter_lines():
-        assert line != "data: [DONE]"
-        if line.startswith("event: "):
-            name_ = line.removeprefix("event: ")
-        elif line.startswith("data: "):
-            events.append((name_, json.loads(line.removeprefix("data: "))))
-            name_ = None
-    return events
 
 
 # ------------------------------------------------------------------------------------------------ Responses API

@@ -8,14 +8,13 @@ error event, as it is before a stream begins.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from conftest import InProcessServer, sdk
+from conftest import InProcessServer, sdk, sse_events
 
 HI = [{"role": "user", "content": "Hi"}]
 ERROR_FIELDS = {"message", "type", "param", "code"}
@@ -52,18 +51,6 @@ def assert_field_paths(message: str) -> None:
         for segment in path.split("."):
             assert not any(mark in segment for mark in TAG_MARKS), message
             assert segment not in TYPE_TAGS and not segment[:1].isupper(), message
-
-
-def sse_data(response: httpx.Response) -> list[tuple[str | None, dict[str, Any]]]:
-    """(event name, data) of every SSE event with JSON data."""
-    events, name = [], None
-    for line in response.iter_lines():
-        if line.startswith("event: "):
-            name = line.removeprefix("event: ")
-        elif line.startswith("data: {"):
-            events.append((name, json.loads(line.removeprefix("data: "))))
-            name = None
-    return events
 
 
 # ------------------------------------------------------------------------------------------ 1. the empty prompt
@@ -218,7 +205,7 @@ def test_a_schema_given_up_on_mid_stream_is_schema_not_followed_in_the_error_eve
     assert (error["type"], error["code"]) == ("invalid_request_error", "schema_not_followed")
     with httpx.stream("POST", f"{scripted_server.base_url}/v1/responses", json={**body, "stream": True}) as reply:
         assert reply.status_code == 200
-        events = sse_data(reply)
+        events = sse_events(reply)
     name, last = events[-1]
     assert name == "error" and last["type"] == "error", events[-3:]
     assert last["code"] == "schema_not_followed" and last["param"] is None and "schema" in last["message"]
@@ -232,7 +219,7 @@ def test_a_schema_given_up_on_mid_stream_on_chat_has_the_400s_type_and_code(scri
     before = openai_error(post(scripted_server, "/v1/chat/completions", body))
     with httpx.stream("POST", f"{scripted_server.base_url}/v1/chat/completions", json={**body, "stream": True}) as r:
         assert r.status_code == 200
-        events = [data for _, data in sse_data(r)]
+        events = [data for _, data in sse_events(r, done=True)]
     error = events[-1]["error"]
     assert set(error) == ERROR_FIELDS
     assert (
