@@ -149,9 +149,10 @@ class StopMatcher:
             return text
         self._pending += text
         out: list[str] = []
+        shield = self._shield
         while True:
-            if self._inside:  # no stop string counts until the block closes
-                close = self._shield[1] if self._shield else ""
+            if shield and self._inside:  # no stop string counts until the block closes
+                close = shield[1]
                 at = self._pending.find(close)
                 if at < 0:
                     out.append(self._release(_partial_at_end(self._pending, [close])))
@@ -160,9 +161,9 @@ class StopMatcher:
                 self._inside = False
                 continue
             found = [(i, s) for s in self._stops if (i := self._pending.find(s)) >= 0]
-            opened = self._pending.find(self._shield[0]) if self._shield else -1
-            if opened >= 0 and (not found or opened < min(found)[0]) and self._shield:  # a stop string wins a tie
-                out.append(self._release(len(self._pending) - opened - len(self._shield[0])))
+            opened = self._pending.find(shield[0]) if shield else -1
+            if shield and opened >= 0 and (not found or opened < min(found)[0]):  # a stop string wins a tie
+                out.append(self._release(len(self._pending) - opened - len(shield[0])))
                 self._inside = True
                 continue
             if found:
@@ -171,7 +172,7 @@ class StopMatcher:
                 out.append(self._pending[:cut])
                 self._pending = ""
                 return "".join(out)
-            markers = [*self._stops, self._shield[0]] if self._shield else self._stops
+            markers = [*self._stops, shield[0]] if shield else self._stops
             out.append(self._release(_partial_at_end(self._pending, markers)))
             return "".join(out)
 

@@ -114,8 +114,7 @@ class LlamaCppEngine:
         # llama.cpp's end-of-generation ids besides the given ones (for SmolLM2 also `<reponame>`, which its
         # tokenizer does not count as special): they end a sequence, so they are never its text
         eog = (t for t in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t))
-        self._eos = set(eos_token_ids) | set(eog)
-        self.end_token_ids = frozenset(self._eos)
+        self.end_token_ids = frozenset(eos_token_ids) | frozenset(eog)
         per_sequence = int(llama_cpp.llama_n_ctx_seq(self._ctx.ctx))
         self.max_context_tokens = min(per_sequence, int(self.model.n_ctx_train()))
         self.on_step: Callable[[int], None] | None = None
@@ -354,7 +353,7 @@ class LlamaCppEngine:
         return token, tuple(token_logprobs(raw[None, :], [token], [seq.params.logprobs or 0]))
 
     def _finish_reason(self, seq: _Sequence, token: int) -> FinishReason | None:
-        if token in self._eos:
+        if token in self.end_token_ids:
             return "stop"
         if len(seq.generated) >= seq.params.max_new_tokens:
             return "length"

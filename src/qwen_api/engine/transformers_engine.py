@@ -51,8 +51,7 @@ class TransformersEngine:
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
         self.model = model
-        self._eos = sorted(set(eos_token_ids))
-        self.end_token_ids = frozenset(self._eos)
+        self.end_token_ids = frozenset(eos_token_ids)
         self._vocab_size = int(model.config.get_text_config().vocab_size)
         if kv_cache_tokens is None and model.device.type == "cpu":
             # The library sizes the cache from 60% of all RAM on a CPU; a bounded default leaves room for others.
@@ -60,7 +59,9 @@ class TransformersEngine:
         num_blocks = None if kv_cache_tokens is None else -(-kv_cache_tokens // _PAGE_SIZE)
         # No sampling processor of transformers' own (transformers_processors.Sampling draws): the step ends in an
         # argmax over the one token ours leaves.
-        generation_config = GenerationConfig(do_sample=False, max_new_tokens=256, eos_token_id=self._eos)
+        generation_config = GenerationConfig(
+            do_sample=False, max_new_tokens=256, eos_token_id=sorted(self.end_token_ids)
+        )
         cb_config = ContinuousBatchingConfig(
             page_size=_PAGE_SIZE,
             num_blocks=num_blocks,
@@ -120,7 +121,7 @@ class TransformersEngine:
 
     # ----------------------------------------------------------------------------------------- requests
     def _finish_reason(self, tokens: list[int]) -> FinishReason:
-        return "stop" if tokens and tokens[-1] in self._eos else "length"
+        return "stop" if tokens and tokens[-1] in self.end_token_ids else "length"
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[TokenChunk, None]:
         """Run one sequence; see `Engine.generate`. Leaving the loop early cancels it in the engine."""

@@ -142,8 +142,7 @@ class NativeEngine:
             prefill_chunk = GPU_PREFILL_CHUNK if self.device.type == "cuda" else CPU_PREFILL_CHUNK
         self.scheduler = Scheduler(self.cache.pool, max_batch_size, prefill_chunk, prefill_delay)
         self.controls = BatchControls(max_batch_size, self.config.vocab_size, self.device, self.max_context_tokens)
-        self._eos = set(eos_token_ids)
-        self.end_token_ids = frozenset(self._eos)
+        self.end_token_ids = frozenset(eos_token_ids)
         self.on_step: Callable[[int], None] | None = None
         self._incoming: deque[Sequence] = deque()  # handed to the worker, a tick of an event loop at a time
         self._incoming_lock = threading.Lock()
@@ -339,7 +338,7 @@ class NativeEngine:
 
     def _finish_reason(self, seq: Sequence, token: int, generated: int) -> FinishReason | None:
         """`generated`: tokens the sequence has with this one (a later step may already hold a place after it)."""
-        if token in self._eos:
+        if token in self.end_token_ids:
             return "stop"
         if generated >= seq.params.max_new_tokens:
             return "length"
