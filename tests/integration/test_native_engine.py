@@ -601,6 +601,40 @@ def test_prefix_cache_hits_and_keeps_tokens(engine: NativeEngine, hf_model) -> N
     assert pool.hit_blocks - hits == 3
 
 
+# Two 16-token blocks that differ in their first four tokens and whose CPython tuple hashes are equal (found by
+# inverting the unkeyed tuple hash, which any client can do; the prefix index once keyed blocks by that hash).
+_COLLIDING = [[(v >> (16 * i)) & 0xFFFF for i in range(4)] for v in (8102973175393867537, 17038303644805935641)]
+COLLIDING_BLOCKS = [head + list(range(1000, 1012)) for head in _COLLIDING]
+
+
+def test_the_prefix_index_compares_tokens_not_hashes() -> None:
+    from qwen_api.engine.native.kv_cache import BlockPool
+
+    a, b = COLLIDING_BLOCKS
+    assert a != b and hash(tuple(a)) == hash(tuple(b)) and hash((None, tuple(a))) == hash((None, tuple(b)))
+    pool = BlockPool(2, 16)
+    first, second = pool.allocate(), pool.allocate()
+    parent = pool.register(first, None, a)
+    pool.register(second, parent, a)
+    assert pool.match_prefix(a + a + [1]) == [first, second]
+    assert pool.match_prefix(b + a + [1]) == []  # b collides with a's block: not a's keys and values
+    assert pool.match_prefix(a + b + [1]) == [first]
+    # an evicted block's prefix is gone with it, and what was indexed below it can no longer be matched
+    pool.release([first, second])
+    assert pool.allocate() == second  # released first (a prompt's end before its start), evicted first
+    assert pool.match_prefix(a + a + [1]) == [first]
+    refill = pool.allocate()
+    assert refill == first and pool.match_prefix(a + a + [1]) == []
+    pool.register(refill, None, a)  # the same tokens again: a new prefix, found again; nothing below it yet
+    assert pool.match_prefix(a + a + [1]) == [refill]
+
+
+def test_a_prompt_that_collides_with_a_cached_one_gets_its_own_answer(engine: NativeEngine, hf_model) -> None:  # type: ignore[no-untyped-def]
+    first, second = (block + random_prompt(3, seed=33) for block in COLLIDING_BLOCKS)
+    assert run(engine, first) == reference(hf_model, first)
+    assert run(engine, second) == reference(hf_model, second)
+
+
 def test_chunked_prefill_matches_unchunked(tiny_qwen2_dir: Path, engine: NativeEngine, hf_model) -> None:  # type: ignore[no-untyped-def]
     chunked = NativeEngine(
         tiny_qwen2_dir, [EOS], kv_cache_tokens=4096, max_batch_size=4, prefill_chunk=16, overlap=engine.overlap

@@ -5,7 +5,8 @@ prompt in the slot sharing the longest prefix with it, so a conversation's next 
 the previous turn's prompt, is read again only from where it differs. This index remembers, per replica, the
 last `slots` prompts routed there, as chains of hashes of whole blocks of `block` tokens (a prompt's k-th hash
 stands for its first k blocks), and answers how many leading tokens of a new prompt each replica holds.
-Lookups cost one hash per block per replica, whatever the prompts' length.
+Lookups cost one hash per block per replica, whatever the prompts' length. A hash collision (crafted or
+not) can only send a prompt to a replica that lacks its prefix: the replicas' own caches compare tokens.
 """
 
 from __future__ import annotations

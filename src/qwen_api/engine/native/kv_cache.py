@@ -3,14 +3,19 @@
 `KVCache` owns the tensors: per layer, keys and values `[num_blocks + 1, block_size, kv_heads, head_dim]`;
 the extra last block is scratch, where padded rows of a CUDA-graph batch write their keys harmlessly.
 `BlockPool` owns the bookkeeping (pure Python, no tensors): reference counts, and the prefix index. A block
-whose slots are all written gets a hash of (its parent block's hash, its token ids), so one hash names a whole
-prefix; a new sequence walks its prompt block by block and shares every block whose hash is indexed (a system
-prompt, a conversation's history: read once, then reused). Blocks whose count falls to zero stay indexed on an
-LRU free list and are only evicted (their hash forgotten) when a fresh block is needed.
+whose slots are all written is indexed under (its parent block's prefix id, its token ids) and gets a prefix id of
+its own, never given twice, so one id names a whole prefix; a new sequence walks its prompt block by block and
+shares every block found (a system prompt, a conversation's history: read once, then reused). The index compares
+the tokens themselves, never a bare hash of them: CPython's hash of a tuple of ints is unkeyed and can be
+inverted, so a crafted prompt could collide with another's block and be answered from that prompt's keys and
+values (the class of vLLM's CVE-2025-25183). Blocks whose count falls to zero stay indexed on an LRU free list
+and are only evicted (dropped from the index) when a fresh block is needed; an evicted prefix's id is never
+reused, so the blocks indexed below it can no longer be matched.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -18,9 +23,8 @@ import torch
 
 from qwen_api.engine.native.config import ModelConfig
 
-
-def block_hash(parent: int | None, tokens: Sequence[int]) -> int:
-    return hash((parent, tuple(tokens)))
+# A block's key in the prefix index: its parent block's prefix id (None for a first block) and its token ids.
+BlockKey = tuple[int | None, tuple[int, ...]]
 
 
 class BlockPool:
@@ -28,8 +32,10 @@ class BlockPool:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.prefix_cache = prefix_cache  # off: every sequence computes its whole prompt, as a fresh run does
         self.refs = [0] * num_blocks
-        self.hash_of: list[int | None] = [None] * num_blocks
-        self.index: dict[int, int] = {}  # prefix hash -> block holding it
+        self.index: dict[BlockKey, int] = {}  # -> the block holding it
+        self.key_of: list[BlockKey | None] = [None] * num_blocks  # while indexed
+        self.prefix_id: list[int | None] = [None] * num_blocks  # while indexed: names the prefix up to the block
+        self._ids = itertools.count()
         # Blocks nobody holds, oldest first: fresh ones, then cached ones in the order they were released.
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.hit_blocks = 0  # blocks reused from the prefix index, ever
@@ -48,11 +54,11 @@ class BlockPool:
         parent: int | None = None
         bs = self.block_size
         for start in range(0, len(tokens) - bs + 1, bs):
-            parent = block_hash(parent, tokens[start : start + bs])
-            block = self.index.get(parent)
+            block = self.index.get((parent, tuple(tokens[start : start + bs])))
             if block is None:
                 break
             found.append(block)
+            parent = self.prefix_id[block]
         return found
 
     def take_cached(self, blocks: list[int], full_blocks: int) -> None:
@@ -67,21 +73,24 @@ class BlockPool:
     def allocate(self) -> int:
         """A fresh block; the least recently released one, forgetting its cached content. Caller checks num_free."""
         block, _ = self.free.popitem(last=False)
-        if (old := self.hash_of[block]) is not None:
-            if self.index.get(old) == block:
-                del self.index[old]
-            self.hash_of[block] = None
+        if (old := self.key_of[block]) is not None:
+            del self.index[old]
+            self.key_of[block] = self.prefix_id[block] = None
             self.evictions += 1
         self.refs[block] = 1
         return block
 
     def register(self, block: int, parent: int | None, tokens: Sequence[int]) -> int:
-        """Index a block whose slots are all written; returns its hash (the next block's parent)."""
-        h = block_hash(parent, tokens)
-        if self.hash_of[block] is None and h not in self.index:  # a twin computed concurrently keeps the entry
-            self.index[h] = block
-            self.hash_of[block] = h
-        return h
+        """Index a block whose slots are all written, below the prefix `parent`; returns the prefix id it holds
+        (the next block's parent). A twin computed concurrently, indexed first, keeps the entry and names it."""
+        key = (parent, tuple(tokens))
+        holder = self.index.get(key)
+        if holder is None and self.key_of[block] is None:
+            holder = self.index[key] = block
+            self.key_of[block], self.prefix_id[block] = key, next(self._ids)
+        if holder is None:  # the block holds another prefix already (not done by the scheduler): below it, a
+            return next(self._ids)  # prefix no block holds, so what is indexed there can never be matched
+        return self.prefix_id[holder]  # type: ignore[return-value]  # set for every indexed block
 
     def release(self, blocks: list[int]) -> None:
         # Released in reverse so a sequence's last blocks are evicted before its first ones (its prefix is the
@@ -90,7 +99,7 @@ class BlockPool:
             self.refs[block] -= 1
             if self.refs[block] == 0:
                 self.free[block] = None
-                if self.hash_of[block] is None:
+                if self.key_of[block] is None:
                     self.free.move_to_end(block, last=False)
 
 

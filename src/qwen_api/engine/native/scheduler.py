@@ -52,7 +52,7 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     computed: int = 0  # leading tokens whose keys and values are in the cache
     hashed: int = 0  # leading blocks registered in the prefix index
-    last_hash: int | None = None  # hash of block `hashed - 1`
+    last_prefix: int | None = None  # the pool's prefix id of block `hashed - 1`
     cancelled: bool = False
     preemptions: int = 0
     arrived: float = 0.0  # when the scheduler first had it (the scheduler's clock)
@@ -159,7 +159,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self._leave(seq)
         seq.computed = seq.hashed = 0
-        seq.last_hash = None
+        seq.last_prefix = None
         seq.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(seq)
@@ -195,7 +195,7 @@ class Scheduler:
             seq.blocks = cached + [self.pool.allocate() for _ in range(total - len(cached))]
             seq.computed = len(cached) * bs
             seq.hashed = len(cached)
-            seq.last_hash = self.pool.hash_of[cached[-1]] if cached else None
+            seq.last_prefix = self.pool.prefix_id[cached[-1]] if cached else None
             self.running.append(seq)
             n = min(len(seq.tokens) - seq.computed, budget)
             step.prefills.append((seq, n))
@@ -238,7 +238,7 @@ class Scheduler:
                 tokens = seq.tokens[start : start + bs]
                 if PENDING in tokens:
                     break
-                seq.last_hash = self.pool.register(seq.blocks[seq.hashed], seq.last_hash, tokens)
+                seq.last_prefix = self.pool.register(seq.blocks[seq.hashed], seq.last_prefix, tokens)
                 seq.hashed += 1
 
 
