@@ -7,9 +7,10 @@ time, stops at once (exit code 1 if requests were still in flight, else 0). A fa
 ends the process with exit code 1.
 
 Connections: at most `max_connections` are held open; past that a new connection is answered 503 and closed at
-once, before its file descriptors could run out. A connection must complete each request's headers within
-`header_timeout` seconds of opening (or of its previous response), else it is closed: idle or trickling
-connections cannot pile up.
+once, before its file descriptors could run out. A connection must send each whole request, headers and body,
+within `header_timeout` seconds of opening (or of its previous response), else it is closed: idle, trickling or
+stalled connections cannot pile up (as Go's `ReadTimeout`). A request's line and headers may hold at most
+`MAX_HEAD_BYTES`; past that it is answered 431 and the connection closed, before they could fill the memory.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import signal
 from types import FrameType
 from typing import Any
 
+import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -32,6 +34,9 @@ log = logging.getLogger(__name__)
 
 # File descriptors kept back from the connection bound for the model's files, logs, and the engine.
 _RESERVED_FDS = 128
+
+# The most bytes a request's line and headers may hold (Node's bound is 16 KiB, nginx's 32 KiB, Go's 1 MiB).
+MAX_HEAD_BYTES = 64 * 1024
 
 
 def connection_bound(requested: int) -> int:
@@ -47,53 +52,106 @@ def connection_bound(requested: int) -> int:
     return max(1, min(requested, soft - _RESERVED_FDS))
 
 
-def bounded_http(max_connections: int, header_timeout: float) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol with a bound on open connections and on the time to send a request's headers.
+def _close_with(status: str, detail: str) -> bytes:
+    """A whole HTTP/1.1 answer that closes the connection, with a JSON `detail` (the seed API's error shape)."""
+    body = json.dumps({"detail": detail}).encode()
+    return (
+        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+class _HeadTooLarge(httptools.HttpParserError):
+    """Raised from a parser callback: uvicorn answers parser errors itself, with 400 (`send_400_response`)."""
+
+
+def bounded_http(
+    max_connections: int, header_timeout: float, max_head_bytes: int = MAX_HEAD_BYTES
+) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol with bounds on open connections, on the time to send a request (headers and
+    body) and on the size of its headers (see the module docstring).
 
     httptools (llhttp, in C) rather than h11 (pure Python): each streamed token is one HTTP chunk written through
     the protocol, and with h11 its state machine was a fifth of the server's CPU per token."""
-    busy = json.dumps({"detail": "Server has too many open connections; retry shortly"}).encode()
-    refusal = (
-        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
-        b"connection: close\r\ncontent-length: " + str(len(busy)).encode() + b"\r\n\r\n" + busy
+    busy = _close_with("503 Service Unavailable", "Server has too many open connections; retry shortly")
+    busy = busy.replace(b"connection: close", b"retry-after: 1\r\nconnection: close")
+    head_too_large = _close_with(
+        "431 Request Header Fields Too Large", f"The request's line and headers exceed {max_head_bytes} bytes"
     )
 
     class BoundedHttpProtocol(HttpToolsProtocol):
-        _header_timer: asyncio.TimerHandle | None = None
+        _request_timer: asyncio.TimerHandle | None = None
+        _in_head = True  # the bytes now arriving belong to a request's line and headers
+        _head_bytes = 0  # received since that request began, while `_in_head`
+        _head_too_large = False
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             if len(self.connections) > max_connections:
                 log.warning("refusing a connection: %d are open (max-connections)", len(self.connections) - 1)
-                transport.write(refusal)
+                transport.write(busy)
                 transport.close()
                 return
-            self._arm_header_timer()
+            self._arm_request_timer()
+
+        def data_received(self, data: bytes) -> None:
+            if self._in_head:
+                self._head_bytes += len(data)
+            super().data_received(data)
+            # headers that never end are refused as they grow (httptools would hold them all in memory); the
+            # whole head of a request that ended in this piece is measured in `on_headers_complete`
+            if self._in_head and self._head_bytes > max_head_bytes and not self.transport.is_closing():
+                self._refuse_head()
 
         def on_headers_complete(self) -> None:
-            self._disarm_header_timer()  # the request's headers arrived in time
+            self._in_head = False
+            if len(self.url) + sum(len(name) + len(value) for name, value in self.headers) > max_head_bytes:
+                self._head_too_large = True
+                raise _HeadTooLarge("request head too large")
             super().on_headers_complete()
+
+        def send_400_response(self, msg: str) -> None:
+            if self._head_too_large:
+                self._refuse_head()
+            else:
+                super().send_400_response(msg)
+
+        def on_message_complete(self) -> None:
+            running = self.cycle is not None and not self.cycle.response_complete
+            super().on_message_complete()
+            self._in_head, self._head_bytes = True, 0
+            if running:
+                self._disarm_request_timer()  # read in time: what it asks may take as long as it takes
+            else:  # answered before its body had come (e.g. 413): the next request starts now
+                self._arm_request_timer()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            self._arm_header_timer()  # the next request on this keep-alive connection gets the same bound
+            self._arm_request_timer()  # the next request on this keep-alive connection gets the same bound
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm_header_timer()
+            self._disarm_request_timer()
             super().connection_lost(exc)
 
-        def _arm_header_timer(self) -> None:
-            self._disarm_header_timer()
-            self._header_timer = self.loop.call_later(header_timeout, self._header_timed_out)
+        def _refuse_head(self) -> None:
+            log.warning("refusing a request whose line and headers exceed %d bytes", max_head_bytes)
+            self.transport.write(head_too_large)
+            self.transport.close()
 
-        def _disarm_header_timer(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
+        def _arm_request_timer(self) -> None:
+            self._disarm_request_timer()
+            self._request_timer = self.loop.call_later(header_timeout, self._request_timed_out)
 
-        def _header_timed_out(self) -> None:
-            self._header_timer = None
-            if self.cycle is None or self.cycle.response_complete:
+        def _disarm_request_timer(self) -> None:
+            if self._request_timer is not None:
+                self._request_timer.cancel()
+                self._request_timer = None
+
+        def _request_timed_out(self) -> None:
+            self._request_timer = None
+            cycle = self.cycle
+            # between requests, in a request's headers, or in its body (a running request whose body stalled)
+            if cycle is None or cycle.response_complete or cycle.more_body:
                 self.transport.close()
 
     return BoundedHttpProtocol

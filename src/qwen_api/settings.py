@@ -65,7 +65,9 @@ class Settings(BaseSettings):
         1024, ge=1, description="Open connections at most (bounded by file descriptors); past it, 503 and close."
     )
     header_timeout: float = Field(
-        10.0, gt=0, description="Seconds a connection has to send a request's headers; past it, it is closed."
+        10.0,
+        gt=0,
+        description="Seconds a connection has to send a whole request (headers and body); past it, it is closed.",
     )
     api_key: SecretStr | None = Field(
         None, description="If set, /generate and /v1/* need 'Authorization: Bearer <key>'; / and /health stay open."

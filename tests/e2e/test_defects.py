@@ -7,6 +7,7 @@ both), except the guard and text-layer races, which a fake engine makes determin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import signal
@@ -133,6 +134,66 @@ def test_a_trickling_request_is_cut_off_after_the_header_timeout(tiny_qwen2_dir:
             assert time.monotonic() - start < 5
         finally:
             sock.close()
+
+
+def test_a_request_whose_body_stalls_is_cut_off_and_a_slow_one_in_time_is_answered(tiny_qwen2_dir: Path) -> None:
+    """The request timer runs until the whole body has come, not only the headers: a client that sends headers
+    and then never its body held its connection (and a `--max-connections` slot) for good."""
+    head = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    body = b'{"prompt": "Hello", "max_length": 4}'
+    with serve_in_process(tiny_qwen2_dir, header_timeout=1.5) as server:
+        port = int(server.base_url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as stalled:
+            start = time.monotonic()
+            stalled.sendall(head % 100 + b'{"prompt"')
+            stalled.settimeout(10)
+            with contextlib.suppress(ConnectionResetError):
+                assert stalled.recv(4096) == b""  # closed without an answer
+            assert 1.0 < time.monotonic() - start < 6
+        with socket.create_connection(("127.0.0.1", port)) as slow:  # slow, but whole within the bound
+            slow.sendall(head % len(body))
+            for piece in (body[:10], body[10:20], body[20:]):
+                time.sleep(0.3)
+                slow.sendall(piece)
+            slow.settimeout(30)
+            answer = b""
+            while b"generated_texts" not in answer and (data := slow.recv(65536)):
+                answer += data
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert httpx.get(f"{server.base_url}/health").status_code == 200
+
+
+def test_request_heads_are_bounded_and_refused_with_431(tiny_server: InProcessServer) -> None:
+    """Headers had no size bound: 100 MiB of them were read into memory (and kept there by a stalled body)."""
+    from qwen_api.server import MAX_HEAD_BYTES
+
+    port = int(tiny_server.base_url.rsplit(":", 1)[1])
+
+    def exchange(head: bytes, finished: bool) -> bytes:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.settimeout(10)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # refused before all was sent
+                sock.sendall(head + (b"\r\n" if finished else b""))
+            answer = b""
+            try:
+                while data := sock.recv(65536):
+                    answer += data
+                    if finished and b"\r\n\r\n" in answer and not answer.startswith(b"HTTP/1.1 431"):
+                        break  # a keep-alive answer: the connection stays open
+            except ConnectionResetError:
+                pass
+            return answer
+
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\n"
+    assert exchange(request + b"X-Big: " + b"a" * (MAX_HEAD_BYTES // 2) + b"\r\n", True).startswith(b"HTTP/1.1 200")
+    too_large = exchange(request + b"X-Big: " + b"a" * (MAX_HEAD_BYTES + 1) + b"\r\n", True)
+    assert too_large.startswith(b"HTTP/1.1 431"), too_large[:100]
+    assert b"exceed" in too_large
+    many = b"".join(b"X-%d: %s\r\n" % (i, b"b" * 1000) for i in range(MAX_HEAD_BYTES // 1000 + 1))
+    assert exchange(request + many, True).startswith(b"HTTP/1.1 431")
+    endless = exchange(request + b"X-Big: " + b"c" * (16 * MAX_HEAD_BYTES), False)  # headers that never end
+    assert endless.startswith(b"HTTP/1.1 431"), endless[:100]
+    assert httpx.get(f"{tiny_server.base_url}/health").status_code == 200
 
 
 # ------------------------------------------------------------------------------ 4. signals
