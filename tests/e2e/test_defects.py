@@ -74,14 +74,21 @@ def test_an_engine_fails_one_bad_sequence_not_its_worker(api_server: InProcessSe
 
 # ------------------------------------------------------------------------------ 2. lone surrogates
 @pytest.mark.parametrize(
-    ("path", "raw", "status"),
+    ("path", "raw", "status", "said"),
     [
-        ("/generate", b'{"prompt": "\\udfffabc"}', 422),
-        ("/v1/chat/completions", b'{"model": "M", "messages": [{"role": "user", "content": "\\ud800x"}]}', 400),
+        ("/generate", b'{"prompt": "\\udfffabc"}', 422, "surrogate"),
+        (
+            "/v1/chat/completions",
+            b'{"model": "M", "messages": [{"role": "user", "content": "\\ud800x"}]}',
+            400,
+            "surrogate",
+        ),
+        # in a key of an object echoed back as the bad input: was a 500 (the key was not made encodable)
+        ("/generate", b'{"prompt": {"\\udfff": 1}}', 422, "\\\\udfff"),
     ],
 )
 def test_a_lone_surrogate_is_a_4xx_in_the_route_shape(
-    tiny_server: InProcessServer, path: str, raw: bytes, status: int
+    tiny_server: InProcessServer, path: str, raw: bytes, status: int, said: str
 ) -> None:
     raw = raw.replace(b"M", model_id(tiny_server).encode())
     with httpx.Client(base_url=tiny_server.base_url, timeout=30) as client:
@@ -90,7 +97,7 @@ def test_a_lone_surrogate_is_a_4xx_in_the_route_shape(
         assert "x-request-id" in r.headers
         payload = r.json()
         assert ("error" in payload) == path.startswith("/v1/")
-        assert "surrogate" in json.dumps(payload)
+        assert said in json.dumps(payload)
         assert client.get("/health").status_code == 200  # the same keep-alive connection still works
 
 

@@ -199,6 +199,7 @@ def test_seed_gives_the_same_text_beside_other_traffic(api_server: InProcessServ
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"logit_bias": {"1": 101}}, "logit_bias"),
         ({"logit_bias": {"999999999": 1}}, "logit_bias"),
+        ({"logit_bias": {"9" * 5000: 1}}, "logit_bias"),  # past int()'s 4,300 digits: was a 500
         ({"extra_body": {"min_p": 2}}, "min_p"),
         ({"extra_body": {"repetition_penalty": -1}}, "repetition_penalty"),
         ({"n": 99}, "n"),

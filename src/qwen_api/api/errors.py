@@ -73,8 +73,8 @@ def stream_error_kind(exc: Exception) -> tuple[str, str | None]:
 
 def _json_safe(value: Any, depth: int = 0) -> Any:
     """Make a bad input that is echoed back encodable: strict JSON has no NaN (non-finite floats become their text),
-    UTF-8 has no lone surrogates (they become their escapes), and what nests past `MAX_NESTING` levels (which the
-    schemas refuse) is cut there, so that neither this nor the JSON encoder recurses without bound."""
+    UTF-8 has no lone surrogates (they become their escapes, in keys too), and what nests past `MAX_NESTING` levels
+    (which the schemas refuse) is cut there, so that neither this nor the JSON encoder recurses without bound."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, str):
@@ -84,7 +84,7 @@ def _json_safe(value: Any, depth: int = 0) -> Any:
     if isinstance(value, list):
         return [_json_safe(v, depth + 1) for v in value]
     if isinstance(value, dict):
-        return {k: _json_safe(v, depth + 1) for k, v in value.items()}
+        return {_json_safe(k): _json_safe(v, depth + 1) for k, v in value.items()}
     return value
 
 

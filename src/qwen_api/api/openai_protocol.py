@@ -176,6 +176,8 @@ class _SamplingRequest(_OpenAIRequest):
         for key, value in (bias or {}).items():
             if not key.isascii() or not key.isdigit():
                 raise ValueError(f"keys are token ids written as decimal strings; {key!r} is not one")
+            if len(key) > 12:  # larger than any vocabulary; and int() refuses past 4,300 digits
+                raise ValueError(f"token id {key[:12]}... ({len(key)} digits) is larger than any vocabulary")
             if not -100.0 <= value <= 100.0:
                 raise ValueError(f"biases are between -100 and 100; token {key} has {value}")
         return bias
