@@ -101,6 +101,30 @@ def test_a_lone_surrogate_is_a_4xx_in_the_route_shape(
         assert client.get("/health").status_code == 200  # the same keep-alive connection still works
 
 
+@pytest.mark.parametrize(
+    ("raw", "said"),
+    [
+        (b'{"prompt": ' + b"[" * 5000 + b'"x"' + b"]" * 5000 + b"}", "nested too deeply"),
+        (b'{"prompt": "hi", "max_length": ' + b"9" * 5000 + b"}", "4300 digits"),
+        (b'{"prompt": "\xff\xfe"}', "utf-8"),
+    ],
+    ids=["deep", "long-integer", "not-utf8"],
+)
+def test_a_body_json_cannot_read_is_invalid_json_in_the_route_shape(
+    tiny_server: InProcessServer, raw: bytes, said: str
+) -> None:
+    """json.loads fails on these with other errors than a JSONDecodeError, which FastAPI answered with a bare 400
+    "There was an error parsing the body": the seed API's malformed request is a 422 (the specification)."""
+    with httpx.Client(base_url=tiny_server.base_url, timeout=30) as client:
+        seed = client.post("/generate", content=raw, headers={"content-type": "application/json"})
+        assert seed.status_code == 422, seed.text
+        assert seed.json()["detail"][0]["type"] == "json_invalid" and said in seed.text
+        for path, shape in (("/v1/chat/completions", "error"), ("/v1/messages", "type")):
+            r = client.post(path, content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 400 and shape in r.json(), r.text
+            assert "not valid JSON" in r.text and said in r.text
+
+
 # ------------------------------------------------------------------------------ 3. connections are bounded
 def test_idle_connections_are_closed_and_their_number_is_bounded(tiny_qwen2_dir: Path) -> None:
     with serve_in_process(tiny_qwen2_dir, max_connections=6, header_timeout=1.5) as server:

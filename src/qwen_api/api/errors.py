@@ -281,7 +281,8 @@ def _error_text(error: Any, model: Any = None) -> str:
     where = ".".join(_field_path(error.get("loc", ()), model))
     what = str(error.get("msg", "invalid")).removeprefix("Value error, ")
     if error.get("type") == "json_invalid":
-        return f"the body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')} at position {where})"
+        at = f" at position {where}" if where else ""
+        return f"the body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')}{at})"
     return f"{where}: {what}" if where else what
 
 
@@ -304,11 +305,23 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own errors (404 no such route, 405 wrong method, 400 a body that cannot be read) in the shape
     of the family the path belongs to; the seed API keeps FastAPI's `{"detail": ...}`."""
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError | ValueError):
+        # FastAPI's answer to a body that json.loads failed on other than with a JSONDecodeError: nested too
+        # deeply, an integer past CPython's 4,300 digits, bytes that are not UTF-8. It is invalid JSON like any
+        # other (the seed API's 422, as the specification says of a malformed request).
+        return await _invalid_request(request, _unreadable_json(exc.__cause__))
     if not _is_openai(request):
         return await http_exception_handler(request, exc)
     type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     return _reply(request, exc.status_code, str(exc.detail), type_, code, headers=getattr(exc, "headers", None))
+
+
+def _unreadable_json(cause: BaseException) -> RequestValidationError:
+    why = "nested too deeply" if isinstance(cause, RecursionError) else str(cause).split(";")[0]
+    return RequestValidationError(
+        [{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error", "input": {}, "ctx": {"error": why}}]
+    )
 
 
 async def _unsupported(request: Request, exc: Exception) -> JSONResponse:
