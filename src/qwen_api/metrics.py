@@ -1,8 +1,10 @@
 """Prometheus metrics: one registry per app (so several apps can live in one process, as in tests).
 
 Requests by route and status, rejections and cancellations by reason, tokens in and out, per-sequence time to
-first token, time per output token and end-to-end latency, the engine's batch size per step, and gauges read
-from the engine and admission at scrape time (running, waiting, admitted sequences).
+first token, time per output token and end-to-end latency, the engine's batch size per step, and what is read
+from the engine and admission at scrape time: running, waiting and admitted sequences, and where the engine keeps
+its own KV cache (native, llama.cpp), its usage, prefix-cache lookups and hits, and preemptions (each only from
+an engine that reports it: a missing series is not a zero).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from qwen_api.engine.base import EngineStats
@@ -24,7 +26,7 @@ class _LoadCollector(Collector):
     def __init__(self, engine_stats: Callable[[], EngineStats | None], admitted: Callable[[], int]) -> None:
         self._engine_stats, self._admitted = engine_stats, admitted
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self._engine_stats()
         running = GaugeMetricFamily("qwen_api_running_sequences", "Sequences in the engine, not finished")
         waiting = GaugeMetricFamily("qwen_api_waiting_sequences", "Sequences waiting for a batch slot (queue depth)")
@@ -33,6 +35,21 @@ class _LoadCollector(Collector):
         admitted = GaugeMetricFamily("qwen_api_admitted_sequences", "Sequences holding an admission slot")
         admitted.add_metric([], self._admitted())
         yield from (running, waiting, admitted)
+        if stats is None:
+            return
+        if stats.kv_usage is not None:
+            yield GaugeMetricFamily(
+                "qwen_api_kv_cache_usage_ratio", "Share of the KV cache held by unfinished sequences", stats.kv_usage
+            )
+        for name, doc, value in (
+            ("qwen_api_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache",
+             stats.prefix_queried_tokens),
+            ("qwen_api_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache, not computed again",
+             stats.prefix_hit_tokens),
+            ("qwen_api_preemptions", "Sequences put back in the queue to free KV cache for others", stats.preemptions),
+        ):  # fmt: skip
+            if value is not None:
+                yield CounterMetricFamily(name, doc, value)
 
 
 class Metrics:

@@ -621,6 +621,8 @@ def test_without_the_prefix_cache_llamacpp_repeats_are_exact_and_nothing_is_reus
     try:
         _greedy_three_times(cached, tokenizer)
         assert cached.reused_tokens > 0  # the default reuses the prompt it has already read
+        stats = cached.stats()  # what /metrics reports as prefix-cache hits and lookups
+        assert stats.prefix_hit_tokens == cached.reused_tokens < (stats.prefix_queried_tokens or 0)
     finally:
         cached.shutdown()
 

@@ -660,12 +660,15 @@ def test_preemption_when_blocks_run_out_keeps_tokens(tiny_qwen2_dir: Path, hf_mo
     try:
         params = SamplingParams(max_new_tokens=60, temperature=0.0)
         prompts = [random_prompt(40, seed=50 + i) for i in range(4)]  # 4 x 100 tokens: 28 blocks wanted
+        usage: list[float | None] = []
+        small.on_step = lambda _: usage.append(small.stats().kv_usage)
         results = run_many(small, [(p, params) for p in prompts])
-        assert small.scheduler.preemptions > 0
+        assert small.stats().preemptions == small.scheduler.preemptions > 0
+        assert max(u or 0.0 for u in usage) == 1.0  # preempted because every block was held
         for prompt, tokens in zip(prompts, results, strict=True):
             assert tokens == reference(hf_model, prompt, 60)
         wait_idle(small)
-        assert small.cache.pool.num_free == small.cache.pool.num_blocks
+        assert small.cache.pool.num_free == small.cache.pool.num_blocks and small.stats().kv_usage == 0.0
         with pytest.raises(EngineError, match="exceed the context"):
             run(small, random_prompt(250, seed=59), SamplingParams(max_new_tokens=10))
     finally:
@@ -974,6 +977,17 @@ def test_server_on_the_native_engine(tiny_qwen2_dir: Path) -> None:
             if c["choices"]
         )
         assert streamed == body["choices"][0]["message"]["content"]  # greedy: the same text both ways
+        # the KV cache in /metrics: the same chat twice, so its prompt's full block was found cached the second time
+        wait_idle(server.runtime.generator().engine)
+        metrics = {
+            line.split()[0]: float(line.split()[1])
+            for line in httpx.get(f"{url}/metrics").text.splitlines()
+            if line.startswith("qwen_api_") and " " in line
+        }
+        assert metrics["qwen_api_kv_cache_usage_ratio"] == 0.0  # idle: the blocks left are cached, and free
+        assert metrics["qwen_api_prefix_cache_hit_tokens_total"] >= 16
+        assert metrics["qwen_api_prefix_cache_queried_tokens_total"] > metrics["qwen_api_prefix_cache_hit_tokens_total"]
+        assert metrics["qwen_api_preemptions_total"] == 0.0
 
 
 def test_auto_picks_native_for_qwen2_and_llama_on_cuda_only(tiny_qwen2_dir: Path, tmp_path: Path) -> None:

@@ -106,6 +106,11 @@ class EngineStats:
     active: int  # sequences holding a batch slot and KV cache in the scheduler
     steps: int  # forward steps run so far
     peak_batch_size: int  # most sequences seen together in one forward step
+    # The KV cache, where the engine keeps its own (None: it does not say). Counters are totals since start.
+    kv_usage: float | None = None  # share of the cache held by unfinished sequences, 0..1
+    prefix_queried_tokens: int | None = None  # prompt tokens looked up in the prefix cache
+    prefix_hit_tokens: int | None = None  # of those, found there: not computed again
+    preemptions: int | None = None  # sequences put back in the queue to free KV for others
 
 
 class EngineError(Exception):

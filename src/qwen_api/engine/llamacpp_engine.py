@@ -127,6 +127,7 @@ class LlamaCppEngine:
         self._free: dict[int, list[int]] = {slot: [] for slot in range(max_batch_size)}
         self._prefix_cache = prefix_cache
         self.reused_tokens = 0  # prompt tokens taken from cached cells instead of read, ever
+        self.admitted_prompt_tokens = 0  # prompt tokens of the sequences given a slot, ever
         self.moved_sequences = 0  # running sequences moved down into a lower slot, ever
         self._running = 0
         self._steps = 0
@@ -218,6 +219,7 @@ class LlamaCppEngine:
         # Keep the shared prefix, but read at least the prompt's last token again: its logits are needed.
         keep = min(reusable, len(seq.prompt) - 1)
         self.reused_tokens += keep
+        self.admitted_prompt_tokens += len(seq.prompt)
         self._ctx.kv_cache_seq_rm(slot, keep, -1)
         seq.seq_id, seq.read = slot, keep
         seq.sampler = self._sampler(seq.params)
@@ -370,6 +372,8 @@ class LlamaCppEngine:
             active=len(self._active),
             steps=self._steps,
             peak_batch_size=self._peak_batch,
+            prefix_queried_tokens=self.admitted_prompt_tokens,
+            prefix_hit_tokens=self.reused_tokens,
         )
 
     def shutdown(self) -> None:

@@ -349,12 +349,17 @@ class NativeEngine:
         return self._thread.is_alive() and self._fatal is None
 
     def stats(self) -> EngineStats:
+        pool = self.cache.pool
         return EngineStats(
             running=self._running,
             waiting=len(self.scheduler.waiting) + len(self._incoming) + sum(map(len, list(self._arriving.values()))),
             active=len(self.scheduler.running),
             steps=self._steps,
             peak_batch_size=self._peak_batch,
+            kv_usage=1 - pool.num_free / pool.num_blocks,  # blocks released but still cached count as free
+            prefix_queried_tokens=pool.queried_blocks * pool.block_size,
+            prefix_hit_tokens=pool.hit_blocks * pool.block_size,
+            preemptions=self.scheduler.preemptions,
         )
 
     def shutdown(self) -> None:
