@@ -453,6 +453,64 @@ def test_cors_is_off_unless_allowed(tiny_server: InProcessServer, tiny_qwen2_dir
         assert "access-control-allow-origin" not in r.headers
 
 
+# The request headers the official SDKs send from a browser page (their preflights ask for all of them).
+OPENAI_NODE_HEADERS = (
+    "authorization,content-type,x-stainless-arch,x-stainless-lang,x-stainless-os,x-stainless-package-version,"
+    "x-stainless-retry-count,x-stainless-runtime,x-stainless-runtime-version,x-stainless-timeout"
+)
+ANTHROPIC_SDK_HEADERS = (
+    "anthropic-beta,anthropic-dangerous-direct-browser-access,anthropic-version,content-type,x-api-key,"
+    "x-stainless-lang,x-stainless-retry-count,x-stainless-timeout"
+)
+
+
+def test_cors_lets_browser_sdks_in_and_covers_every_answer(tiny_qwen2_dir: Path) -> None:
+    """For an allowed origin: the SDKs' preflights pass, and every answer (the 413 of the body limit, the 500 of the
+    last-resort handler, a 401) carries Access-Control-Allow-Origin, or the page sees a network error, not the status;
+    X-Request-ID and Retry-After are readable by the page."""
+    app_origin = {"Origin": "https://app.example"}
+    settings = {"cors_allow_origins": ["https://app.example"], "api_key": "s3cret", "max_body_bytes": 4096}
+    with serve_in_process(tiny_qwen2_dir, **settings) as server:
+        base = server.base_url
+
+        async def boom() -> None:
+            raise RuntimeError("injected fault")
+
+        server.server.config.app.add_api_route("/boom", boom)  # an error that no handler takes: CatchAll's 500
+
+        def preflight(path: str, headers: str, origin: str = "https://app.example") -> httpx.Response:
+            asked = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": headers}
+            return httpx.options(f"{base}{path}", headers={"Origin": origin, **asked})
+
+        for path, headers in [("/v1/chat/completions", OPENAI_NODE_HEADERS), ("/v1/messages", ANTHROPIC_SDK_HEADERS)]:
+            r = preflight(path, headers)
+            assert r.status_code == 200, r.text
+            assert r.headers["access-control-allow-origin"] == "https://app.example"
+            assert set(r.headers["access-control-allow-headers"].split(",")) >= set(headers.split(","))
+            assert "access-control-allow-credentials" not in r.headers
+            assert r.headers["x-request-id"]
+            refused = preflight(path, headers, origin="https://evil.example")
+            assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+
+        key = {**app_origin, "Authorization": "Bearer s3cret"}
+        chunked = (b"y" * 1000 for _ in range(10))  # no Content-Length: refused mid-body
+        answers = [
+            httpx.post(f"{base}/v1/chat/completions", content=b"x" * 5000, headers=key),
+            httpx.post(f"{base}/v1/chat/completions", content=chunked, headers=key),
+            httpx.get(f"{base}/boom", headers=app_origin),
+            httpx.get(f"{base}/v1/models", headers=app_origin),
+            httpx.get(f"{base}/v1/models", headers=key),
+        ]
+        assert [r.status_code for r in answers] == [413, 413, 500, 401, 200]
+        for r in answers:
+            assert r.headers.get("access-control-allow-origin") == "https://app.example", f"not on the {r.status_code}"
+            exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
+            assert {"x-request-id", "retry-after"} <= exposed
+            assert r.headers["x-request-id"]
+        evil = httpx.get(f"{base}/v1/models", headers={"Origin": "https://evil.example"})
+        assert evil.status_code == 401 and "access-control-allow-origin" not in evil.headers
+
+
 # ------------------------------------------------------------------------------------------------ observability
 def test_request_id_is_echoed_or_made(tiny_server: InProcessServer) -> None:
     given = httpx.get(f"{tiny_server.base_url}/health", headers={"X-Request-ID": "abc-123"})

@@ -75,18 +75,27 @@ def create_app(
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    # n is capped by what admission could ever take at once too: past it a request would be told "busy, retry" for good
+    choices = min(settings.max_num_return_sequences, settings.admission_capacity())
+    # Each add_middleware wraps what was added before: the last added is the outermost.
+    app.add_middleware(ServerCaps(settings.max_new_tokens_limit, choices).apply)
+    app.add_middleware(CatchAll)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_allow_origins:
+        # Outside BodyLimit and CatchAll, so that their 413 and 500 carry Access-Control-Allow-Origin too (without
+        # it a browser shows the page a network error, not the status); inside RequestId, so that preflights get an id.
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_allow_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "X-Api-Key", "Content-Type", "X-Request-ID"],
+            # Any request header: the browser SDKs send their own (openai's x-stainless-*, Anthropic's anthropic-*),
+            # and the list grows with their releases. Starlette echoes the requested names back. Safe because
+            # credentials stay off: the browser sends no cookies, so a page gets only what the key it sends allows.
+            allow_headers=["*"],
+            allow_credentials=False,
+            # Beyond the CORS-safelisted ones, a page reads only the response headers named here.
+            expose_headers=["X-Request-ID", "Retry-After"],
         )
-    # n is capped by what admission could ever take at once too: past it a request would be told "busy, retry" for good
-    choices = min(settings.max_num_return_sequences, settings.admission_capacity())
-    app.add_middleware(ServerCaps(settings.max_new_tokens_limit, choices).apply)
-    app.add_middleware(CatchAll)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestId)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app
