@@ -11,11 +11,13 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, get_args
 
 import anthropic
 import httpx
 import openai
 import pytest
+from openai.types.responses import ResponseError
 
 from conftest import SCRIPT, InProcessServer, sdk, serve_in_process, sse_events
 
@@ -183,6 +185,64 @@ def test_responses_prompt_beyond_context_and_unknown_model(scripted_server: InPr
     with pytest.raises(openai.NotFoundError) as info:
         client.responses.create(model="gpt-5", input="Hi")
     assert isinstance(info.value.body, dict) and info.value.body["code"] == "model_not_found"
+
+
+# Every object must hold another: llguidance compiles it, then gives up a few tokens into the output.
+ENDLESS = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"], "additionalProperties": False}
+# The codes a failed Response's `error` may have: a closed set in the official SDK.
+RESPONSE_ERROR_CODES = set(get_args(ResponseError.model_fields["code"].annotation))
+
+
+def assert_ends_failed(events: list[Any], code: str, type_: str, message: str) -> Any:
+    """A failed Responses stream, as the SDK parsed it: the `error` event with this server's own code, then
+    `response.failed` last (the response so far: its message item `incomplete` with the text the deltas sent,
+    `error` with a code of the SDK's set), every event numbered in order. Returns the failed Response."""
+    types = [e.type for e in events]
+    assert types[0] == "response.created" and types[-2:] == ["error", "response.failed"], types[-4:]
+    assert not {"response.completed", "response.incomplete"} & set(types)
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    error_event, failed = events[-2], events[-1].response
+    assert error_event.code == code and message in error_event.message
+    assert failed.id == events[0].response.id and failed.status == "failed" and failed.error is not None
+    assert failed.error.code in RESPONSE_ERROR_CODES and failed.error.message == error_event.message
+    assert failed.error.model_dump()["type"] == type_
+    assert failed.incomplete_details is None and failed.usage is None
+    [item] = failed.output
+    assert item.type == "message" and item.status == "incomplete"
+    assert item.content[0].text == "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    return failed
+
+
+def test_responses_stream_failed_mid_way_ends_with_response_failed(tiny_qwen2_dir: Path) -> None:
+    """A stream past the request's deadline ends as OpenAI ends a failed response (no bare `error` event last):
+    the SDK's stream helper gets `response.failed` with the server's message and the text it had sent."""
+    with serve_in_process(tiny_qwen2_dir, request_timeout=0.5, max_new_tokens_limit=4000) as server:
+        args = {"model": name(server), "input": "go", "max_output_tokens": 4000, "temperature": 0}
+        with oai(server).responses.stream(**args) as stream:
+            events = list(stream)
+            with pytest.raises(RuntimeError):  # the SDK's own: no `response.completed`; the failure is the event
+                stream.get_final_response()
+        failed = assert_ends_failed(events, "request_timeout", "timeout", "timed out after 0.5 s")
+        assert failed.error is not None and failed.error.code == "server_error" and failed.model == name(server)
+        assert failed.output_text, "the deltas sent before the deadline are in the failed response"
+        body = {**args, "stream": True}
+        with httpx.stream("POST", f"{server.base_url}/v1/responses", json=body, timeout=60) as r:
+            raw = sse_events(r)  # no [DONE] either
+        assert [n for n, _ in raw][-2:] == ["error", "response.failed"]
+        assert all(n == data["type"] for n, data in raw)
+
+
+def test_responses_stream_with_a_schema_given_up_on_ends_with_response_failed(
+    scripted_server: InProcessServer,
+) -> None:
+    fmt = {"type": "json_schema", "name": "endless", "schema": ENDLESS}
+    events = list(
+        oai(scripted_server).responses.create(
+            model=name(scripted_server), input="Hi", max_output_tokens=200, text={"format": fmt}, stream=True
+        )
+    )
+    failed = assert_ends_failed(events, "schema_not_followed", "invalid_request_error", "schema")
+    assert failed.error is not None and failed.error.code == "invalid_prompt"
 
 
 # ------------------------------------------------------------------------------------------------ Anthropic API

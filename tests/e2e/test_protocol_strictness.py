@@ -206,10 +206,11 @@ def test_a_schema_given_up_on_mid_stream_is_schema_not_followed_in_the_error_eve
     with httpx.stream("POST", f"{scripted_server.base_url}/v1/responses", json={**body, "stream": True}) as reply:
         assert reply.status_code == 200
         events = sse_events(reply)
-    name, last = events[-1]
+    name, last = events[-2]
     assert name == "error" and last["type"] == "error", events[-3:]
     assert last["code"] == "schema_not_followed" and last["param"] is None and "schema" in last["message"]
     assert [n for n, _ in events].count("error") == 1
+    assert events[-1][0] == "response.failed" and events[-1][1]["response"]["status"] == "failed"
     assert not any(n in ("response.completed", "response.incomplete") for n, _ in events)
 
 

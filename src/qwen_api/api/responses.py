@@ -4,18 +4,22 @@ The route works as the chat completions route does: check the model and the caps
 through the chat template, check the context, take an admission ticket, then either await the one answer
 (cancelled if the client leaves) or stream it. A stream is the Responses event sequence, each event named by
 its `type` and numbered by `sequence_number`; it ends with `response.completed`, or `response.incomplete`
-when `max_output_tokens` cut the answer. A failure after the stream began is one `error` event.
+when `max_output_tokens` cut the answer. A failure after the stream began (the deadline, the engine, a schema the
+grammar engine gave up on) ends it with an `error` event, then `response.failed`: the response so far, its status
+`failed`, its `error` the failure's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
@@ -24,8 +28,10 @@ from qwen_api.api.errors import ModelNotFound, stream_error_kind
 from qwen_api.api.openai_protocol import Unsupported
 from qwen_api.api.responses_protocol import (
     ResponsesRequest,
+    ResponseStatus,
     Status,
     message_item,
+    response_error,
     response_object,
     text_part,
     usage,
@@ -35,7 +41,15 @@ from qwen_api.engine.base import EngineError, SamplingParams
 from qwen_api.structured.grammar import GrammarError
 from qwen_api.textgen import Completion, TextDelta
 
+log = logging.getLogger(__name__)
+
 router = APIRouter(prefix="/v1")
+
+# A failed Response's `error.code` is one of a closed set (the `openai` SDK's `ResponseError.code`), which has none
+# of this server's own codes: a schema the grammar engine gave up on, the request's fault (a 400 before a stream),
+# is `invalid_prompt`, the one code of the set that blames the request; the deadline (`request_timeout`) and the
+# server's own failures are `server_error`. The exact code stays in the `error` event and `error.type` keeps the type.
+_FAILED_CODES = {"schema_not_followed": "invalid_prompt"}
 
 
 @router.post("/responses", response_model=None)
@@ -66,7 +80,7 @@ async def create_response(
     ticket = guard.admit(1, len(prompt_ids))
     shape = _Shape(body, params, len(prompt_ids))
     if body.stream:
-        events = guard.stream(ticket, shape.events(generator.stream(prompt_ids, params)))
+        events = shape.ending_failed(guard.stream(ticket, shape.events(generator.stream(prompt_ids, params))))
         return sse_response(events, shape.error_event, on_close=ticket.release, typed=True)
     [result] = await guard.complete(request, ticket, generator.complete(prompt_ids, params))
     log_outputs(settings, [result.text])
@@ -81,9 +95,19 @@ class _Shape:
         self.response_id, self.item_id = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
         self.created_at = int(time.time())
         self._sequence = itertools.count()
+        # What the stream has sent of the output so far: the message item (once added), its text part (once
+        # added) and the text of its deltas. A failed response shows them.
+        self._item_added = self._part_added = False
+        self._texts: list[str] = []
 
-    def _response(self, status: Status, output: list[dict[str, Any]], usage_: dict[str, Any] | None) -> dict[str, Any]:
-        return response_object(self.body, self.params, self.response_id, self.created_at, status, output, usage_)
+    def _response(
+        self,
+        status: ResponseStatus,
+        output: list[dict[str, Any]],
+        usage_: dict[str, Any] | None,
+        error: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        return response_object(self.body, self.params, self.response_id, self.created_at, status, output, usage_, error)
 
     def final(self, result: Completion) -> dict[str, Any]:
         status: Status = "incomplete" if result.finish_reason == "length" else "completed"
@@ -99,16 +123,47 @@ class _Shape:
         _, code = stream_error_kind(exc)
         return self._event("error", code=code or "server_error", message=str(exc), param=None)
 
+    def failed_event(self, exc: Exception) -> dict[str, Any]:
+        """`response.failed`: the response as far as the stream got (its message item, `incomplete`, with the text
+        sent so far), status `failed`, `error` the failure's. No usage: the tokens are counted only at the end."""
+        type_, code = stream_error_kind(exc)
+        error = response_error(_FAILED_CODES.get(code or "", "server_error"), str(exc), type_)
+        parts = [text_part("".join(self._texts))] if self._part_added else []
+        output = [message_item(self.item_id, "incomplete", parts)] if self._item_added else []
+        return self._event("response.failed", response=self._response("failed", output, None, error))
+
+    async def ending_failed(self, events: AsyncGenerator[dict[str, Any], None]) -> AsyncGenerator[dict[str, Any], None]:
+        """`events`, ended as OpenAI ends a failed stream when they fail: `error`, then `response.failed`, last.
+
+        The `error` event stays before the terminal one: its `code` is free text (`ResponseErrorEvent`), so it
+        keeps this server's exact code (`request_timeout`, `schema_not_followed`) that `response.failed` cannot
+        carry, and clients that already read it keep working. OpenAI sends `error` events in streams too; neither
+        makes the `openai` SDK raise. `response.failed` is the terminal lifecycle event that clients wait for (the
+        SDK's stream helpers accumulate the response from it)."""
+        try:
+            async for event in events:
+                yield event
+        except Exception as exc:  # the failures sse_response turns into one error event, for the other dialects
+            log.warning("stream failed after it began: %s", exc)
+            yield self.error_event(exc)
+            yield self.failed_event(exc)
+        finally:
+            # As sse_response does: a client that left cancels the stream; the engine's sequences end now all the same.
+            with anyio.CancelScope(shield=True):
+                await events.aclose()
+
     async def events(self, deltas: AsyncGenerator[TextDelta, None]) -> AsyncGenerator[dict[str, Any], None]:
         where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
         try:
             yield self._event("response.created", response=self._response("in_progress", [], None))
             yield self._event("response.in_progress", response=self._response("in_progress", [], None))
+            self._item_added = True
             yield self._event(
                 "response.output_item.added", output_index=0, item=message_item(self.item_id, "in_progress", [])
             )
+            self._part_added = True
             yield self._event("response.content_part.added", **where, part=text_part(""))
-            parts: list[str] = []
+            parts = self._texts
             last: TextDelta | None = None
             async for delta in deltas:
                 if delta.text:

@@ -22,7 +22,9 @@ from qwen_api.structured.grammar import GrammarError, response_format_grammar
 # The sampling fields a response gets: OpenAI's defaults where neither the request nor the model's config sets one.
 _DIALECT_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 
-Status = Literal["in_progress", "completed", "incomplete"]
+Status = Literal["in_progress", "completed", "incomplete"]  # an output item's (and a message sent back as input)
+# A Response's: `failed` only ends a stream that failed after it began (a plain request's failure is an HTTP error).
+ResponseStatus = Literal["in_progress", "completed", "incomplete", "failed"]
 
 
 class _Request(RequestModel):
@@ -191,22 +193,29 @@ def usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
     }
 
 
+def response_error(code: str, message: str, type_: str, param: str | None = None) -> dict[str, Any]:
+    """A failed Response's `error`: `code` one of the closed set OpenAI's `ResponseError` allows (`server_error`,
+    `invalid_prompt`, ...); `type` the failure's type as this server's error bodies name it."""
+    return {"code": code, "message": message, "type": type_, "param": param}
+
+
 def response_object(
     body: ResponsesRequest,
     params: SamplingParams,
     response_id: str,
     created_at: int,
-    status: Status,
+    status: ResponseStatus,
     output: list[dict[str, Any]],
     usage_: dict[str, Any] | None,
+    error: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The Response object, echoing every effective setting."""
+    """The Response object, echoing every effective setting; `error` (`response_error`) when it failed."""
     return {
         "id": response_id,
         "object": "response",
         "created_at": created_at,
         "status": status,
-        "error": None,
+        "error": error,
         "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
         "instructions": body.instructions,
         "max_output_tokens": body.max_output_tokens,
