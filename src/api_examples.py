@@ -5,6 +5,7 @@
     python src/api_examples.py --max-length 256 --temperature 0.8 --top-p 0.95 --num-sequences 2
     python src/api_examples.py --url "http://your-server-address:2025"
     python src/api_examples.py --stream          # print the text as it is generated
+    python src/api_examples.py --api-key KEY     # a server started with --api-key (default: $QWEN_API_API_KEY)
 
 Exits 0 on success; on an unreachable server or an error answer it prints one line to stderr and exits 1.
 Needs only `requests`.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -33,6 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-sequences", type=int, default=1, help="number of texts to generate")
     parser.add_argument("--stream", action="store_true", help="print the text as it is generated")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("QWEN_API_API_KEY") or None,  # the variable the server reads its --api-key from
+        help="the server's --api-key, sent as a bearer token (default: $QWEN_API_API_KEY)",
+    )
     return parser.parse_args(argv)
 
 
@@ -60,10 +67,10 @@ def call(method: str, url: str, timeout: float, **kwargs: Any) -> dict[str, Any]
     return response.json()
 
 
-def stream(url: str, payload: dict[str, Any], timeout: float) -> int:
+def stream(url: str, payload: dict[str, Any], timeout: float, headers: dict[str, str]) -> int:
     """POST with stream: true and print each text delta as its server-sent event arrives."""
     try:
-        response = requests.post(url, json={**payload, "stream": True}, stream=True, timeout=timeout)
+        response = requests.post(url, json={**payload, "stream": True}, stream=True, timeout=timeout, headers=headers)
     except requests.RequestException as exc:
         raise ApiError(f"cannot reach {url}: {type(exc).__name__}") from exc
     if response.status_code != 200:
@@ -106,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         health = call("GET", f"{base}/health", timeout=10)
         print(f"Server: {base} ({health.get('status')})")
         print(f"Prompt: {args.prompt}\n")
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         if args.stream:
-            return stream(f"{base}/generate", payload, args.timeout)
-        result = call("POST", f"{base}/generate", timeout=args.timeout, json=payload)
+            return stream(f"{base}/generate", payload, args.timeout, headers)
+        result = call("POST", f"{base}/generate", timeout=args.timeout, json=payload, headers=headers)
     except ApiError as exc:
         print(f"\nerror: {exc}" if args.stream else f"error: {exc}", file=sys.stderr)
         return 1

@@ -419,6 +419,17 @@ def test_api_key_guards_inference_routes_only(tiny_qwen2_dir: Path) -> None:
         assert client.models.list().data[0].id == server.runtime.model_name
         with pytest.raises(openai.AuthenticationError):
             sdk(openai.OpenAI, base_url=f"{base}/v1", api_key="nope", max_retries=0).models.list()
+        # the specification's client: --api-key, or the server's own variable
+        client_script = [str(VENV_BIN / "python"), str(Path(__file__).parents[2] / "src" / "api_examples.py")]
+        flags = ["--url", base, "--max-length", "2", "--prompt", "hi"]
+        env = {k: v for k, v in os.environ.items() if k != "QWEN_API_API_KEY"}
+        for extra, key in (([], None), (["--api-key", "s3cret"], None), ([], "s3cret"), (["--stream"], "s3cret")):
+            run_env = env if key is None else {**env, "QWEN_API_API_KEY": key}
+            done = subprocess.run([*client_script, *flags, *extra], capture_output=True, text=True, env=run_env)
+            if extra or key:
+                assert done.returncode == 0, done.stderr
+            else:
+                assert done.returncode == 1 and "HTTP 401" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("log_prompts", [False, True])
