@@ -305,13 +305,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own errors (404 no such route, 405 wrong method, 400 a body that cannot be read) in the shape
     of the family the path belongs to; the seed API keeps FastAPI's `{"detail": ...}`."""
     assert isinstance(exc, StarletteHTTPException)
-    if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError | ValueError):
-        # FastAPI's answer to a body that json.loads failed on other than with a JSONDecodeError: nested too
-        # deeply, an integer past CPython's 4,300 digits, bytes that are not UTF-8. It is invalid JSON like any
-        # other (the seed API's 422, as the specification says of a malformed request).
-        return await _invalid_request(request, _unreadable_json(exc.__cause__))
-    if not _is_openai(request):
+    if not _is_openai(request):  # the seed API answers as FastAPI does, a body it cannot read included (400)
         return await http_exception_handler(request, exc)
+    if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError | ValueError):
+        # FastAPI's "There was an error parsing the body", for a body json.loads failed on other than with a
+        # JSONDecodeError: nested too deeply, an integer past CPython's 4,300 digits, bytes that are not UTF-8.
+        # Say which, as for any other invalid JSON.
+        return await _invalid_request(request, _unreadable_json(exc.__cause__))
     type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     return _reply(request, exc.status_code, str(exc.detail), type_, code, headers=getattr(exc, "headers", None))
