@@ -7,6 +7,12 @@ its `type` and numbered by `sequence_number`; it ends with `response.completed`,
 when `max_output_tokens` cut the answer. A failure after the stream began (the deadline, the engine, a schema the
 grammar engine gave up on) ends it with an `error` event, then `response.failed`: the response so far, its status
 `failed`, its `error` the failure's.
+
+Function tools work as on chat completions, from the same parts: the history and the tools block go through
+`chat_prompt`, `required` or a named function is the call grammar, and the output is split into text and calls by
+`parse_tool_calls`. The answer is a `message` item for its text (left out when calls come without text), then one
+`function_call` item per call. Streamed, text that may be the start of a `<tool_call>` is held back (and trailing
+whitespace, which the message's text drops when calls follow), and each call is sent whole at the end.
 """
 
 from __future__ import annotations
@@ -25,11 +31,13 @@ from fastapi.responses import StreamingResponse
 
 from qwen_api.api.deps import GeneratorDep, GuardDep, RuntimeDep, SettingsDep, log_outputs, log_prompt
 from qwen_api.api.errors import ModelNotFound, stream_error_kind
+from qwen_api.api.openai import chat_prompt
 from qwen_api.api.openai_protocol import Unsupported
 from qwen_api.api.responses_protocol import (
     ResponsesRequest,
     ResponseStatus,
     Status,
+    function_call_item,
     message_item,
     response_error,
     response_object,
@@ -39,6 +47,7 @@ from qwen_api.api.responses_protocol import (
 from qwen_api.api.sse import sse_response
 from qwen_api.engine.base import EngineError, SamplingParams
 from qwen_api.structured.grammar import GrammarError
+from qwen_api.structured.tools import parse_tool_calls, safe_prefix_len
 from qwen_api.textgen import Completion, TextDelta
 
 log = logging.getLogger(__name__)
@@ -65,20 +74,21 @@ async def create_response(
         raise ModelNotFound(body.model, runtime.model_name)
     body.check_supported()
     cap = settings.max_new_tokens_limit
-    messages = body.chat_messages()
+    tools, history = body.tool_dicts(), body.chat_history()
+    messages, prompt_ids = await generator.off_loop(lambda: chat_prompt(generator, history, tools))
     log_prompt(settings, messages)
-    prompt_ids = await generator.off_loop(lambda: generator.chat_prompt_ids(messages))
     # Left out: as much as fits, up to the cap (a prompt that leaves no room fails the context check below).
     max_new = body.max_output_tokens or max(1, min(cap, generator.engine.max_context_tokens - len(prompt_ids)))
     params = body.sampling_params(max_new, generator.sampling_defaults)
     generator.check_fits(prompt_ids, max_new)
-    if (grammar := body.grammar()) is not None:  # structured outputs, enforced while decoding
+    if (grammar := body.grammar()) is not None:  # structured outputs or a forced call, enforced while decoding
+        text, param = grammar
         try:
-            params = dataclasses.replace(params, constraint=await generator.grammars.compile(grammar, "text.format"))
+            params = dataclasses.replace(params, constraint=await generator.grammars.compile(text, param))
         except GrammarError as exc:
-            raise Unsupported("text.format", str(exc)) from None
+            raise Unsupported(param, str(exc)) from None
     ticket = guard.admit(1, len(prompt_ids))
-    shape = _Shape(body, params, len(prompt_ids))
+    shape = _Shape(body, params, len(prompt_ids), tools_on=tools is not None)
     if body.stream:
         events = shape.ending_failed(guard.stream(ticket, shape.events(generator.stream(prompt_ids, params))))
         return sse_response(events, shape.error_event, on_close=ticket.release, typed=True)
@@ -90,8 +100,10 @@ async def create_response(
 class _Shape:
     """One response's ids and echoed settings, as a finished Response object or as its stream of events."""
 
-    def __init__(self, body: ResponsesRequest, params: SamplingParams, input_tokens: int) -> None:
+    def __init__(self, body: ResponsesRequest, params: SamplingParams, input_tokens: int, tools_on: bool) -> None:
         self.body, self.params, self.input_tokens = body, params, input_tokens
+        # With tools the output is parsed for calls (tools shown to the model: not with tool_choice 'none').
+        self.tools_on = tools_on
         self.response_id, self.item_id = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
         self.created_at = int(time.time())
         self._sequence = itertools.count()
@@ -109,10 +121,23 @@ class _Shape:
     ) -> dict[str, Any]:
         return response_object(self.body, self.params, self.response_id, self.created_at, status, output, usage_, error)
 
+    @staticmethod
+    def _status(finish_reason: str) -> Status:
+        return "incomplete" if finish_reason == "length" else "completed"
+
+    @staticmethod
+    def _calls(text: str) -> tuple[str, list[dict[str, Any]]]:
+        """The answer's text and its calls (chat's shape), when tools are on and it made some."""
+        parsed = parse_tool_calls(text)
+        return parsed.content or "", parsed.tool_calls
+
     def final(self, result: Completion) -> dict[str, Any]:
-        status: Status = "incomplete" if result.finish_reason == "length" else "completed"
-        item = message_item(self.item_id, status, [text_part(result.text)])
-        return self._response(status, [item], usage(self.input_tokens, result.completion_tokens))
+        status = self._status(result.finish_reason)
+        text, calls = self._calls(result.text) if self.tools_on else (result.text, [])
+        # A message for the text: always without calls (as without tools), beside calls only when there is some.
+        output = [message_item(self.item_id, status, [text_part(text)])] if text or not calls else []
+        output += [function_call_item(f"fc_{uuid.uuid4().hex}", call, "completed") for call in calls]
+        return self._response(status, output, usage(self.input_tokens, result.completion_tokens))
 
     def _event(self, type_: str, **fields: Any) -> dict[str, Any]:
         return {"type": type_, "sequence_number": next(self._sequence), **fields}
@@ -152,32 +177,95 @@ class _Shape:
             with anyio.CancelScope(shield=True):
                 await events.aclose()
 
+    def _text_events(self, text: str) -> list[dict[str, Any]]:
+        """A text delta, after the message item and its text part once (added when its first text goes out)."""
+        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        out = []
+        if not self._item_added:
+            self._item_added = True
+            item = message_item(self.item_id, "in_progress", [])
+            out.append(self._event("response.output_item.added", output_index=0, item=item))
+        if not self._part_added:
+            self._part_added = True
+            out.append(self._event("response.content_part.added", **where, part=text_part("")))
+        if text:
+            self._texts.append(text)
+            out.append(self._event("response.output_text.delta", **where, delta=text, logprobs=[]))
+        return out
+
+    def _call_events(self, index: int, call: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """A whole call as OpenAI streams one (added with empty arguments, the arguments in one delta, done), and
+        its final item."""
+        item_id, arguments = f"fc_{uuid.uuid4().hex}", call["function"]["arguments"]
+        where = {"item_id": item_id, "output_index": index}
+        item = function_call_item(item_id, call, "completed")
+        events = [
+            self._event(
+                "response.output_item.added",
+                output_index=index,
+                item=function_call_item(item_id, call, "in_progress", ""),
+            ),
+            self._event("response.function_call_arguments.delta", **where, delta=arguments),
+            self._event(
+                "response.function_call_arguments.done", **where, name=call["function"]["name"], arguments=arguments
+            ),
+            self._event("response.output_item.done", output_index=index, item=item),
+        ]
+        return events, item
+
     async def events(self, deltas: AsyncGenerator[TextDelta, None]) -> AsyncGenerator[dict[str, Any], None]:
         where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
         try:
             yield self._event("response.created", response=self._response("in_progress", [], None))
             yield self._event("response.in_progress", response=self._response("in_progress", [], None))
-            self._item_added = True
-            yield self._event(
-                "response.output_item.added", output_index=0, item=message_item(self.item_id, "in_progress", [])
-            )
-            self._part_added = True
-            yield self._event("response.content_part.added", **where, part=text_part(""))
-            parts = self._texts
+            if not self.tools_on:  # the message item comes first, text or not; with tools, with its first text
+                for event in self._text_events(""):
+                    yield event
+            held, sent = "", 0  # with tools: the text so far, and how much of it went out
             last: TextDelta | None = None
             async for delta in deltas:
-                if delta.text:
-                    parts.append(delta.text)
-                    yield self._event("response.output_text.delta", **where, delta=delta.text, logprobs=[])
                 if delta.finish_reason is not None:
                     last = delta
+                if not self.tools_on:
+                    for event in self._text_events(delta.text):
+                        yield event
+                    continue
+                held += delta.text
+                # Out now: the text before what may be a <tool_call>, but for its trailing whitespace
+                safe = len(held[: safe_prefix_len(held)].rstrip())
+                if last is None and safe > sent:
+                    for event in self._text_events(held[sent:safe]):
+                        yield event
+                    sent = safe
             if last is None:
                 raise EngineError("the engine ended a sequence without a finish reason")
-            result = Completion("".join(parts), last.finish_reason or "stop", last.completion_tokens)
-            yield self._event("response.output_text.done", **where, text=result.text, logprobs=[])
-            yield self._event("response.content_part.done", **where, part=text_part(result.text))
-            final = self.final(result)
-            yield self._event("response.output_item.done", output_index=0, item=final["output"][0])
+            status = self._status(last.finish_reason or "stop")
+            calls: list[dict[str, Any]] = []
+            if self.tools_on:
+                content, calls = self._calls(held)
+                streamed = "".join(self._texts)
+                if not calls:  # all of it is text
+                    rest = held[sent:]
+                elif content.startswith(streamed):  # the text with the calls taken out: the rest of it
+                    rest = content[len(streamed) :]
+                else:  # (what went out cannot be taken back)
+                    rest = ""
+                if rest or not calls:
+                    for event in self._text_events(rest):
+                        yield event
+            output: list[dict[str, Any]] = []
+            if self._item_added:
+                text = "".join(self._texts)
+                yield self._event("response.output_text.done", **where, text=text, logprobs=[])
+                yield self._event("response.content_part.done", **where, part=text_part(text))
+                output.append(message_item(self.item_id, status, [text_part(text)]))
+                yield self._event("response.output_item.done", output_index=0, item=output[0])
+            for call in calls:
+                events, item = self._call_events(len(output), call)
+                for event in events:
+                    yield event
+                output.append(item)
+            final = self._response(status, output, usage(self.input_tokens, last.completion_tokens))
             yield self._event(f"response.{final['status']}", response=final)
         finally:
             await deltas.aclose()
