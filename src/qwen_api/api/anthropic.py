@@ -1,15 +1,19 @@
 """Anthropic's Messages API: `POST /v1/messages` (plain or streamed) and `POST /v1/messages/count_tokens`.
 
 The routes work as the chat completions route does: check the model and the cap, build the prompt (the chat
-template, then any assistant prefill as plain text), check the context, take an admission ticket, then await
-the answer (cancelled if the client leaves) or stream it as Anthropic's events: `message_start`,
-`content_block_start`, `ping`, `content_block_delta`s, `content_block_stop`, `message_delta` (stop reason,
-output tokens), `message_stop`. A failure after the stream began is one `error` event. Every error under
-`/v1/messages` answers in Anthropic's shape (see `api.errors`).
+template, with any tools and tool blocks rendered as chat completions renders them, then any assistant prefill as
+plain text), check the context, take an admission ticket (after compiling a forced call's grammar), then await the
+answer (cancelled if the client leaves) or stream it as Anthropic's events: `message_start`, `ping`, a text block
+(`content_block_start`, `content_block_delta`s, `content_block_stop`), then with tools one block per call (its
+input as one `input_json_delta`), `message_delta` (stop reason, output tokens), `message_stop`. With tools, streamed
+text is held back while it may be the start of a `<tool_call>`. A failure after the stream began is one `error`
+event. Every error under `/v1/messages` answers in Anthropic's shape (see `api.errors`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -21,10 +25,14 @@ from qwen_api.api.anthropic_protocol import Conversation, MessagesRequest, messa
 from qwen_api.api.deps import GeneratorDep, GuardDep, RuntimeDep, SettingsDep, log_outputs, log_prompt
 from qwen_api.api.errors import ModelNotFound, anthropic_error_body
 from qwen_api.api.guard import RequestTimeout
+from qwen_api.api.openai import chat_prompt
+from qwen_api.api.openai_protocol import Unsupported
 from qwen_api.api.sse import sse_response
-from qwen_api.engine.base import EngineError
+from qwen_api.engine.base import ConstraintFailed, EngineError
 from qwen_api.runtime import Runtime
 from qwen_api.settings import Settings
+from qwen_api.structured.grammar import GrammarError
+from qwen_api.structured.tools import parse_tool_calls, safe_prefix_len
 from qwen_api.textgen import Completion, TextDelta, TextGenerator
 
 router = APIRouter(prefix="/v1")
@@ -34,17 +42,17 @@ async def _prompt_ids(body: Conversation, settings: Settings, runtime: Runtime, 
     if body.model != runtime.model_name:
         raise ModelNotFound(body.model, runtime.model_name)
     body.check_supported()
-    messages = body.chat_messages()
-    log_prompt(settings, messages)
-    prefill = body.prefill()
+    chat, tools, prefill = body.chat(), body.tool_dicts(), body.prefill()
 
-    def tokenise() -> list[int]:
-        ids = generator.chat_prompt_ids(messages)
+    def tokenise() -> tuple[list[dict[str, str]], list[int]]:
+        messages, ids = chat_prompt(generator, chat, tools)  # chat completions' rule, tools and tool blocks included
         if prefill:  # plain text: control tokens typed in it stay characters, as in any message
-            ids += generator.content_ids(prefill)
-        return ids
+            ids = ids + generator.content_ids(prefill)
+        return messages, ids
 
-    return await generator.off_loop(tokenise)
+    messages, ids = await generator.off_loop(tokenise)
+    log_prompt(settings, messages)
+    return ids
 
 
 @router.post("/messages", response_model=None)
@@ -57,10 +65,15 @@ async def create_message(
     guard: GuardDep,
 ) -> dict[str, Any] | StreamingResponse:
     prompt_ids = await _prompt_ids(body, settings, runtime, generator)
-    params, stop = body.sampling_params(generator.sampling_defaults), body.stop_sequences or []
+    params, stop = body.sampling_params(generator.sampling_defaults), body.stops()
     generator.check_fits(prompt_ids, params.max_new_tokens)
+    if (grammar := body.grammar()) is not None:  # tool_choice any or tool: one call, its input as its schema says
+        try:
+            params = dataclasses.replace(params, constraint=await generator.grammars.compile(grammar, "tools"))
+        except GrammarError as exc:
+            raise Unsupported(exc.param, str(exc)) from None
     ticket = guard.admit(1, len(prompt_ids))
-    shape = _Shape(body.model, len(prompt_ids))
+    shape = _Shape(body.model, len(prompt_ids), tools=body.tool_dicts() is not None, parallel=body.parallel_calls())
     if body.stream:
         events = guard.stream(ticket, shape.events(generator.stream(prompt_ids, params, stop=stop)))
         return sse_response(events, _error_event, on_close=ticket.release, typed=True)
@@ -78,39 +91,122 @@ async def count_tokens(
 
 
 def _error_event(exc: Exception) -> dict[str, Any]:
-    return anthropic_error_body(str(exc), "timeout_error" if isinstance(exc, RequestTimeout) else "api_error")
+    if isinstance(exc, RequestTimeout):
+        return anthropic_error_body(str(exc), "timeout_error")
+    # a schema the grammar engine gave up on is the request's, as its 400 before a stream says
+    return anthropic_error_body(str(exc), "invalid_request_error" if isinstance(exc, ConstraintFailed) else "api_error")
+
+
+_TEXT_BLOCK = {"type": "text", "text": ""}
+
+
+def _block_start(index: int, block: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "content_block_start", "index": index, "content_block": block}
+
+
+def _text_delta(index: int, text: str) -> dict[str, Any]:
+    return {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}}
 
 
 class _Shape:
-    """One answer's id and counts, as a finished Message or as its stream of events."""
+    """One answer's id and counts, as a finished Message or as its stream of events. With `tools` shown, the
+    answer's `<tool_call>` blocks are its tool_use blocks (only the first unless `parallel`)."""
 
-    def __init__(self, model: str, input_tokens: int) -> None:
+    def __init__(self, model: str, input_tokens: int, tools: bool = False, parallel: bool = True) -> None:
         self.model, self.input_tokens = model, input_tokens
+        self.tools, self.parallel = tools, parallel
         self.message_id = f"msg_{uuid.uuid4().hex}"
+
+    def calls(self, text: str) -> tuple[str, list[dict[str, Any]]] | None:
+        """(the text beside them, the tool_use blocks) when the answer holds calls, else None (it is all text). A
+        call whose input is not a JSON object cannot be a tool_use: then the whole answer is text, as written."""
+        if not self.tools:
+            return None
+        parsed = parse_tool_calls(text)
+        uses = []
+        for call in parsed.tool_calls:
+            try:
+                value = json.loads(call["function"]["arguments"])
+            except ValueError:
+                return None
+            if not isinstance(value, dict):
+                return None
+            uses.append(
+                {
+                    "type": "tool_use",
+                    "id": f"toolu_{uuid.uuid4().hex[:24]}",
+                    "name": call["function"]["name"],
+                    "input": value,
+                }
+            )
+        if not uses:
+            return None
+        return parsed.content or "", uses if self.parallel else uses[:1]
 
     def message(self, result: Completion) -> dict[str, Any]:
         usage = {"input_tokens": self.input_tokens, "output_tokens": result.completion_tokens}
-        return message_object(self.message_id, self.model, result.text, stop_reason(result), result.stop_string, usage)
+        if (calls := self.calls(result.text)) is None:
+            content = [{"type": "text", "text": result.text}]
+            return message_object(self.message_id, self.model, content, stop_reason(result), result.stop_string, usage)
+        text, uses = calls
+        content = [*([{"type": "text", "text": text}] if text else []), *uses]
+        return message_object(self.message_id, self.model, content, "tool_use", None, usage)
 
     async def events(self, deltas: AsyncGenerator[TextDelta, None]) -> AsyncGenerator[dict[str, Any], None]:
         try:
             usage = {"input_tokens": self.input_tokens, "output_tokens": 0}
-            start = message_object(self.message_id, self.model, None, None, None, usage)
-            yield {"type": "message_start", "message": start}
-            yield {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+            yield {
+                "type": "message_start",
+                "message": message_object(self.message_id, self.model, [], None, None, usage),
+            }
+            # Without tools the text block opens at once; with them, at the first text sent (none for a bare call).
+            blocks = 0 if self.tools else 1
+            if blocks:
+                yield _block_start(0, _TEXT_BLOCK)
             yield {"type": "ping"}
             last: TextDelta | None = None
+            held, sent = "", 0  # with tools: the text so far, and how much of it went out
             async for delta in deltas:
-                if delta.text:
-                    text_delta = {"type": "text_delta", "text": delta.text}
-                    yield {"type": "content_block_delta", "index": 0, "delta": text_delta}
                 if delta.finish_reason is not None:
                     last = delta
+                if not self.tools:
+                    if delta.text:
+                        yield _text_delta(0, delta.text)
+                    continue
+                held += delta.text
+                # Up to a possible `<tool_call>`, and not the whitespace before it (the text beside calls is stripped).
+                safe = len(held[: safe_prefix_len(held)].rstrip())
+                if last is None and safe > sent:
+                    if not blocks:
+                        blocks = 1
+                        yield _block_start(0, _TEXT_BLOCK)
+                    yield _text_delta(0, held[sent:safe])
+                    sent = safe
             if last is None or last.finish_reason is None:
                 raise EngineError("the engine ended a sequence without a finish reason")
-            result = Completion("", last.finish_reason, last.completion_tokens, stop_string=last.stop_string)
-            yield {"type": "content_block_stop", "index": 0}
-            delta_ = {"stop_reason": stop_reason(result), "stop_sequence": result.stop_string}
+            result = Completion(held, last.finish_reason, last.completion_tokens, stop_string=last.stop_string)
+            calls = self.calls(held)
+            if self.tools:  # the rest of the text: all of it, or with calls the text beside them
+                text = held if calls is None else calls[0]
+                rest = text[sent:] if text.startswith(held[:sent]) else ""
+                if not blocks and (rest or calls is None):
+                    blocks = 1
+                    yield _block_start(0, _TEXT_BLOCK)
+                if rest:
+                    yield _text_delta(0, rest)
+            if blocks:
+                yield {"type": "content_block_stop", "index": 0}
+            uses = [] if calls is None else calls[1]
+            for index, use in enumerate(uses, start=blocks):
+                yield _block_start(index, {**use, "input": {}})
+                partial = {"type": "input_json_delta", "partial_json": json.dumps(use["input"], ensure_ascii=False)}
+                yield {"type": "content_block_delta", "index": index, "delta": partial}
+                yield {"type": "content_block_stop", "index": index}
+            delta_ = (
+                {"stop_reason": "tool_use", "stop_sequence": None}
+                if uses
+                else {"stop_reason": stop_reason(result), "stop_sequence": result.stop_string}
+            )
             yield {"type": "message_delta", "delta": delta_, "usage": {"output_tokens": result.completion_tokens}}
             yield {"type": "message_stop"}
         finally:
