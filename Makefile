@@ -59,7 +59,7 @@ TEST_GROUPS = \
 	"tests/unit tests/integration/test_detokenize.py tests/integration/test_random_qwen2.py tests/integration/test_cli_and_settings.py tests/integration/test_gpu.py tests/integration/test_llamacpp_engine.py tests/integration/test_native_engine.py tests/integration/test_sampling_controls.py tests/e2e/test_bench.py" \
 	"tests/e2e/test_seed_api.py tests/e2e/test_openai_api.py tests/e2e/test_streaming.py tests/e2e/test_defects.py tests/e2e/test_sampling_api.py" \
 	"tests/e2e/test_robustness.py" \
-	"tests/e2e/test_dialects.py tests/e2e/test_structured.py tests/e2e/test_protocol_strictness.py" \
+	"tests/e2e/test_dialects.py tests/e2e/test_structured.py tests/e2e/test_protocol_strictness.py tests/e2e/test_responses_tools.py tests/e2e/test_anthropic_tools.py" \
 	"tests/e2e/test_playground.py tests/e2e/test_demo_and_client.py" \
 	"tests/e2e/test_cluster.py"
 

@@ -145,7 +145,7 @@ def test_responses_cut_by_max_output_tokens_is_incomplete(scripted_server: InPro
 @pytest.mark.parametrize(
     ("kwargs", "param"),
     [
-        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+        ({"tools": [{"type": "web_search"}]}, "tools"),  # built-in tools; function tools: test_responses_tools
         ({"previous_response_id": "resp_123"}, "previous_response_id"),
         ({"store": True}, "store"),
         ({"background": True}, "background"),
@@ -362,7 +362,7 @@ def test_count_tokens_equals_usage_input_tokens(scripted_server: InProcessServer
         ({"messages": [{"role": "system", "content": "Hi"}]}, "messages"),
         ({"messages": [{"role": "assistant", "content": "Sure"}]}, "messages"),
         ({"messages": [*HI, {"role": "assistant", "content": "Sure "}]}, "messages"),
-        ({"tools": [{"name": "f", "input_schema": {"type": "object"}}]}, "tools"),
+        ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools"),  # server tools
         ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
         ({"extra_body": {"frobnicate": 1}}, "frobnicate"),
     ],

@@ -103,7 +103,8 @@ def chat_prompt(
 ) -> tuple[list[dict[str, str]], list[int]]:
     """A chat's messages as the template gets them and its prompt ids, with `tools` shown to the model (None: no
     tools): tool calls and results rendered as the model's format, and the tools block by the model's own template
-    when it renders one, else by ours. The one rule for /v1/chat/completions and /tokenize."""
+    when it renders one, else by ours. The one rule for every chat-shaped route: chat completions, /tokenize, and
+    the Responses and Messages routes (their items and blocks turned into `ChatMessage`s)."""
     model_renders = template_renders_tools(getattr(generator.tokenizer, "chat_template", None))
     messages = render_history([m.as_dict() for m in chat], tools, own_block=not model_renders)
     return messages, generator.chat_prompt_ids(messages, tools if model_renders else None)
