@@ -175,6 +175,28 @@ def serve_in_process(model_dir: Path, **overrides: object) -> InProcessServer:
     return InProcessServer(settings, Runtime(default_loader(settings, source), source.name))
 
 
+# The functions the tool tests of every dialect offer, by name: their argument schemas (each dialect's tests wrap
+# them in its own tool shape) and the weather one's description.
+TOOL_SCHEMAS: dict[str, dict[str, Any]] = {
+    "get_weather": {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 20},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        },
+        "required": ["city", "unit"],
+        "additionalProperties": False,
+    },
+    "get_time": {
+        "type": "object",
+        "properties": {"zone": {"type": "string", "maxLength": 12}},
+        "required": ["zone"],
+        "additionalProperties": False,
+    },
+}
+WEATHER_DESCRIPTION = "The weather in a city."
+
+
 # What the scripted model answers to any chat prompt: CJK, emoji split across byte tokens, a multi-token stop.
 SCRIPT = "你好，世界！🦜🧬 The answer is 42. <<STOP>> then more words"
 

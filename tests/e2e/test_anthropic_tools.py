@@ -20,30 +20,10 @@ import pytest
 
 from qwen_api.engine.loading import resolve_model
 
-from conftest import InProcessServer, sdk, serve_in_process
+from conftest import TOOL_SCHEMAS, WEATHER_DESCRIPTION, InProcessServer, sdk, serve_in_process
 
-WEATHER = {
-    "name": "get_weather",
-    "description": "The weather in a city.",
-    "input_schema": {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string", "maxLength": 20},
-            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-        },
-        "required": ["city", "unit"],
-        "additionalProperties": False,
-    },
-}
-TIME = {
-    "name": "get_time",
-    "input_schema": {
-        "type": "object",
-        "properties": {"zone": {"type": "string", "maxLength": 12}},
-        "required": ["zone"],
-        "additionalProperties": False,
-    },
-}
+WEATHER = {"name": "get_weather", "description": WEATHER_DESCRIPTION, "input_schema": TOOL_SCHEMAS["get_weather"]}
+TIME = {"name": "get_time", "input_schema": TOOL_SCHEMAS["get_time"]}
 LOOKUP = {"name": "lookup", "description": "Look a city up.", "input_schema": {"type": "object"}}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 # What the scripted Qwen2 answers to any chat prompt: text, then a call (no closing tag: its tokens must be distinct).
@@ -78,10 +58,6 @@ def name(server: InProcessServer) -> str:
     return server.runtime.model_name
 
 
-def schema_of(tool_name: str) -> dict[str, Any]:
-    return next(t for t in (WEATHER, TIME) if t["name"] == tool_name)["input_schema"]
-
-
 # ------------------------------------------------------------------------------------------ forced calls (grammar)
 def test_tool_choice_any_is_one_call_whose_input_validates_beyond_stop_sequences(demo: InProcessServer) -> None:
     m = claude(demo).messages.create(
@@ -92,7 +68,7 @@ def test_tool_choice_any_is_one_call_whose_input_validates_beyond_stop_sequences
     assert m.stop_reason == "tool_use" and m.stop_sequence is None, m.content
     [use] = m.content
     assert use.type == "tool_use" and use.id.startswith("toolu_") and use.name in ("get_weather", "get_time")
-    jsonschema.validate(use.input, schema_of(use.name))
+    jsonschema.validate(use.input, TOOL_SCHEMAS[use.name])
 
 
 def test_tool_choice_tool_streams_the_named_call_as_block_0(demo: InProcessServer) -> None:
@@ -111,7 +87,7 @@ def test_tool_choice_tool_streams_the_named_call_as_block_0(demo: InProcessServe
     assert start.index == delta.index == 0 and start.content_block.type == "tool_use"
     assert start.content_block.name == "get_time" and start.content_block.input == {}
     assert delta.delta.type == "input_json_delta"
-    jsonschema.validate(json.loads(delta.delta.partial_json), schema_of("get_time"))
+    jsonschema.validate(json.loads(delta.delta.partial_json), TOOL_SCHEMAS["get_time"])
     [use] = final.content
     assert use.type == "tool_use" and use.id == start.content_block.id and final.stop_reason == "tool_use"
     assert use.input == json.loads(delta.delta.partial_json)

@@ -19,33 +19,16 @@ import jsonschema
 import openai
 import pytest
 
-from conftest import InProcessServer, sdk, serve_engine, serve_in_process, sse_events
+from conftest import TOOL_SCHEMAS, WEATHER_DESCRIPTION, InProcessServer, sdk, serve_engine, serve_in_process, sse_events
 
 WEATHER = {
     "type": "function",
     "name": "get_weather",
-    "description": "The weather in a city.",
-    "parameters": {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string", "maxLength": 20},
-            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-        },
-        "required": ["city", "unit"],
-        "additionalProperties": False,
-    },
+    "description": WEATHER_DESCRIPTION,
+    "parameters": TOOL_SCHEMAS["get_weather"],
     "strict": True,
 }
-TIME = {
-    "type": "function",
-    "name": "get_time",
-    "parameters": {
-        "type": "object",
-        "properties": {"zone": {"type": "string", "maxLength": 12}},
-        "required": ["zone"],
-        "additionalProperties": False,
-    },
-}
+TIME = {"type": "function", "name": "get_time", "parameters": TOOL_SCHEMAS["get_time"]}
 LOOKUP = {"type": "function", "name": "lookup", "parameters": {"type": "object"}}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 # What the scripted Qwen2 answers to anything: some text, then a call (its block left open, as small models do;
@@ -57,10 +40,6 @@ SCRIPT = TEXT_BEFORE + ' <tool_call>{"name": "lookup","arguments":{"city":"Paris
 def chat_tool(tool: dict[str, Any]) -> dict[str, Any]:
     """The same function tool in chat completions' nested shape."""
     return {"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}
-
-
-def _schema_of(name: str) -> dict:
-    return next(t for t in (WEATHER, TIME) if t["name"] == name)["parameters"]  # type: ignore[return-value]
 
 
 @pytest.fixture(scope="module")
@@ -114,12 +93,12 @@ def test_required_and_named_calls_validate_plain_and_streamed(demo: InProcessSer
         r = client.responses.create(**args, tool_choice="required", temperature=1.0)
         assert r.status == "completed" and r.output_text == "", r.output
         [item] = r.output  # the whole answer is one call: no message item
-        jsonschema.validate(assert_call_item(item, item.name), _schema_of(item.name))
+        jsonschema.validate(assert_call_item(item, item.name), TOOL_SCHEMAS[item.name])
     assert [t.name for t in r.tools] == ["get_weather", "get_time"] and r.tool_choice == "required"  # echoed
     named = {"type": "function", "name": "get_time"}
     r = client.responses.create(**args, tool_choice=named, temperature=0)
     [item] = r.output
-    jsonschema.validate(assert_call_item(item, "get_time"), _schema_of("get_time"))
+    jsonschema.validate(assert_call_item(item, "get_time"), TOOL_SCHEMAS["get_time"])
     assert r.tool_choice.type == "function" and r.tool_choice.name == "get_time"  # type: ignore[union-attr]
     # Streamed, greedy: the same call, through the SDK's stream helper.
     with client.responses.stream(**args, tool_choice=named, temperature=0) as stream:

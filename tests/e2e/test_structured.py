@@ -19,7 +19,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from conftest import InProcessServer, sdk, serve_engine, serve_in_process
+from conftest import TOOL_SCHEMAS, WEATHER_DESCRIPTION, InProcessServer, sdk, serve_engine, serve_in_process
 
 
 class Colour(StrEnum):
@@ -195,40 +195,13 @@ def test_bad_response_format_is_a_400(demo: InProcessServer, fmt: dict, needle: 
 # ------------------------------------------------------------------------------------------------ tools
 WEATHER = {
     "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 20},
-                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
+    "function": {"name": "get_weather", "description": WEATHER_DESCRIPTION, "parameters": TOOL_SCHEMAS["get_weather"]},
 }
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {
-            "type": "object",
-            "properties": {"zone": {"type": "string", "maxLength": 12}},
-            "required": ["zone"],
-            "additionalProperties": False,
-        },
-    },
-}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": TOOL_SCHEMAS["get_time"]}}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 BAD_CALL = {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "{city: Paris"}}
 SCRIPTED_CALL = '<tool_call>{"name": "lookup","arguments":{"city":"Paris"}}'
 LOOKUP = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
-
-
-def _schema_of(name: str) -> dict:
-    return next(t for t in (WEATHER, TIME) if t["function"]["name"] == name)["function"]["parameters"]
 
 
 def test_required_and_named_calls_validate(demo: InProcessServer) -> None:
@@ -241,14 +214,14 @@ def test_required_and_named_calls_validate(demo: InProcessServer) -> None:
         assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, choice.message
         call = choice.message.tool_calls[0]
         assert call.id.startswith("call_") and "<tool_call>" not in (choice.message.content or "")
-        jsonschema.validate(json.loads(call.function.arguments), _schema_of(call.function.name))
+        jsonschema.validate(json.loads(call.function.arguments), TOOL_SCHEMAS[call.function.name])
     named = {"type": "function", "function": {"name": "get_time"}}
     out = client.chat.completions.create(
         model=model_of(demo), messages=ASK, tools=[WEATHER, TIME], tool_choice=named, seed=1, max_tokens=80
     )
     call = out.choices[0].message.tool_calls[0]
     assert call.function.name == "get_time"
-    jsonschema.validate(json.loads(call.function.arguments), _schema_of("get_time"))
+    jsonschema.validate(json.loads(call.function.arguments), TOOL_SCHEMAS["get_time"])
 
 
 def test_streamed_call_equals_plain_call_and_two_turns(demo: InProcessServer) -> None:
