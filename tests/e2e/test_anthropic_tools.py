@@ -114,6 +114,14 @@ def test_auto_call_is_a_tool_use_block_beyond_stop_sequences(scripted: InProcess
     # Stop sequences still apply to the text: the same request without tools is cut.
     cut = client.messages.create(**args, stop_sequences=["Paris"])
     assert cut.content[0].text == SCRIPT[: SCRIPT.index("Paris")] and cut.stop_reason == "stop_sequence"
+    # max_tokens inside the call ('One moment.\n<tool_call>{"'): the text before it, never the call's markup,
+    # streamed or not
+    short = {**args, "max_tokens": 7, "tools": [LOOKUP]}
+    truncated = client.messages.create(**short)
+    assert [(b.type, b.text) for b in truncated.content] == [("text", TEXT)]  # type: ignore[union-attr]
+    assert truncated.stop_reason == "max_tokens"
+    with client.messages.stream(**short) as stream:
+        assert "".join(stream.text_stream) == TEXT and stream.get_final_message().stop_reason == "max_tokens"
 
 
 def test_auto_call_streamed_as_events_and_accumulated_by_the_sdk(scripted: InProcessServer) -> None:

@@ -151,10 +151,14 @@ def test_auto_call_comes_back_as_a_message_and_a_function_call(scripted: InProce
     assert none.usage is not None and without.usage is not None and r.usage is not None
     assert none.usage.input_tokens == without.usage.input_tokens < r.usage.input_tokens
     assert none.tool_choice == "none" and [t.name for t in none.tools] == ["lookup"]  # echoed as sent
-    # Cut by max_output_tokens inside the call: no call, the text as written so far, incomplete.
+    # Cut by max_output_tokens inside the call ('Sure! <tool_call>{"'): no call, and the text before it, without
+    # the markup of the call cut off, streamed or not; incomplete.
     cut = client.responses.create(**args, tools=[LOOKUP], max_output_tokens=6)
     assert cut.status == "incomplete" and [o.type for o in cut.output] == ["message"]
-    assert cut.output[0].status == "incomplete" and SCRIPT.startswith(cut.output_text)  # type: ignore[union-attr]
+    assert cut.output[0].status == "incomplete" and cut.output_text == TEXT_BEFORE  # type: ignore[union-attr]
+    streamed = list(client.responses.create(**args, tools=[LOOKUP], max_output_tokens=6, stream=True))
+    text = "".join(e.delta for e in streamed if e.type == "response.output_text.delta")
+    assert text == TEXT_BEFORE and streamed[-1].type == "response.incomplete"
 
 
 def test_auto_call_streamed_events_in_order(scripted: InProcessServer) -> None:
@@ -276,6 +280,12 @@ IMAGE_OUTPUT = {"type": "function_call_output", "call_id": "c1", "output": [IMAG
             "no function_call",
         ),
         ({"input": [*ASK, {**CALL, "arguments": "{city: Paris"}]}, "input.1.arguments", "JSON"),
+        ({"input": [*ASK, CALL, CALL]}, "input.2.call_id", "earlier function_call"),
+        (  # its arguments are a JSON object: a function whose schema is of another type could not be called
+            {"tools": [{"type": "function", "name": "f", "parameters": {"type": "string"}}]},
+            "tools.0.parameters",
+            '"object"',
+        ),
         ({"input": [*ASK, CALL, IMAGE_OUTPUT]}, "input.2.output", "input_text"),
     ],
 )

@@ -245,6 +245,42 @@ def test_streamed_call_equals_plain_call_and_two_turns(demo: InProcessServer) ->
     assert answer.choices[0].message.content or answer.choices[0].message.tool_calls
 
 
+def test_a_forced_call_follows_a_schema_with_references(demo: InProcessServer) -> None:
+    """`$ref`s into the function's own `$defs` (what pydantic writes for nested models, e.g. through
+    `openai.pydantic_function_tool`), recursive ones too: a forced call was a 400 'Pointer does not exist', its
+    references read against the call schema around the function's."""
+    schema = {
+        "type": "object",
+        "properties": {"place": {"$ref": "#/$defs/Place"}, "route": {"$ref": "#/$defs/Stop"}},
+        "required": ["place"],
+        "additionalProperties": False,
+        "$defs": {
+            "Place": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 12}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+            "Stop": {  # recursive: a stop and the next one
+                "type": "object",
+                "properties": {"name": {"type": "string", "maxLength": 8}, "next": {"$ref": "#/$defs/Stop"}},
+                "required": ["name"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    tool = {"type": "function", "function": {"name": "plan", "parameters": schema}}
+    for choice in ("required", {"type": "function", "function": {"name": "plan"}}):
+        out = client_of(demo).chat.completions.create(
+            model=model_of(demo), messages=ASK, tools=[tool, TIME], tool_choice=choice, seed=3, max_tokens=120
+        )
+        [call] = out.choices[0].message.tool_calls or []
+        if call.function.name == "plan":
+            jsonschema.validate(json.loads(call.function.arguments), schema)
+        else:
+            jsonschema.validate(json.loads(call.function.arguments), TOOL_SCHEMAS["get_time"])
+
+
 @pytest.mark.parametrize(
     ("change", "param"),
     [
@@ -257,6 +293,10 @@ def test_streamed_call_equals_plain_call_and_two_turns(demo: InProcessServer) ->
                 "tool_choice": "required",
             },
             "tools",
+        ),
+        (  # arguments are a JSON object: a schema of another type is refused, under auto too
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+            "tools.0.function.parameters",
         ),
         (  # an earlier call whose arguments are not JSON (found by Schemathesis: a 500 before)
             {"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [BAD_CALL]}]},
@@ -347,6 +387,14 @@ def test_scripted_qwen2_tool_call_comes_back_as_tool_calls(tmp_path: Path) -> No
         bare = client.chat.completions.create(**{k: v for k, v in args.items() if k != "tools"}, stop=["Paris"])
         assert bare.choices[0].message.content == SCRIPTED_CALL[: SCRIPTED_CALL.index("Paris")]
         assert bare.choices[0].finish_reason == "stop"
+        # Cut by max_tokens inside the call: no call, and its markup is not content either, streamed or not.
+        cut = client.chat.completions.create(**{**args, "max_tokens": 6})
+        assert (cut.choices[0].finish_reason, cut.choices[0].message.content) == ("length", "")
+        assert not cut.choices[0].message.tool_calls
+        chunks = list(client.chat.completions.create(**{**args, "max_tokens": 6}, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ""
+        assert chunks[-1].choices[0].finish_reason == "length"
+        assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
 
 
 def test_the_native_engine_enforces_a_schema_too(tiny_qwen2_dir: Path) -> None:

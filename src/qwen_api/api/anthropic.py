@@ -117,38 +117,29 @@ class _Shape:
         self.tools, self.parallel = tools, parallel
         self.message_id = f"msg_{uuid.uuid4().hex}"
 
-    def calls(self, text: str) -> tuple[str, list[dict[str, Any]]] | None:
-        """(the text beside them, the tool_use blocks) when the answer holds calls, else None (it is all text). A
-        call whose input is not a JSON object cannot be a tool_use: then the whole answer is text, as written."""
+    def calls(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        """The answer's text and its tool_use blocks (none without tools). With tools, the text is the one beside
+        the calls, without a call cut off by the token limit (`parse_tool_calls`)."""
         if not self.tools:
-            return None
+            return text, []
         parsed = parse_tool_calls(text)
-        uses = []
-        for call in parsed.tool_calls:
-            try:
-                value = json.loads(call["function"]["arguments"])
-            except ValueError:
-                return None
-            if not isinstance(value, dict):
-                return None
-            uses.append(
-                {
-                    "type": "tool_use",
-                    "id": f"toolu_{uuid.uuid4().hex[:24]}",
-                    "name": call["function"]["name"],
-                    "input": value,
-                }
-            )
-        if not uses:
-            return None
+        uses = [
+            {
+                "type": "tool_use",
+                "id": f"toolu_{uuid.uuid4().hex[:24]}",
+                "name": call["function"]["name"],
+                "input": json.loads(call["function"]["arguments"]),  # always a JSON object's text
+            }
+            for call in parsed.tool_calls
+        ]
         return parsed.content or "", uses if self.parallel else uses[:1]
 
     def message(self, result: Completion) -> dict[str, Any]:
         usage = {"input_tokens": self.input_tokens, "output_tokens": result.completion_tokens}
-        if (calls := self.calls(result.text)) is None:
-            content = [{"type": "text", "text": result.text}]
+        text, uses = self.calls(result.text)
+        if not uses:
+            content = [{"type": "text", "text": text}]
             return message_object(self.message_id, self.model, content, stop_reason(result), result.stop_string, usage)
-        text, uses = calls
         content = [*([{"type": "text", "text": text}] if text else []), *uses]
         return message_object(self.message_id, self.model, content, "tool_use", None, usage)
 
@@ -185,18 +176,16 @@ class _Shape:
             if last is None or last.finish_reason is None:
                 raise EngineError("the engine ended a sequence without a finish reason")
             result = Completion(held, last.finish_reason, last.completion_tokens, stop_string=last.stop_string)
-            calls = self.calls(held)
+            text, uses = self.calls(held)
             if self.tools:  # the rest of the text: all of it, or with calls the text beside them
-                text = held if calls is None else calls[0]
                 rest = text[sent:] if text.startswith(held[:sent]) else ""
-                if not blocks and (rest or calls is None):
+                if not blocks and (rest or not uses):
                     blocks = 1
                     yield _block_start(0, _TEXT_BLOCK)
                 if rest:
                     yield _text_delta(0, rest)
             if blocks:
                 yield {"type": "content_block_stop", "index": 0}
-            uses = [] if calls is None else calls[1]
             for index, use in enumerate(uses, start=blocks):
                 yield _block_start(index, {**use, "input": {}})
                 partial = {"type": "input_json_delta", "partial_json": json.dumps(use["input"], ensure_ascii=False)}

@@ -31,8 +31,8 @@ from qwen_api.api.openai_protocol import (
 from qwen_api.api.schema import RequestModel, at_most, resolve_sampling
 from qwen_api.detokenize import Stops
 from qwen_api.engine.base import SamplingParams
-from qwen_api.structured.grammar import GrammarError, checked_schema
-from qwen_api.structured.tools import CLOSE, OPEN, call_grammar
+from qwen_api.structured.grammar import GrammarError
+from qwen_api.structured.tools import CLOSE, OPEN, call_grammar, check_parameters
 from qwen_api.textgen import Completion
 
 
@@ -234,10 +234,8 @@ class Conversation(_Request):
         if len(set(names)) != len(names):
             raise Unsupported("tools", "tool names must be unique")
         for i, tool in enumerate(self.tools or []):
-            if tool.input_schema.get("type") != "object":
-                raise Unsupported(f"tools.{i}.input_schema", 'a tool\'s input is an object: its type must be "object"')
             try:
-                checked_schema(tool.input_schema, param=f"tools.{i}.input_schema")
+                check_parameters(tool.input_schema, param=f"tools.{i}.input_schema")
             except GrammarError as exc:
                 raise Unsupported(exc.param, str(exc)) from None
         choice = self.tool_choice

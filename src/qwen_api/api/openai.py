@@ -201,6 +201,8 @@ def _choice(kind: str, index: int, c: Completion, tools_on: bool, logprobs: _Log
         if tools_on and (parsed := parse_tool_calls(c.text)).tool_calls:
             message = {"role": "assistant", "content": parsed.content, "tool_calls": parsed.tool_calls}
             finish = "tool_calls"
+        elif tools_on:  # no call; a call cut off by the token limit is not shown as text
+            message["content"] = parsed.content or ""
         return {"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs.chat(c.logprobs)}
     return {"index": index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": logprobs.legacy(c.logprobs)}
 
@@ -248,8 +250,9 @@ async def _chunks(
     def tool_chunks(index: int, finish: str) -> list[dict[str, Any]]:
         """The end of a choice with tools: the rest of its content, then its calls, then the finish."""
         parsed = parse_tool_calls(held[index])
-        if not parsed.tool_calls:
-            rest = held[index][sent[index] :]
+        if not parsed.tool_calls:  # its text, but a call cut off by the token limit (`parse_tool_calls`)
+            text, done = parsed.content or "", held[index][: sent[index]]
+            rest = text[len(done) :] if text.startswith(done) else ""
             return [*([chunk(index, rest, None)] if rest else []), chunk(index, None, finish)]
         out = []
         for k, call in enumerate(parsed.tool_calls):

@@ -242,14 +242,10 @@ class _Shape:
             status = self._status(last.finish_reason or "stop")
             calls: list[dict[str, Any]] = []
             if self.tools_on:
+                # the text with the calls (and a call cut off by the token limit) taken out: the rest of it
                 content, calls = self._calls(held)
                 streamed = "".join(self._texts)
-                if not calls:  # all of it is text
-                    rest = held[sent:]
-                elif content.startswith(streamed):  # the text with the calls taken out: the rest of it
-                    rest = content[len(streamed) :]
-                else:  # (what went out cannot be taken back)
-                    rest = ""
+                rest = content[len(streamed) :] if content.startswith(streamed) else ""  # (sent is sent)
                 if rest or not calls:
                     for event in self._text_events(rest):
                         yield event

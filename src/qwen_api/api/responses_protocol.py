@@ -19,8 +19,8 @@ from pydantic import ConfigDict, Discriminator, Field, Tag, field_validator
 from qwen_api.api.openai_protocol import ChatMessage, FunctionCall, FunctionDefinition, ToolCall, Unsupported
 from qwen_api.api.schema import RequestModel, at_most, resolve_sampling
 from qwen_api.engine.base import SamplingParams
-from qwen_api.structured.grammar import GrammarError, checked_schema, response_format_grammar, response_format_schema
-from qwen_api.structured.tools import call_grammar
+from qwen_api.structured.grammar import GrammarError, response_format_grammar, response_format_schema
+from qwen_api.structured.tools import call_grammar, check_parameters
 
 # The sampling fields a response gets: OpenAI's defaults where neither the request nor the model's config sets one.
 _DIALECT_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
@@ -244,26 +244,27 @@ class ResponsesRequest(_Request):
 
     def _check_tools(self) -> None:
         """As on chat completions: distinct names, a forced choice needs a tool (a named one, that one), and every
-        `parameters` is a valid JSON schema."""
+        `parameters` is a valid JSON schema of an object (`check_parameters`)."""
         names = [t.name for t in self.tools or []]
         if len(set(names)) != len(names):
             raise Unsupported("tools", "two tools have the same name")
         for i, tool in enumerate(self.tools or []):
-            if tool.parameters is not None:
-                try:
-                    checked_schema(tool.parameters, param=f"tools.{i}.parameters")
-                except GrammarError as exc:
-                    raise Unsupported(exc.param, str(exc)) from None
+            try:
+                check_parameters(tool.parameters, param=f"tools.{i}.parameters")
+            except GrammarError as exc:
+                raise Unsupported(exc.param, str(exc)) from None
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
             raise Unsupported("tool_choice", "a tool must be given in tools to require a call")
         if isinstance(self.tool_choice, FunctionToolChoice) and self.tool_choice.name not in names:
             raise Unsupported("tool_choice", f"names a function not in tools: {self.tool_choice.name!r}")
 
     def _check_calls(self) -> None:
-        """Every `function_call_output` answers a `function_call` that came before it in `input`."""
+        """Each `function_call` has its own `call_id`, and every `function_call_output` answers one before it."""
         called: set[str] = set()
         for i, item in enumerate(self.input if isinstance(self.input, list) else []):
             if isinstance(item, FunctionCallItem):
+                if item.call_id in called:
+                    raise Unsupported(f"input.{i}.call_id", f"{item.call_id!r} names an earlier function_call too")
                 called.add(item.call_id)
             elif isinstance(item, FunctionCallOutputItem) and item.call_id not in called:
                 raise Unsupported(f"input.{i}.call_id", f"{item.call_id!r} answers no function_call before it")

@@ -93,19 +93,23 @@ def call_grammar(
     from llguidance import LLMatcher
 
     chosen = [t for t in tools if name is None or t["function"]["name"] == name]
-    options = []
-    for t in chosen:
+    options, defs = [], {}
+    for k, t in enumerate(chosen):
         params = t["function"].get("parameters") or {"type": "object", "properties": {}}
-        checked_schema(params, param="tools")  # an invalid parameters schema is a 400 naming tools
+        check_parameters(params, param="tools")  # a bad parameters schema is a 400 naming tools
+        # Each function's schema sits under the call schema's $defs, its own references re-rooted there: a
+        # reference such as "#/$defs/Item" (what pydantic writes for nested models) points into the schema it
+        # was written in, not into the call schema around it.
+        defs[f"function{k}"] = _rerooted(params, f"#/$defs/function{k}")
         options.append(
             {
                 "type": "object",
-                "properties": {"name": {"const": t["function"]["name"]}, "arguments": params},
+                "properties": {"name": {"const": t["function"]["name"]}, "arguments": {"$ref": f"#/$defs/function{k}"}},
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
             }
         )
-    call = options[0] if len(options) == 1 else {"anyOf": options}
+    call = {**(options[0] if len(options) == 1 else {"anyOf": options}), "$defs": defs}
     rules = [
         f'block: "{OPEN}\\n" call "\\n{CLOSE}"',
         f"call: %json {json.dumps(compact_json(call))}",
@@ -122,6 +126,28 @@ def call_grammar(
         raise GrammarError(str(exc), "tools") from None
 
 
+def check_parameters(schema: dict[str, Any] | None, param: str) -> None:
+    """A function's `parameters` (Anthropic's `input_schema`): left out, or a valid JSON schema of an object, as its
+    arguments are a JSON object (OpenAI and Anthropic refuse other types too). `GrammarError` naming `param`."""
+    if schema is None:
+        return
+    if not isinstance(schema, dict) or schema.get("type") != "object":
+        raise GrammarError('a function\'s arguments are a JSON object: its schema\'s "type" must be "object"', param)
+    checked_schema(schema, param=param)
+
+
+def _rerooted(schema: Any, root: str) -> Any:
+    """`schema` with each local reference ("#", "#/...") made to start from `root` instead."""
+    if isinstance(schema, list):
+        return [_rerooted(v, root) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {
+        k: root + v[1:] if k == "$ref" and isinstance(v, str) and v.startswith("#") else _rerooted(v, root)
+        for k, v in schema.items()
+    }
+
+
 @dataclass(frozen=True)
 class ParsedOutput:
     content: str | None
@@ -129,8 +155,13 @@ class ParsedOutput:
 
 
 def parse_tool_calls(text: str) -> ParsedOutput:
-    """Split a completion into its text and its calls (OpenAI's shape, with ids). A block that is not a JSON call
-    stays in the content, as the model wrote it."""
+    """Split a completion into its text and its calls (OpenAI's shape, with ids).
+
+    A call is a block holding `{"name": str, "arguments": object}` (the arguments may come as JSON text of an
+    object). A closed block that is no such call stays in the content, as the model wrote it; a final block left
+    open that is none, a call cut off by the token limit, is dropped, so the markup never reaches the content.
+    The whitespace around the blocks goes with them; the answer's own leading whitespace stays (as an answer
+    without calls keeps it, and as a stream has already sent it)."""
     calls: list[dict[str, Any]] = []
     kept: list[str] = []
     last = 0
@@ -138,24 +169,30 @@ def parse_tool_calls(text: str) -> ParsedOutput:
         try:
             body = json.loads(match.group(1))
             name, args = body["name"], body.get("arguments", {})
-            if not isinstance(name, str):
+            if isinstance(args, str):
+                args = json.loads(args)
+            if not isinstance(name, str) or not isinstance(args, dict):
                 raise TypeError
         except (ValueError, KeyError, TypeError):
-            continue
+            if match.group(0).endswith(CLOSE):
+                continue
+            kept.append(text[last : match.start()])  # cut off: it ends the text
+            last = len(text)
+            break
         kept.append(text[last : match.start()])
         last = match.end()
-        arguments = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
         calls.append(
             {
                 "id": f"call_{uuid.uuid4().hex[:24]}",
                 "type": "function",
-                "function": {"name": name, "arguments": arguments},
+                "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)},
             }
         )
-    if not calls:
+    if not kept:
         return ParsedOutput(text, [])
     kept.append(text[last:])
-    content = "".join(kept).strip()
+    joined = "".join(kept)
+    content = joined.rstrip() if kept[0].strip() else joined.strip()
     return ParsedOutput(content or None, calls)
 
 

@@ -1,0 +1,65 @@
+"""How a completion splits into text and tool calls (`structured.tools.parse_tool_calls`), the one rule every
+dialect's route answers with, streamed or not; and which `parameters` schemas a function may have."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qwen_api.structured.grammar import GrammarError
+from qwen_api.structured.tools import check_parameters, parse_tool_calls
+
+CALL = '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
+
+
+def test_a_call_and_the_text_beside_it() -> None:
+    parsed = parse_tool_calls(f"Sure!\n{CALL}\n")
+    assert parsed.content == "Sure!"
+    [call] = parsed.tool_calls
+    assert call["id"].startswith("call_") and call["function"] == {"name": "f", "arguments": '{"a": 1}'}
+    assert parse_tool_calls(CALL).content is None  # only a call: no text
+
+
+def test_the_answers_own_leading_whitespace_stays_as_a_stream_sent_it() -> None:
+    """A stream sends the text before a call as it comes (all but its trailing whitespace); the whole answer must
+    say the same, or the streamed and the plain text differ."""
+    assert parse_tool_calls(f" Hi {CALL}").content == " Hi"
+    assert parse_tool_calls(" Hi there").content == " Hi there"  # without a call: as written
+    assert parse_tool_calls(f"\n{CALL}\n\nDone.").content == "Done."  # nothing before the call: nothing streamed
+
+
+def test_a_call_cut_off_by_the_token_limit_never_reaches_the_text() -> None:
+    assert parse_tool_calls('<tool_call>\n{"na').content is None
+    cut = parse_tool_calls('Sure! <tool_call>{"name": "lookup", "argu')
+    assert (cut.content, cut.tool_calls) == ("Sure!", [])
+    whole_then_cut = parse_tool_calls(f'{CALL}\n<tool_call>{{"name": "g"')
+    assert whole_then_cut.content is None and len(whole_then_cut.tool_calls) == 1
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        "<tool_call>not json</tool_call>",
+        '<tool_call>{"name": "f", "arguments": "Paris"}</tool_call>',  # arguments that are no JSON object
+        '<tool_call>{"name": "f", "arguments": [1]}</tool_call>',
+        '<tool_call>{"name": 3, "arguments": {}}</tool_call>',
+    ],
+)
+def test_a_closed_block_that_is_no_call_stays_in_the_text_as_written(block: str) -> None:
+    parsed = parse_tool_calls(f"x {block} y")
+    assert (parsed.content, parsed.tool_calls) == (f"x {block} y", [])
+
+
+def test_arguments_sent_as_json_text_come_back_as_the_objects_json() -> None:
+    parsed = parse_tool_calls('<tool_call>{"name": "f", "arguments": "{\\"a\\":1}"}</tool_call>')
+    assert json.loads(parsed.tool_calls[0]["function"]["arguments"]) == {"a": 1}
+
+
+def test_parameters_are_an_objects_schema_or_left_out() -> None:
+    check_parameters(None, "tools")
+    check_parameters({"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "$defs": {"A": {}}}, "tools")
+    for bad in ({"type": "string"}, {}, {"properties": {}}, {"type": "object", "properties": 3}):
+        with pytest.raises(GrammarError) as info:
+            check_parameters(bad, "tools.0.parameters")
+        assert info.value.param == "tools.0.parameters"
