@@ -32,7 +32,7 @@ from qwen_api.api.schema import RequestModel, at_most, resolve_sampling
 from qwen_api.detokenize import Stops
 from qwen_api.engine.base import SamplingParams
 from qwen_api.structured.grammar import GrammarError
-from qwen_api.structured.tools import CLOSE, OPEN, call_grammar, check_parameters
+from qwen_api.structured.tools import CLOSE, OPEN, call_grammar, check_functions
 from qwen_api.textgen import Completion
 
 
@@ -231,13 +231,10 @@ class Conversation(_Request):
 
     def _check_tools(self) -> None:
         names = [t.name for t in self.tools or []]
-        if len(set(names)) != len(names):
-            raise Unsupported("tools", "tool names must be unique")
-        for i, tool in enumerate(self.tools or []):
-            try:
-                check_parameters(tool.input_schema, param=f"tools.{i}.input_schema")
-            except GrammarError as exc:
-                raise Unsupported(exc.param, str(exc)) from None
+        try:
+            check_functions([(t.name, t.input_schema) for t in self.tools or []], "tools.{i}.input_schema")
+        except GrammarError as exc:
+            raise Unsupported(exc.param, str(exc)) from None
         choice = self.tool_choice
         if isinstance(choice, ToolChoiceAny | ToolChoiceTool) and not self.tools:
             raise Unsupported("tool_choice", f"{choice.type!r} needs tools to choose from")

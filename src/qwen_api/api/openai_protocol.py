@@ -20,7 +20,7 @@ from qwen_api.api.schema import RequestModel, at_most, resolve_sampling
 from qwen_api.detokenize import Stops
 from qwen_api.engine.base import SamplingParams
 from qwen_api.structured.grammar import GrammarError, response_format_grammar, response_format_schema
-from qwen_api.structured.tools import CLOSE, OPEN, call_grammar, check_parameters
+from qwen_api.structured.tools import CLOSE, OPEN, call_grammar, check_functions
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256
@@ -246,13 +246,11 @@ class ChatCompletionRequest(_SamplingRequest):
         if self.top_logprobs is not None and not self.logprobs:
             raise Unsupported("top_logprobs", "needs logprobs set to true")
         names = [t.function.name for t in self.tools or []]
-        if len(set(names)) != len(names):
-            raise Unsupported("tools", "two tools have the same name")
-        for i, tool in enumerate(self.tools or []):
-            try:
-                check_parameters(tool.function.parameters, param=f"tools.{i}.function.parameters")
-            except GrammarError as exc:
-                raise Unsupported(exc.param, str(exc)) from None
+        try:
+            functions = [(t.function.name, t.function.parameters) for t in self.tools or []]
+            check_functions(functions, "tools.{i}.function.parameters")
+        except GrammarError as exc:
+            raise Unsupported(exc.param, str(exc)) from None
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
             raise Unsupported("tool_choice", "a tool must be given in tools to require a call")
         if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:

@@ -20,7 +20,7 @@ from qwen_api.api.openai_protocol import ChatMessage, FunctionCall, FunctionDefi
 from qwen_api.api.schema import RequestModel, at_most, resolve_sampling
 from qwen_api.engine.base import SamplingParams
 from qwen_api.structured.grammar import GrammarError, response_format_grammar, response_format_schema
-from qwen_api.structured.tools import call_grammar, check_parameters
+from qwen_api.structured.tools import call_grammar, check_functions
 
 # The sampling fields a response gets: OpenAI's defaults where neither the request nor the model's config sets one.
 _DIALECT_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
@@ -244,15 +244,12 @@ class ResponsesRequest(_Request):
 
     def _check_tools(self) -> None:
         """As on chat completions: distinct names, a forced choice needs a tool (a named one, that one), and every
-        `parameters` is a valid JSON schema of an object (`check_parameters`)."""
+        `parameters` is a valid JSON schema of an object (`check_functions`)."""
         names = [t.name for t in self.tools or []]
-        if len(set(names)) != len(names):
-            raise Unsupported("tools", "two tools have the same name")
-        for i, tool in enumerate(self.tools or []):
-            try:
-                check_parameters(tool.parameters, param=f"tools.{i}.parameters")
-            except GrammarError as exc:
-                raise Unsupported(exc.param, str(exc)) from None
+        try:
+            check_functions([(t.name, t.parameters) for t in self.tools or []], "tools.{i}.parameters")
+        except GrammarError as exc:
+            raise Unsupported(exc.param, str(exc)) from None
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
             raise Unsupported("tool_choice", "a tool must be given in tools to require a call")
         if isinstance(self.tool_choice, FunctionToolChoice) and self.tool_choice.name not in names:

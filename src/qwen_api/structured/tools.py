@@ -136,6 +136,17 @@ def check_parameters(schema: dict[str, Any] | None, param: str) -> None:
     checked_schema(schema, param=param)
 
 
+def check_functions(functions: list[tuple[str, dict[str, Any] | None]], schema_param: str) -> None:
+    """What every dialect's tools must be, as (name, parameters schema) pairs: distinct names (each function is
+    named by its calls), each schema an object's (`check_parameters`). `schema_param` names the i-th schema's field
+    with `{i}` in it; `GrammarError` naming the field."""
+    names = [name for name, _ in functions]
+    if len(set(names)) != len(names):
+        raise GrammarError("two tools have the same name: tool names must be unique", "tools")
+    for i, (_, schema) in enumerate(functions):
+        check_parameters(schema, schema_param.format(i=i))
+
+
 def _rerooted(schema: Any, root: str) -> Any:
     """`schema` with each local reference ("#", "#/...") made to start from `root` instead."""
     if isinstance(schema, list):
