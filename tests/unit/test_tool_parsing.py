@@ -58,8 +58,9 @@ def test_arguments_sent_as_json_text_come_back_as_the_objects_json() -> None:
 
 def test_parameters_are_an_objects_schema_or_left_out() -> None:
     check_parameters(None, "tools")
+    check_parameters({}, "tools")  # no parameters, as some clients write it
     check_parameters({"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "$defs": {"A": {}}}, "tools")
-    for bad in ({"type": "string"}, {}, {"properties": {}}, {"type": "object", "properties": 3}):
+    for bad in ({"type": "string"}, {"properties": {}}, {"type": "object", "properties": 3}):
         with pytest.raises(GrammarError) as info:
             check_parameters(bad, "tools.0.parameters")
         assert info.value.param == "tools.0.parameters"

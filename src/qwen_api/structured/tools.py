@@ -127,9 +127,10 @@ def call_grammar(
 
 
 def check_parameters(schema: dict[str, Any] | None, param: str) -> None:
-    """A function's `parameters` (Anthropic's `input_schema`): left out, or a valid JSON schema of an object, as its
-    arguments are a JSON object (OpenAI and Anthropic refuse other types too). `GrammarError` naming `param`."""
-    if schema is None:
+    """A function's `parameters` (Anthropic's `input_schema`): left out or empty (a function without parameters, as
+    some clients send `{}`), or a valid JSON schema of an object, as its arguments are a JSON object (OpenAI and
+    Anthropic refuse other types too). `GrammarError` naming `param`."""
+    if schema is None or schema == {}:
         return
     if not isinstance(schema, dict) or schema.get("type") != "object":
         raise GrammarError('a function\'s arguments are a JSON object: its schema\'s "type" must be "object"', param)
