@@ -25,8 +25,8 @@ from qwen_api.api.anthropic_protocol import Conversation, MessagesRequest, messa
 from qwen_api.api.deps import GeneratorDep, GuardDep, RuntimeDep, SettingsDep, log_outputs, log_prompt
 from qwen_api.api.errors import ModelNotFound, anthropic_error_body
 from qwen_api.api.guard import RequestTimeout
-from qwen_api.api.openai import chat_prompt
 from qwen_api.api.openai_protocol import Unsupported
+from qwen_api.api.prompts import chat_prompt
 from qwen_api.api.sse import sse_response
 from qwen_api.engine.base import ConstraintFailed, EngineError
 from qwen_api.runtime import Runtime

@@ -20,17 +20,17 @@ from qwen_api.api.errors import ModelNotFound, openai_error_payload
 from qwen_api.api.guard import Guard
 from qwen_api.api.openai_protocol import (
     ChatCompletionRequest,
-    ChatMessage,
     CompletionRequest,
     Unsupported,
     _SamplingRequest,
     usage,
 )
+from qwen_api.api.prompts import chat_prompt
 from qwen_api.api.sse import sse_response
 from qwen_api.engine.base import TokenLogprob
 from qwen_api.settings import Settings
 from qwen_api.structured.grammar import GrammarError
-from qwen_api.structured.tools import parse_tool_calls, render_history, safe_prefix_len, template_renders_tools
+from qwen_api.structured.tools import parse_tool_calls, safe_prefix_len
 from qwen_api.textgen import Completion, TextDelta, TextGenerator
 
 router = APIRouter(prefix="/v1")
@@ -96,18 +96,6 @@ async def retrieve_model(model_id: str, runtime: RuntimeDep) -> dict[str, Any]:
     if model_id != runtime.model_name:
         raise ModelNotFound(model_id, runtime.model_name)
     return {"id": runtime.model_name, "object": "model", "created": runtime.created, "owned_by": "qwen-api"}
-
-
-def chat_prompt(
-    generator: TextGenerator, chat: list[ChatMessage], tools: list[dict[str, Any]] | None
-) -> tuple[list[dict[str, str]], list[int]]:
-    """A chat's messages as the template gets them and its prompt ids, with `tools` shown to the model (None: no
-    tools): tool calls and results rendered as the model's format, and the tools block by the model's own template
-    when it renders one, else by ours. The one rule for every chat-shaped route: chat completions, /tokenize, and
-    the Responses and Messages routes (their items and blocks turned into `ChatMessage`s)."""
-    model_renders = template_renders_tools(getattr(generator.tokenizer, "chat_template", None))
-    messages = render_history([m.as_dict() for m in chat], tools, own_block=not model_renders)
-    return messages, generator.chat_prompt_ids(messages, tools if model_renders else None)
 
 
 @router.post("/chat/completions", response_model=None)

@@ -31,8 +31,8 @@ from fastapi.responses import StreamingResponse
 
 from qwen_api.api.deps import GeneratorDep, GuardDep, RuntimeDep, SettingsDep, log_outputs, log_prompt
 from qwen_api.api.errors import ModelNotFound, stream_error_kind
-from qwen_api.api.openai import chat_prompt
 from qwen_api.api.openai_protocol import Unsupported
+from qwen_api.api.prompts import chat_prompt
 from qwen_api.api.responses_protocol import (
     ResponsesRequest,
     ResponseStatus,

@@ -2,7 +2,7 @@
 
 `/tokenize` takes a raw `prompt` (tokenised as `/v1/completions` reads it) or chat `messages` and optional
 `tools` (through the chat template with the generation prompt, tool calls and results rendered, exactly as
-`/v1/chat/completions` counts them: `openai.chat_prompt`) and answers the ids, their
+`/v1/chat/completions` counts them: `prompts.chat_prompt`) and answers the ids, their
 count and the model's context length. `/detokenize` turns ids back into text, special tokens included. Both
 sit behind the API key and answer errors in OpenAI's shape: an empty input, an id outside the vocabulary or a
 wrong type is a 400 that says which.
@@ -17,8 +17,8 @@ from pydantic import Field, model_validator
 
 from qwen_api.api.deps import GeneratorDep, RuntimeDep
 from qwen_api.api.errors import ModelNotFound, invalid_field
-from qwen_api.api.openai import chat_prompt
 from qwen_api.api.openai_protocol import ChatMessage, Tool
+from qwen_api.api.prompts import chat_prompt
 from qwen_api.api.schema import RequestModel
 from qwen_api.runtime import Runtime
 

@@ -1,0 +1,22 @@
+"""The prompt of a chat: the one rule of every chat-shaped route (chat completions, /tokenize, and the Responses
+and Messages routes, whose items and blocks become `ChatMessage`s first), so that a conversation is the same
+tokens whichever dialect sends it, and is counted as it is answered."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qwen_api.api.openai_protocol import ChatMessage
+from qwen_api.structured.tools import render_history, template_renders_tools
+from qwen_api.textgen import TextGenerator
+
+
+def chat_prompt(
+    generator: TextGenerator, chat: list[ChatMessage], tools: list[dict[str, Any]] | None
+) -> tuple[list[dict[str, str]], list[int]]:
+    """A chat's messages as the template gets them and its prompt ids, with `tools` shown to the model (None: no
+    tools): tool calls and results rendered as the model's format, and the tools block by the model's own template
+    when it renders one, else by ours."""
+    model_renders = template_renders_tools(getattr(generator.tokenizer, "chat_template", None))
+    messages = render_history([m.as_dict() for m in chat], tools, own_block=not model_renders)
+    return messages, generator.chat_prompt_ids(messages, tools if model_renders else None)
