@@ -32,7 +32,7 @@ from qwen_api.api.schema import RequestModel, at_most, resolve_sampling
 from qwen_api.detokenize import Stops
 from qwen_api.engine.base import SamplingParams
 from qwen_api.structured.grammar import GrammarError
-from qwen_api.structured.tools import CLOSE, OPEN, call_grammar, check_functions
+from qwen_api.structured.tools import CLOSE, OPEN, check_functions, tools_grammar
 from qwen_api.textgen import Completion
 
 
@@ -288,12 +288,9 @@ class Conversation(_Request):
 
     def grammar(self) -> str | None:
         """A forced call's grammar: one call block, to the named tool or any, whose input follows its schema."""
-        tools = self.tool_dicts()
-        if not tools or not self.forced_call():
-            return None
         name = self.tool_choice.name if isinstance(self.tool_choice, ToolChoiceTool) else None
-        try:
-            return call_grammar(tools, name)
+        try:  # no content format here: `auto` is unconstrained
+            return tools_grammar(self.tool_dicts(), self.forced_call(), name)
         except GrammarError as exc:
             raise Unsupported(exc.param, str(exc)) from None
 

@@ -20,7 +20,7 @@ from qwen_api.api.schema import RequestModel, at_most, resolve_sampling
 from qwen_api.detokenize import Stops
 from qwen_api.engine.base import SamplingParams
 from qwen_api.structured.grammar import GrammarError, response_format_grammar, response_format_schema
-from qwen_api.structured.tools import CLOSE, OPEN, call_grammar, check_functions
+from qwen_api.structured.tools import CLOSE, OPEN, check_functions, tools_grammar
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256
@@ -283,17 +283,14 @@ class ChatCompletionRequest(_SamplingRequest):
     def grammar(self) -> tuple[str, str] | None:
         """A forced call's grammar (`response_format` shapes content, which a call has none of); with `auto`
         beside a `response_format`, calls or content in that format; else `response_format`'s."""
-        tools = self.tool_dicts()
+        tools, forced = self.tool_dicts(), self.forced_call()
+        name = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
         try:
-            if tools and self.forced_call():
-                name = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
-                return call_grammar(tools, name), "tools"
-            content = response_format_schema(self.response_format) if tools else None
-            if tools and content is not None:
-                return call_grammar(tools, None, content, parallel=self.parallel_tool_calls is not False), "tools"
+            content = response_format_schema(self.response_format) if tools and not forced else None
+            grammar = tools_grammar(tools, forced, name, content, parallel=self.parallel_tool_calls is not False)
         except GrammarError as exc:
             raise Unsupported(exc.param, str(exc)) from None
-        return super().grammar()
+        return (grammar, "tools") if grammar is not None else super().grammar()
 
     @field_validator("max_tokens", "max_completion_tokens")
     @classmethod

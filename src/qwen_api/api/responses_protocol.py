@@ -20,7 +20,7 @@ from qwen_api.api.openai_protocol import ChatMessage, FunctionCall, FunctionDefi
 from qwen_api.api.schema import RequestModel, at_most, resolve_sampling
 from qwen_api.engine.base import SamplingParams
 from qwen_api.structured.grammar import GrammarError, response_format_grammar, response_format_schema
-from qwen_api.structured.tools import call_grammar, check_functions
+from qwen_api.structured.tools import check_functions, tools_grammar
 
 # The sampling fields a response gets: OpenAI's defaults where neither the request nor the model's config sets one.
 _DIALECT_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
@@ -290,14 +290,13 @@ class ResponsesRequest(_Request):
         call's arguments follow its `parameters`); with `auto` beside a `text.format`, calls or content in that
         format; else the format's (json_object, or json_schema with its `name`, `schema`, `strict` and
         `description` at the top level, as the Responses API has them); None for plain text."""
-        tools, fmt = self.tool_dicts(), self._chat_format()
+        tools, fmt, forced = self.tool_dicts(), self._chat_format(), self.forced_call()
+        name = self.tool_choice.name if isinstance(self.tool_choice, FunctionToolChoice) else None
         try:
-            if tools and self.forced_call():
-                name = self.tool_choice.name if isinstance(self.tool_choice, FunctionToolChoice) else None
-                return call_grammar(tools, name), "tools"
-            content = response_format_schema(fmt) if tools else None
-            if tools and content is not None:
-                return call_grammar(tools, None, content, parallel=self.parallel_tool_calls is not False), "tools"
+            content = response_format_schema(fmt) if tools and not forced else None
+            grammar = tools_grammar(tools, forced, name, content, parallel=self.parallel_tool_calls is not False)
+            if grammar is not None:
+                return grammar, "tools"
             grammar = response_format_grammar(fmt)
         except GrammarError as exc:
             raise Unsupported("text.format" if exc.param == "response_format" else exc.param, str(exc)) from None

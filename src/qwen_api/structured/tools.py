@@ -126,6 +126,23 @@ def call_grammar(
         raise GrammarError(str(exc), "tools") from None
 
 
+def tools_grammar(
+    tools: list[dict[str, Any]] | None,
+    forced: bool,
+    name: str | None = None,
+    content: dict[str, Any] | bool | None = None,
+    parallel: bool = True,
+) -> str | None:
+    """The grammar tools put on an answer, the same rule on every dialect: a forced call (`required`, Anthropic's
+    `any`, or the function `name`) is one call block; with `auto` beside a content format (its JSON schema
+    `content`), calls or content in that format; else none (the content format's own grammar, if any, applies)."""
+    if not tools:
+        return None
+    if forced:
+        return call_grammar(tools, name)
+    return None if content is None else call_grammar(tools, None, content, parallel=parallel)
+
+
 def check_parameters(schema: dict[str, Any] | None, param: str) -> None:
     """A function's `parameters` (Anthropic's `input_schema`): left out or empty (a function without parameters, as
     some clients send `{}`), or a valid JSON schema of an object, as its arguments are a JSON object (OpenAI and
