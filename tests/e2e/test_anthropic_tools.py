@@ -196,7 +196,8 @@ OPENAI_ROUND_TRIP = [
     {"role": "user", "content": "And in Lyon?"},
     {"role": "assistant", "content": None, "tool_calls": [
         {"id": "toolu_2", "type": "function", "function": {"name": "lookup", "arguments": '{"city": "Lyon"}'}}]},
-    {"role": "tool", "tool_call_id": "toolu_2", "content": "no such city"},
+    # a tool_result with is_error: the model reads that the call failed, not only what its text says
+    {"role": "tool", "tool_call_id": "toolu_2", "content": "Error: no such city"},
 ]  # fmt: skip
 OPENAI_LOOKUP = {"type": "function", "function": {"name": "lookup", "description": "Look a city up.",
                                                   "parameters": {"type": "object"}}}  # fmt: skip
@@ -220,6 +221,7 @@ def test_round_trip_with_tool_results_and_counts_as_chat_completions(scripted: I
     text = httpx.post(f"{scripted.base_url}/detokenize", json={"tokens": r.json()["tokens"]}).json()["prompt"]
     assert '<tool_call>\n{"name": "lookup", "arguments": {"city": "Paris"}}\n</tool_call>' in text
     assert "<tool_response>\n21 degrees, clear\n</tool_response>" in text and "And in Lyon?" in text
+    assert "<tool_response>\nError: no such city\n</tool_response>" in text
     # The response's own blocks go back as they came: the SDK's objects in the next request.
     result = {"type": "tool_result", "tool_use_id": m.content[-1].id, "content": "ok"}
     again = [*ASK, {"role": "assistant", "content": m.content}, {"role": "user", "content": [result]}]

@@ -397,6 +397,55 @@ def test_scripted_qwen2_tool_call_comes_back_as_tool_calls(tmp_path: Path) -> No
         assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
 
 
+# Text, whitespace, then a call: the text beside a call drops its trailing whitespace, streamed or not.
+SPACED_CALL = 'Checking now.  \n<tool_call>{"name": "lookup","arguments":{"city":"Paris"}}'
+
+
+def test_every_dialect_streams_the_text_beside_a_call_as_its_plain_answer_has_it(tmp_path: Path) -> None:
+    """Chat completions, Responses and Messages split an answer into text and calls by one rule (`CallRules`),
+    streamed or not: the streamed text is the plain answer's (chat's stream once sent the whitespace before the
+    call, which its plain answer drops). A call to a function the request did not declare is no call: the
+    client could not run it, and it comes back as the text the model wrote, on every route."""
+    import anthropic
+
+    from qwen_api.dev.random_qwen2 import write_scripted_qwen2
+
+    with serve_in_process(write_scripted_qwen2(tmp_path / "m", SPACED_CALL)) as server:
+        client, model = client_of(server), model_of(server)
+        claude = sdk(anthropic.Anthropic, base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+        lookup = {"name": "lookup", "parameters": {"type": "object"}}
+        other = {"name": "get_weather", "parameters": {"type": "object"}}
+        for declared, text, calls in (
+            (lookup, "Checking now.", [("lookup", {"city": "Paris"})]),
+            (other, SPACED_CALL, []),
+        ):
+            args = {"model": model, "messages": ASK, "temperature": 0, "max_tokens": 40}
+            args["tools"] = [{"type": "function", "function": declared}]
+            plain = client.chat.completions.create(**args).choices[0]
+            chunks = list(client.chat.completions.create(**args, stream=True))
+            streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            got = [(c.function.name, json.loads(c.function.arguments)) for c in plain.message.tool_calls or []]
+            assert (plain.message.content or "", streamed, got) == (text, text, calls)
+            assert plain.finish_reason == chunks[-1].choices[0].finish_reason == ("tool_calls" if calls else "stop")
+
+            r_args = {"model": model, "input": ASK, "temperature": 0, "max_output_tokens": 40}
+            r_args["tools"] = [{"type": "function", **declared}]
+            response = client.responses.create(**r_args)
+            deltas = [e.delta for e in client.responses.create(**r_args, stream=True) if e.type.endswith("text.delta")]
+            r_calls = [(o.name, json.loads(o.arguments)) for o in response.output if o.type == "function_call"]
+            assert (response.output_text, "".join(deltas), r_calls) == (text, text, calls)
+
+            m_args = {"model": model, "messages": ASK, "max_tokens": 40, "extra_body": {"temperature": 0}}
+            m_args["tools"] = [{"name": declared["name"], "input_schema": declared["parameters"]}]
+            message = claude.messages.create(**m_args)
+            with claude.messages.stream(**m_args) as stream:
+                m_streamed = "".join(stream.text_stream)
+            m_text = "".join(b.text for b in message.content if b.type == "text")
+            uses = [(b.name, b.input) for b in message.content if b.type == "tool_use"]
+            assert (m_text, m_streamed, uses) == (text, text, calls)
+            assert message.stop_reason == ("tool_use" if calls else "end_turn")
+
+
 def test_the_native_engine_enforces_a_schema_too(tiny_qwen2_dir: Path) -> None:
     """Random weights would never write this JSON by themselves: only the mask can make every answer valid."""
     schema = {

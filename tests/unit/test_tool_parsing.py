@@ -8,7 +8,7 @@ import json
 import pytest
 
 from qwen_api.structured.grammar import GrammarError
-from qwen_api.structured.tools import check_parameters, parse_tool_calls
+from qwen_api.structured.tools import CallRules, ParsedOutput, check_parameters, parse_tool_calls
 
 CALL = '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
 
@@ -64,3 +64,57 @@ def test_parameters_are_an_objects_schema_or_left_out() -> None:
         with pytest.raises(GrammarError) as info:
             check_parameters(bad, "tools.0.parameters")
         assert info.value.param == "tools.0.parameters"
+
+
+def _rules(*names: str, parallel: bool = True) -> CallRules:
+    return CallRules(frozenset(names or ("f", "g")), parallel)
+
+
+def test_a_call_to_a_function_the_request_did_not_declare_is_no_call() -> None:
+    """A client cannot run a function it never declared: such a block stays text, as written, closed or not."""
+    stray = '<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>'
+    parsed = _rules("f").split(f"Sure. {stray} {CALL}")
+    assert parsed.content == f"Sure. {stray}" and [c["function"]["name"] for c in parsed.tool_calls] == ["f"]
+    unclosed = 'Hi <tool_call>{"name": "rm_rf", "arguments": {}}'
+    assert _rules("f").split(unclosed) == ParsedOutput(unclosed, [])
+    assert _rules("f").split(f"{CALL}\n{unclosed}").content == unclosed
+    assert len(parse_tool_calls(stray).tool_calls) == 1  # without declared names (no rules), any name
+
+
+def test_without_parallel_calls_only_the_first_call_counts() -> None:
+    second = CALL.replace('"f"', '"g"')
+    for rules, names in ((_rules(), ["f", "g"]), (_rules(parallel=False), ["f"])):
+        parsed = rules.split(f"Both: {CALL}\n{second}\nDone.")
+        assert [c["function"]["name"] for c in parsed.tool_calls] == names
+        assert parsed.content == "Both: \n\nDone."  # the text between the blocks as written
+
+
+ANSWERS = [
+    "Plain text, no call at all.  ",
+    "  leading space, then a tag-like < tool_call and <tool_",
+    f"Sure!\n{CALL}\n",
+    f"Sure!  \n\n{CALL}\nAnd some text after the call.",
+    f"{CALL}\n{CALL.replace('f', 'g')}",
+    f"x <tool_call>not json</tool_call> y {CALL} z",
+    'Cut off: <tool_call>{"name": "f", "argu',
+    'A stray: <tool_call>{"name": "zz", "arguments": {}}</tool_call> tail',
+    f"  \n{CALL}",
+]
+
+
+@pytest.mark.parametrize("answer", ANSWERS)
+@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize("piece", [1, 3, 7, 1000])
+def test_a_streamed_answer_splits_exactly_as_the_whole_answer(answer: str, parallel: bool, piece: int) -> None:
+    """Every dialect streams through `CallStream`: what it sends as it goes plus the rest at the end must be the
+    content of the plain answer, and the calls the same, however the text arrives."""
+    rules = _rules("f", "g", parallel=parallel)
+    stream, sent = rules.stream(), ""
+    for at in range(0, len(answer), piece):
+        out = stream.feed(answer[at : at + piece])
+        assert "<tool_call>" not in out
+        sent += out
+    rest, calls = stream.finish()
+    whole = rules.split(answer)
+    assert sent + rest == (whole.content or "")
+    assert [c["function"] for c in calls] == [c["function"] for c in whole.tool_calls]

@@ -32,7 +32,7 @@ from qwen_api.engine.base import ConstraintFailed, EngineError
 from qwen_api.runtime import Runtime
 from qwen_api.settings import Settings
 from qwen_api.structured.grammar import GrammarError
-from qwen_api.structured.tools import parse_tool_calls, safe_prefix_len
+from qwen_api.structured.tools import CallRules
 from qwen_api.textgen import Completion, TextDelta, TextGenerator
 
 router = APIRouter(prefix="/v1")
@@ -73,7 +73,7 @@ async def create_message(
         except GrammarError as exc:
             raise Unsupported(exc.param, str(exc)) from None
     ticket = guard.admit(1, len(prompt_ids))
-    shape = _Shape(body.model, len(prompt_ids), tools=body.tool_dicts() is not None, parallel=body.parallel_calls())
+    shape = _Shape(body.model, len(prompt_ids), body.call_rules())
     if body.stream:
         events = guard.stream(ticket, shape.events(generator.stream(prompt_ids, params, stop=stop)))
         return sse_response(events, _error_event, on_close=ticket.release, typed=True)
@@ -109,34 +109,29 @@ def _text_delta(index: int, text: str) -> dict[str, Any]:
 
 
 class _Shape:
-    """One answer's id and counts, as a finished Message or as its stream of events. With `tools` shown, the
-    answer's `<tool_call>` blocks are its tool_use blocks (only the first unless `parallel`)."""
+    """One answer's id and counts, as a finished Message or as its stream of events. With tools shown (`rules`),
+    the answer's `<tool_call>` blocks are its tool_use blocks."""
 
-    def __init__(self, model: str, input_tokens: int, tools: bool = False, parallel: bool = True) -> None:
-        self.model, self.input_tokens = model, input_tokens
-        self.tools, self.parallel = tools, parallel
+    def __init__(self, model: str, input_tokens: int, rules: CallRules | None = None) -> None:
+        self.model, self.input_tokens, self.rules = model, input_tokens, rules
         self.message_id = f"msg_{uuid.uuid4().hex}"
 
-    def calls(self, text: str) -> tuple[str, list[dict[str, Any]]]:
-        """The answer's text and its tool_use blocks (none without tools). With tools, the text is the one beside
-        the calls, without a call cut off by the token limit (`parse_tool_calls`)."""
-        if not self.tools:
-            return text, []
-        parsed = parse_tool_calls(text)
-        uses = [
+    @staticmethod
+    def _uses(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
             {
                 "type": "tool_use",
                 "id": f"toolu_{uuid.uuid4().hex[:24]}",
                 "name": call["function"]["name"],
                 "input": json.loads(call["function"]["arguments"]),  # always a JSON object's text
             }
-            for call in parsed.tool_calls
+            for call in calls
         ]
-        return parsed.content or "", uses if self.parallel else uses[:1]
 
     def message(self, result: Completion) -> dict[str, Any]:
         usage = {"input_tokens": self.input_tokens, "output_tokens": result.completion_tokens}
-        text, uses = self.calls(result.text)
+        parsed = self.rules.split(result.text) if self.rules is not None else None
+        text, uses = (parsed.content or "", self._uses(parsed.tool_calls)) if parsed is not None else (result.text, [])
         if not uses:
             content = [{"type": "text", "text": text}]
             return message_object(self.message_id, self.model, content, stop_reason(result), result.stop_string, usage)
@@ -150,35 +145,30 @@ class _Shape:
                 "type": "message_start",
                 "message": message_object(self.message_id, self.model, [], None, None, usage),
             }
-            # Without tools the text block opens at once; with them, at the first text sent (none for a bare call).
-            blocks = 0 if self.tools else 1
+            # With tools, the text is held back where it may be a `<tool_call>` and its block opens at the first
+            # text sent (none for a bare call); without, the text block opens at once.
+            calls_in = self.rules.stream() if self.rules is not None else None
+            blocks = 0 if calls_in is not None else 1
             if blocks:
                 yield _block_start(0, _TEXT_BLOCK)
             yield {"type": "ping"}
             last: TextDelta | None = None
-            held, sent = "", 0  # with tools: the text so far, and how much of it went out
             async for delta in deltas:
                 if delta.finish_reason is not None:
                     last = delta
-                if not self.tools:
-                    if delta.text:
-                        yield _text_delta(0, delta.text)
-                    continue
-                held += delta.text
-                # Up to a possible `<tool_call>`, and not the whitespace before it (the text beside calls is stripped).
-                safe = len(held[: safe_prefix_len(held)].rstrip())
-                if last is None and safe > sent:
+                text = calls_in.feed(delta.text) if calls_in is not None else delta.text
+                if text:
                     if not blocks:
                         blocks = 1
                         yield _block_start(0, _TEXT_BLOCK)
-                    yield _text_delta(0, held[sent:safe])
-                    sent = safe
+                    yield _text_delta(0, text)
             if last is None or last.finish_reason is None:
                 raise EngineError("the engine ended a sequence without a finish reason")
-            result = Completion(held, last.finish_reason, last.completion_tokens, stop_string=last.stop_string)
-            text, uses = self.calls(held)
-            if self.tools:  # the rest of the text: all of it, or with calls the text beside them
-                rest = text[sent:] if text.startswith(held[:sent]) else ""
+            result = Completion("", last.finish_reason, last.completion_tokens, stop_string=last.stop_string)
+            uses: list[dict[str, Any]] = []
+            if calls_in is not None:  # the rest of the text: all of it, or with calls the text beside them
+                rest, calls = calls_in.finish()
+                uses = self._uses(calls)
                 if not blocks and (rest or not uses):
                     blocks = 1
                     yield _block_start(0, _TEXT_BLOCK)

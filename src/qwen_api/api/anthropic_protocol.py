@@ -32,7 +32,7 @@ from qwen_api.api.schema import RequestModel, at_most, resolve_sampling
 from qwen_api.detokenize import Stops
 from qwen_api.engine.base import SamplingParams
 from qwen_api.structured.grammar import GrammarError
-from qwen_api.structured.tools import CLOSE, OPEN, check_functions, tools_grammar
+from qwen_api.structured.tools import CLOSE, OPEN, CallRules, check_functions, tools_grammar
 from qwen_api.textgen import Completion
 
 
@@ -72,7 +72,7 @@ class ToolUseBlock(_Request):
 
 
 class ToolResultBlock(_Request):
-    """A call's result, in the user turn after it; `is_error` is accepted (its text says what failed)."""
+    """A call's result, in the user turn after it; with `is_error`, the model reads it as "Error: " and its text."""
 
     type: Literal["tool_result"]
     tool_use_id: str = Field(..., min_length=1)
@@ -135,7 +135,9 @@ class InputMessage(_Request):
         out: list[ChatMessage] = []
         for block in self.blocks():
             if isinstance(block, ToolResultBlock):
-                out.append(ChatMessage(role="tool", content=_text(block.content), tool_call_id=block.tool_use_id))
+                # A failed call's result says so, as the model reads it: its text alone may not.
+                text = f"Error: {_text(block.content)}" if block.is_error else _text(block.content)
+                out.append(ChatMessage(role="tool", content=text, tool_call_id=block.tool_use_id))
             elif isinstance(block, TextBlock):
                 if out and out[-1].role == "user":  # consecutive text blocks are one message, as they always were
                     out[-1] = ChatMessage(role="user", content=out[-1].text() + block.text)
@@ -280,11 +282,14 @@ class Conversation(_Request):
         """Whether the answer must be a call (`any`, or a named `tool`)."""
         return bool(self.tools) and isinstance(self.tool_choice, ToolChoiceAny | ToolChoiceTool)
 
-    def parallel_calls(self) -> bool:
-        return not (
+    def call_rules(self) -> CallRules | None:
+        """How the answer splits into text and tool_use blocks (one at most with `disable_parallel_tool_use`):
+        None when no tools are shown."""
+        parallel = not (
             isinstance(self.tool_choice, ToolChoiceAuto | ToolChoiceAny | ToolChoiceTool)
             and self.tool_choice.disable_parallel_tool_use
         )
+        return CallRules.of(self.tool_dicts(), parallel)
 
     def grammar(self) -> str | None:
         """A forced call's grammar: one call block, to the named tool or any, whose input follows its schema."""

@@ -30,7 +30,7 @@ from qwen_api.api.sse import sse_response
 from qwen_api.engine.base import TokenLogprob
 from qwen_api.settings import Settings
 from qwen_api.structured.grammar import GrammarError
-from qwen_api.structured.tools import parse_tool_calls, safe_prefix_len
+from qwen_api.structured.tools import CallRules
 from qwen_api.textgen import Completion, TextDelta, TextGenerator
 
 router = APIRouter(prefix="/v1")
@@ -77,7 +77,7 @@ class _Context:
         work = generator.complete(prompt_ids, params, n=body.n, stop=body.stops())
         results = await self.guard.complete(request, ticket, work)
         log_outputs(self.settings, [c.text for c in results])
-        return _response(kind, head, results, len(prompt_ids), _tools_on(body), _LogprobShape(generator))
+        return _response(kind, head, results, len(prompt_ids), _call_rules(body), _LogprobShape(generator))
 
 
 async def _context(settings: SettingsDep, runtime: RuntimeDep, generator: GeneratorDep, guard: GuardDep) -> _Context:
@@ -122,8 +122,9 @@ async def completions(
     return await ctx.serve(request, body, prompt_ids, "text_completion", f"cmpl-{uuid.uuid4().hex}")
 
 
-def _tools_on(body: _SamplingRequest) -> bool:
-    return isinstance(body, ChatCompletionRequest) and body.tool_dicts() is not None
+def _call_rules(body: _SamplingRequest) -> CallRules | None:
+    """How a chat answer splits into content and calls (None: no tools, or a text completion)."""
+    return body.call_rules() if isinstance(body, ChatCompletionRequest) else None
 
 
 class _LogprobShape:
@@ -171,25 +172,25 @@ def _response(
     head: dict[str, Any],
     results: list[Completion],
     prompt_tokens: int,
-    tools_on: bool,
+    rules: CallRules | None,
     logprobs: _LogprobShape,
 ) -> dict[str, Any]:
     return {
         **head,
         "object": kind,
-        "choices": [_choice(kind, i, c, tools_on, logprobs) for i, c in enumerate(results)],
+        "choices": [_choice(kind, i, c, rules, logprobs) for i, c in enumerate(results)],
         "usage": usage(prompt_tokens, sum(c.completion_tokens for c in results)),
     }
 
 
-def _choice(kind: str, index: int, c: Completion, tools_on: bool, logprobs: _LogprobShape) -> dict[str, Any]:
+def _choice(kind: str, index: int, c: Completion, rules: CallRules | None, logprobs: _LogprobShape) -> dict[str, Any]:
     if kind == "chat.completion":
         message: dict[str, Any] = {"role": "assistant", "content": c.text}
         finish: str = c.finish_reason
-        if tools_on and (parsed := parse_tool_calls(c.text)).tool_calls:
+        if rules is not None and (parsed := rules.split(c.text)).tool_calls:
             message = {"role": "assistant", "content": parsed.content, "tool_calls": parsed.tool_calls}
             finish = "tool_calls"
-        elif tools_on:  # no call; a call cut off by the token limit is not shown as text
+        elif rules is not None:  # no call; a call cut off by the token limit is not shown as text
             message["content"] = parsed.content or ""
         return {"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs.chat(c.logprobs)}
     return {"index": index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": logprobs.legacy(c.logprobs)}
@@ -231,19 +232,18 @@ async def _chunks(
             out["usage"] = None
         return out
 
-    tools_on = chat and _tools_on(body)
-    held = [""] * body.n  # with tools: text not sent yet, because it may be (the start of) a <tool_call>
-    sent = [0] * body.n
+    rules = _call_rules(body) if chat else None
+    # with tools, per choice: its text, held back where it may be (the start of) a <tool_call>
+    calls_in = [rules.stream() for _ in range(body.n)] if rules is not None else None
 
     def tool_chunks(index: int, finish: str) -> list[dict[str, Any]]:
         """The end of a choice with tools: the rest of its content, then its calls, then the finish."""
-        parsed = parse_tool_calls(held[index])
-        if not parsed.tool_calls:  # its text, but a call cut off by the token limit (`parse_tool_calls`)
-            text, done = parsed.content or "", held[index][: sent[index]]
-            rest = text[len(done) :] if text.startswith(done) else ""
-            return [*([chunk(index, rest, None)] if rest else []), chunk(index, None, finish)]
-        out = []
-        for k, call in enumerate(parsed.tool_calls):
+        assert calls_in is not None
+        rest, calls = calls_in[index].finish()
+        out = [chunk(index, rest, None)] if rest else []
+        if not calls:  # its text, but a call cut off by the token limit (`parse_tool_calls`)
+            return [*out, chunk(index, None, finish)]
+        for k, call in enumerate(calls):
             delta = {"tool_calls": [{"index": k, **call}]}
             choice = {"index": index, "delta": delta, "finish_reason": None, "logprobs": None}
             out.append({**head, "object": obj, "choices": [choice], **({"usage": None} if with_usage else {})})
@@ -256,17 +256,14 @@ async def _chunks(
                 yield chunk(i, None, None, first=True)
         async for d in deltas:
             entries[d.index].extend(d.logprobs or ())
-            if tools_on:
-                held[d.index] += d.text
-                safe = safe_prefix_len(held[d.index])
-                if d.finish_reason is None and safe > sent[d.index]:
-                    yield chunk(d.index, held[d.index][sent[d.index] : safe], None)
-                    sent[d.index] = safe
+            if calls_in is not None:
+                if text := calls_in[d.index].feed(d.text):
+                    yield chunk(d.index, text, None)
             elif d.text:
                 yield chunk(d.index, d.text, None)
             if d.finish_reason is not None:
                 completion_tokens += d.completion_tokens
-                if tools_on:
+                if calls_in is not None:
                     for c in tool_chunks(d.index, d.finish_reason):
                         yield c
                 else:

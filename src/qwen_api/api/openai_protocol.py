@@ -20,7 +20,7 @@ from qwen_api.api.schema import RequestModel, at_most, resolve_sampling
 from qwen_api.detokenize import Stops
 from qwen_api.engine.base import SamplingParams
 from qwen_api.structured.grammar import GrammarError, response_format_grammar, response_format_schema
-from qwen_api.structured.tools import CLOSE, OPEN, check_functions, tools_grammar
+from qwen_api.structured.tools import CLOSE, OPEN, CallRules, check_functions, tools_grammar
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256
@@ -264,6 +264,10 @@ class ChatCompletionRequest(_SamplingRequest):
         if not self.tools or self.tool_choice == "none":
             return None
         return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def call_rules(self) -> CallRules | None:
+        """How the answer splits into text and calls: None when no tools are shown."""
+        return CallRules.of(self.tool_dicts(), parallel=self.parallel_tool_calls is not False)
 
     def forced_call(self) -> bool:
         """Whether the answer must be one tool call (`required`, or a named function)."""

@@ -47,7 +47,7 @@ from qwen_api.api.responses_protocol import (
 from qwen_api.api.sse import sse_response
 from qwen_api.engine.base import EngineError, SamplingParams
 from qwen_api.structured.grammar import GrammarError
-from qwen_api.structured.tools import parse_tool_calls, safe_prefix_len
+from qwen_api.structured.tools import CallRules
 from qwen_api.textgen import Completion, TextDelta
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ async def create_response(
         except GrammarError as exc:
             raise Unsupported(param, str(exc)) from None
     ticket = guard.admit(1, len(prompt_ids))
-    shape = _Shape(body, params, len(prompt_ids), tools_on=tools is not None)
+    shape = _Shape(body, params, len(prompt_ids), body.call_rules())
     if body.stream:
         events = shape.ending_failed(guard.stream(ticket, shape.events(generator.stream(prompt_ids, params))))
         return sse_response(events, shape.error_event, on_close=ticket.release, typed=True)
@@ -100,10 +100,12 @@ async def create_response(
 class _Shape:
     """One response's ids and echoed settings, as a finished Response object or as its stream of events."""
 
-    def __init__(self, body: ResponsesRequest, params: SamplingParams, input_tokens: int, tools_on: bool) -> None:
+    def __init__(
+        self, body: ResponsesRequest, params: SamplingParams, input_tokens: int, rules: CallRules | None
+    ) -> None:
         self.body, self.params, self.input_tokens = body, params, input_tokens
-        # With tools the output is parsed for calls (tools shown to the model: not with tool_choice 'none').
-        self.tools_on = tools_on
+        # With tools the output is split into text and calls (tools shown to the model: not with tool_choice 'none').
+        self.rules = rules
         self.response_id, self.item_id = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
         self.created_at = int(time.time())
         self._sequence = itertools.count()
@@ -125,15 +127,10 @@ class _Shape:
     def _status(finish_reason: str) -> Status:
         return "incomplete" if finish_reason == "length" else "completed"
 
-    @staticmethod
-    def _calls(text: str) -> tuple[str, list[dict[str, Any]]]:
-        """The answer's text and its calls (chat's shape), when tools are on and it made some."""
-        parsed = parse_tool_calls(text)
-        return parsed.content or "", parsed.tool_calls
-
     def final(self, result: Completion) -> dict[str, Any]:
         status = self._status(result.finish_reason)
-        text, calls = self._calls(result.text) if self.tools_on else (result.text, [])
+        parsed = self.rules.split(result.text) if self.rules is not None else None
+        text, calls = (parsed.content or "", parsed.tool_calls) if parsed is not None else (result.text, [])
         # A message for the text: always without calls (as without tools), beside calls only when there is some.
         output = [message_item(self.item_id, status, [text_part(text)])] if text or not calls else []
         output += [function_call_item(f"fc_{uuid.uuid4().hex}", call, "completed") for call in calls]
@@ -218,34 +215,26 @@ class _Shape:
         try:
             yield self._event("response.created", response=self._response("in_progress", [], None))
             yield self._event("response.in_progress", response=self._response("in_progress", [], None))
-            if not self.tools_on:  # the message item comes first, text or not; with tools, with its first text
+            # with tools, the text held back where it may be a <tool_call>; else the message item comes first
+            calls_in = self.rules.stream() if self.rules is not None else None
+            if calls_in is None:
                 for event in self._text_events(""):
                     yield event
-            held, sent = "", 0  # with tools: the text so far, and how much of it went out
             last: TextDelta | None = None
             async for delta in deltas:
                 if delta.finish_reason is not None:
                     last = delta
-                if not self.tools_on:
-                    for event in self._text_events(delta.text):
+                text = calls_in.feed(delta.text) if calls_in is not None else delta.text
+                if text or calls_in is None:
+                    for event in self._text_events(text):
                         yield event
-                    continue
-                held += delta.text
-                # Out now: the text before what may be a <tool_call>, but for its trailing whitespace
-                safe = len(held[: safe_prefix_len(held)].rstrip())
-                if last is None and safe > sent:
-                    for event in self._text_events(held[sent:safe]):
-                        yield event
-                    sent = safe
             if last is None:
                 raise EngineError("the engine ended a sequence without a finish reason")
             status = self._status(last.finish_reason or "stop")
             calls: list[dict[str, Any]] = []
-            if self.tools_on:
-                # the text with the calls (and a call cut off by the token limit) taken out: the rest of it
-                content, calls = self._calls(held)
-                streamed = "".join(self._texts)
-                rest = content[len(streamed) :] if content.startswith(streamed) else ""  # (sent is sent)
+            if calls_in is not None:
+                # the rest of the text, with the calls (and a call cut off by the token limit) taken out
+                rest, calls = calls_in.finish()
                 if rest or not calls:
                     for event in self._text_events(rest):
                         yield event

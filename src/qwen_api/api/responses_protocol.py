@@ -20,7 +20,7 @@ from qwen_api.api.openai_protocol import ChatMessage, FunctionCall, FunctionDefi
 from qwen_api.api.schema import RequestModel, at_most, resolve_sampling
 from qwen_api.engine.base import SamplingParams
 from qwen_api.structured.grammar import GrammarError, response_format_grammar, response_format_schema
-from qwen_api.structured.tools import check_functions, tools_grammar
+from qwen_api.structured.tools import CallRules, check_functions, tools_grammar
 
 # The sampling fields a response gets: OpenAI's defaults where neither the request nor the model's config sets one.
 _DIALECT_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
@@ -271,6 +271,10 @@ class ResponsesRequest(_Request):
         if not self.tools or self.tool_choice == "none":
             return None
         return [t.chat_dict() for t in self.tools]
+
+    def call_rules(self) -> CallRules | None:
+        """How the answer splits into text and `function_call` items: None when no tools are shown."""
+        return CallRules.of(self.tool_dicts(), parallel=self.parallel_tool_calls is not False)
 
     def forced_call(self) -> bool:
         """Whether the answer must be one function call (`required`, or a named function)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,14 +184,17 @@ class ParsedOutput:
     tool_calls: list[dict[str, Any]]
 
 
-def parse_tool_calls(text: str) -> ParsedOutput:
+def parse_tool_calls(text: str, names: Collection[str] | None = None, parallel: bool = True) -> ParsedOutput:
     """Split a completion into its text and its calls (OpenAI's shape, with ids).
 
     A call is a block holding `{"name": str, "arguments": object}` (the arguments may come as JSON text of an
-    object). A closed block that is no such call stays in the content, as the model wrote it; a final block left
-    open that is none, a call cut off by the token limit, is dropped, so the markup never reaches the content.
-    The whitespace around the blocks goes with them; the answer's own leading whitespace stays (as an answer
-    without calls keeps it, and as a stream has already sent it)."""
+    object), its name one of `names` (any name when None). A closed block that is no call stays in the content, as
+    the model wrote it; so does a whole call to a function the request did not declare (its client could not run
+    it), closed or not. A final block left open that is no call, a call cut off by the token limit, is dropped, so
+    the markup never reaches the content. Without `parallel` only the first call counts; the others are dropped.
+    The text around the blocks is kept as written, but for the whitespace that ends it (or all of it, when it is
+    only whitespace); the answer's own leading whitespace stays (as an answer without calls keeps it, and as a
+    stream has already sent it)."""
     calls: list[dict[str, Any]] = []
     kept: list[str] = []
     last = 0
@@ -208,21 +212,71 @@ def parse_tool_calls(text: str) -> ParsedOutput:
             kept.append(text[last : match.start()])  # cut off: it ends the text
             last = len(text)
             break
+        if names is not None and name not in names:
+            continue  # whole, but to a function nobody declared: text as written
         kept.append(text[last : match.start()])
         last = match.end()
-        calls.append(
-            {
-                "id": f"call_{uuid.uuid4().hex[:24]}",
-                "type": "function",
-                "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)},
-            }
-        )
+        if parallel or not calls:
+            calls.append(
+                {
+                    "id": f"call_{uuid.uuid4().hex[:24]}",
+                    "type": "function",
+                    "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)},
+                }
+            )
     if not kept:
         return ParsedOutput(text, [])
     kept.append(text[last:])
     joined = "".join(kept)
     content = joined.rstrip() if kept[0].strip() else joined.strip()
     return ParsedOutput(content or None, calls)
+
+
+@dataclass(frozen=True)
+class CallRules:
+    """Which calls an answer may hold: to the functions the request declared (`names`), and more than one only
+    when `parallel`. Every dialect's route splits its answers by these, plain (`split`) or streamed (`stream`)."""
+
+    names: frozenset[str]
+    parallel: bool = True
+
+    @classmethod
+    def of(cls, tools: list[dict[str, Any]] | None, parallel: bool = True) -> CallRules | None:
+        """The rules for the function tools shown to the model (chat completions' shape); None without tools."""
+        return cls(frozenset(t["function"]["name"] for t in tools), parallel) if tools else None
+
+    def split(self, text: str) -> ParsedOutput:
+        return parse_tool_calls(text, self.names, self.parallel)
+
+    def stream(self) -> CallStream:
+        return CallStream(self)
+
+
+class CallStream:
+    """One streamed answer that may hold calls, split as `CallRules.split` splits the whole answer, so that a
+    stream and a plain answer always agree: `feed` says which text may go out now (all of it up to what may be
+    the start of a `<tool_call>`, but for its trailing whitespace, which the text beside calls drops); `finish`
+    gives the rest of the text (what follows the calls, or what was held back and turned out to be no call) and
+    the calls. What went out plus the rest is exactly the split's content."""
+
+    def __init__(self, rules: CallRules) -> None:
+        self._rules = rules
+        self.text = ""  # the answer so far
+        self.sent = 0  # how much of it went out
+
+    def feed(self, text: str) -> str:
+        self.text += text
+        safe = len(self.text[: safe_prefix_len(self.text)].rstrip())
+        if safe <= self.sent:
+            return ""
+        out, self.sent = self.text[self.sent : safe], safe
+        return out
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        parsed = self._rules.split(self.text)
+        content, streamed = parsed.content or "", self.text[: self.sent]
+        # always a prefix (`feed` never passes the first block, nor the whitespace before it); checked all the same
+        return (content[len(streamed) :] if content.startswith(streamed) else ""), parsed.tool_calls
 
 
 def safe_prefix_len(text: str) -> int:
