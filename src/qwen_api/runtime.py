@@ -131,6 +131,7 @@ class Runtime:
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self._generator is not None:
+            self._generator.grammars.close()
             await asyncio.to_thread(self._generator.engine.shutdown)
 
 

@@ -1,8 +1,9 @@
 """Grammars for constrained decoding: compile a JSON schema once (cached by its text), match it per sequence.
 
 Built on llguidance (README: why it and not xgrammar). `GrammarCompiler` belongs to one tokenizer: it builds
-llguidance's token table once, off the event loop, and compiles each distinct grammar once, in a worker thread
-under a time limit, so a pathological schema is a `GrammarError` (a 400), never a stalled batch. A `Constraint`
+llguidance's token table once, off the event loop, and compiles each distinct grammar once, in its own threads,
+first in a child process that is killed at a time limit (`sandbox`), so a pathological schema is a `GrammarError`
+(a 400), never a stalled batch nor a core burnt after the answer. A `Constraint`
 is the plain handle that crosses the engine contract in `SamplingParams.constraint`; each engine asks it for one
 `TokenMatcher` per sequence, applies `allowed()` to that sequence's logits before any other sampling transform,
 and `advance()`s it with the token it sampled. When the JSON is complete the matcher allows only end-of-sequence.
@@ -19,13 +20,20 @@ import hashlib
 import json
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from qwen_api.structured.sandbox import Sandbox
+
 COMPILE_TIMEOUT_S = 10.0
+COMPILE_THREADS = 2  # grammars compiled at once (each may hold a core for up to COMPILE_TIMEOUT_S)
+WAIT_LIMIT_S = 3 * COMPILE_TIMEOUT_S  # a request's whole wait for its grammar: queued, checked, built
 CACHE_SIZE = 256
+MAX_SCHEMA_OBJECTS = 5_000  # JSON objects in one schema (OpenAI allows 5,000 properties in all)
+MAX_SCHEMA_DEPTH = 64  # objects and arrays nested in one schema (OpenAI allows 10 levels of objects)
 # Compact JSON: a flexible-whitespace grammar lets a small model emit newlines until max_tokens.
 _JSON_OPTIONS = {"whitespace_flexible": False}
 
@@ -39,17 +47,53 @@ class GrammarError(ValueError):
 
 
 def checked_schema(schema: dict[str, Any] | bool, param: str = "response_format") -> dict[str, Any] | bool:
-    """`schema`, once checked to be a valid JSON schema (a `GrammarError` naming `param` if not)."""
+    """`schema`, once checked to be a valid JSON schema (a `GrammarError` naming `param` if not).
+
+    The check runs on the event loop, inside request validation, so its cost is bounded: a schema has at most
+    `MAX_SCHEMA_OBJECTS` JSON objects (checking one takes about 0.1 ms; a 1 MB schema of 50,000 took seconds, every
+    stream waiting) nested at most `MAX_SCHEMA_DEPTH` deep (the checker recurses), and the verdict on each distinct
+    schema is remembered (an agent sends the same tools every turn).
+    A `pattern` is not checked here: JSON Schema's are ECMA-262 regular expressions, not Python's (`(?<y>...)` and
+    `\\p{Lu}` are valid ones), and the grammar engine, which reads them as such, refuses a bad one itself."""
     from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import SchemaError
+    from jsonschema.exceptions import best_match
 
     if not isinstance(schema, dict | bool):
         raise GrammarError("the schema must be a JSON object", param)
-    try:
-        Draft202012Validator.check_schema(schema)
-    except SchemaError as exc:
-        raise GrammarError(f"invalid JSON schema: {exc.message}", param) from None
+    objects, depth = _size_of(schema)
+    if objects > MAX_SCHEMA_OBJECTS:
+        raise GrammarError(f"the schema has {objects} JSON objects: at most {MAX_SCHEMA_OBJECTS} are supported", param)
+    if depth > MAX_SCHEMA_DEPTH:
+        raise GrammarError(f"the schema nests {depth} levels deep: at most {MAX_SCHEMA_DEPTH} are supported", param)
+    key = hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).digest()
+    if key in _SCHEMA_VERDICTS:
+        verdict = _SCHEMA_VERDICTS[key]
+    else:
+        error = best_match(Draft202012Validator(Draft202012Validator.META_SCHEMA).iter_errors(schema))
+        verdict = None if error is None else f"invalid JSON schema: {error.message}"
+        _SCHEMA_VERDICTS[key] = verdict
+        while len(_SCHEMA_VERDICTS) > CACHE_SIZE:
+            _SCHEMA_VERDICTS.popitem(last=False)
+    if verdict is not None:
+        raise GrammarError(verdict, param)
     return schema
+
+
+# Each checked schema's verdict (None: valid; else why not), by the digest of its canonical JSON; on the event loop.
+_SCHEMA_VERDICTS: OrderedDict[bytes, str | None] = OrderedDict()
+
+
+def _size_of(value: Any) -> tuple[int, int]:
+    """How many JSON objects `value` holds (itself included), and how deep its objects and arrays nest; walked
+    without recursion, so that a deep schema cannot exhaust the stack here."""
+    objects, depth, todo = 0, 0, [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        if isinstance(item, dict | list):
+            depth = max(depth, level)
+            objects += isinstance(item, dict)
+            todo.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return objects, depth
 
 
 def json_schema_grammar(schema: dict[str, Any] | bool, param: str = "response_format") -> str:
@@ -60,6 +104,8 @@ def json_schema_grammar(schema: dict[str, Any] | bool, param: str = "response_fo
 def _lark_free_json(schema: Any) -> str:
     from llguidance import LLMatcher
 
+    if isinstance(schema, bool):  # `true` is any JSON, `false` none: llguidance reads objects only
+        schema = {} if schema else {"not": {}}
     try:
         # A plain dict is what llguidance reads; its stubs name a TypedDict with the same key.
         return LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=_JSON_OPTIONS)  # type: ignore[arg-type]
@@ -76,15 +122,15 @@ def compact_json(schema: dict[str, Any] | bool) -> dict[str, Any]:
 
 
 class TokenMatcher:
-    """One sequence's position in a grammar: which tokens may come next, and the tokens taken so far."""
+    """One sequence's position in a grammar: which tokens may come next, and the tokens taken so far. It steps its
+    own copy of a compiled matcher (`Constraint.matcher`)."""
 
-    def __init__(self, tokenizer: Any, grammar: str) -> None:
-        from llguidance import LLMatcher
+    def __init__(self, matcher: Any, vocab_size: int) -> None:
         from llguidance.numpy import allocate_token_bitmask
 
-        self._matcher = LLMatcher(tokenizer, grammar)
-        self._bitmask = allocate_token_bitmask(1, tokenizer.vocab_size)
-        self._vocab = tokenizer.vocab_size
+        self._matcher = matcher
+        self._bitmask = allocate_token_bitmask(1, vocab_size)
+        self._vocab = vocab_size
 
     def allowed(self, width: int) -> np.ndarray:
         """A bool row of `width` (the logits' width): True where the next token may go. Ids past the tokenizer's
@@ -129,12 +175,18 @@ def tokenizer_key(hf_tokenizer: Any, n_vocab: int, eos: Any) -> str:
 class Constraint:
     """A compiled grammar bound to a tokenizer: the handle an engine turns into one matcher per sequence.
 
+    The grammar is compiled once per process (`GrammarCompiler` does it off the event loop, before the request is
+    admitted) and each sequence gets a copy of that compiled matcher, which costs microseconds: an engine's step
+    never compiles a grammar, which for a large schema takes seconds that every other sequence would wait.
     Pickled, it keeps its grammar and `tokenizer_key` only; unpickled in another process it uses that process's
-    registered tokenizer of the same key (`bound`), which the process must have built first (`GrammarCompiler`)."""
+    registered tokenizer of the same key (`bound`), which the process must have built first (`GrammarCompiler`),
+    and compiles its matcher there at its first sequence."""
 
     grammar: str
     tokenizer_key: str
     tokenizer: Any = field(default=None, repr=False, compare=False)
+    # the compiled matcher, at most one, that sequences copy; empty until this process compiles it
+    compiled: list[Any] = field(default_factory=list, repr=False, compare=False)
 
     def __reduce__(self) -> tuple[Any, tuple[str, str]]:
         return (Constraint, (self.grammar, self.tokenizer_key))
@@ -150,11 +202,18 @@ class Constraint:
         tokenizer = self._tokenizer()
         if tokenizer is None:
             raise GrammarError("this process has no grammar tokenizer for the model's vocabulary")
-        return TokenMatcher(tokenizer, self.grammar)
+        if not self.compiled:
+            from llguidance import LLMatcher
+
+            self.compiled.append(LLMatcher(tokenizer, self.grammar, log_level=0))
+        return TokenMatcher(self.compiled[0].deep_copy(), tokenizer.vocab_size)
 
 
 class GrammarCompiler:
-    """Compiles and caches grammars for one tokenizer; every method that may be slow runs off the event loop."""
+    """Compiles and caches grammars for one tokenizer; every method that may be slow runs off the event loop, in
+    the compiler's own threads (`COMPILE_THREADS`), so that compiles never take the threads the rest of the server
+    shares. A grammar's first compile runs in a child process (`sandbox.Sandbox`) that is killed at
+    `COMPILE_TIMEOUT_S`; a grammar that took too long is remembered and refused at once when it comes again."""
 
     def __init__(self, hf_tokenizer: Any, eos_token_ids: list[int] | None = None) -> None:
         self._hf = hf_tokenizer
@@ -163,6 +222,10 @@ class GrammarCompiler:
         self._key = ""
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, Constraint] = OrderedDict()
+        self._too_slow: OrderedDict[str, None] = OrderedDict()  # grammars whose compile was killed
+        self._compiling: dict[str, asyncio.Future[Constraint]] = {}
+        self._threads = ThreadPoolExecutor(max_workers=COMPILE_THREADS, thread_name_prefix="grammar")
+        self._sandbox = Sandbox()
 
     def _ll_tokenizer(self) -> Any:
         with self._lock:
@@ -178,37 +241,79 @@ class GrammarCompiler:
     def _compile_sync(self, grammar: str, param: str) -> Constraint:
         from llguidance import LLMatcher
 
+        verdict = self._sandbox.check(grammar, COMPILE_TIMEOUT_S)
+        if verdict is None:
+            with self._lock:
+                self._too_slow[grammar] = None
+                while len(self._too_slow) > CACHE_SIZE:
+                    self._too_slow.popitem(last=False)
+            raise GrammarError(_too_slow_message(), param)
+        # Compiled in time there: here it takes about as long, with the tokenizer.
         tokenizer = self._ll_tokenizer()
-        is_error, warnings = LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
-        if is_error or warnings:
-            # A warning means a part of the schema would not be enforced: refuse it rather than ignore it.
-            raise GrammarError(f"this schema cannot be enforced: {'; '.join(warnings) or 'invalid grammar'}", param)
-        probe = TokenMatcher(tokenizer, grammar)
+        compiled = LLMatcher(tokenizer, grammar, log_level=0)
+        errors = [compiled.get_error()] if compiled.is_error() else []
+        # A warning means a part of the schema would not be enforced: refuse it rather than ignore it.
+        if problems := errors or verdict[1] or list(compiled.get_grammar_warnings()):
+            raise GrammarError(f"this schema cannot be enforced: {'; '.join(problems)}", param)
+        probe = TokenMatcher(compiled.deep_copy(), tokenizer.vocab_size)
         probe.allowed(tokenizer.vocab_size)  # the first step's mask: some grammars already fail there
         if (why := probe.failure()) is not None:
             raise GrammarError(f"this schema cannot be enforced: {why}", param)
-        return Constraint(grammar, self._key, tokenizer)
+        return Constraint(grammar, self._key, tokenizer, [compiled])
 
     async def prepare(self) -> None:
         """Build the token table now (seconds for a 151k vocabulary), so that the first request does not wait, and
         register it for the constraints that other processes send here."""
-        await asyncio.to_thread(self._ll_tokenizer)
+        if self._tokenizer is None:
+            await asyncio.get_running_loop().run_in_executor(self._threads, self._ll_tokenizer)
 
     async def compile(self, grammar: str, param: str = "response_format") -> Constraint:
-        """The constraint for `grammar`, from the cache or compiled in a thread within `COMPILE_TIMEOUT_S`."""
+        """The constraint for `grammar`, from the cache or compiled in the compiler's threads. A request waits at
+        most `WAIT_LIMIT_S` in all (its compile is killed at `COMPILE_TIMEOUT_S`; the rest is for the compiles
+        queued before it and for building its matcher)."""
         if (hit := self._cache.get(grammar)) is not None:
             self._cache.move_to_end(grammar)
             return hit
-        await self.prepare()
+        if grammar in self._too_slow:
+            raise GrammarError(_too_slow_message(), param)
+        # One compile per grammar at a time: requests that send it meanwhile wait for the same one.
+        if (work := self._compiling.get(grammar)) is None:
+            work = self._compiling[grammar] = asyncio.ensure_future(self._compile(grammar, param))
+
+            def finished(done: asyncio.Future[Constraint]) -> None:
+                self._compiling.pop(grammar, None)
+                if not done.cancelled():
+                    done.exception()  # taken: when every request that waited for it left first, nobody else does
+
+            work.add_done_callback(finished)
         try:
-            async with asyncio.timeout(COMPILE_TIMEOUT_S):
-                constraint = await asyncio.to_thread(self._compile_sync, grammar, param)
+            async with asyncio.timeout(WAIT_LIMIT_S):
+                return await asyncio.shield(work)  # a waiter that leaves does not cancel the others' compile
         except TimeoutError:
-            raise GrammarError(f"the schema took longer than {COMPILE_TIMEOUT_S:.0f} s to compile", param) from None
+            raise GrammarError(
+                f"the schema could not be compiled within {WAIT_LIMIT_S:.0f} s: the server is compiling others",
+                param,
+            ) from None
+        except GrammarError as exc:
+            raise GrammarError(str(exc), param) from None  # named as this request names it
+
+    async def _compile(self, grammar: str, param: str) -> Constraint:
+        await self.prepare()
+        loop = asyncio.get_running_loop()
+        constraint = await loop.run_in_executor(self._threads, self._compile_sync, grammar, param)
         self._cache[grammar] = constraint
         while len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
         return constraint
+
+    def close(self) -> None:
+        """End the compile children (they end by themselves too when this process exits)."""
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        self._sandbox.close()
+
+
+def _too_slow_message() -> str:
+    return f"the schema took longer than {COMPILE_TIMEOUT_S:.0f} s to compile"
 
 
 # The fields each `response_format` type has (OpenAI's shapes), besides `type`; and those of a json_schema's spec.

@@ -1,0 +1,95 @@
+"""A grammar's first compile, in a child process that is killed when it takes too long.
+
+llguidance compiles a grammar in native code that cannot be interrupted: a small schema can take minutes (a chain of
+`allOf`s over `$ref`s doubles the work with each link), and a thread left running it after its time limit keeps a
+core busy and its thread taken long after the request got its answer. So each grammar is first compiled here, in a
+child process that has no tokenizer (the costly part, turning the grammar into its rules, does not need one): in
+time, the caller builds the real matcher, at the same cost; too slow, the child is killed (and started again for the
+next grammar), and the caller refuses the grammar at once. The children are started with `spawn`, never forked
+from a process with an engine's threads, when a grammar first needs one, and kept for the next grammars.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import threading
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+
+START_TIMEOUT_S = 60.0
+
+
+def _serve(conn: Connection) -> None:
+    """The child: for each grammar text received, (is_error, messages) from llguidance's own validation."""
+    from llguidance import LLMatcher
+
+    conn.send("ready")  # started and imported: the parent's time limits count from here
+    while True:
+        try:
+            grammar = conn.recv()
+        except EOFError:  # the parent closed its end or died
+            return
+        conn.send(LLMatcher.validate_grammar_with_warnings(grammar))
+
+
+class Sandbox:
+    """Children that compile grammars; `check` blocks, for a worker thread. A child is started when no idle one is
+    at hand and kept for the next grammar, unless it was killed: there are never more children than threads that
+    call `check` at once."""
+
+    def __init__(self) -> None:
+        self._idle: queue.SimpleQueue[tuple[BaseProcess, Connection]] = queue.SimpleQueue()
+        self._children: list[tuple[BaseProcess, Connection]] = []  # every one not ended, to end them all on close
+        self._lock = threading.Lock()
+
+    def _take(self) -> tuple[BaseProcess, Connection]:
+        while True:
+            try:
+                child = self._idle.get_nowait()
+            except queue.Empty:
+                break
+            if child[0].is_alive():
+                return child
+        context = multiprocessing.get_context("spawn")
+        parent_end, child_end = context.Pipe()
+        process = context.Process(target=_serve, args=(child_end,), name="grammar-sandbox", daemon=True)
+        process.start()
+        child_end.close()
+        # A start is not a compile: it has its own, generous limit (an interpreter and llguidance to load).
+        if not parent_end.poll(START_TIMEOUT_S) or parent_end.recv() != "ready":
+            self._end(process, parent_end)
+            raise RuntimeError(f"the grammar sandbox did not start within {START_TIMEOUT_S:.0f} s")
+        with self._lock:
+            self._children.append((process, parent_end))
+        return process, parent_end
+
+    def check(self, grammar: str, timeout: float) -> tuple[bool, list[str]] | None:
+        """llguidance's (is_error, messages) for `grammar`, or None when it took longer than `timeout` seconds (the
+        child is then killed)."""
+        process, conn = self._take()
+        conn.send(grammar)
+        if conn.poll(timeout):
+            try:
+                is_error, messages = conn.recv()
+            except EOFError:  # the child died on it (a crash in native code): as good as too slow
+                pass
+            else:
+                self._idle.put((process, conn))
+                return bool(is_error), [str(m) for m in messages]
+        self._end(process, conn)
+        return None
+
+    def _end(self, process: BaseProcess, conn: Connection) -> None:
+        process.kill()
+        process.join(timeout=5)
+        conn.close()
+        with self._lock:
+            self._children = [c for c in self._children if c[0] is not process]
+
+    def close(self) -> None:
+        with self._lock:
+            children, self._children = self._children, []
+        for process, conn in children:
+            if process.is_alive():
+                self._end(process, conn)
