@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import openai
+import pytest
 
 from conftest import InProcessServer, sdk
 
@@ -58,6 +59,32 @@ def test_completions_logprobs_in_the_legacy_shape(api_server: InProcessServer) -
     assert r.usage is not None and len(logprobs.tokens) == r.usage.completion_tokens
     assert all(len(top) <= 2 for top in logprobs.top_logprobs)
     assert logprobs.text_offset is not None and logprobs.text_offset[0] == 0
+
+
+def test_text_offsets_count_whole_characters_streamed_or_not(api_server: InProcessServer) -> None:
+    """Tokens that each hold part of a character (forced here: the three bytes of "一" for nine tokens) move
+    `text_offset` only once the character is whole: never past the text's end nor back, and the stream's offsets
+    are the plain answer's (they once counted U+FFFD per token, then jumped back by the chunk's real text)."""
+    generator = api_server.runtime.generator()
+    by_bytes = {generator.token_bytes(t): t for t in range(generator.vocab_size)}
+    parts = [by_bytes[bytes([b])] for b in "一".encode()]  # a byte-level vocabulary has a token for each byte
+    args = {"model": name(api_server), "prompt": "x", "max_tokens": 9, "temperature": 1.0, "seed": 0, "logprobs": 1}
+    args["logit_bias"] = {str(t): 100 for t in parts}
+    plain = client(api_server).completions.create(**args).choices[0]
+    streamed = list(client(api_server).completions.create(**args, stream=True))
+    offsets = [o for c in streamed for o in (c.choices[0].logprobs.text_offset if c.choices[0].logprobs else [])]
+    assert plain.logprobs is not None and offsets == plain.logprobs.text_offset and len(offsets) == 9
+    assert offsets == sorted(offsets) and offsets[-1] <= len(plain.text)
+    assert "".join(c.choices[0].text for c in streamed) == plain.text
+
+
+def test_a_token_given_twice_in_logit_bias_is_a_400(api_server: InProcessServer) -> None:
+    """ "5" and "05" are one token: their biases would add up past the ±100 that one may have."""
+    with pytest.raises(openai.BadRequestError) as info:
+        client(api_server).chat.completions.create(
+            model=name(api_server), messages=QUESTION, max_tokens=2, logit_bias={"5": 100, "05": 100}
+        )
+    assert info.value.body["param"] == "logit_bias" and "more than once" in info.value.body["message"]
 
 
 def test_logit_bias_forces_a_token(api_server: InProcessServer) -> None:

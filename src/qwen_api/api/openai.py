@@ -6,6 +6,7 @@ parameters, and shape TextGenerator's output as OpenAI objects and chunks.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import time
 import uuid
@@ -150,21 +151,36 @@ class _LogprobShape:
         ]
         return {"content": content, "refusal": None}
 
-    def legacy(self, entries: Sequence[TokenLogprob] | None, offset: int = 0) -> dict[str, Any] | None:
-        """`offset`: characters of this choice's text before these tokens (for `text_offset`)."""
+    def legacy(
+        self, entries: Sequence[TokenLogprob] | None, offsets: _TextOffsets | None = None
+    ) -> dict[str, Any] | None:
+        """`offsets`: where this choice's text stands before these tokens (a stream's goes on across its chunks)."""
         if entries is None:
             return None
         tokens = [self._token(e.token)[0] for e in entries]
-        offsets = []
-        for text in tokens:
-            offsets.append(offset)
-            offset += len(text)
+        at = offsets if offsets is not None else _TextOffsets()
         return {
             "tokens": tokens,
             "token_logprobs": [e.logprob for e in entries],
             "top_logprobs": [{self._token(t)[0]: lp for t, lp in e.top} for e in entries],
-            "text_offset": offsets,
+            "text_offset": [at.take(self._generator.token_bytes(e.token)) for e in entries],
         }
+
+
+class _TextOffsets:
+    """`text_offset`s into a choice's text: each token's is the number of characters whole before it. A token
+    may hold part of a character (a CJK character is often three byte tokens): it does not move the offset until
+    the character is whole, so the offsets never pass the text's end nor go back, streamed or not."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._chars = 0
+
+    def take(self, data: bytes) -> int:
+        """This token's offset; then its bytes count."""
+        offset = self._chars
+        self._chars += len(self._decoder.decode(data))
+        return offset
 
 
 def _response(
@@ -210,9 +226,9 @@ async def _chunks(
     with_usage = body.include_usage()
 
     wanted = body.logprobs_wanted() is not None
-    # Per choice: log-probability entries not sent yet, and (legacy shape) characters of text sent before them.
+    # Per choice: log-probability entries not sent yet, and (legacy shape) where its text stands before them.
     entries: list[list[TokenLogprob]] = [[] for _ in range(body.n)]
-    offsets = [0] * body.n
+    offsets = [_TextOffsets() for _ in range(body.n)]
 
     def chunk(index: int, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
         taken: list[TokenLogprob] | None = None
@@ -225,7 +241,6 @@ async def _chunks(
             choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs.chat(taken)}
         else:
             legacy = logprobs.legacy(taken, offsets[index])
-            offsets[index] += len(text or "")
             choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": legacy}
         out = {**head, "object": obj, "choices": [choice]}
         if with_usage:

@@ -203,10 +203,14 @@ class _SamplingRequest(_OpenAIRequest):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def token_bias(self, vocab_size: int) -> tuple[tuple[int, float], ...]:
-        """logit_bias as (token id, bias) pairs; `Unsupported` for an id outside the model's vocabulary."""
+        """logit_bias as (token id, bias) pairs; `Unsupported` for an id outside the model's vocabulary, or one
+        given twice ("5" and "05" are the same token: their biases would add up past the ±100 allowed)."""
         pairs = tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items())
         if bad := [t for t, _ in pairs if t >= vocab_size]:
             raise Unsupported("logit_bias", f"token id {bad[0]} is outside this model's vocabulary of {vocab_size}")
+        if len({t for t, _ in pairs}) != len(pairs):
+            twice = next(t for t in {t for t, _ in pairs} if sum(u == t for u, _ in pairs) > 1)
+            raise Unsupported("logit_bias", f"token id {twice} is given more than once")
         return pairs
 
     def logprobs_wanted(self) -> int | None:
