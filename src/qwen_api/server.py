@@ -6,11 +6,17 @@ requests finish for up to `drain_timeout` seconds, then shut down and exit 0. A 
 time, stops at once (exit code 1 if requests were still in flight, else 0). A failed model load or a dead engine
 ends the process with exit code 1.
 
-Connections: at most `max_connections` are held open; past that a new connection is answered 503 and closed at
-once, before its file descriptors could run out. A connection must send each whole request, headers and body,
-within `header_timeout` seconds of opening (or of its previous response), else it is closed: idle, trickling or
-stalled connections cannot pile up (as Go's `ReadTimeout`). A request's line and headers may hold at most
-`MAX_HEAD_BYTES`; past that it is answered 431 and the connection closed, before they could fill the memory.
+Connections: at most `max_connections` are held open; past that a new connection is answered 503 and closed, before
+its file descriptors could run out: not counted as open, it gets up to `_REFUSAL_WAIT` seconds to send its request's
+head first (while no more than `_WAITING_REFUSALS` wait so, else it is answered at once). A connection must send each
+whole request, headers and body, within `header_timeout` seconds of opening (or of its previous response), else it is
+closed without an answer: idle, trickling or stalled connections cannot pile up (as Go's `ReadTimeout`). A request's
+line and headers may hold at most `MAX_HEAD_BYTES`; past that it is answered 431 and the connection closed, before
+they could fill the memory. A request that does not parse is answered 400 and its connection closed.
+
+These answers of the server's own go through the app's header middleware (`with_answer_headers`), with the request
+headers read before the answer: they carry X-Request-ID and, for an allowed Origin, the CORS headers, as the app's
+answers do, so that a page can read them.
 """
 
 from __future__ import annotations
@@ -20,14 +26,16 @@ import json
 import logging
 import resource
 import signal
+from http import HTTPStatus
 from types import FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
-import httptools
 import uvicorn
+from starlette.types import Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from qwen_api.admission import Admission
+from qwen_api.api.app import with_answer_headers
 from qwen_api.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -37,6 +45,14 @@ _RESERVED_FDS = 128
 
 # The most bytes a request's line and headers may hold (Node's bound is 16 KiB, nginx's 32 KiB, Go's 1 MiB).
 MAX_HEAD_BYTES = 64 * 1024
+
+# Refused connections that may wait for their request's head at once, so that their 503 carries the headers the
+# request calls for: half the descriptors kept back. Past that a refused connection is answered at once.
+_WAITING_REFUSALS = _RESERVED_FDS // 2
+# How long a refused connection may take to send its request's head (a client sends it as soon as it has connected).
+_REFUSAL_WAIT = 1.0
+
+Headers = list[tuple[bytes, bytes]]
 
 
 def connection_bound(requested: int) -> int:
@@ -52,17 +68,44 @@ def connection_bound(requested: int) -> int:
     return max(1, min(requested, soft - _RESERVED_FDS))
 
 
-def _close_with(status: str, detail: str) -> bytes:
-    """A whole HTTP/1.1 answer that closes the connection, with a JSON `detail` (the seed API's error shape)."""
-    body = json.dumps({"detail": detail}).encode()
-    return (
-        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\n"
-        f"content-length: {len(body)}\r\n\r\n"
-    ).encode() + body
+class _Refusal(NamedTuple):
+    """An answer the server gives itself, at the connection level, before closing the connection."""
+
+    status: int
+    detail: str  # the body is `{"detail": ...}`, the seed API's error shape
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # its own, beyond the body's
 
 
-class _HeadTooLarge(httptools.HttpParserError):
-    """Raised from a parser callback: uvicorn answers parser errors itself, with 400 (`send_400_response`)."""
+async def _answer_headers(app: object, refusal: _Refusal, body: bytes, request: Headers) -> Headers:
+    """The headers of `refusal`: its own, and those that `app`'s header middleware put on every answer (X-Request-ID,
+    CORS), given `request`, the request headers read before the answer (`with_answer_headers`: one place for both)."""
+    own = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *refusal.headers]
+    started: dict[str, Any] = {}
+
+    async def answer(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": refusal.status, "headers": own})
+        await send({"type": "http.response.body", "body": body})
+
+    async def keep(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            started.update(message)
+
+    async def no_body() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    # Those middleware read the request's headers alone. The method is not the request's: as a GET's, the answer gets
+    # the CORS headers of an actual answer, never a preflight's "OK" (a refusal is no OK, whatever was asked).
+    scope: Scope = {"type": "http", "method": "GET", "headers": request}
+    await with_answer_headers(app, answer)(scope, no_body, keep)
+    return list(started["headers"])
+
+
+def _close_with(status: int, headers: Headers, body: bytes) -> bytes:
+    """A whole HTTP/1.1 answer that closes the connection."""
+    head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode()]
+    head += [name + b": " + value for name, value in headers]
+    head.append(b"connection: close")
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
 def bounded_http(
@@ -73,50 +116,77 @@ def bounded_http(
 
     httptools (llhttp, in C) rather than h11 (pure Python): each streamed token is one HTTP chunk written through
     the protocol, and with h11 its state machine was a fifth of the server's CPU per token."""
-    busy = _close_with("503 Service Unavailable", "Server has too many open connections; retry shortly")
-    busy = busy.replace(b"connection: close", b"retry-after: 1\r\nconnection: close")
-    head_too_large = _close_with(
-        "431 Request Header Fields Too Large", f"The request's line and headers exceed {max_head_bytes} bytes"
-    )
+    busy = _Refusal(503, "Server has too many open connections; retry shortly", ((b"retry-after", b"1"),))
+    head_too_large = _Refusal(431, f"The request's line and headers exceed {max_head_bytes} bytes")
 
     class BoundedHttpProtocol(HttpToolsProtocol):
+        waiting_refusals = 0  # this server's refused connections that wait for their request's head
         _request_timer: asyncio.TimerHandle | None = None
         _in_head = True  # the bytes now arriving belong to a request's line and headers
         _head_bytes = 0  # received since that request began, while `_in_head`
-        _head_too_large = False
+        _refusal: _Refusal | None = None  # refused: the answer it gets once its request's head has come
+        _waiting = False  # counted in `waiting_refusals`
+        _refused = False  # an answer of the server's own is under way: the connection reads nothing more
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
-            if len(self.connections) > max_connections:
-                log.warning("refusing a connection: %d are open (max-connections)", len(self.connections) - 1)
-                transport.write(busy)
-                transport.close()
+            open_now = len(self.connections) - BoundedHttpProtocol.waiting_refusals
+            if open_now <= max_connections:
+                self._arm_request_timer()
                 return
-            self._arm_request_timer()
+            log.warning("refusing a connection: %d are open (max-connections)", open_now - 1)
+            if BoundedHttpProtocol.waiting_refusals >= _WAITING_REFUSALS:
+                self._refuse(busy)  # too many wait already: answered at once, with no request header known
+                return
+            # The answer waits for the request's head (briefly: a client sends it with the connection), so that it
+            # carries the X-Request-ID and CORS headers that the request's headers call for, and so that the close
+            # comes after the request was read (unread bytes would turn it into a reset, which may lose the answer).
+            # Meanwhile the connection is not counted as open.
+            self._refusal, self._waiting = busy, True
+            BoundedHttpProtocol.waiting_refusals += 1
+            self._request_timer = self.loop.call_later(min(header_timeout, _REFUSAL_WAIT), self._request_timed_out)
 
         def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return  # resumed by a pipelined request's cycle: what comes after a refusal is not read
             if self._in_head:
                 self._head_bytes += len(data)
             super().data_received(data)
             # headers that never end are refused as they grow (httptools would hold them all in memory); the
             # whole head of a request that ended in this piece is measured in `on_headers_complete`
-            if self._in_head and self._head_bytes > max_head_bytes and not self.transport.is_closing():
+            if (
+                self._in_head
+                and self._head_bytes > max_head_bytes
+                and not self._refused
+                and not self.transport.is_closing()
+            ):
                 self._refuse_head()
 
         def on_headers_complete(self) -> None:
             self._in_head = False
+            if self._refused:
+                return  # a request that came after a refused one, in the same piece of data
             if len(self.url) + sum(len(name) + len(value) for name, value in self.headers) > max_head_bytes:
-                self._head_too_large = True
-                raise _HeadTooLarge("request head too large")
-            super().on_headers_complete()
+                self._refuse_head()
+            elif self._refusal is not None:
+                self._refuse(self._refusal)
+            else:
+                super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            if not self._refused:  # a refused request has no cycle to take its body
+                super().on_body(body)
+
+        def _should_upgrade(self) -> bool:
+            return not self._refused and super()._should_upgrade()  # a refused request is not handed to websockets
 
         def send_400_response(self, msg: str) -> None:
-            if self._head_too_large:
-                self._refuse_head()
-            else:
-                super().send_400_response(msg)
+            if not self._refused:  # else the request that did not parse came after a refused one
+                self._refuse(_Refusal(400, msg))
 
         def on_message_complete(self) -> None:
+            if self._refused:
+                return
             running = self.cycle is not None and not self.cycle.response_complete
             super().on_message_complete()
             self._in_head, self._head_bytes = True, 0
@@ -131,12 +201,42 @@ def bounded_http(
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm_request_timer()
+            self._stop_waiting()
             super().connection_lost(exc)
 
         def _refuse_head(self) -> None:
             log.warning("refusing a request whose line and headers exceed %d bytes", max_head_bytes)
-            self.transport.write(head_too_large)
-            self.transport.close()
+            self._refuse(head_too_large)
+
+        def _refuse(self, refusal: _Refusal) -> None:
+            """Answer `refusal` and close the connection, reading nothing more. Its headers come from the request
+            headers read so far: while a head still arrives, those before the point where it was cut off (an Origin
+            still to come is not waited for, which would mean reading on past a bound: that page sees a network
+            error rather than the status); none when no head has begun."""
+            self._refused = True
+            self._stop_waiting()
+            self._disarm_request_timer()
+            self.transport.pause_reading()
+            # An answer the app's header middleware run through: a task, as any ASGI call (uvicorn's shutdown waits
+            # for the server's tasks).
+            task = self.loop.create_task(self._write_refusal(refusal, list(self.headers or [])))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+        async def _write_refusal(self, refusal: _Refusal, request: Headers) -> None:
+            body = json.dumps({"detail": refusal.detail}).encode()
+            try:
+                headers = await _answer_headers(self.config.app, refusal, body, request)
+                if not self.transport.is_closing():
+                    default = self.server_state.default_headers  # date and server, as on every uvicorn answer
+                    self.transport.write(_close_with(refusal.status, [*default, *headers], body))
+            finally:
+                self.transport.close()
+
+        def _stop_waiting(self) -> None:
+            if self._waiting:
+                self._waiting = False
+                BoundedHttpProtocol.waiting_refusals -= 1
 
         def _arm_request_timer(self) -> None:
             self._disarm_request_timer()
@@ -149,6 +249,9 @@ def bounded_http(
 
         def _request_timed_out(self) -> None:
             self._request_timer = None
+            if self._refusal is not None:  # refused, and its request's head has not come: answered all the same
+                self._refuse(self._refusal)
+                return
             cycle = self.cycle
             # between requests, in a request's headers, or in its body (a running request whose body stalled)
             if cycle is None or cycle.response_complete or cycle.more_body:

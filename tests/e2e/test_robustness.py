@@ -6,6 +6,7 @@ Every test talks to real servers on loopback only, and every loop is bounded in 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -401,6 +402,39 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(tiny_qwe
             proc.wait(timeout=30)  # reaped, so that no ResourceWarning says it still runs
 
 
+# ------------------------------------------------------------------------------------------------ probes
+def test_head_answers_as_get_on_every_get_route(tiny_server: InProcessServer) -> None:
+    """Load balancers and uptime checkers probe with HEAD: it was 405 on every GET route but `/` and `/health`. It
+    answers as GET does, with the same status and headers and no body, and stays out of the OpenAPI schema."""
+    model = tiny_server.runtime.model_name
+    paths = ["/", "/health", "/metrics", "/v1/models", f"/v1/models/{model}", "/v1/models/no-such-model",
+             "/playground", "/playground/", "/playground/index.html", "/playground/no-such-file.js",
+             "/openapi.json", "/docs", "/generate", "/no-such-path"]  # fmt: skip
+    # One keep-alive connection: a body sent after a HEAD answer would be read as the next answer, and fail.
+    with httpx.Client(base_url=tiny_server.base_url, timeout=30) as client:
+        for path in paths:
+            head, get = client.head(path), client.get(path)
+            assert head.status_code == get.status_code, (path, head.status_code, get.status_code)
+            assert head.content == b"", path
+            varies = {"x-request-id", "date"} | ({"content-length"} if path == "/metrics" else set())
+            assert {k: v for k, v in head.headers.items() if k not in varies} == {
+                k: v for k, v in get.headers.items() if k not in varies
+            }, path
+        assert client.get("/").json()["status"] == "active" and client.get("/health").json() == {"status": "healthy"}
+        schema = client.get("/openapi.json").json()
+        assert set(schema["paths"]["/"]) == {"get"} and set(schema["paths"]["/health"]) == {"get"}
+        assert not [path for path, operations in schema["paths"].items() if "head" in operations]
+
+        def served(route: str) -> float:  # a HEAD counts under its route, as a GET does
+            series = f'qwen_api_requests_total{{route="{route}",status="200"}} '
+            line = next((line for line in client.get("/metrics").text.splitlines() if line.startswith(series)), "")
+            return float(line.removeprefix(series) or 0)
+
+        before = served("/playground/{name}")
+        assert client.head("/playground/index.html").status_code == 200
+        assert served("/playground/{name}") == before + 1
+
+
 # ------------------------------------------------------------------------------------------------ security
 def test_api_key_guards_inference_routes_only(tiny_qwen2_dir: Path) -> None:
     with serve_in_process(tiny_qwen2_dir, api_key="s3cret") as server:
@@ -520,6 +554,77 @@ def test_cors_lets_browser_sdks_in_and_covers_every_answer(tiny_qwen2_dir: Path)
             assert r.headers["x-request-id"]
         evil = httpx.get(f"{base}/v1/models", headers={"Origin": "https://evil.example"})
         assert evil.status_code == 401 and "access-control-allow-origin" not in evil.headers
+
+
+def raw_answer(port: int, head: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send `head` (it may never end) on a new connection and read the answer until the server closes the connection:
+    its status, headers (by lower-case name) and body."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(10)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # refused before all was sent
+            sock.sendall(head)
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while data := sock.recv(65536):
+                answer += data
+    assert answer, "no answer"
+    status_line, *lines = answer.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, answer.partition(b"\r\n\r\n")[2]
+
+
+def test_connection_level_answers_carry_the_request_id_and_cors_headers(tiny_qwen2_dir: Path) -> None:
+    """The server's own answers, written before any route runs (503 past --max-connections, 431 for a head over the
+    bound, 400 for a malformed one), carried neither X-Request-ID nor CORS headers, so a page saw a network error,
+    not the status. They carry what the app's answers carry, from the request headers read before the answer."""
+    from qwen_api.server import MAX_HEAD_BYTES
+
+    app_origin = "https://app.example"
+    with serve_in_process(tiny_qwen2_dir, cors_allow_origins=[app_origin], max_connections=2) as server:
+        port = int(server.settings.port)
+        start = b"GET /health HTTP/1.1\r\nHost: x\r\n"
+        known = b"Origin: https://app.example\r\nX-Request-ID: conn-4711\r\n"
+        big = b"X-Big: " + b"a" * (MAX_HEAD_BYTES + 1) + b"\r\n"
+        endless = b"X-Big: " + b"c" * (16 * MAX_HEAD_BYTES)  # a header that never ends: refused as it grows
+
+        def assert_readable(headers: dict[str, str]) -> None:
+            assert headers["x-request-id"] == "conn-4711" and headers["access-control-allow-origin"] == app_origin
+            exposed = {h.strip().lower() for h in headers["access-control-expose-headers"].split(",")}
+            assert {"x-request-id", "retry-after"} <= exposed
+
+        # (httptools hands a header over when the next one begins: Accept is the one not read before the 400)
+        malformed = known + b"Accept: */*\r\nNot a header line\r\n\r\n"
+        for head, status in ((start + known + big + b"\r\n", 431), (start + known + endless, 431),
+                             (start + malformed, 400)):  # fmt: skip
+            answered, headers, body = raw_answer(port, head)
+            assert answered == status, (answered, body)
+            assert_readable(headers)
+            assert json.loads(body)["detail"]
+        # An Origin that would come after the bound is never read: no CORS headers then, but an id of its own.
+        answered, headers, _ = raw_answer(port, start + endless + b"\r\n" + known)
+        assert answered == 431 and len(headers["x-request-id"]) == 32 and "access-control-allow-origin" not in headers
+        evil = b"Origin: https://evil.example\r\n"
+        answered, headers, _ = raw_answer(port, start + evil + big + b"\r\n")
+        assert answered == 431 and headers["x-request-id"] and "access-control-allow-origin" not in headers
+
+        connections = server.server.server_state.connections
+        assert wait_until(lambda: not connections, 10)
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]  # every slot, idle
+        try:
+            assert wait_until(lambda: len(connections) == 2, 10)
+            answered, headers, body = raw_answer(port, start + known + b"\r\n")
+            assert answered == 503 and headers["retry-after"] == "1", (answered, body)
+            assert_readable(headers)
+            assert json.loads(body)["detail"].startswith("Server has too many open connections")
+            # A refused connection that sends nothing is answered all the same, soon, with an id of its own.
+            begun = time.monotonic()
+            answered, headers, _ = raw_answer(port, b"")
+            assert answered == 503 and len(headers["x-request-id"]) == 32 and time.monotonic() - begun < 5
+        finally:
+            for sock in held:
+                sock.close()
+        ok = httpx.get(f"{server.base_url}/health", headers={"Origin": app_origin})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == app_origin
 
 
 # ------------------------------------------------------------------------------------------------ observability

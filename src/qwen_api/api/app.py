@@ -2,6 +2,8 @@
 
 The server starts listening at once; the runtime loads the model in the background (so `/health` can say
 503 meanwhile) and shuts the engine down when the server stops. No module-level app, settings or model.
+`with_answer_headers(app, answer)`: the server's own answers at the connection level (server.py) carry the same
+X-Request-ID and CORS headers as the app's, from the app's own middleware and settings.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
+from starlette.types import ASGIApp
 
 from qwen_api import __version__
 from qwen_api.admission import Admission
@@ -19,12 +22,26 @@ from qwen_api.api import anthropic, openai, playground, responses, seed, tokeniz
 from qwen_api.api.deps import require_api_key
 from qwen_api.api.errors import register_error_handlers
 from qwen_api.api.guard import Guard
-from qwen_api.api.middleware import BodyLimit, CatchAll, RequestId, RequestMetrics
+from qwen_api.api.middleware import BodyLimit, CatchAll, HeadAsGet, RequestId, RequestMetrics
 from qwen_api.api.schema import ServerCaps
 from qwen_api.metrics import Metrics
 from qwen_api.runtime import ReadyHook, Runtime
 from qwen_api.settings import Settings
 from qwen_api.textgen import TextGenerator
+
+# The middleware that only add headers to an answer, whatever the answer is. The server's own answers, written at the
+# connection level before any route could run (server.py), pass through them too: a page reads those as well.
+HEADER_MIDDLEWARE: tuple[type, ...] = (CORSMiddleware, RequestId)
+
+
+def with_answer_headers(app: object, answer: ASGIApp) -> ASGIApp:
+    """`answer` (an ASGI app) inside `app`'s header middleware (HEADER_MIDDLEWARE) as `app` builds them, with the same
+    settings in the same order: an answer given outside `app` then carries the headers that its own answers carry.
+    Nothing is put around `answer` for an app without Starlette's middleware list."""
+    for cls, args, kwargs in reversed(getattr(app, "user_middleware", [])):
+        if cls in HEADER_MIDDLEWARE:
+            answer = cls(answer, *args, **kwargs)
+    return answer
 
 
 def observe_with(metrics: Metrics) -> ReadyHook:
@@ -84,6 +101,7 @@ def create_app(
     if settings.cors_allow_origins:
         # Outside BodyLimit and CatchAll, so that their 413 and 500 carry Access-Control-Allow-Origin too (without
         # it a browser shows the page a network error, not the status); inside RequestId, so that preflights get an id.
+        # The server's connection-level answers get these same settings through `with_answer_headers`.
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_allow_origins,
@@ -98,4 +116,7 @@ def create_app(
         )
     app.add_middleware(RequestId)
     app.add_middleware(RequestMetrics, metrics=metrics)
+    # HEAD on every GET route, in one place rather than route by route (a route that takes GET and HEAD would give the
+    # OpenAPI schema two operations with one id); outermost, so that all the rest see what the route sees.
+    app.add_middleware(HeadAsGet, router=app.router)
     return app

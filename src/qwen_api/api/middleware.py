@@ -1,4 +1,4 @@
-"""ASGI middleware: request ids, the body-size limit, and per-route request metrics.
+"""ASGI middleware: request ids, the body-size limit, per-route request metrics, and HEAD on every GET route.
 
 Pure ASGI (no BaseHTTPMiddleware), so streaming responses pass through untouched and a client that leaves
 is still seen by the route.
@@ -12,6 +12,8 @@ import logging
 import re
 import uuid
 from typing import Any
+
+from starlette.routing import Match, Router
 
 from qwen_api.api.errors import error_payload
 from qwen_api.metrics import Metrics
@@ -128,6 +130,28 @@ async def _send_json(send: Any, status: int, payload: dict[str, Any]) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class HeadAsGet:
+    """HEAD is answered as GET would be (the same status and headers, no body) on every path a GET route takes, as
+    Starlette's own routes do: FastAPI's take only the methods they name, and load balancers and uptime checkers probe
+    with HEAD. A route that names HEAD itself still gets it. The outermost middleware, so that every other one sees
+    the request as its route does (the metrics count a HEAD under its route)."""
+
+    def __init__(self, app: Any, router: Router) -> None:
+        self.app, self.router = app, router
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD" and not self._routed(scope):
+            # A copy: the server's own scope still says HEAD, so that it sends the answer's headers and no body
+            # (uvicorn drops a HEAD answer's body itself, as for Starlette's routes).
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
+
+    def _routed(self, scope: Scope) -> bool:
+        """Whether a route takes this request as it is."""
+        probe = dict(scope)  # matching may note its progress in the scope it is given
+        return any(route.matches(probe)[0] is Match.FULL for route in self.router.routes)
 
 
 class RequestMetrics:
