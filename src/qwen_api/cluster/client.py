@@ -7,6 +7,12 @@ sequence is sent again, to another replica. After the first token, the failure e
 `EngineError` at once (a 500, or an SSE error event). A request no replica takes within `assign_timeout`
 fails too, so nothing waits forever. The `ReplicaBoard` keeps what the front knows of each replica: sequences
 it served, failed and holds now, and how many replicas Ray Serve reports running.
+
+Once the replica has named itself, a reader task pulls the stream into a queue, and `generate` hands a consumer
+that fell behind everything queued as one chunk (`engine.base.coalesce`, as the in-process engines' `relay` does):
+a slow client, or a busy front, pays the HTTP and text layers' per-event cost once for many tokens. A failure the
+reader met comes after the tokens before it. The reader ends with `generate`: it stops at the finish reason, and
+leaving early (closed, cancelled, failed) cancels it and waits for it, as well as cancelling the replica's call.
 """
 
 from __future__ import annotations
@@ -18,7 +24,15 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from qwen_api.engine.base import ConstraintFailed, EngineDead, EngineError, EngineStats, SamplingParams, TokenChunk
+from qwen_api.engine.base import (
+    ConstraintFailed,
+    EngineDead,
+    EngineError,
+    EngineStats,
+    SamplingParams,
+    TokenChunk,
+    coalesce,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +97,7 @@ class RemoteEngine:
         try:
             for attempt in range(RETRIES + 1):
                 replica, produced, finished, lost = None, False, False, False
+                reader: asyncio.Task[None] | None = None
                 stream = self._stream.remote(list(prompt_ids), params)
                 self._waiting += 1
                 try:
@@ -91,17 +106,23 @@ class RemoteEngine:
                     counts = self.board.of(replica)
                     counts.running += 1
                     counts.waiting += 1
-                    async for chunk in stream:
-                        if not produced:
-                            produced = True
-                            counts.waiting -= 1
-                            self._waiting -= 1
-                        finished = chunk.finish_reason is not None
-                        if finished:
-                            counts.served += 1
-                        yield chunk
-                    if not finished:
-                        raise EngineError(f"replica {replica} ended a sequence without a finish reason")
+                    outputs: asyncio.Queue[TokenChunk | BaseException] = asyncio.Queue()
+                    reader = _read(stream, replica, outputs)
+                    while not finished:
+                        item = await outputs.get()
+                        failure = item if isinstance(item, BaseException) else None
+                        if isinstance(item, TokenChunk):
+                            chunk, failure = coalesce(item, outputs)
+                            if not produced:
+                                produced = True
+                                counts.waiting -= 1
+                                self._waiting -= 1
+                            finished = chunk.finish_reason is not None
+                            if finished:
+                                counts.served += 1
+                            yield chunk
+                        if failure is not None:
+                            raise failure  # mapped below, as if the stream had raised it here
                     return
                 except TimeoutError:
                     raise EngineError(f"no engine replica took the request within {self._assign_timeout:g} s") from None
@@ -127,6 +148,8 @@ class RemoteEngine:
                         counts.failed += lost  # sent again and answered elsewhere: not lost
                     if not finished:
                         stream.cancel()  # the replica's call is cancelled, and with it the sequence
+                    if reader is not None:
+                        await _stop(reader)
         finally:
             self._running -= 1
 
@@ -140,6 +163,42 @@ class RemoteEngine:
     def shutdown(self) -> None:
         if self._on_shutdown is not None:
             self._on_shutdown()
+
+
+def _read(stream: Any, replica: str, outputs: asyncio.Queue[TokenChunk | BaseException]) -> asyncio.Task[None]:
+    """A task putting the stream's chunks on `outputs` up to the one with a finish reason, then how it ended:
+    the stream's exception, or an `EngineError` when it ended (or the task was cancelled) before a finish reason.
+
+    The ending is put by a done callback, not by the task's own code, so that however the task ends (even a
+    cancellation that did not come from `generate`), the consumer waiting on `outputs` is woken and nothing waits
+    forever; it also retrieves the task's exception, so none is logged as never retrieved."""
+
+    async def read() -> None:
+        async for chunk in stream:
+            outputs.put_nowait(chunk)
+            if chunk.finish_reason is not None:
+                return  # the sequence is over; `generate` returns without waiting for the stream's own end
+
+    def ended(task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            outputs.put_nowait(EngineError(f"the stream from replica {replica} was cancelled"))
+        else:
+            why = EngineError(f"replica {replica} ended a sequence without a finish reason")
+            outputs.put_nowait(task.exception() or why)  # after a finish reason, nobody reads it
+
+    task = asyncio.create_task(read(), name=f"stream from replica {replica}")
+    task.add_done_callback(ended)
+    return task
+
+
+async def _stop(reader: asyncio.Task[None]) -> None:
+    """Cancel `reader` if it still runs, and wait until it has ended: it must not outlive `generate`.
+
+    `asyncio.wait`, not `await reader`: the reader's own cancellation must not be raised here, while a
+    cancellation of the caller still is."""
+    if not reader.done():
+        reader.cancel()
+        await asyncio.wait({reader})
 
 
 def _first_line(exc: BaseException) -> str:
