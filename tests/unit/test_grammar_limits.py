@@ -117,3 +117,24 @@ def test_the_schema_check_on_the_event_loop_is_bounded() -> None:
     assert info.value.param == "tools.0.function.parameters"
     with pytest.raises(G.GrammarError, match="invalid JSON schema"):  # the verdict is remembered, not the param
         G.checked_schema({"type": 5})
+
+
+def test_a_constraint_from_another_process_is_compiled_once_there(compiler: Any, tiny_qwen2_dir: Path) -> None:
+    """A Ray replica gets each request's constraint pickled (its grammar and vocabulary key): `adopt` compiles it
+    once per grammar in the compiler's threads, so that the engine's step never does, per sequence."""
+    import pickle
+
+    from transformers import AutoTokenizer
+
+    constraint = asyncio.run(compiler.compile(G.json_schema_grammar({"type": "integer"})))
+    there = G.GrammarCompiler(AutoTokenizer.from_pretrained(tiny_qwen2_dir))  # as a replica's: its own tokenizer
+    try:
+        first = asyncio.run(there.adopt(pickle.loads(pickle.dumps(constraint))))
+        again = asyncio.run(there.adopt(pickle.loads(pickle.dumps(constraint))))
+        assert first is again and len(first.compiled) == 1 and first.bound()
+        assert (first.matcher().allowed(1000) == constraint.matcher().allowed(1000)).all()
+        other = G.Constraint(G.json_schema_grammar({"type": "string"}), "another vocabulary")
+        with pytest.raises(G.GrammarError, match="another vocabulary"):
+            asyncio.run(there.adopt(other))
+    finally:
+        there.close()

@@ -12,6 +12,7 @@ event loop, before the first such sequence. Nothing here knows HTTP or text.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -23,7 +24,7 @@ from qwen_api.engine.base import Engine, EngineError, EngineStats, SamplingParam
 from qwen_api.engine.loading import ModelSource, pick_device, resolve_model
 from qwen_api.runtime import choose_engine, default_loader, eos_token_ids
 from qwen_api.settings import Settings
-from qwen_api.structured.grammar import GrammarCompiler
+from qwen_api.structured.grammar import Constraint, GrammarCompiler, GrammarError
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +89,11 @@ class EngineReplica:
             self._loop_unniced = True
             _unnice()
         yield self.name
-        if params.constraint is not None and not params.constraint.bound():
-            await self.grammars.prepare()
-            if not params.constraint.bound():
-                raise EngineError("the grammar was compiled for another vocabulary than this replica's model")
+        if isinstance(params.constraint, Constraint):  # compiled here once per grammar, not in each engine step
+            try:
+                params = dataclasses.replace(params, constraint=await self.grammars.adopt(params.constraint))
+            except GrammarError as exc:
+                raise EngineError(str(exc)) from None
         tokens = self.engine.generate(prompt_ids, params)
         try:
             async for chunk in tokens:

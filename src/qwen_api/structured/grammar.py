@@ -301,10 +301,33 @@ class GrammarCompiler:
         await self.prepare()
         loop = asyncio.get_running_loop()
         constraint = await loop.run_in_executor(self._threads, self._compile_sync, grammar, param)
-        self._cache[grammar] = constraint
+        self._remember(constraint)
+        return constraint
+
+    async def adopt(self, constraint: Constraint) -> Constraint:
+        """A constraint that another process compiled and checked (a Ray front), made this process's: bound to its
+        tokenizer for the same vocabulary and its matcher compiled here once, in the compiler's threads, and cached,
+        rather than at every sequence inside an engine's step. `GrammarError` for another vocabulary."""
+        if (hit := self._cache.get(constraint.grammar)) is not None:
+            return hit
+        await self.prepare()
+        if constraint.tokenizer_key != self._key:
+            raise GrammarError("the grammar was compiled for another vocabulary than this process's model")
+
+        def build() -> Constraint:
+            from llguidance import LLMatcher
+
+            compiled = LLMatcher(self._ll_tokenizer(), constraint.grammar, log_level=0)
+            return Constraint(constraint.grammar, self._key, self._tokenizer, [compiled])
+
+        adopted = await asyncio.get_running_loop().run_in_executor(self._threads, build)
+        self._remember(adopted)
+        return adopted
+
+    def _remember(self, constraint: Constraint) -> None:
+        self._cache[constraint.grammar] = constraint
         while len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
-        return constraint
 
     def close(self) -> None:
         """End the compile children (they end by themselves too when this process exits)."""
