@@ -100,41 +100,22 @@ def test_boolean_schemas_are_schemas(compiler: Any) -> None:
     asyncio.run(compiler.compile(G.json_schema_grammar(True)))
 
 
-def test_the_schema_check_on_the_event_loop_is_bounded() -> None:
-    wide = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(25_000)}}
+def test_the_schema_check_on_the_event_loop_is_fast_and_bounded() -> None:
+    """It runs inside request validation: a 1.3 MB schema took the pure-Python checker 4 s, every stream waiting."""
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "string", "pattern": "^[a-z]+$"} for i in range(25_000)}}
     start = time.monotonic()
-    with pytest.raises(G.GrammarError, match="25002 JSON objects: at most 5000"):
-        G.checked_schema(wide, "tools.0.function.parameters")
+    G.checked_schema(wide, "tools.0.function.parameters")
     deep: dict[str, Any] = {}
     node = deep
     for _ in range(3000):
         node["items"] = node = {}
     with pytest.raises(G.GrammarError, match="nests 3001 levels deep"):
         G.checked_schema(deep)
-    assert time.monotonic() - start < 1.0  # refused before the checker walks it (that took seconds)
-    with pytest.raises(G.GrammarError, match="invalid JSON schema") as info:
-        G.checked_schema({"type": 5}, "tools.0.function.parameters")
+    assert time.monotonic() - start < 1.0
+    with pytest.raises(G.GrammarError, match=r"invalid JSON schema: .* \(at properties/a/minLength\)") as info:
+        G.checked_schema({"type": "object", "properties": {"a": {"minLength": "x"}}}, "tools.0.function.parameters")
     assert info.value.param == "tools.0.function.parameters"
     with pytest.raises(G.GrammarError, match="invalid JSON schema"):  # the verdict is remembered, not the param
-        G.checked_schema({"type": 5})
-
-
-def test_a_constraint_from_another_process_is_compiled_once_there(compiler: Any, tiny_qwen2_dir: Path) -> None:
-    """A Ray replica gets each request's constraint pickled (its grammar and vocabulary key): `adopt` compiles it
-    once per grammar in the compiler's threads, so that the engine's step never does, per sequence."""
-    import pickle
-
-    from transformers import AutoTokenizer
-
-    constraint = asyncio.run(compiler.compile(G.json_schema_grammar({"type": "integer"})))
-    there = G.GrammarCompiler(AutoTokenizer.from_pretrained(tiny_qwen2_dir))  # as a replica's: its own tokenizer
-    try:
-        first = asyncio.run(there.adopt(pickle.loads(pickle.dumps(constraint))))
-        again = asyncio.run(there.adopt(pickle.loads(pickle.dumps(constraint))))
-        assert first is again and len(first.compiled) == 1 and first.bound()
-        assert (first.matcher().allowed(1000) == constraint.matcher().allowed(1000)).all()
-        other = G.Constraint(G.json_schema_grammar({"type": "string"}), "another vocabulary")
-        with pytest.raises(G.GrammarError, match="another vocabulary"):
-            asyncio.run(there.adopt(other))
-    finally:
-        there.close()
+        G.checked_schema({"type": "object", "properties": {"a": {"minLength": "x"}}})
+    # checked against 2020-12 whatever `$schema` says: an unknown one is never fetched
+    G.checked_schema({"$schema": "http://127.0.0.1:9/never-fetched", "type": "object"})
