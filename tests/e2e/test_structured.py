@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import httpx
 import jsonschema
@@ -444,6 +445,81 @@ def test_every_dialect_streams_the_text_beside_a_call_as_its_plain_answer_has_it
             uses = [(b.name, b.input) for b in message.content if b.type == "tool_use"]
             assert (m_text, m_streamed, uses) == (text, text, calls)
             assert message.stop_reason == ("tool_use" if calls else "end_turn")
+
+
+# A call in compact JSON, as a grammar writes it: the strict functions' grammar lets the model's own answer through.
+COMPACT_CALL = 'Sure.\n<tool_call>{"name":"lookup","arguments":{"n":7}}'
+
+
+@pytest.fixture(scope="module")
+def compact(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
+    from qwen_api.dev.random_qwen2 import write_scripted_qwen2
+
+    with serve_in_process(write_scripted_qwen2(tmp_path_factory.mktemp("compact-call"), COMPACT_CALL)) as server:
+        yield server
+
+
+def _lookup(required: list[str], strict: bool = True) -> dict[str, Any]:
+    properties = {"n": {"type": "integer"}, "unit": {"type": "string", "enum": ["km", "mi"]}}
+    schema = {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+    return {"name": "lookup", "parameters": schema, "strict": strict}
+
+
+def test_strict_functions_hold_auto_calls_to_their_schema_on_every_dialect(compact: InProcessServer) -> None:
+    """`strict: true` (what openai-agents and `openai.pydantic_function_tool` always send) was accepted and not
+    enforced under `auto`: the call came back without a required argument. Now each call the model opens follows
+    its function's schema, on chat completions, Responses and Messages, while the text around it stays free."""
+    import anthropic
+
+    client, model = client_of(compact), model_of(compact)
+    claude = sdk(anthropic.Anthropic, base_url=compact.base_url, api_key="unused", max_retries=0, timeout=120)
+    for function, intact in (
+        (_lookup(["n"]), True),
+        (_lookup(["n", "unit"]), False),
+        (_lookup(["n", "unit"], False), True),
+    ):
+        schema = function["parameters"]
+        tools = [{"type": "function", "function": function}]
+        args = {"model": model, "messages": ASK, "tools": tools, "temperature": 0, "max_tokens": 40}
+        chat = client.chat.completions.create(**args).choices[0]
+        r_args = {"model": model, "input": ASK, "temperature": 0, "max_output_tokens": 40}
+        response = client.responses.create(**r_args, tools=[{"type": "function", **function}])
+        m_tools = [{"name": "lookup", "input_schema": schema, "strict": function["strict"]}]
+        message = claude.messages.create(
+            model=model, messages=ASK, tools=m_tools, max_tokens=40, extra_body={"temperature": 0}
+        )
+        calls = [json.loads(c.function.arguments) for c in chat.message.tool_calls or []]
+        calls += [json.loads(o.arguments) for o in response.output if o.type == "function_call"]
+        calls += [b.input for b in message.content if b.type == "tool_use"]
+        assert (chat.message.content, response.output[0].content[0].text) == ("Sure.", "Sure.")
+        if intact:  # the model's own call is allowed: strict, it follows the schema; not strict, anything goes
+            assert calls == [{"n": 7}] * 3
+        else:  # its own call lacks "unit": held to the schema, each call made validates (or none was finished)
+            assert {"n": 7} not in calls
+            for call in calls:
+                jsonschema.validate(call, schema)
+
+
+def test_the_sdk_helpers_messages_go_back_in_the_history_as_they_came(compact: InProcessServer) -> None:
+    """An agent appends the message the SDK returned; after `stream()` or `parse()` it carries the helpers' own
+    fields (`tool_calls[].index`, `parsed`, `function.parsed_arguments`, `annotations`), which were 400s."""
+    client, model = client_of(compact), model_of(compact)
+    args = {"model": model, "tools": [{"type": "function", "function": _lookup(["n"])}], "max_tokens": 20}
+    with client.chat.completions.stream(messages=ASK, temperature=0, **args) as stream:
+        streamed = stream.get_final_completion().choices[0].message
+    parsed = client.chat.completions.parse(messages=ASK, temperature=0, **args).choices[0].message
+    for message in (streamed, parsed):
+        assert message.tool_calls
+        result = {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "7 km"}
+        again = client.chat.completions.create(messages=[*ASK, message, result], **args)
+        assert again.choices[0].message is not None
+    echoed = {"role": "assistant", "content": "Hi.", "annotations": [], "parsed": {"a": 1}, "refusal": None}
+    assert client.chat.completions.create(messages=[*ASK, echoed, *ASK], **args).choices
+    # and the Responses API's neutral fields are neutral here too; storing is not
+    neutral = {"store": False, "metadata": {"k": "v"}, "prompt_cache_key": "p", "safety_identifier": "s"}
+    assert client.chat.completions.create(messages=ASK, **args, **neutral, service_tier="auto").choices
+    with pytest.raises(openai.BadRequestError, match="keeps no completions"):
+        client.chat.completions.create(messages=ASK, **args, store=True)
 
 
 def test_the_native_engine_enforces_a_schema_too(tiny_qwen2_dir: Path) -> None:

@@ -57,6 +57,8 @@ class TextPart(_OpenAIRequest):
 class FunctionCall(_OpenAIRequest):
     name: str = Field(..., min_length=1)
     arguments: str
+    # What the SDK's parse helpers add to a call they return, which goes back in the history as it came.
+    parsed_arguments: Any = None
 
     @field_validator("arguments")
     @classmethod
@@ -76,6 +78,7 @@ class ToolCall(_OpenAIRequest):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
+    index: int | None = None  # accepted, not used: the SDK's stream helper leaves it on the calls it returns
 
 
 class ChatMessage(_OpenAIRequest):
@@ -85,6 +88,10 @@ class ChatMessage(_OpenAIRequest):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     refusal: str | None = None
+    # What the official SDK leaves on an answer's message (its parse helper's `parsed`, `annotations`), which an
+    # agent appends to the history as it came: accepted, not read.
+    parsed: Any = None
+    annotations: list[Any] | None = None
 
     @model_validator(mode="after")
     def _shape(self) -> ChatMessage:
@@ -156,6 +163,12 @@ class _SamplingRequest(_OpenAIRequest):
     logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     response_format: dict[str, Any] | None = None
     user: str | None = Field(None, max_length=256, description="Accepted for compatibility; not used.")
+    # As on the Responses API: neutral here (no stored completions, one service tier, no prompt cache keys).
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)
+    safety_identifier: str | None = Field(None, max_length=256, description="Accepted; not used.")
+    prompt_cache_key: str | None = Field(None, max_length=256, description="Accepted; not used.")
+    service_tier: Literal["auto", "default", "flex", "priority"] | None = None
+    store: bool | None = None
 
     @field_validator("stop")
     @classmethod
@@ -190,6 +203,8 @@ class _SamplingRequest(_OpenAIRequest):
     def check_supported(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise Unsupported("stream_options", "only allowed when stream is true")
+        if self.store:
+            raise Unsupported("store", "this server keeps no completions: send store false or leave it out")
 
     def grammar(self) -> tuple[str, str] | None:
         """(grammar text, the field it comes from) when the output is constrained; `Unsupported` if it cannot be."""
