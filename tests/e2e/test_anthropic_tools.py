@@ -4,19 +4,24 @@ Forced calls (`tool_choice` any or a named tool) run on the demo SmolLM2 (llama.
 against the tool's `input_schema` whatever it samples; the `auto` path runs on a scripted Qwen2 that always answers
 with text and then a `<tool_call>` block, so its tool_use blocks, stop reason and stream events are exact. History
 (`tool_use` and `tool_result` blocks) is rendered as chat completions renders it: `count_tokens` equals `/tokenize` on
-the same conversation in OpenAI's shape.
+the same conversation in OpenAI's shape. Structured outputs (`output_config.format`, the SDK's `messages.parse`) run
+on the demo model too, alone and beside tools; the SDK's beta tool runner, which asks for a message thread, on the
+scripted Qwen2.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
+from enum import StrEnum
 from typing import Any
 
 import anthropic
 import httpx
 import jsonschema
 import pytest
+from pydantic import BaseModel
 
 from qwen_api.engine.loading import resolve_model
 
@@ -278,11 +283,24 @@ RESULT = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "ok"}
                        {"role": "assistant", "content": [CALL]}, {"role": "user", "content": [RESULT]}]}, "unique"),
         ({"messages": [*ASK, {"role": "assistant", "content": [{**CALL, "input": "{}"}]}]},
          "input: Input should be a valid dictionary"),
+        ({"output_config": {"format": {"type": "json_schema", "schema": {"type": 3}}}},
+         "output_config.format.schema: invalid JSON schema"),
+        ({"output_config": {"format": {"type": "json_schema"}}}, "output_config.format.schema"),
+        ({"output_config": {"format": {"type": "json_object"}}}, "output_config.format.type"),
+        ({"output_config": {"format": {"type": "json_schema", "schema": {}, "name": "x"}}},
+         "output_config.format.name"),
+        ({"output_config": {"effort": "low"}}, "output_config.effort: this model has no effort levels"),
+        ({"output_config": {"task_budget": {"type": "tokens", "total": 9}}}, "output_config.task_budget"),
+        ({"output_config": {"verbosity": "low"}}, "output_config.verbosity"),
+        ({"messages": [*ASK, {"role": "assistant", "content": "{"}],
+          "output_config": {"format": {"type": "json_schema", "schema": {}}}}, "output_config.format"),
     ],
     ids=[
         "server-tool", "server-tool-bash", "duplicate-names", "unknown-named-tool", "any-without-tools",
         "tool-without-tools", "unknown-choice", "invalid-schema", "non-object-schema", "bad-name", "result-without-use",
         "use-in-user-turn", "result-in-assistant-turn", "use-in-final-turn", "repeated-use-id", "input-not-object",
+        "invalid-format-schema", "format-without-schema", "format-json-object", "format-unknown-field", "effort",
+        "task-budget", "output-config-unknown-field", "format-after-prefill",
     ],
 )  # fmt: skip
 def test_bad_tool_requests_are_400_in_anthropic_shape(scripted: InProcessServer, change: dict, needle: str) -> None:
@@ -295,3 +313,111 @@ def test_bad_tool_requests_are_400_in_anthropic_shape(scripted: InProcessServer,
         assert payload["error"]["type"] == "invalid_request_error" and needle in payload["error"]["message"], payload
     with pytest.raises(anthropic.BadRequestError):
         claude(scripted).messages.create(max_tokens=10, **body)
+
+
+# ------------------------------------------------------------------------------------------ structured outputs
+class Colour(StrEnum):
+    red = "red"
+    green = "green"
+    blue = "blue"
+
+
+class Place(BaseModel):
+    city: str
+    population: int
+    colour: Colour
+
+
+DESCRIBE = [{"role": "user", "content": "Describe a city as JSON."}]
+ANSWER = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+          "additionalProperties": False}  # fmt: skip
+
+
+def test_output_config_format_through_the_sdk_parse_plain_and_streamed(demo: InProcessServer) -> None:
+    """`messages.parse(output_format=Model)` sends `output_config.format`: the text is JSON in that schema, held
+    there by the grammar (the SDK drops `maxLength` and such from the schema it sends; the grammar holds the rest)."""
+    client = claude(demo)
+    args: dict[str, Any] = {"model": name(demo), "messages": DESCRIBE, "max_tokens": 120, "output_format": Place}
+    m = client.messages.parse(**args, **GREEDY)
+    assert m.stop_reason == "end_turn", m.content
+    assert isinstance(m.parsed_output, Place)
+    with client.messages.stream(**args) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "end_turn" and isinstance(final.parsed_output, Place), final.content
+    # The raw field, as langchain-anthropic sends it; count_tokens takes it too (the prompt is the same).
+    fmt = {"output_config": {"format": {"type": "json_schema", "schema": ANSWER}}}
+    raw = client.messages.create(model=name(demo), messages=DESCRIBE, max_tokens=20, **fmt, **GREEDY)
+    jsonschema.validate(json.loads(raw.content[0].text), ANSWER)  # type: ignore[union-attr]
+    counted = client.messages.count_tokens(model=name(demo), messages=DESCRIBE, **fmt).input_tokens
+    assert counted == raw.usage.input_tokens
+    # Stop sequences apply to the text, as chat completions' `stop` beside a `response_format`: one may cut it.
+    cut = client.messages.create(model=name(demo), messages=DESCRIBE, max_tokens=20, stop_sequences=["{"], **fmt)
+    assert cut.stop_reason == "stop_sequence" and cut.content[0].text == ""  # type: ignore[union-attr]
+
+
+def test_output_config_format_beside_tools(demo: InProcessServer) -> None:
+    """With `auto` tools the answer is calls or text in the format, as chat completions has it with a
+    `response_format`; a forced call is the whole answer, the format has nothing to shape."""
+    client = claude(demo)
+    fmt = {"format": {"type": "json_schema", "schema": ANSWER}}
+    args: dict[str, Any] = {"model": name(demo), "messages": ASK, "tools": [WEATHER], "output_config": fmt}
+    for temperature, parallel in ((0.0, True), (1.0, False)):
+        choice = {"tool_choice": {"type": "auto", "disable_parallel_tool_use": True}} if not parallel else {}
+        m = client.messages.create(**args, **choice, max_tokens=80, extra_body={"temperature": temperature})
+        if m.stop_reason == "tool_use":  # calls only: no text beside them, the grammar has none
+            assert {b.type for b in m.content} == {"tool_use"} and (parallel or len(m.content) == 1), m.content
+            for use in m.content:
+                jsonschema.validate(use.input, TOOL_SCHEMAS["get_weather"])  # type: ignore[union-attr]
+        else:
+            assert m.stop_reason == "end_turn" and [b.type for b in m.content] == ["text"], m.content
+            jsonschema.validate(json.loads(m.content[0].text), ANSWER)  # type: ignore[union-attr]
+    forced = client.messages.create(**args, max_tokens=80, tool_choice={"type": "tool", "name": "get_weather"})
+    assert forced.stop_reason == "tool_use" and [b.type for b in forced.content] == ["tool_use"]
+    jsonschema.validate(forced.content[0].input, TOOL_SCHEMAS["get_weather"])  # type: ignore[union-attr]
+
+
+def test_an_output_config_schema_that_cannot_be_enforced_is_a_400_naming_it(scripted: InProcessServer) -> None:
+    body = {"model": name(scripted), "messages": ASK, "max_tokens": 10,
+            "output_config": {"format": {"type": "json_schema", "schema": {"$ref": "#"}}}}  # fmt: skip
+    r = httpx.post(f"{scripted.base_url}/v1/messages", json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    assert r.json()["error"]["message"].startswith("output_config.format.schema: "), r.text
+
+
+# ------------------------------------------------------------------------------------------ the SDK's tool runner
+def test_the_sdk_tool_runner_goes_on_without_a_thread(
+    scripted: InProcessServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The beta tool runner asks for a server-held thread by default (`thread: {"type": "create"}`): refused, with
+    Anthropic's `thread_unsupported_request` details, on which the runner sends the whole history instead."""
+    caplog.set_level(logging.INFO, logger="anthropic.lib.threads")
+    ran: list[str] = []
+
+    @anthropic.beta_tool
+    def lookup(city: str) -> str:
+        """Look a city up."""
+        ran.append(city)
+        return "21 degrees"
+
+    client, args = claude(scripted), {"model": name(scripted), "messages": ASK, "max_tokens": 60, **GREEDY}
+    for thread in ({}, {"thread": False}):
+        ran.clear()
+        caplog.clear()
+        replies = list(client.beta.messages.tool_runner(**args, tools=[lookup], max_iterations=2, **thread))
+        assert [m.stop_reason for m in replies] == ["tool_use", "tool_use"], thread
+        assert ran[:1] == ["Paris"] and replies[0].content[1].input == {"city": "Paris"}  # type: ignore[union-attr]
+        # the SDK's own account: the first request asked for a thread, and the runner went on without one
+        went_on = "continuing without a thread" in caplog.text
+        assert went_on == (thread == {}), caplog.text
+    # The refusal itself says why and what to do; a thread to continue is refused alike; null is no thread.
+    url, body = f"{scripted.base_url}/v1/messages", {"model": name(scripted), "messages": ASK, "max_tokens": 5}
+    for thread in ({"type": "create"}, {"type": "continue", "previous_message_id": "msg_1"}):
+        r = httpx.post(url, json={**body, "thread": thread}, timeout=30)
+        assert r.status_code == 400 and r.json()["type"] == "error", r.text
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and "keeps no message threads" in error["message"]
+        assert "thread=False" in error["message"] and error["details"] == {"error_code": "thread_unsupported_request"}
+    with pytest.raises(anthropic.BadRequestError) as info:
+        client.beta.messages.create(**body, thread={"type": "create"})
+    assert info.value.error_code == "thread_unsupported_request"
+    assert httpx.post(url, json={**body, "thread": None}, timeout=30).status_code == 200

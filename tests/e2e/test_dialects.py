@@ -1,12 +1,13 @@
 """The other API dialects through their official SDKs against live servers: OpenAI's Responses API (`openai`),
-Anthropic's Messages API (`anthropic`, sync, async and streaming), `/v1/models/{id}`, `/tokenize` and
-`/detokenize`. Exact text, stop sequences and usage on the scripted Qwen2; the API key, admission and
-cancellation on a tiny random Qwen2 with room for one sequence.
+Anthropic's Messages API (`anthropic`, sync, async and streaming), `/v1/models` and `/v1/models/{id}` (in each
+dialect's shape), `/tokenize` and `/detokenize`. Exact text, stop sequences and usage on the scripted Qwen2; the API
+key, admission and cancellation on a tiny random Qwen2 with room for one sequence.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import time
 from collections.abc import Iterator
@@ -305,6 +306,30 @@ def test_messages_stream_events_in_order(scripted_server: InProcessServer) -> No
     assert delta["usage"]["output_tokens"] == len(script_tokens(scripted_server)) + 1
 
 
+def test_streamed_message_delta_carries_the_whole_usage(scripted_server: InProcessServer) -> None:
+    """`message_delta.usage` is cumulative, input tokens included, as Anthropic's is: langchain-anthropic builds a
+    stream's usage from it alone, and read 0 input tokens. The same usage as the plain answer's, and message_start's
+    input count; prompt caching is not tracked and reads 0 in all three."""
+    client = claude(scripted_server)
+    kwargs = {"model": name(scripted_server), "messages": HI, "max_tokens": 100, **GREEDY}
+    expected = {
+        "input_tokens": len(prompt_ids(scripted_server, HI)),
+        "output_tokens": len(script_tokens(scripted_server)) + 1,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+    }
+    plain = client.messages.create(**kwargs)
+    assert plain.usage.model_dump(exclude_none=True) == expected
+    with client.messages.stream(**kwargs) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    [start] = [e for e in events if e.type == "message_start"]
+    [delta] = [e for e in events if e.type == "message_delta"]
+    assert delta.usage.model_dump(exclude_none=True) == expected  # the SDK's MessageDeltaUsage
+    assert start.message.usage.model_dump(exclude_none=True) == {**expected, "output_tokens": 0}
+    assert final.usage.model_dump(exclude_none=True) == expected
+
+
 def test_messages_async_client_plain_and_streamed_together(scripted_server: InProcessServer) -> None:
     async def main() -> tuple[str, str]:
         client = anthropic.AsyncAnthropic(base_url=scripted_server.base_url, api_key="unused", max_retries=0)
@@ -452,6 +477,34 @@ def test_retrieve_model(scripted_server: InProcessServer) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         oai(scripted_server).models.retrieve("gpt-4")
     assert isinstance(info.value.body, dict) and info.value.body["code"] == "model_not_found"
+
+
+def test_models_in_anthropic_shape_for_anthropic_requests(scripted_server: InProcessServer) -> None:
+    """A request with `anthropic-version` (the anthropic SDK always sends it) gets Anthropic's model list and
+    ModelInfo, an unknown id Anthropic's 404; without it, OpenAI's objects exactly as before."""
+    model, runtime = name(scripted_server), scripted_server.runtime
+    created_at = datetime.datetime.fromtimestamp(runtime.created, datetime.UTC)
+    client = claude(scripted_server)
+    page = client.models.list()
+    assert (page.has_more, page.first_id, page.last_id) == (False, model, model)
+    [info] = page.data
+    assert (info.type, info.id, info.display_name, info.created_at) == ("model", model, model, created_at)
+    assert info.lifecycle == "active"
+    assert [m.id for m in client.models.list()] == [model]  # the SDK's pager stops at has_more false
+    assert client.models.list(after_id=model).data == [] and client.models.list(before_id=model).data == []
+    assert client.models.retrieve(model) == info
+    with pytest.raises(anthropic.NotFoundError) as info_404:
+        client.models.retrieve("claude-x")
+    body = info_404.value.body
+    assert isinstance(body, dict) and set(body) == {"type", "error"} and body["type"] == "error"
+    assert body["error"]["type"] == "not_found_error" and "claude-x" in body["error"]["message"]
+    raw = httpx.get(f"{scripted_server.base_url}/v1/models", headers={"anthropic-version": "2023-06-01"}).json()
+    assert raw["data"][0]["created_at"] == created_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    # OpenAI's clients: unchanged.
+    openai_model = {"id": model, "object": "model", "created": runtime.created, "owned_by": "qwen-api"}
+    assert httpx.get(f"{scripted_server.base_url}/v1/models").json() == {"object": "list", "data": [openai_model]}
+    assert httpx.get(f"{scripted_server.base_url}/v1/models/{model}").json() == openai_model
+    assert [m.model_dump(exclude_none=True) for m in oai(scripted_server).models.list()] == [openai_model]
 
 
 def test_tokenize_detokenize_round_trip_on_the_qwen2_tokenizer(guarded: InProcessServer) -> None:

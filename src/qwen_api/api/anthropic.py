@@ -2,12 +2,14 @@
 
 The routes work as the chat completions route does: check the model and the cap, build the prompt (the chat
 template, with any tools and tool blocks rendered as chat completions renders them, then any assistant prefill as
-plain text), check the context, take an admission ticket (after compiling a forced call's grammar), then await the
-answer (cancelled if the client leaves) or stream it as Anthropic's events: `message_start`, `ping`, a text block
-(`content_block_start`, `content_block_delta`s, `content_block_stop`), then with tools one block per call (its
-input as one `input_json_delta`), `message_delta` (stop reason, output tokens), `message_stop`. With tools, streamed
-text is held back while it may be the start of a `<tool_call>`. A failure after the stream began is one `error`
-event. Every error under `/v1/messages` answers in Anthropic's shape (see `api.errors`).
+plain text), check the context, take an admission ticket (after compiling the grammar of a forced call or of an
+`output_config.format`), then await the answer (cancelled if the client leaves) or stream it as Anthropic's events:
+`message_start`, `ping`, a text block (`content_block_start`, `content_block_delta`s, `content_block_stop`), then
+with tools one block per call (its input as one `input_json_delta`), `message_delta` (stop reason, and the usage so
+far, input tokens included, as Anthropic's is), `message_stop`. With tools, streamed text is held back while it may
+be the start of a `<tool_call>`. A failure after the stream began is one `error` event. Every error under
+`/v1/messages` answers in Anthropic's shape (see `api.errors`); a request for a message thread (`thread`) is refused
+with the details that make the SDK's tool runner go on without one.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from qwen_api.api.anthropic_protocol import Conversation, MessagesRequest, message_object, stop_reason
 from qwen_api.api.deps import GeneratorDep, GuardDep, RuntimeDep, SettingsDep, log_outputs, log_prompt
@@ -55,6 +57,17 @@ async def _prompt_ids(body: Conversation, settings: Settings, runtime: Runtime, 
     return ids
 
 
+# A thread is a conversation the server holds between turns, which this stateless server does not keep. The
+# refusal carries Anthropic's `thread_unsupported_request` details: on them the SDK's tool runner (which asks for a
+# thread by default) goes on without a thread, sending the whole history each turn, as `thread=False` makes it do.
+_NO_THREADS = anthropic_error_body(
+    "thread: this server keeps no message threads (they need stored state): send the whole conversation without "
+    "`thread`; create the tool runner with thread=False",
+    "invalid_request_error",
+)
+_NO_THREADS["error"]["details"] = {"error_code": "thread_unsupported_request"}
+
+
 @router.post("/messages", response_model=None)
 async def create_message(
     body: MessagesRequest,
@@ -63,13 +76,17 @@ async def create_message(
     runtime: RuntimeDep,
     generator: GeneratorDep,
     guard: GuardDep,
-) -> dict[str, Any] | StreamingResponse:
+) -> dict[str, Any] | StreamingResponse | JSONResponse:
+    if body.thread is not None:
+        return JSONResponse(_NO_THREADS, status_code=400)
     prompt_ids = await _prompt_ids(body, settings, runtime, generator)
     params, stop = body.sampling_params(generator.sampling_defaults), body.stops()
     generator.check_fits(prompt_ids, params.max_new_tokens)
-    if (grammar := body.grammar()) is not None:  # tool_choice any or tool: one call, its input as its schema says
+    # A forced call (one call, its input as its schema says), or text in the output_config format (with `auto`
+    # tools: calls or such text), enforced while decoding.
+    if (grammar := body.grammar()) is not None:
         try:
-            params = dataclasses.replace(params, constraint=await generator.grammars.compile(grammar, "tools"))
+            params = dataclasses.replace(params, constraint=await generator.grammars.compile(*grammar))
         except GrammarError as exc:
             raise Unsupported(exc.param, str(exc)) from None
     ticket = guard.admit(1, len(prompt_ids))
@@ -128,8 +145,18 @@ class _Shape:
             for call in calls
         ]
 
+    def usage(self, output_tokens: int) -> dict[str, int]:
+        """Anthropic's usage, cumulative (a stream's `message_delta` carries all of it, as Anthropic's does: clients
+        such as langchain-anthropic read it alone). Prompt caching is not tracked: its counts read 0."""
+        return {
+            "input_tokens": self.input_tokens,
+            "output_tokens": output_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+        }
+
     def message(self, result: Completion) -> dict[str, Any]:
-        usage = {"input_tokens": self.input_tokens, "output_tokens": result.completion_tokens}
+        usage = self.usage(result.completion_tokens)
         parsed = self.rules.split(result.text) if self.rules is not None else None
         text, uses = (parsed.content or "", self._uses(parsed.tool_calls)) if parsed is not None else (result.text, [])
         if not uses:
@@ -140,10 +167,9 @@ class _Shape:
 
     async def events(self, deltas: AsyncGenerator[TextDelta, None]) -> AsyncGenerator[dict[str, Any], None]:
         try:
-            usage = {"input_tokens": self.input_tokens, "output_tokens": 0}
             yield {
                 "type": "message_start",
-                "message": message_object(self.message_id, self.model, [], None, None, usage),
+                "message": message_object(self.message_id, self.model, [], None, None, self.usage(0)),
             }
             # With tools, the text is held back where it may be a `<tool_call>` and its block opens at the first
             # text sent (none for a bare call); without, the text block opens at once.
@@ -186,7 +212,7 @@ class _Shape:
                 if uses
                 else {"stop_reason": stop_reason(result), "stop_sequence": result.stop_string}
             )
-            yield {"type": "message_delta", "delta": delta_, "usage": {"output_tokens": result.completion_tokens}}
+            yield {"type": "message_delta", "delta": delta_, "usage": self.usage(result.completion_tokens)}
             yield {"type": "message_stop"}
         finally:
             await deltas.aclose()

@@ -2,14 +2,16 @@
 
 A request is a conversation (`system` as a string or text blocks, `messages` of user and assistant turns with
 string or block content: text, an assistant's `tool_use`, a user's `tool_result`), the custom `tools` and
-`tool_choice`, plus what this server honours: `max_tokens` (required), `stop_sequences`, `temperature` (0-1,
-Anthropic's range), `top_p`, `top_k`, `metadata`, `stream`. A last assistant turn is a prefill: the answer
-continues it, as Anthropic's does. Tool use runs on the chat completions' building blocks (qwen_api.structured.tools):
-the conversation becomes OpenAI-shaped chat messages (`tool_use` blocks an assistant's `tool_calls`, `tool_result`
-blocks `tool` messages) and the tools OpenAI function tools, so both dialects show the model the same prompt; `any`
-or a named `tool` is a grammar-bound call. Server tools, extended thinking, other blocks and unknown fields are
-refused with a 400 that names them; limits live in the fields, so a value out of range is a 400 in Anthropic's
-error shape (the app's handlers pick the shape from the path).
+`tool_choice`, structured outputs (`output_config.format`), plus what this server honours: `max_tokens`
+(required), `stop_sequences`, `temperature` (0-1, Anthropic's range), `top_p`, `top_k`, `metadata`, `stream`. A
+last assistant turn is a prefill: the answer continues it, as Anthropic's does. Tool use runs on the chat
+completions' building blocks (qwen_api.structured.tools): the conversation becomes OpenAI-shaped chat messages
+(`tool_use` blocks an assistant's `tool_calls`, `tool_result` blocks `tool` messages) and the tools OpenAI function
+tools, so both dialects show the model the same prompt; `any` or a named `tool` is a grammar-bound call, and an
+`output_config.format` schema is a grammar on the text, as chat completions' `response_format` is. Server tools,
+extended thinking, `output_config.effort` and `task_budget`, message threads (`thread`: they need stored state),
+other blocks and unknown fields are refused with a 400 that names them; limits live in the fields, so a value out
+of range is a 400 in Anthropic's error shape (the app's handlers pick the shape from the path).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from qwen_api.api.openai_protocol import (
 from qwen_api.api.schema import RequestModel, at_most, resolve_sampling
 from qwen_api.detokenize import Stops
 from qwen_api.engine.base import SamplingParams
-from qwen_api.structured.grammar import GrammarError
+from qwen_api.structured.grammar import GrammarError, checked_schema, json_schema_grammar
 from qwen_api.structured.tools import CLOSE, OPEN, CallRules, check_functions, tools_grammar
 from qwen_api.textgen import Completion
 
@@ -167,8 +169,13 @@ class Tool(_Request):
         return data
 
     def as_function(self) -> dict[str, Any]:
-        """The OpenAI function tool the model is shown (and the grammar reads)."""
-        function = {"name": self.name, "description": self.description, "parameters": self.input_schema}
+        """The OpenAI function tool the model is shown (and the grammar reads: `strict` holds its calls to it)."""
+        function = {
+            "name": self.name,
+            "description": self.description,
+            "parameters": self.input_schema,
+            "strict": self.strict,
+        }
         return {"type": "function", "function": {k: v for k, v in function.items() if v is not None}}
 
 
@@ -209,8 +216,30 @@ class Metadata(_Request):
     user_id: str | None = Field(None, max_length=256, description="Accepted for compatibility; not used.")
 
 
+# Where an `output_config.format` schema is named in errors (a bad schema is a 400 naming it).
+FORMAT_SCHEMA = "output_config.format.schema"
+
+
+class JSONOutputFormat(_Request):
+    """Structured outputs: the answer's text is JSON that follows `schema`, enforced while decoding."""
+
+    type: Literal["json_schema"]
+    # `schema` would shadow a BaseModel attribute (a warning): the field takes its name as an alias.
+    json_schema: dict[str, Any] = Field(..., alias="schema")
+
+
+class OutputConfig(_Request):
+    """`output_config`: the answer's format. `effort` and `task_budget` are accepted as fields, to be refused by
+    name (`Conversation.check_supported`) rather than as unknown ones."""
+
+    format: JSONOutputFormat | None = None
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
+    task_budget: dict[str, Any] | None = None
+
+
 class Conversation(_Request):
-    """What both routes read: the model, the system prompt, the turns and the tools (count_tokens takes no more)."""
+    """What both routes read: the model, the system prompt, the turns, the tools and the output format
+    (count_tokens takes no more)."""
 
     model: str
     messages: list[InputMessage] = Field(..., min_length=1)
@@ -219,10 +248,12 @@ class Conversation(_Request):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: dict[str, Any] | None = None
+    output_config: OutputConfig | None = None
 
     def check_supported(self) -> None:
         if self.thinking is not None and self.thinking.get("type") != "disabled":
             raise Unsupported("thinking", "extended thinking is not supported by this model")
+        self._check_output_config()
         self._check_tools()
         self._check_history()
         prefill = self.prefill()
@@ -230,6 +261,30 @@ class Conversation(_Request):
             raise Unsupported("messages", "an assistant prefill needs a user turn before it")
         if prefill is not None and prefill != prefill.rstrip():
             raise Unsupported("messages", "final assistant content cannot end with trailing whitespace")
+
+    def _check_output_config(self) -> None:
+        """What `output_config` asks is honoured or refused by name, never ignored: the format's schema must be a
+        valid JSON schema; `effort` (how many tokens the model spends) and `task_budget` have nothing here that
+        could follow them; and a prefill cannot stand before structured content (the JSON would have to continue
+        its text), as on Anthropic's API."""
+        config = self.output_config
+        if config is None:
+            return
+        if config.effort not in (None, "high"):  # "high" is Anthropic's default: the neutral value, accepted
+            raise Unsupported(
+                "output_config.effort", "this model has no effort levels (max_tokens bounds its answer); leave it out"
+            )
+        if config.task_budget is not None:
+            raise Unsupported("output_config.task_budget", "token budgets across contexts are not kept by this server")
+        if config.format is not None:
+            try:
+                checked_schema(config.format.json_schema, FORMAT_SCHEMA)
+            except GrammarError as exc:
+                raise Unsupported(exc.param, str(exc)) from None
+            if self.prefill() is not None:
+                raise Unsupported(
+                    "messages", "a final assistant turn (a prefill) cannot be combined with output_config.format"
+                )
 
     def _check_tools(self) -> None:
         names = [t.name for t in self.tools or []]
@@ -282,22 +337,39 @@ class Conversation(_Request):
         """Whether the answer must be a call (`any`, or a named `tool`)."""
         return bool(self.tools) and isinstance(self.tool_choice, ToolChoiceAny | ToolChoiceTool)
 
-    def call_rules(self) -> CallRules | None:
-        """How the answer splits into text and tool_use blocks (one at most with `disable_parallel_tool_use`):
-        None when no tools are shown."""
-        parallel = not (
+    def parallel(self) -> bool:
+        """Whether an answer may hold several calls (not with `disable_parallel_tool_use`)."""
+        return not (
             isinstance(self.tool_choice, ToolChoiceAuto | ToolChoiceAny | ToolChoiceTool)
             and self.tool_choice.disable_parallel_tool_use
         )
-        return CallRules.of(self.tool_dicts(), parallel)
 
-    def grammar(self) -> str | None:
-        """A forced call's grammar: one call block, to the named tool or any, whose input follows its schema."""
+    def call_rules(self) -> CallRules | None:
+        """How the answer splits into text and tool_use blocks (one at most with `disable_parallel_tool_use`):
+        None when no tools are shown."""
+        return CallRules.of(self.tool_dicts(), self.parallel())
+
+    def format_schema(self) -> dict[str, Any] | None:
+        """The JSON schema `output_config.format` holds the answer's text to, or None for free text."""
+        fmt = self.output_config.format if self.output_config is not None else None
+        return None if fmt is None else fmt.json_schema
+
+    def grammar(self) -> tuple[str, str] | None:
+        """(grammar text, the field it comes from) when the answer is constrained, by chat completions' rules: a
+        forced call's grammar (one call block, to the named tool or any, whose input follows its schema; the
+        format shapes text, which such an answer has none of); with `auto` beside a format, calls or text in that
+        format; else the format's; None for free text."""
+        tools, forced, schema = self.tool_dicts(), self.forced_call(), self.format_schema()
         name = self.tool_choice.name if isinstance(self.tool_choice, ToolChoiceTool) else None
-        try:  # no content format here: `auto` is unconstrained
-            return tools_grammar(self.tool_dicts(), self.forced_call(), name)
+        try:
+            content = checked_schema(schema, FORMAT_SCHEMA) if schema is not None and tools and not forced else None
+            grammar = tools_grammar(tools, forced, name, content, parallel=self.parallel())
+            if grammar is not None:
+                return grammar, "tools"
+            return None if schema is None else (json_schema_grammar(schema, FORMAT_SCHEMA), FORMAT_SCHEMA)
         except GrammarError as exc:
-            raise Unsupported(exc.param, str(exc)) from None
+            # json_schema_grammar names its own failures response_format, chat completions' field: here it is ours
+            raise Unsupported(FORMAT_SCHEMA if exc.param == "response_format" else exc.param, str(exc)) from None
 
 
 # Anthropic's defaults, where neither the request nor the model's generation config sets a field.
@@ -317,6 +389,8 @@ class MessagesRequest(Conversation):
     metadata: Metadata | None = None
     stream: bool = False
     service_tier: Literal["auto", "standard_only"] | None = None
+    # A server-held conversation (the beta's message threads): refused by the route, with what to do instead.
+    thread: dict[str, Any] | None = None
 
     @field_validator("max_tokens")
     @classmethod
@@ -329,7 +403,9 @@ class MessagesRequest(Conversation):
 
     def stops(self) -> Stops:
         """Stop sequences end the text, never a call: inside a `<tool_call>` block none matches (it could only cut
-        the call, its markup leaking into the text). A forced call is the whole answer: none applies."""
+        the call, its markup leaking into the text). A forced call is the whole answer: none applies. Text in an
+        `output_config.format` is text: stop sequences apply to it as chat completions' `stop` applies beside a
+        `response_format` (a stop sequence, like max_tokens, may cut its JSON, and stop_reason says so)."""
         if self.forced_call():
             return Stops()
         stops = Stops(tuple(self.stop_sequences or ()))

@@ -14,10 +14,10 @@ from collections.abc import AsyncGenerator, Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from qwen_api.api.deps import GeneratorDep, GuardDep, RuntimeDep, SettingsDep, log_outputs, log_prompt
-from qwen_api.api.errors import ModelNotFound, openai_error_payload
+from qwen_api.api.errors import ModelNotFound, anthropic_error_body, openai_error_payload
 from qwen_api.api.guard import Guard
 from qwen_api.api.openai_protocol import (
     ChatCompletionRequest,
@@ -86,16 +86,38 @@ async def _context(settings: SettingsDep, runtime: RuntimeDep, generator: Genera
     return _Context(settings, runtime.model_name, generator, guard)
 
 
+def _anthropic_model(request: Request, name: str, created: int) -> dict[str, Any] | None:
+    """The served model as Anthropic's `ModelInfo` when the request is Anthropic's (its SDK always sends an
+    `anthropic-version` header), else None: OpenAI's clients get OpenAI's model object. Its `created_at` is the
+    instant OpenAI's `created` gives, in RFC 3339."""
+    if "anthropic-version" not in request.headers:
+        return None
+    created_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
+    return {"type": "model", "id": name, "display_name": name, "created_at": created_at, "lifecycle": "active"}
+
+
 @router.get("/models")
-async def list_models(runtime: RuntimeDep) -> dict[str, Any]:
+async def list_models(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
+    if (info := _anthropic_model(request, runtime.model_name, runtime.created)) is not None:
+        # One model: no page after it or before it, so a cursor (`after_id`, `before_id`) pages to an empty list.
+        cursor = "after_id" in request.query_params or "before_id" in request.query_params
+        data = [] if cursor else [info]
+        first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+        return {"data": data, "has_more": False, "first_id": first, "last_id": last}
     model = {"id": runtime.model_name, "object": "model", "created": runtime.created, "owned_by": "qwen-api"}
     return {"object": "list", "data": [model]}
 
 
-@router.get("/models/{model_id:path}")
-async def retrieve_model(model_id: str, runtime: RuntimeDep) -> dict[str, Any]:
+@router.get("/models/{model_id:path}", response_model=None)
+async def retrieve_model(model_id: str, request: Request, runtime: RuntimeDep) -> dict[str, Any] | JSONResponse:
+    info = _anthropic_model(request, runtime.model_name, runtime.created)
     if model_id != runtime.model_name:
+        if info is not None:  # the error handlers answer in OpenAI's shape on this path
+            message = str(ModelNotFound(model_id, runtime.model_name))
+            return JSONResponse(anthropic_error_body(message, "not_found_error"), status_code=404)
         raise ModelNotFound(model_id, runtime.model_name)
+    if info is not None:
+        return info
     return {"id": runtime.model_name, "object": "model", "created": runtime.created, "owned_by": "qwen-api"}
 
 
