@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: chat and text completions (plain and streamed) and the model list.
+"""OpenAI-compatible routes: chat and text completions (plain and streamed) and the model list (in Anthropic's
+shape for a request that carries `anthropic-version`, as the `anthropic` SDK's do).
 
 Routes stay thin: validate what the schema cannot (model name, caps, context), convert to engine
 parameters, and shape TextGenerator's output as OpenAI objects and chunks.
