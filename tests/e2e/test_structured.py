@@ -8,6 +8,7 @@ fixtures (a scripted Qwen2 that answers with a `<tool_call>` block).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
@@ -167,6 +168,60 @@ def test_json_object_on_completions_and_generate(demo: InProcessServer) -> None:
     assert "response_format" not in reply.json()["parameters"]
     for text in reply.json()["generated_texts"]:
         City.model_validate_json(text)
+
+
+@pytest.mark.parametrize(
+    ("extra", "valid"),
+    [
+        ({"structured_outputs": {"choice": ["yes", "no", "maybe"]}}, lambda t: t in ("yes", "no", "maybe")),
+        ({"structured_outputs": {"regex": "[0-9]{3}-[a-z]{2}"}}, lambda t: re.fullmatch("[0-9]{3}-[a-z]{2}", t)),
+        (
+            {"structured_outputs": {"json": {"type": "integer", "minimum": 0, "maximum": 999}}},
+            lambda t: 0 <= json.loads(t) <= 999,
+        ),
+        (
+            {"structured_outputs": {"grammar": 'root ::= "red" | "green" | "blue"'}},
+            lambda t: t in ("red", "green", "blue"),
+        ),
+        ({"structured_outputs": {"grammar": 'start: "a"+ "b"'}}, lambda t: re.fullmatch("a+b", t)),
+        ({"guided_choice": ["left", "right"], "guided_decoding_backend": "xgrammar"}, lambda t: t in ("left", "right")),
+        ({"guided_json": '{"type": "boolean"}'}, lambda t: isinstance(json.loads(t), bool)),
+        ({"guided_regex": "[A-Z]{4}"}, lambda t: re.fullmatch("[A-Z]{4}", t)),
+    ],
+    ids=["choice", "regex", "json", "gbnf", "lark", "guided-choice", "guided-json-text", "guided-regex"],
+)
+def test_vllm_structured_outputs_are_enforced(demo: InProcessServer, extra: dict, valid: Any) -> None:
+    """vLLM's clients send `structured_outputs` (and the older `guided_*` fields) in extra_body: each constrains
+    the answer as `response_format` does, on chat completions and completions, plain and streamed."""
+    client, model = client_of(demo), model_of(demo)
+    for seed in (1, 2):
+        args = {"model": model, "max_tokens": 24, "temperature": 1.0, "seed": seed, "extra_body": extra}
+        chat = client.chat.completions.create(messages=ASK, **args).choices[0]
+        assert chat.finish_reason == "stop" and valid(chat.message.content), chat.message.content
+        streamed = client.chat.completions.create(messages=ASK, stream=True, **args)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == chat.message.content
+        text = client.completions.create(prompt="Answer:", **args).choices[0].text
+        assert valid(text), text
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"structured_outputs": {"regex": "[0-9"}}, "structured_outputs"),  # does not compile
+        ({"structured_outputs": {"choice": ["a"], "regex": "b"}}, "structured_outputs"),
+        ({"structured_outputs": {"whitespace_pattern": " "}}, "structured_outputs"),
+        ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
+        ({"structured_outputs": {"json": {"type": 5}}}, "structured_outputs.json"),
+        ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
+        ({"guided_json": {"type": "object"}, "response_format": {"type": "json_object"}}, "guided_json"),
+        ({"guided_regex": "a", "tools": [{"type": "function", "function": {"name": "f"}}]}, "guided_regex"),
+    ],
+)
+def test_bad_vllm_structured_outputs_are_a_400_naming_the_field(demo: InProcessServer, body: dict, param: str) -> None:
+    payload = {"model": model_of(demo), "messages": ASK, "max_tokens": 4, **body}
+    r = httpx.post(f"{demo.base_url}/v1/chat/completions", json=payload, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from qwen_api.api.schema import RequestModel, at_most, resolve_sampling
 from qwen_api.detokenize import Stops
 from qwen_api.engine.base import SamplingParams
-from qwen_api.structured.grammar import GrammarError, response_format_grammar, response_format_schema
+from qwen_api.structured.grammar import GrammarError, response_format_grammar, response_format_schema, vllm_grammar
 from qwen_api.structured.tools import CLOSE, OPEN, CallRules, check_functions, tools_grammar
 
 MAX_STOP_STRINGS = 8
@@ -169,6 +169,14 @@ class _SamplingRequest(_OpenAIRequest):
     prompt_cache_key: str | None = Field(None, max_length=256, description="Accepted; not used.")
     service_tier: Literal["auto", "default", "flex", "priority"] | None = None
     store: bool | None = None
+    # vLLM's structured outputs, which its clients send in extra_body: one constraint, enforced as response_format
+    # is (`structured.grammar.vllm_grammar`); the older guided_* fields too.
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = Field(None, description="Accepted; the backend here is llguidance.")
 
     @field_validator("stop")
     @classmethod
@@ -206,10 +214,37 @@ class _SamplingRequest(_OpenAIRequest):
         if self.store:
             raise Unsupported("store", "this server keeps no completions: send store false or leave it out")
 
+    def vllm_constraint(self) -> tuple[dict[str, Any], str] | None:
+        """vLLM's structured outputs as (its spec, the field it came in), or None: `structured_outputs`, or one of
+        the older `guided_*` fields (never both, nor two of those)."""
+        legacy = {
+            kind: value
+            for kind, value in (
+                ("json", self.guided_json),
+                ("regex", self.guided_regex),
+                ("choice", self.guided_choice),
+                ("grammar", self.guided_grammar),
+            )
+            if value is not None
+        }
+        if len(legacy) > 1 or (legacy and self.structured_outputs is not None):
+            given = [f"guided_{k}" for k in legacy] + (["structured_outputs"] if self.structured_outputs else [])
+            raise Unsupported(given[-1], f"give one constraint, not {given}")
+        if self.structured_outputs is not None:
+            return self.structured_outputs, "structured_outputs"
+        return next(((legacy, f"guided_{kind}") for kind in legacy), None)
+
     def grammar(self) -> tuple[str, str] | None:
-        """(grammar text, the field it comes from) when the output is constrained; `Unsupported` if it cannot be."""
+        """(grammar text, the field it comes from) when the output is constrained: `response_format`'s, or vLLM's
+        structured outputs' (one of them); `Unsupported` if it cannot be."""
+        vllm = self.vllm_constraint()
         try:
             grammar = response_format_grammar(self.response_format)
+            if vllm is not None:
+                spec, param = vllm
+                if grammar is not None:
+                    raise GrammarError("give one constraint: response_format or vLLM's structured outputs", param)
+                return vllm_grammar(spec, param, nested=param == "structured_outputs"), param
         except GrammarError as exc:
             raise Unsupported(exc.param, str(exc)) from None
         return None if grammar is None else (grammar, "response_format")
@@ -270,6 +305,8 @@ class ChatCompletionRequest(_SamplingRequest):
             check_functions(functions, "tools.{i}.function.parameters")
         except GrammarError as exc:
             raise Unsupported(exc.param, str(exc)) from None
+        if self.tool_dicts() and (vllm := self.vllm_constraint()) is not None:
+            raise Unsupported(vllm[1], "vLLM's structured outputs shape content: send them without tools")
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
             raise Unsupported("tool_choice", "a tool must be given in tools to require a call")
         if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:

@@ -98,10 +98,10 @@ def _depth_of(value: Any) -> int:
 
 def json_schema_grammar(schema: dict[str, Any] | bool, param: str = "response_format") -> str:
     """The llguidance grammar text for a JSON schema, after checking that the schema is itself valid."""
-    return _lark_free_json(checked_schema(schema, param))
+    return _lark_free_json(checked_schema(schema, param), param)
 
 
-def _lark_free_json(schema: Any) -> str:
+def _lark_free_json(schema: Any, param: str = "response_format") -> str:
     from llguidance import LLMatcher
 
     if isinstance(schema, bool):  # `true` is any JSON, `false` none: llguidance reads objects only
@@ -110,7 +110,7 @@ def _lark_free_json(schema: Any) -> str:
         # A plain dict is what llguidance reads; its stubs name a TypedDict with the same key.
         return LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=_JSON_OPTIONS)  # type: ignore[arg-type]
     except ValueError as exc:
-        raise GrammarError(f"invalid JSON schema: {exc}") from None
+        raise GrammarError(f"invalid JSON schema: {exc}", param) from None
 
 
 def compact_json(schema: dict[str, Any] | bool) -> dict[str, Any]:
@@ -385,3 +385,50 @@ def response_format_grammar(response_format: dict[str, Any] | None) -> str | Non
     """The grammar text for an OpenAI `response_format`, or None for plain text."""
     schema = response_format_schema(response_format)
     return None if schema is None else _lark_free_json(schema)
+
+
+# vLLM's structured outputs (`structured_outputs` in a request's extra body, and its older `guided_*` fields): the
+# constraint kinds, and the options that are neutral here (llguidance is the one backend; its JSON is compact).
+_VLLM_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+_VLLM_NEUTRAL = frozenset({"disable_fallback", "disable_any_whitespace"})
+
+
+def vllm_grammar(spec: dict[str, Any], param: str, nested: bool = True) -> str:
+    """The grammar text for vLLM's structured outputs `spec` (its `StructuredOutputsParams`): exactly one of `json`
+    (a JSON schema, or its text), `regex`, `choice` (the output is one of the strings), `grammar` (Lark, or GBNF as
+    llama.cpp and vLLM's xgrammar write it) and `json_object: true`. `GrammarError` naming `param` (or its field)
+    for anything else (the field `param.kind`, or `param` itself when not `nested`: the `guided_*` fields); a
+    grammar or regular expression that does not compile is refused when it is compiled."""
+    from llguidance import LLMatcher
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    if unknown := set(spec) - set(_VLLM_KINDS) - _VLLM_NEUTRAL:
+        raise GrammarError(f"unsupported field(s) {sorted(unknown)}: supported are {list(_VLLM_KINDS)}", param)
+    given = [k for k in _VLLM_KINDS if spec.get(k) not in (None, False)]
+    if len(given) != 1:
+        raise GrammarError(f"give exactly one of {list(_VLLM_KINDS)}, not {given or 'none'}", param)
+    kind, value = given[0], spec[given[0]]
+    where = f"{param}.{kind}" if nested else param
+    if kind == "json_object":
+        if value is not True:
+            raise GrammarError("json_object must be true", where)
+        return json_schema_grammar({"type": "object"}, where)
+    if kind == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise GrammarError("a JSON schema, or its JSON text", where) from None
+        return json_schema_grammar(value, where)
+    if kind == "choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+            raise GrammarError("a non-empty list of non-empty strings", where)
+        return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in value) + "\n")
+    if not isinstance(value, str) or not value:
+        raise GrammarError("a non-empty string", where)
+    if kind == "regex":
+        return LLMatcher.grammar_from_regex(value)
+    try:
+        return LLMatcher.grammar_from_lark(any_to_lark(value))
+    except Exception as exc:  # the GBNF converter's own errors name no type of theirs
+        raise GrammarError(f"not a Lark or GBNF grammar: {exc}", where) from None
