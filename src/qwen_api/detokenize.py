@@ -117,10 +117,14 @@ class IncrementalDetokenizer:
 class Stops:
     """Stop strings, and optionally a block, (opening, closing) marker, inside which they do not match: with tools,
     a `<tool_call>` block's arguments may hold a stop string, and a call cut there would be neither a call nor
-    content (its markup would leak into the answer's text)."""
+    content (its markup would leak into the answer's text). `include`: the stop string that matched stays at the
+    end of the text (vLLM's `include_stop_str_in_output`). `token_ids`: tokens that end the text once generated,
+    their own text kept (vLLM's `stop_token_ids`; a special token has none)."""
 
     strings: tuple[str, ...] = ()
     shielded: tuple[str, str] | None = None
+    include: bool = False
+    token_ids: frozenset[int] = frozenset()
 
 
 class StopMatcher:
@@ -131,6 +135,8 @@ class StopMatcher:
         stops = stops if isinstance(stops, Stops) else Stops(tuple(stops))
         self._stops = [s for s in stops.strings if s]
         self._shield = stops.shielded if self._stops else None
+        self._include = stops.include
+        self.token_ids = stops.token_ids
         self._inside = False  # within a shielded block
         self._pending = ""
         self.stopped = False
@@ -169,7 +175,7 @@ class StopMatcher:
             if found:
                 cut, self.matched = min(found)
                 self.stopped = True
-                out.append(self._pending[:cut])
+                out.append(self._pending[: cut + (len(self.matched) if self._include else 0)])
                 self._pending = ""
                 return "".join(out)
             markers = [*self._stops, shield[0]] if shield else self._stops
@@ -180,6 +186,16 @@ class StopMatcher:
         """Emit all of the pending text but its last `keep` characters."""
         out = self._pending[: len(self._pending) - keep]
         self._pending = self._pending[len(self._pending) - keep :]
+        return out
+
+    def stops_at(self, token: int) -> bool:
+        """Whether `token`, just generated, ends the text: a stop token, outside a shielded block."""
+        return token in self.token_ids and not self._inside
+
+    def end(self) -> str:
+        """A stop token ended the text (`token_ids`): what was held back is text after all."""
+        out = self.flush()
+        self.stopped = True
         return out
 
     def flush(self) -> str:

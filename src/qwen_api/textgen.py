@@ -279,14 +279,17 @@ class TextGenerator:
 
 
 def _push(token_ids: list[int], detokenizer: IncrementalDetokenizer, matcher: StopMatcher) -> tuple[str, int]:
-    """The text `token_ids` add, and how many of them count: with stop strings, a chunk of several tokens (the
-    engine ran ahead of a slow client) is read token by token, so that the count and the log-probabilities end at
-    the token that completed the stop string, as they do when tokens come one by one."""
-    if not matcher.active or len(token_ids) < 2:
+    """The text `token_ids` add, and how many of them count: with stop strings or stop tokens, a chunk of several
+    tokens (the engine ran ahead of a slow client) is read token by token, so that the count and the
+    log-probabilities end at the token that completed the stop string (or was a stop token), as they do when tokens
+    come one by one."""
+    if not matcher.token_ids and (not matcher.active or len(token_ids) < 2):
         return matcher.push(detokenizer.push(token_ids)), len(token_ids)
     parts: list[str] = []
     for used, token in enumerate(token_ids, 1):
         parts.append(matcher.push(detokenizer.push([token])))
+        if not matcher.stopped and matcher.stops_at(token):  # a stop token: the text ends with it
+            parts.append(matcher.push(detokenizer.flush()) + matcher.end())
         if matcher.stopped:
             return "".join(parts), used
     return "".join(parts), len(token_ids)

@@ -96,6 +96,34 @@ def test_logit_bias_forces_a_token(api_server: InProcessServer) -> None:
     assert r.choices[0].message.content == generator.tokenizer.decode([token]) * 4
 
 
+def test_vllm_stop_token_ids_and_include_stop_str_in_output(api_server: InProcessServer) -> None:
+    """vLLM's stop controls, as its clients send them in extra_body: a stop token ends the answer with its own
+    text (vLLM keeps a non-special one), and `include_stop_str_in_output` keeps the stop string that matched;
+    streamed as plain, the count ending at the token that stopped it."""
+    generator = api_server.runtime.generator()
+    token = generator.content_ids(" banana")[0]
+    word = generator.tokenizer.decode([token])
+    api = client(api_server)
+    forced = {"model": name(api_server), "messages": QUESTION, "temperature": 0, "max_tokens": 6}
+    forced["logit_bias"] = {str(token): 100}
+    stop = "ana" + word[:2]  # "ana b": across the first two tokens
+    cut = (word * 2).index(stop)
+    cases = [
+        ({"stop_token_ids": [token]}, word, 1),
+        ({"stop": [stop]}, (word * 2)[:cut], 2),
+        ({"stop": [stop], "include_stop_str_in_output": True}, (word * 2)[: cut + len(stop)], 2),
+    ]
+    for extra, text, tokens in cases:
+        plain = api.chat.completions.create(**forced, extra_body=extra)
+        assert (plain.choices[0].message.content, plain.choices[0].finish_reason) == (text, "stop"), extra
+        assert plain.usage is not None and plain.usage.completion_tokens == tokens
+        chunks = list(api.chat.completions.create(**forced, extra_body=extra, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    with pytest.raises(openai.BadRequestError) as info:
+        api.chat.completions.create(**forced, extra_body={"stop_token_ids": [10**9]})
+    assert info.value.body["param"] == "stop_token_ids"
+
+
 def test_a_seed_reproduces_with_every_control_on(api_server: InProcessServer) -> None:
     api = client(api_server)
     extra = {"top_k": 30, "min_p": 0.02, "repetition_penalty": 1.1}

@@ -24,6 +24,7 @@ from qwen_api.structured.tools import CLOSE, OPEN, CallRules, check_functions, t
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256
+MAX_STOP_TOKEN_IDS = 64  # vLLM's stop_token_ids in one request
 MAX_LOGIT_BIAS = 300  # entries in one request's logit_bias (OpenAI's own limit)
 # OpenAI's defaults, for what neither the request nor the model's generation config sets.
 _DIALECT_DEFAULTS: dict[str, Any] = {
@@ -177,6 +178,10 @@ class _SamplingRequest(_OpenAIRequest):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     guided_decoding_backend: str | None = Field(None, description="Accepted; the backend here is llguidance.")
+    # vLLM's stop controls: tokens that end the answer (kept in it, as vLLM keeps them), and whether the stop string
+    # that matched stays at the end of the text.
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    include_stop_str_in_output: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -204,9 +209,8 @@ class _SamplingRequest(_OpenAIRequest):
         return bias
 
     def stops(self) -> Stops:
-        if self.stop is None:
-            return Stops()
-        return Stops((self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        strings = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return Stops(strings, include=self.include_stop_str_in_output, token_ids=frozenset(self.stop_token_ids or ()))
 
     def check_supported(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -270,6 +274,8 @@ class _SamplingRequest(_OpenAIRequest):
     def sampling_params(self, max_new_tokens: int, model_defaults: dict[str, float], vocab_size: int) -> SamplingParams:
         """The engine's parameters: set fields, else the model's defaults, else OpenAI's."""
         values = resolve_sampling(self, model_defaults, _DIALECT_DEFAULTS)
+        if outside := [t for t in self.stop_token_ids or () if t >= vocab_size]:  # it could never end the answer
+            raise Unsupported("stop_token_ids", f"token id {outside[0]} is outside this model's vocabulary")
         return SamplingParams(
             max_new_tokens=max_new_tokens,
             temperature=float(values["temperature"]),
