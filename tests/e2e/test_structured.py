@@ -207,7 +207,7 @@ def test_vllm_structured_outputs_are_enforced(demo: InProcessServer, extra: dict
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"structured_outputs": {"regex": "[0-9"}}, "structured_outputs"),  # does not compile
+        ({"structured_outputs": {"regex": "[0-9"}}, "structured_outputs.regex"),  # does not compile
         ({"structured_outputs": {"choice": ["a"], "regex": "b"}}, "structured_outputs"),
         ({"structured_outputs": {"whitespace_pattern": " "}}, "structured_outputs"),
         ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),

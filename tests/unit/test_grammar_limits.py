@@ -119,3 +119,56 @@ def test_the_schema_check_on_the_event_loop_is_fast_and_bounded() -> None:
         G.checked_schema({"type": "object", "properties": {"a": {"minLength": "x"}}})
     # checked against 2020-12 whatever `$schema` says: an unknown one is never fetched
     G.checked_schema({"$schema": "http://127.0.0.1:9/never-fetched", "type": "object"})
+
+
+def test_a_grammar_the_engine_dies_on_is_refused_as_such(compiler: Any) -> None:
+    """A Lark rule chain thousands of links deep overflows llguidance's native stack: the child dies on it, the
+    server does not, and the grammar is refused for what happened (it once read "took longer than 10 s")."""
+    deep = "start: r0\n" + "\n".join(f"r{i}: r{i + 1}" for i in range(10_000)) + '\nr10000: "a"\n'
+    from llguidance import LLMatcher
+
+    grammar = LLMatcher.grammar_from_lark(deep)
+    for _ in range(2):  # the second time from memory
+        with pytest.raises(G.GrammarError, match="failed on this grammar"):
+            asyncio.run(compiler.compile(grammar, "structured_outputs.grammar"))
+    asyncio.run(compiler.compile(G.json_schema_grammar({"type": "string"})))  # a new child takes the next one
+
+
+def test_the_compile_queue_is_bounded_and_drops_what_nobody_waits_for(
+    compiler: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(G, "COMPILE_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(G, "MAX_COMPILING", 3)
+    checked: list[str] = []
+    check = compiler._sandbox.check
+    monkeypatch.setattr(compiler._sandbox, "check", lambda g, t: checked.append(g) or check(g, t))
+    slow = [G.json_schema_grammar(allof_chain(24 + k)) for k in range(3)]
+
+    async def scenario() -> None:
+        await compiler.prepare()
+        busy = [asyncio.ensure_future(compiler.compile(g)) for g in slow[:2]]  # both compile threads taken
+        await asyncio.sleep(0.5)
+        left = asyncio.ensure_future(compiler.compile(slow[2]))  # queued behind them
+        await asyncio.sleep(0.1)
+        with pytest.raises(G.CompilerBusy):  # a fourth distinct grammar: past the bound, at once
+            await compiler.compile(G.json_schema_grammar({"type": "integer"}))
+        left.cancel()  # its only client leaves before its compile begins
+        await asyncio.gather(*busy, return_exceptions=True)
+        await asyncio.sleep(0.5)
+        assert slow[2] not in checked  # dropped from the queue, never compiled for nobody
+        await compiler.compile(G.json_schema_grammar({"type": "integer"}))  # and the compiler is free again
+
+    asyncio.run(scenario())
+
+
+def test_large_choice_lists_and_the_gbnf_bound(compiler: Any) -> None:
+    choices = [f"c{i}" for i in range(5000)]  # past the parser's 2,000 alternatives in one rule
+    constraint = asyncio.run(compiler.compile(G.vllm_grammar({"choice": choices}, "structured_outputs")))
+    matcher = constraint.compiled[0].deep_copy()
+    assert all(matcher.consume_token(t) for t in compiler._hf("c4999", add_special_tokens=False)["input_ids"])
+    assert matcher.is_accepting()
+    rules = "root ::= r0\n" + "\n".join(f'r{i} ::= "x{i}" r{i + 1} | "y"' for i in range(2000)) + '\nr2000 ::= "z"\n'
+    start = time.monotonic()
+    with pytest.raises(G.GrammarError, match="at most 16000 characters") as info:
+        G.vllm_grammar({"grammar": rules}, "structured_outputs")
+    assert info.value.param == "structured_outputs.grammar" and time.monotonic() - start < 0.5

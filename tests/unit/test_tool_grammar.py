@@ -83,3 +83,26 @@ def test_a_call_that_breaks_a_strict_function_cannot_be_written(matcher: Any, te
 def test_without_parallel_calls_one_call_is_held_to_its_function(matcher: Any) -> None:
     one = tools_grammar([WEATHER], forced=False, parallel=False)
     assert one is not None and matcher(one, f"Sure.\n{CALL}")
+
+
+def test_a_reference_to_an_anchor_survives_the_call_schema(matcher: Any) -> None:
+    """A function's schema sits under the call schema's `$defs`, its JSON pointers re-rooted there; a reference to
+    an `$anchor` is a name, found wherever it sits, and stays (it was rewritten into a pointer that did not exist)."""
+    anchored = {
+        "type": "function",
+        "function": {
+            "name": "count",
+            "strict": True,
+            "parameters": {
+                "type": "object",
+                "properties": {"n": {"$ref": "#num"}},
+                "required": ["n"],
+                "$defs": {"num": {"$anchor": "num", "type": "integer"}},
+            },
+        },
+    }
+    grammar = tools_grammar([anchored], forced=False)
+    assert grammar is not None
+    assert matcher(grammar, '<tool_call>\n{"name":"count","arguments":{"n":3}}\n</tool_call>')
+    assert not matcher(grammar, '<tool_call>\n{"name":"count","arguments":{"n":"three"}}')
+    assert tools_grammar([anchored], forced=True)  # the forced call's grammar too

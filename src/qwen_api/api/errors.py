@@ -33,6 +33,7 @@ from qwen_api.api.openai_protocol import Unsupported, error_body
 from qwen_api.api.schema import MAX_NESTING
 from qwen_api.engine.base import ConstraintFailed, EngineError
 from qwen_api.runtime import ModelNotReady
+from qwen_api.structured.grammar import CompilerBusy
 from qwen_api.textgen import EmptyPrompt, PromptTooLong
 
 NOT_LOADED = "Model or tokenizer not loaded"
@@ -340,6 +341,7 @@ class Unauthorized(Exception):
 
 def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Overloaded, _overloaded)
+    app.add_exception_handler(CompilerBusy, _overloaded)  # grammars queued past the compiler's bound: busy too
     app.add_exception_handler(Draining, _draining)
     app.add_exception_handler(RequestTimeout, _timed_out)
     app.add_exception_handler(ClientDisconnected, _client_gone)

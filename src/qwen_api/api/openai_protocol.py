@@ -19,7 +19,13 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from qwen_api.api.schema import RequestModel, at_most, resolve_sampling
 from qwen_api.detokenize import Stops
 from qwen_api.engine.base import SamplingParams
-from qwen_api.structured.grammar import GrammarError, response_format_grammar, response_format_schema, vllm_grammar
+from qwen_api.structured.grammar import (
+    VLLM_KINDS,
+    GrammarError,
+    response_format_grammar,
+    response_format_schema,
+    vllm_grammar,
+)
 from qwen_api.structured.tools import CLOSE, OPEN, CallRules, check_functions, tools_grammar
 
 MAX_STOP_STRINGS = 8
@@ -248,7 +254,10 @@ class _SamplingRequest(_OpenAIRequest):
                 spec, param = vllm
                 if grammar is not None:
                     raise GrammarError("give one constraint: response_format or vLLM's structured outputs", param)
-                return vllm_grammar(spec, param, nested=param == "structured_outputs"), param
+                nested = param == "structured_outputs"
+                kind = next((k for k in VLLM_KINDS if spec.get(k) not in (None, False)), "")
+                # a grammar that fails to compile is named as its field: `structured_outputs.regex`, `guided_regex`
+                return vllm_grammar(spec, param, nested), f"{param}.{kind}" if nested and kind else param
         except GrammarError as exc:
             raise Unsupported(exc.param, str(exc)) from None
         return None if grammar is None else (grammar, "response_format")

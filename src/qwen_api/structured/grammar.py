@@ -26,16 +26,23 @@ from typing import Any
 
 import numpy as np
 
-from qwen_api.structured.sandbox import Sandbox
+from qwen_api.structured.sandbox import Failure, Sandbox
 
 COMPILE_TIMEOUT_S = 10.0
 COMPILE_THREADS = 2  # grammars compiled at once (each may hold a core for up to COMPILE_TIMEOUT_S)
+MAX_COMPILING = 8  # distinct grammars compiling or queued at once; past that the server is busy
+# GBNF converted to Lark on the event loop: its time grows as the square of the rules (1,000 rules, 28 KB: 0.44 s)
+MAX_GBNF_CHARS = 16_000
 WAIT_LIMIT_S = 3 * COMPILE_TIMEOUT_S  # a request's whole wait for its grammar: queued, checked, built
 CACHE_SIZE = 256
 # Objects and arrays nested in one schema (OpenAI allows 10 levels of objects); the checks recurse, native code too.
 MAX_SCHEMA_DEPTH = 64
 # Compact JSON: a flexible-whitespace grammar lets a small model emit newlines until max_tokens.
 _JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+class CompilerBusy(Exception):
+    """Too many grammars are compiling or queued: the server is busy (429 + Retry-After), the grammar no worse."""
 
 
 class GrammarError(ValueError):
@@ -222,8 +229,10 @@ class GrammarCompiler:
         self._key = ""
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, Constraint] = OrderedDict()
-        self._too_slow: OrderedDict[str, None] = OrderedDict()  # grammars whose compile was killed
+        # grammars the sandbox refused (too slow, or it died on them), and why: answered at once when sent again
+        self._refused: OrderedDict[str, str] = OrderedDict()
         self._compiling: dict[str, asyncio.Future[Constraint]] = {}
+        self._waiting: dict[str, int] = {}  # requests waiting for each grammar being compiled
         self._threads = ThreadPoolExecutor(max_workers=COMPILE_THREADS, thread_name_prefix="grammar")
         self._sandbox = Sandbox()
 
@@ -242,12 +251,17 @@ class GrammarCompiler:
         from llguidance import LLMatcher
 
         verdict = self._sandbox.check(grammar, COMPILE_TIMEOUT_S)
-        if verdict is None:
+        if isinstance(verdict, Failure):
+            why = (
+                f"the schema took longer than {COMPILE_TIMEOUT_S:.0f} s to compile"
+                if verdict is Failure.TOO_SLOW
+                else "the grammar engine failed on this grammar (it nests too deep or is too large)"
+            )
             with self._lock:
-                self._too_slow[grammar] = None
-                while len(self._too_slow) > CACHE_SIZE:
-                    self._too_slow.popitem(last=False)
-            raise GrammarError(_too_slow_message(), param)
+                self._refused[grammar] = why
+                while len(self._refused) > CACHE_SIZE:
+                    self._refused.popitem(last=False)
+            raise GrammarError(why, param)
         # Compiled in time there: here it takes about as long, with the tokenizer.
         tokenizer = self._ll_tokenizer()
         compiled = LLMatcher(tokenizer, grammar, log_level=0)
@@ -257,8 +271,8 @@ class GrammarCompiler:
             raise GrammarError(f"this schema cannot be enforced: {'; '.join(problems)}", param)
         probe = TokenMatcher(compiled.deep_copy(), tokenizer.vocab_size)
         probe.allowed(tokenizer.vocab_size)  # the first step's mask: some grammars already fail there
-        if (why := probe.failure()) is not None:
-            raise GrammarError(f"this schema cannot be enforced: {why}", param)
+        if (failure := probe.failure()) is not None:
+            raise GrammarError(f"this schema cannot be enforced: {failure}", param)
         return Constraint(grammar, self._key, tokenizer, [compiled])
 
     async def prepare(self) -> None:
@@ -270,32 +284,44 @@ class GrammarCompiler:
     async def compile(self, grammar: str, param: str = "response_format") -> Constraint:
         """The constraint for `grammar`, from the cache or compiled in the compiler's threads. A request waits at
         most `WAIT_LIMIT_S` in all (its compile is killed at `COMPILE_TIMEOUT_S`; the rest is for the compiles
-        queued before it and for building its matcher)."""
+        queued before it and for building its matcher). At most `MAX_COMPILING` distinct grammars wait or compile
+        at once; past that, or past the wait, the server is busy (`CompilerBusy`, a 429 with Retry-After), which is
+        no fault of the grammar. A compile that every request waiting for it has left is dropped if it has not
+        begun (one that has is killed at its limit all the same)."""
         if (hit := self._cache.get(grammar)) is not None:
             self._cache.move_to_end(grammar)
             return hit
-        if grammar in self._too_slow:
-            raise GrammarError(_too_slow_message(), param)
+        if (why := self._refused.get(grammar)) is not None:
+            raise GrammarError(why, param)
         # One compile per grammar at a time: requests that send it meanwhile wait for the same one.
         if (work := self._compiling.get(grammar)) is None:
+            if len(self._compiling) >= MAX_COMPILING:
+                raise CompilerBusy(f"the server is compiling {len(self._compiling)} other grammars; retry shortly")
             work = self._compiling[grammar] = asyncio.ensure_future(self._compile(grammar, param))
 
             def finished(done: asyncio.Future[Constraint]) -> None:
                 self._compiling.pop(grammar, None)
+                self._waiting.pop(grammar, None)
                 if not done.cancelled():
                     done.exception()  # taken: when every request that waited for it left first, nobody else does
 
             work.add_done_callback(finished)
+        self._waiting[grammar] = self._waiting.get(grammar, 0) + 1
         try:
             async with asyncio.timeout(WAIT_LIMIT_S):
                 return await asyncio.shield(work)  # a waiter that leaves does not cancel the others' compile
         except TimeoutError:
-            raise GrammarError(
-                f"the schema could not be compiled within {WAIT_LIMIT_S:.0f} s: the server is compiling others",
-                param,
+            raise CompilerBusy(
+                f"the grammar could not be compiled within {WAIT_LIMIT_S:.0f} s: the server is compiling others; "
+                "retry shortly"
             ) from None
         except GrammarError as exc:
             raise GrammarError(str(exc), param) from None  # named as this request names it
+        finally:
+            if grammar in self._waiting:
+                self._waiting[grammar] -= 1
+                if self._waiting[grammar] == 0 and not work.done():
+                    work.cancel()  # nobody waits for it: a compile not begun is dropped from the queue
 
     async def _compile(self, grammar: str, param: str) -> Constraint:
         await self.prepare()
@@ -333,10 +359,6 @@ class GrammarCompiler:
         """End the compile children (they end by themselves too when this process exits)."""
         self._threads.shutdown(wait=False, cancel_futures=True)
         self._sandbox.close()
-
-
-def _too_slow_message() -> str:
-    return f"the schema took longer than {COMPILE_TIMEOUT_S:.0f} s to compile"
 
 
 # The fields each `response_format` type has (OpenAI's shapes), besides `type`; and those of a json_schema's spec.
@@ -389,7 +411,7 @@ def response_format_grammar(response_format: dict[str, Any] | None) -> str | Non
 
 # vLLM's structured outputs (`structured_outputs` in a request's extra body, and its older `guided_*` fields): the
 # constraint kinds, and the options that are neutral here (llguidance is the one backend; its JSON is compact).
-_VLLM_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+VLLM_KINDS = ("json", "regex", "choice", "grammar", "json_object")
 _VLLM_NEUTRAL = frozenset({"disable_fallback", "disable_any_whitespace"})
 
 
@@ -400,13 +422,13 @@ def vllm_grammar(spec: dict[str, Any], param: str, nested: bool = True) -> str:
     for anything else (the field `param.kind`, or `param` itself when not `nested`: the `guided_*` fields); a
     grammar or regular expression that does not compile is refused when it is compiled."""
     from llguidance import LLMatcher
-    from llguidance.gbnf_to_lark import any_to_lark
+    from llguidance.gbnf_to_lark import any_to_lark, is_lark_syntax
 
-    if unknown := set(spec) - set(_VLLM_KINDS) - _VLLM_NEUTRAL:
-        raise GrammarError(f"unsupported field(s) {sorted(unknown)}: supported are {list(_VLLM_KINDS)}", param)
-    given = [k for k in _VLLM_KINDS if spec.get(k) not in (None, False)]
+    if unknown := set(spec) - set(VLLM_KINDS) - _VLLM_NEUTRAL:
+        raise GrammarError(f"unsupported field(s) {sorted(unknown)}: supported are {list(VLLM_KINDS)}", param)
+    given = [k for k in VLLM_KINDS if spec.get(k) not in (None, False)]
     if len(given) != 1:
-        raise GrammarError(f"give exactly one of {list(_VLLM_KINDS)}, not {given or 'none'}", param)
+        raise GrammarError(f"give exactly one of {list(VLLM_KINDS)}, not {given or 'none'}", param)
     kind, value = given[0], spec[given[0]]
     where = f"{param}.{kind}" if nested else param
     if kind == "json_object":
@@ -423,11 +445,15 @@ def vllm_grammar(spec: dict[str, Any], param: str, nested: bool = True) -> str:
     if kind == "choice":
         if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
             raise GrammarError("a non-empty list of non-empty strings", where)
-        return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in value) + "\n")
+        # One lexeme (a terminal) of all the strings: as alternatives of a rule, the parser takes at most 2,000.
+        return LLMatcher.grammar_from_lark("start: CHOICE\nCHOICE: " + " | ".join(json.dumps(c) for c in value) + "\n")
     if not isinstance(value, str) or not value:
         raise GrammarError("a non-empty string", where)
     if kind == "regex":
         return LLMatcher.grammar_from_regex(value)
+    if not is_lark_syntax(value) and len(value) > MAX_GBNF_CHARS:
+        # llguidance's GBNF converter runs here, on the event loop, in time that grows as the square of the rules
+        raise GrammarError(f"a GBNF grammar has at most {MAX_GBNF_CHARS} characters; write a larger one in Lark", where)
     try:
         return LLMatcher.grammar_from_lark(any_to_lark(value))
     except Exception as exc:  # the GBNF converter's own errors name no type of theirs

@@ -11,6 +11,7 @@ from a process with an engine's threads, when a grammar first needs one, and kep
 
 from __future__ import annotations
 
+import enum
 import multiprocessing
 import queue
 import threading
@@ -18,6 +19,13 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
 START_TIMEOUT_S = 60.0
+
+
+class Failure(enum.Enum):
+    """Why the child gave no verdict on a grammar."""
+
+    TOO_SLOW = "too slow"  # killed at the time limit
+    CRASHED = "crashed"  # it died on the grammar (a native stack overflow on a very deep one)
 
 
 def _serve(conn: Connection) -> None:
@@ -64,21 +72,22 @@ class Sandbox:
             self._children.append((process, parent_end))
         return process, parent_end
 
-    def check(self, grammar: str, timeout: float) -> tuple[bool, list[str]] | None:
-        """llguidance's (is_error, messages) for `grammar`, or None when it took longer than `timeout` seconds (the
-        child is then killed)."""
+    def check(self, grammar: str, timeout: float) -> tuple[bool, list[str]] | Failure:
+        """llguidance's (is_error, messages) for `grammar`; or why there is none: it took longer than `timeout`
+        seconds (the child is then killed), or the child died on it."""
         process, conn = self._take()
         conn.send(grammar)
+        failure = Failure.TOO_SLOW
         if conn.poll(timeout):
             try:
                 is_error, messages = conn.recv()
-            except EOFError:  # the child died on it (a crash in native code): as good as too slow
-                pass
+            except EOFError:  # the child died on it (a crash in native code)
+                failure = Failure.CRASHED
             else:
                 self._idle.put((process, conn))
                 return bool(is_error), [str(m) for m in messages]
         self._end(process, conn)
-        return None
+        return failure
 
     def _end(self, process: BaseProcess, conn: Connection) -> None:
         process.kill()

@@ -202,15 +202,18 @@ def check_functions(functions: list[tuple[str, dict[str, Any] | None]], schema_p
 
 
 def _rerooted(schema: Any, root: str) -> Any:
-    """`schema` with each local reference ("#", "#/...") made to start from `root` instead."""
+    """`schema` with each local JSON-pointer reference ("#", "#/...") made to start from `root` instead. A reference
+    to an `$anchor` ("#name") stays: an anchor is found by its name wherever it sits in the document."""
     if isinstance(schema, list):
         return [_rerooted(v, root) for v in schema]
     if not isinstance(schema, dict):
         return schema
-    return {
-        k: root + v[1:] if k == "$ref" and isinstance(v, str) and v.startswith("#") else _rerooted(v, root)
-        for k, v in schema.items()
-    }
+    return {k: root + v[1:] if k == "$ref" and _is_pointer(v) else _rerooted(v, root) for k, v in schema.items()}
+
+
+def _is_pointer(ref: Any) -> bool:
+    """Whether a `$ref` is a JSON pointer into its own document ("#", "#/..."), not an anchor's name or a URI."""
+    return isinstance(ref, str) and (ref == "#" or ref.startswith("#/"))
 
 
 @dataclass(frozen=True)
