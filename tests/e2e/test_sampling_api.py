@@ -124,6 +124,22 @@ def test_vllm_stop_token_ids_and_include_stop_str_in_output(api_server: InProces
     assert info.value.body["param"] == "stop_token_ids"
 
 
+def test_vllm_ignore_eos_runs_to_max_tokens(api_server: InProcessServer) -> None:
+    """vLLM's `ignore_eos` (its benchmarks send it): an end token forced first ends the answer at once, but with
+    `ignore_eos` the answer runs to `max_tokens`; the end tokens stay no text."""
+    generator = api_server.runtime.generator()
+    end = min(generator.engine.end_token_ids)
+    api = client(api_server)
+    args = {"model": name(api_server), "messages": QUESTION, "max_tokens": 5, "logit_bias": {str(end): 100}}
+    ended = api.chat.completions.create(**args)
+    assert (ended.choices[0].finish_reason, ended.usage.completion_tokens) == ("stop", 1)
+    kept = api.chat.completions.create(**args, extra_body={"ignore_eos": True})
+    assert (kept.choices[0].finish_reason, kept.usage.completion_tokens) == ("length", 5)
+    assert kept.choices[0].message.content == ""
+    chunks = list(api.chat.completions.create(**args, extra_body={"ignore_eos": True}, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_a_seed_reproduces_with_every_control_on(api_server: InProcessServer) -> None:
     api = client(api_server)
     extra = {"top_k": 30, "min_p": 0.02, "repetition_penalty": 1.1}

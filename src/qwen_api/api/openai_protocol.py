@@ -188,6 +188,7 @@ class _SamplingRequest(_OpenAIRequest):
     # that matched stays at the end of the text.
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     include_stop_str_in_output: bool = False
+    ignore_eos: bool = False  # vLLM's: the answer runs to its max_tokens (benchmarks use it)
 
     @field_validator("stop")
     @classmethod
@@ -297,6 +298,7 @@ class _SamplingRequest(_OpenAIRequest):
             logit_bias=self.token_bias(vocab_size),
             seed=self.seed,
             logprobs=self.logprobs_wanted(),
+            ignore_eos=self.ignore_eos,
         )
 
 

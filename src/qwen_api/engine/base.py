@@ -53,6 +53,8 @@ class SamplingParams:
     # A grammar the tokens must follow (structured outputs, tool calls): an object with `matcher()`, giving one
     # `TokenMatcher` per sequence. None: unconstrained. An engine that cannot apply it must refuse the sequence.
     constraint: TokenConstraint | None = None
+    # vLLM's ignore_eos: the end tokens do not end the sequence (it runs to max_new_tokens); they stay no text.
+    ignore_eos: bool = False
 
 
 class TokenMatcher(Protocol):

@@ -355,7 +355,7 @@ class LlamaCppEngine:
         return token, tuple(token_logprobs(raw[None, :], [token], [seq.params.logprobs or 0]))
 
     def _finish_reason(self, seq: _Sequence, token: int) -> FinishReason | None:
-        if token in self.end_token_ids:
+        if token in self.end_token_ids and not seq.params.ignore_eos:
             return "stop"
         if len(seq.generated) >= seq.params.max_new_tokens:
             return "length"

@@ -120,8 +120,8 @@ class TransformersEngine:
         return int(self._manager.batch_processor.cache.max_tokens_read)
 
     # ----------------------------------------------------------------------------------------- requests
-    def _finish_reason(self, tokens: list[int]) -> FinishReason:
-        return "stop" if tokens and tokens[-1] in self.end_token_ids else "length"
+    def _finish_reason(self, tokens: list[int], ignore_eos: bool = False) -> FinishReason:
+        return "stop" if tokens and tokens[-1] in self.end_token_ids and not ignore_eos else "length"
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[TokenChunk, None]:
         """Run one sequence; see `Engine.generate`. Leaving the loop early cancels it in the engine."""
@@ -141,6 +141,7 @@ class TransformersEngine:
             request_id=request_id,
             max_new_tokens=params.max_new_tokens,
             streaming=True,  # token by token: time to first token, stop strings and cancellation need it
+            eos_token_id=-1 if params.ignore_eos else None,  # -1: no end token (None: the model's)
         )
         self._running += 1
         sent = 0
@@ -156,7 +157,8 @@ class TransformersEngine:
                 finished = output.is_finished()
                 logprobs = controlled.logprobs(new) if controlled is not None and new else None
                 if finished:
-                    last = checked_chunk(TokenChunk(new, self._finish_reason(tokens), logprobs), matcher)
+                    reason = self._finish_reason(tokens, params.ignore_eos)
+                    last = checked_chunk(TokenChunk(new, reason, logprobs), matcher)
                     if isinstance(last, EngineError):
                         raise last
                     yield last

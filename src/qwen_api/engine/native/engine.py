@@ -338,7 +338,7 @@ class NativeEngine:
 
     def _finish_reason(self, seq: Sequence, token: int, generated: int) -> FinishReason | None:
         """`generated`: tokens the sequence has with this one (a later step may already hold a place after it)."""
-        if token in self.end_token_ids:
+        if token in self.end_token_ids and not seq.params.ignore_eos:
             return "stop"
         if generated >= seq.params.max_new_tokens:
             return "length"
