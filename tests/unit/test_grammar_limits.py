@@ -172,3 +172,30 @@ def test_large_choice_lists_and_the_gbnf_bound(compiler: Any) -> None:
     with pytest.raises(G.GrammarError, match="at most 16000 characters") as info:
         G.vllm_grammar({"grammar": rules}, "structured_outputs")
     assert info.value.param == "structured_outputs.grammar" and time.monotonic() - start < 0.5
+
+
+def test_concurrent_adopts_on_a_fresh_compiler_all_bind(
+    compiler: Any, tiny_qwen2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica's first requests arrive together: each must wait for the token table and its key (the second once
+    saw the table set but not yet the key, and refused the grammar as for another vocabulary)."""
+    import pickle
+
+    from transformers import AutoTokenizer
+
+    constraint = asyncio.run(compiler.compile(G.json_schema_grammar({"type": "integer"})))
+    there = G.GrammarCompiler(AutoTokenizer.from_pretrained(tiny_qwen2_dir))
+    key_of = G.tokenizer_key
+    monkeypatch.setattr(G, "tokenizer_key", lambda *a: time.sleep(1.0) or key_of(*a))  # a wide window
+
+    async def together() -> list[Any]:
+        first = asyncio.ensure_future(there.adopt(pickle.loads(pickle.dumps(constraint))))
+        while there._tokenizer is None:  # until the table is set (once, its key was not yet)
+            await asyncio.sleep(0.01)
+        rest = [asyncio.ensure_future(there.adopt(pickle.loads(pickle.dumps(constraint)))) for _ in range(3)]
+        return list(await asyncio.gather(first, *rest))
+
+    try:
+        assert all(c.bound() for c in asyncio.run(together()))
+    finally:
+        there.close()

@@ -242,9 +242,12 @@ class GrammarCompiler:
                 import llguidance.hf
 
                 eos = self._eos or self._hf.eos_token_id
-                self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=len(self._hf), eos_token=eos)
+                tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=len(self._hf), eos_token=eos)
                 self._key = tokenizer_key(self._hf, len(self._hf), eos)
-                _TOKENIZERS[self._key] = self._tokenizer
+                _TOKENIZERS[self._key] = tokenizer
+                # Last: `prepare` reads a set tokenizer as "ready" without the lock, and `adopt` then reads the key
+                # (set first, it once was not yet, and a replica's second request saw "another vocabulary").
+                self._tokenizer = tokenizer
             return self._tokenizer
 
     def _compile_sync(self, grammar: str, param: str) -> Constraint:
