@@ -368,8 +368,7 @@ class Conversation(_Request):
                 return grammar, "tools"
             return None if schema is None else (json_schema_grammar(schema, FORMAT_SCHEMA), FORMAT_SCHEMA)
         except GrammarError as exc:
-            # json_schema_grammar names its own failures response_format, chat completions' field: here it is ours
-            raise Unsupported(FORMAT_SCHEMA if exc.param == "response_format" else exc.param, str(exc)) from None
+            raise Unsupported(exc.param, str(exc)) from None  # json_schema_grammar names FORMAT_SCHEMA, as asked
 
 
 # Anthropic's defaults, where neither the request nor the model's generation config sets a field.
