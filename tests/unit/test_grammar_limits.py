@@ -163,7 +163,7 @@ def test_the_compile_queue_is_bounded_and_drops_what_nobody_waits_for(
 
 def test_large_choice_lists_and_the_gbnf_bound(compiler: Any) -> None:
     choices = [f"c{i}" for i in range(5000)]  # past the parser's 2,000 alternatives in one rule
-    constraint = asyncio.run(compiler.compile(G.vllm_grammar({"choice": choices}, "structured_outputs")))
+    constraint = asyncio.run(compiler.compile(G.vllm_grammar({"choice": choices}, "structured_outputs")[0]))
     matcher = constraint.compiled[0].deep_copy()
     assert all(matcher.consume_token(t) for t in compiler._hf("c4999", add_special_tokens=False)["input_ids"])
     assert matcher.is_accepting()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -20,7 +21,6 @@ from qwen_api.api.schema import RequestModel, at_most, resolve_sampling
 from qwen_api.detokenize import Stops
 from qwen_api.engine.base import SamplingParams
 from qwen_api.structured.grammar import (
-    VLLM_KINDS,
     GrammarError,
     response_format_grammar,
     response_format_schema,
@@ -255,10 +255,8 @@ class _SamplingRequest(_OpenAIRequest):
                 spec, param = vllm
                 if grammar is not None:
                     raise GrammarError("give one constraint: response_format or vLLM's structured outputs", param)
-                nested = param == "structured_outputs"
-                kind = next((k for k in VLLM_KINDS if spec.get(k) not in (None, False)), "")
                 # a grammar that fails to compile is named as its field: `structured_outputs.regex`, `guided_regex`
-                return vllm_grammar(spec, param, nested), f"{param}.{kind}" if nested and kind else param
+                return vllm_grammar(spec, param, nested=param == "structured_outputs")
         except GrammarError as exc:
             raise Unsupported(exc.param, str(exc)) from None
         return None if grammar is None else (grammar, "response_format")
@@ -272,9 +270,8 @@ class _SamplingRequest(_OpenAIRequest):
         pairs = tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items())
         if bad := [t for t, _ in pairs if t >= vocab_size]:
             raise Unsupported("logit_bias", f"token id {bad[0]} is outside this model's vocabulary of {vocab_size}")
-        if len({t for t, _ in pairs}) != len(pairs):
-            twice = next(t for t in {t for t, _ in pairs} if sum(u == t for u, _ in pairs) > 1)
-            raise Unsupported("logit_bias", f"token id {twice} is given more than once")
+        if twice := [t for t, count in Counter(t for t, _ in pairs).items() if count > 1]:
+            raise Unsupported("logit_bias", f"token id {twice[0]} is given more than once")
         return pairs
 
     def logprobs_wanted(self) -> int | None:

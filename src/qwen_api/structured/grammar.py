@@ -418,15 +418,12 @@ VLLM_KINDS = ("json", "regex", "choice", "grammar", "json_object")
 _VLLM_NEUTRAL = frozenset({"disable_fallback", "disable_any_whitespace"})
 
 
-def vllm_grammar(spec: dict[str, Any], param: str, nested: bool = True) -> str:
-    """The grammar text for vLLM's structured outputs `spec` (its `StructuredOutputsParams`): exactly one of `json`
-    (a JSON schema, or its text), `regex`, `choice` (the output is one of the strings), `grammar` (Lark, or GBNF as
-    llama.cpp and vLLM's xgrammar write it) and `json_object: true`. `GrammarError` naming `param` (or its field)
-    for anything else (the field `param.kind`, or `param` itself when not `nested`: the `guided_*` fields); a
-    grammar or regular expression that does not compile is refused when it is compiled."""
-    from llguidance import LLMatcher
-    from llguidance.gbnf_to_lark import any_to_lark, is_lark_syntax
-
+def vllm_grammar(spec: dict[str, Any], param: str, nested: bool = True) -> tuple[str, str]:
+    """(grammar text, its field) for vLLM's structured outputs `spec` (its `StructuredOutputsParams`): exactly one
+    of `json` (a JSON schema, or its text), `regex`, `choice` (the output is one of the strings), `grammar` (Lark,
+    or GBNF as llama.cpp and vLLM's xgrammar write it) and `json_object: true`. The field is `param.kind`, or
+    `param` itself when not `nested` (the `guided_*` fields); `GrammarError` naming it (or `param`) for anything
+    else; a grammar or regular expression that does not compile is refused when it is compiled."""
     if unknown := set(spec) - set(VLLM_KINDS) - _VLLM_NEUTRAL:
         raise GrammarError(f"unsupported field(s) {sorted(unknown)}: supported are {list(VLLM_KINDS)}", param)
     given = [k for k in VLLM_KINDS if spec.get(k) not in (None, False)]
@@ -434,6 +431,14 @@ def vllm_grammar(spec: dict[str, Any], param: str, nested: bool = True) -> str:
         raise GrammarError(f"give exactly one of {list(VLLM_KINDS)}, not {given or 'none'}", param)
     kind, value = given[0], spec[given[0]]
     where = f"{param}.{kind}" if nested else param
+    return _vllm_kind_grammar(kind, value, where), where
+
+
+def _vllm_kind_grammar(kind: str, value: Any, where: str) -> str:
+    """The grammar text for one of vLLM's constraint kinds; `GrammarError` naming `where`."""
+    from llguidance import LLMatcher
+    from llguidance.gbnf_to_lark import any_to_lark, is_lark_syntax
+
     if kind == "json_object":
         if value is not True:
             raise GrammarError("json_object must be true", where)
