@@ -6,6 +6,8 @@ loop is bounded and reads patterns as JSON Schema's regular expressions."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -63,8 +65,25 @@ def test_a_schema_too_slow_to_compile_is_killed_remembered_and_blocks_nobody(
     asyncio.run(scenario())
     # the killed child is gone: nothing keeps burning a core after the answer; the others wait for grammars
     children = [process for process, _ in compiler._sandbox._children]
-    assert all(process.is_alive() for process in children)
+    assert all(process.poll() is None for process in children)
     assert len(children) == compiler._sandbox._idle.qsize() <= G.COMPILE_THREADS
+
+
+def test_the_sandbox_works_in_a_process_whose_main_is_stdin(tmp_path: Path) -> None:
+    """A server started from a script read on stdin (`python - <<EOF`): multiprocessing's spawn re-ran the parent's
+    main script in each child, there was none, and every structured request failed. The child is its own module."""
+    script = (
+        "from qwen_api.structured.sandbox import Failure, Sandbox\n"
+        "sandbox = Sandbox()\n"
+        "print(sandbox.check('start: \"a\"', 30), sandbox.check('start: nothing', 30))\n"
+        "sandbox.close()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-"], input=script, capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    ok, refused = done.stdout.split(") (")
+    assert ok == "(False, []" and refused.startswith("True, [") and "nothing" in refused, done.stdout
 
 
 def test_sequences_copy_one_compiled_matcher(compiler: Any) -> None:

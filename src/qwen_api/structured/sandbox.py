@@ -5,18 +5,26 @@ llguidance compiles a grammar in native code that cannot be interrupted: a small
 core busy and its thread taken long after the request got its answer. So each grammar is first compiled here, in a
 child process that has no tokenizer (the costly part, turning the grammar into its rules, does not need one): in
 time, the caller builds the real matcher, at the same cost; too slow, the child is killed (and started again for the
-next grammar), and the caller refuses the grammar at once. The children are started with `spawn`, never forked
-from a process with an engine's threads, when a grammar first needs one, and kept for the next grammars.
+next grammar), and the caller refuses the grammar at once. A child is a fresh interpreter running this module
+(`python -m qwen_api.structured.sandbox FD`), never forked from a process with an engine's threads, nor started
+through `multiprocessing`'s spawn, which re-imports the parent's main script in the child (a server started from
+a script read on stdin had none to import, and its children died at once). It is started when a grammar first
+needs one, and kept for the next grammars; it talks to its parent over a socket pair.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
-import multiprocessing
+import os
 import queue
+import socket
+import subprocess
+import sys
 import threading
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import TypeAlias
 
 START_TIMEOUT_S = 60.0
 
@@ -41,31 +49,53 @@ def _serve(conn: Connection) -> None:
         conn.send(LLMatcher.validate_grammar_with_warnings(grammar))
 
 
+Child: TypeAlias = "tuple[subprocess.Popen[bytes], Connection]"
+
+
+def _start() -> Child:
+    """A child running `_serve`, and the parent's end of its connection."""
+    ours, theirs = socket.socketpair()
+    env = dict(os.environ)
+    # the child imports this package as the parent did, installed or not
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "qwen_api.structured.sandbox", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+    finally:
+        theirs.close()
+    return process, Connection(ours.detach())
+
+
 class Sandbox:
     """Children that compile grammars; `check` blocks, for a worker thread. A child is started when no idle one is
     at hand and kept for the next grammar, unless it was killed: there are never more children than threads that
     call `check` at once."""
 
     def __init__(self) -> None:
-        self._idle: queue.SimpleQueue[tuple[BaseProcess, Connection]] = queue.SimpleQueue()
-        self._children: list[tuple[BaseProcess, Connection]] = []  # every one not ended, to end them all on close
+        self._idle: queue.SimpleQueue[Child] = queue.SimpleQueue()
+        self._children: list[Child] = []  # every one not ended, to end them all on close
         self._lock = threading.Lock()
 
-    def _take(self) -> tuple[BaseProcess, Connection]:
+    def _take(self) -> Child:
         while True:
             try:
                 child = self._idle.get_nowait()
             except queue.Empty:
                 break
-            if child[0].is_alive():
+            if child[0].poll() is None:
                 return child
-        context = multiprocessing.get_context("spawn")
-        parent_end, child_end = context.Pipe()
-        process = context.Process(target=_serve, args=(child_end,), name="grammar-sandbox", daemon=True)
-        process.start()
-        child_end.close()
+        process, parent_end = _start()
         # A start is not a compile: it has its own, generous limit (an interpreter and llguidance to load).
-        if not parent_end.poll(START_TIMEOUT_S) or parent_end.recv() != "ready":
+        try:
+            ready = parent_end.poll(START_TIMEOUT_S) and parent_end.recv() == "ready"
+        except EOFError:  # it died starting
+            ready = False
+        if not ready:
             self._end(process, parent_end)
             raise RuntimeError(f"the grammar sandbox did not start within {START_TIMEOUT_S:.0f} s")
         with self._lock:
@@ -89,9 +119,10 @@ class Sandbox:
         self._end(process, conn)
         return failure
 
-    def _end(self, process: BaseProcess, conn: Connection) -> None:
+    def _end(self, process: subprocess.Popen[bytes], conn: Connection) -> None:
         process.kill()
-        process.join(timeout=5)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # not reaped yet; it has had SIGKILL all the same
+            process.wait(timeout=5)
         conn.close()
         with self._lock:
             self._children = [c for c in self._children if c[0] is not process]
@@ -100,5 +131,8 @@ class Sandbox:
         with self._lock:
             children, self._children = self._children, []
         for process, conn in children:
-            if process.is_alive():
-                self._end(process, conn)
+            self._end(process, conn)  # an ended one is only reaped
+
+
+if __name__ == "__main__":
+    _serve(Connection(int(sys.argv[1])))
