@@ -139,6 +139,7 @@ class StopMatcher:
         self.token_ids = stops.token_ids
         self._inside = False  # within a shielded block
         self._pending = ""
+        self._quiet = 0  # chars at the start of `_pending` pushed unarmed: a stop string must end past them
         self.stopped = False
         self.matched: str | None = None  # the stop string that ended the text, once one has
 
@@ -147,13 +148,17 @@ class StopMatcher:
         """Whether there is any stop string to look for."""
         return bool(self._stops)
 
-    def push(self, text: str) -> str:
-        """Return the text that is safe to emit now. After a stop string, returns "" forever."""
+    def push(self, text: str, armed: bool = True) -> str:
+        """Return the text that is safe to emit now. After a stop string, returns "" forever. Text pushed with
+        `armed` false (vLLM's min_tokens: the answer's first tokens) cannot complete a stop string; one that begins
+        there and ends in armed text still counts, as in vLLM."""
         if self.stopped or not text:
             return ""
         if not self._stops:
             return text
         self._pending += text
+        if not armed:
+            self._quiet = len(self._pending)
         out: list[str] = []
         shield = self._shield
         while True:
@@ -166,7 +171,7 @@ class StopMatcher:
                 out.append(self._release(len(self._pending) - at - len(close)))
                 self._inside = False
                 continue
-            found = [(i, s) for s in self._stops if (i := self._pending.find(s)) >= 0]
+            found = [(i, s) for s in self._stops if (i := self._pending.find(s, max(0, self._quiet - len(s) + 1))) >= 0]
             opened = self._pending.find(shield[0]) if shield else -1
             if shield and opened >= 0 and (not found or opened < min(found)[0]):  # a stop string wins a tie
                 out.append(self._release(len(self._pending) - opened - len(shield[0])))
@@ -186,6 +191,7 @@ class StopMatcher:
         """Emit all of the pending text but its last `keep` characters."""
         out = self._pending[: len(self._pending) - keep]
         self._pending = self._pending[len(self._pending) - keep :]
+        self._quiet = max(0, self._quiet - len(out))
         return out
 
     def stops_at(self, token: int) -> bool:

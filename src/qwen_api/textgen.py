@@ -239,7 +239,7 @@ class TextGenerator:
                     first = time.perf_counter() - start
                 if pending is not None and (chunk.logprobs is None or len(chunk.logprobs) != len(chunk.token_ids)):
                     raise EngineError("the engine returned tokens without the log-probabilities asked for")
-                text, used = _push(chunk.token_ids, detokenizer, matcher)
+                text, used = _push(chunk.token_ids, detokenizer, matcher, quiet=params.min_tokens - produced)
                 produced += used
                 if pending is not None and chunk.logprobs is not None:
                     pending.extend(chunk.logprobs[:used])
@@ -278,17 +278,21 @@ class TextGenerator:
         raise EngineError("the engine ended a sequence without a finish reason")
 
 
-def _push(token_ids: list[int], detokenizer: IncrementalDetokenizer, matcher: StopMatcher) -> tuple[str, int]:
+def _push(
+    token_ids: list[int], detokenizer: IncrementalDetokenizer, matcher: StopMatcher, quiet: int = 0
+) -> tuple[str, int]:
     """The text `token_ids` add, and how many of them count: with stop strings or stop tokens, a chunk of several
     tokens (the engine ran ahead of a slow client) is read token by token, so that the count and the
     log-probabilities end at the token that completed the stop string (or was a stop token), as they do when tokens
-    come one by one."""
-    if not matcher.token_ids and (not matcher.active or len(token_ids) < 2):
+    come one by one. The first `quiet` of them (vLLM's min_tokens not yet reached) can complete no stop string and
+    are no stop token."""
+    if not matcher.token_ids and (not matcher.active or (len(token_ids) < 2 and quiet <= 0)):
         return matcher.push(detokenizer.push(token_ids)), len(token_ids)
     parts: list[str] = []
     for used, token in enumerate(token_ids, 1):
-        parts.append(matcher.push(detokenizer.push([token])))
-        if not matcher.stopped and matcher.stops_at(token):  # a stop token: the text ends with it
+        armed = used > quiet
+        parts.append(matcher.push(detokenizer.push([token]), armed))
+        if armed and not matcher.stopped and matcher.stops_at(token):  # a stop token: the text ends with it
             parts.append(matcher.push(detokenizer.flush()) + matcher.end())
         if matcher.stopped:
             return "".join(parts), used

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 
@@ -138,6 +140,39 @@ def test_vllm_ignore_eos_runs_to_max_tokens(api_server: InProcessServer) -> None
     assert kept.choices[0].message.content == ""
     chunks = list(api.chat.completions.create(**args, extra_body={"ignore_eos": True}, stream=True))
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_vllm_min_tokens_holds_end_and_stop_tokens_back(api_server: InProcessServer) -> None:
+    """vLLM's `min_tokens`: an end token (or a stop token) forced at every step cannot come before the answer has
+    min_tokens tokens, then ends it, streamed as plain; a grammar that is complete still ends the answer; more
+    than the answer may have is a 400."""
+    generator = api_server.runtime.generator()
+    end = min(generator.engine.end_token_ids)
+    api = client(api_server)
+    args = {"model": name(api_server), "messages": QUESTION, "max_tokens": 8, "logit_bias": {str(end): 100}}
+    held = api.chat.completions.create(**args, extra_body={"min_tokens": 4})
+    assert (held.choices[0].finish_reason, held.usage.completion_tokens) == ("stop", 5)
+    chunks = list(
+        api.chat.completions.create(
+            **args, extra_body={"min_tokens": 4}, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+    token = generator.content_ids(" banana")[0]
+    word = generator.tokenizer.decode([token])
+    args["logit_bias"] = {str(token): 100}
+    stopped = api.chat.completions.create(**args, extra_body={"min_tokens": 3, "stop_token_ids": [token]})
+    assert (stopped.choices[0].finish_reason, stopped.usage.completion_tokens) == ("stop", 4)
+    assert stopped.choices[0].message.content.endswith(word) and word not in stopped.choices[0].message.content[:-1]
+    boolean = {"type": "json_schema", "json_schema": {"name": "b", "schema": {"type": "boolean"}}}
+    shaped = api.chat.completions.create(
+        model=name(api_server), messages=QUESTION, max_tokens=30, response_format=boolean, extra_body={"min_tokens": 20}
+    )
+    assert shaped.choices[0].finish_reason == "stop" and shaped.usage.completion_tokens < 20
+    assert json.loads(shaped.choices[0].message.content) in (True, False)
+    with pytest.raises(openai.BadRequestError) as info:
+        api.chat.completions.create(**args, extra_body={"min_tokens": 9})
+    assert info.value.body["param"] == "min_tokens"
 
 
 def test_a_seed_reproduces_with_every_control_on(api_server: InProcessServer) -> None:

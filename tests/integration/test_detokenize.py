@@ -85,6 +85,25 @@ def test_stop_strings_do_not_count_inside_a_shielded_block(
         assert ("".join(out), matcher.matched) == (emitted, matched), size
 
 
+@pytest.mark.parametrize(
+    ("pieces", "emitted", "matched"),
+    [
+        ((["a STOP b ", "c"], ["STOP d"]), "a STOP b c", "STOP"),  # only an armed STOP counts
+        ((["x ST"], ["OP y"]), "x ", "STOP"),  # one that begins before min_tokens and ends past it counts (vLLM's)
+        ((["STOP", "ST"], ["OP"]), "STOP", "STOP"),
+        ((["END"], ["!"]), "END!", None),
+    ],
+)
+def test_unarmed_text_completes_no_stop_string(
+    pieces: tuple[list[str], list[str]], emitted: str, matched: str | None
+) -> None:
+    """vLLM's min_tokens: the answer's first tokens can complete no stop string (`push(text, armed=False)`)."""
+    matcher = StopMatcher(["STOP", "END"])
+    quiet, armed = pieces
+    out = [matcher.push(p, armed=False) for p in quiet] + [matcher.push(p) for p in armed] + [matcher.flush()]
+    assert ("".join(out), matcher.matched) == (emitted, matched)
+
+
 def test_without_a_shield_a_stop_string_cuts_inside_the_block() -> None:
     plain = StopMatcher(["STOP"])
     assert plain.push(f"Sure. {CALL}") == f"Sure. {CALL}".split("STOP")[0] and plain.matched == "STOP"

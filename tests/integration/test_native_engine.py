@@ -679,7 +679,8 @@ def test_overlapped_steps_give_what_steps_in_turn_give(tiny_qwen2_dir: Path, mon
     """The GPU launches each step before it reads the previous one's tokens, feeding them on the device. On the
     CPU both ways, staggered arrivals, every control: greedy with log-probabilities; seeded sampling with
     penalties and a bias; a JSON grammar (read in turn: its mask needs the token); one token only; an end token
-    forced first (the overlapped engine ran a step for it in vain); top-k with log-probabilities. Tokens and
+    forced first (the overlapped engine ran a step for it in vain); top-k with log-probabilities; the end forced
+    but held back by min_tokens (counted with the draw still in flight). Tokens and
     finish reasons are the same, log-probabilities too (to rounding)."""
     from transformers import AutoTokenizer
 
@@ -697,6 +698,7 @@ def test_overlapped_steps_give_what_steps_in_turn_give(tiny_qwen2_dir: Path, mon
         (random_prompt(60, seed=4), SamplingParams(max_new_tokens=1, temperature=0.0)),
         (random_prompt(4, seed=5), SamplingParams(max_new_tokens=10, temperature=0.0, logit_bias=((EOS, 100.0),))),
         (random_prompt(9, seed=6), SamplingParams(max_new_tokens=18, temperature=0.7, top_k=20, seed=3, logprobs=0)),
+        (random_prompt(7, seed=7), SamplingParams(10, temperature=0.0, logit_bias=((EOS, 100.0),), min_tokens=6)),
     ]
     fed: list[int] = []
     fill = Feed.fill
@@ -731,6 +733,8 @@ def test_overlapped_steps_give_what_steps_in_turn_give(tiny_qwen2_dir: Path, mon
         assert values == pytest.approx([v for lp in logprobs2 for v in (lp.logprob, *(v for _, v in lp.top))], abs=1e-4)
     assert [reason for _, reason, _ in outputs[1]][3:5] == ["length", "stop"]
     assert outputs[1][4][0] == [EOS] and len(outputs[1][0][2]) == len(outputs[1][0][0])
+    held = outputs[1][6][0]  # min_tokens: the end forced at every step comes once the sequence has 6 tokens
+    assert len(held) == 7 and held[-1] == EOS and EOS not in held[:-1] and outputs[1][6][1] == "stop"
 
 
 def test_overlapped_steps_under_preemption_and_closed_streams(tiny_qwen2_dir: Path) -> None:

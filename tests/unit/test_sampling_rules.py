@@ -115,6 +115,24 @@ def test_native_batch_controls_equal_the_per_row_rules() -> None:
             seqs[i].tokens.append(token)
 
 
+def test_min_tokens_holds_back_end_and_stop_tokens_unless_nothing_else_is_left() -> None:
+    """vLLM's min_tokens (engine/sampler.hold_back, every engine's last act before the draw): under it, a row's end
+    tokens and its stop tokens are -inf; past it, nothing is held; a row a grammar has left only its end keeps it."""
+    from qwen_api.engine.sampler import Row, hold_back
+
+    ends = {5, 9}
+    under = SamplingParams(max_new_tokens=9, min_tokens=3, held_ids=(2, 500))  # 500: past the row, dropped
+    rows = [Row(under, 0), Row(under, 2), Row(under, 3), Row(SamplingParams(max_new_tokens=9), 0), Row(under, 1)]
+    logits = torch.randn(5, 12)
+    logits[4] = float("-inf")  # a grammar that allows only the end token 9
+    logits[4, 9] = 1.5
+    expected = logits.clone()
+    expected[0, [2, 5, 9]] = expected[1, [2, 5, 9]] = float("-inf")
+    hold_back(logits, rows, ends)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)  # rows 2 and 3 untouched, row 4 too
+    hold_back(logits, [], ends)  # an empty step
+
+
 def test_min_p_matches_transformers() -> None:
     from transformers import MinPLogitsWarper
 

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from qwen_api.detokenize import Stops
 from qwen_api.dev.fake_engine import FakeEngine
 from qwen_api.dev.random_qwen2 import build_qwen2_tokenizer
 from qwen_api.engine.base import EngineError, SamplingParams, TokenChunk, TokenLogprob
@@ -164,6 +165,29 @@ def test_a_stop_string_inside_a_chunk_of_several_tokens_ends_the_count_at_its_to
         assert together.logprobs is not None and len(together.logprobs) == together.completion_tokens
         [whole] = await chunked.complete([1], params)
         assert (whole.text, whole.completion_tokens) == (text, len(script))
+
+    asyncio.run(main())
+
+
+def test_min_tokens_keeps_stop_strings_and_stop_tokens_from_ending_the_first_tokens() -> None:
+    """vLLM's min_tokens in the text layer: a stop string completed, or a stop token generated, among the first
+    min_tokens tokens does not end the answer (the engines hold the stop tokens back; this is the text's half),
+    tokens coming one by one or in one chunk."""
+    text = "one <<END>> two <<END>> three"
+    script = TOKENIZER(text, add_special_tokens=False)["input_ids"]
+    first_end = len(TOKENIZER("one <<END>>", add_special_tokens=False)["input_ids"])
+    stop_token = script[0]  # "one": a stop token (its text kept), which ends the text only once armed
+
+    async def main() -> None:
+        for engine in (FakeEngine(script), _ChunkedEngine(script)):
+            gen = TextGenerator(engine, TOKENIZER)
+            stops = Stops(("<<END>>",), token_ids=frozenset({stop_token}))
+            [early] = await gen.complete([1], SamplingParams(max_new_tokens=100), stop=stops)
+            assert (early.text, early.completion_tokens) == ("one", 1)  # without min_tokens: the stop token ends it
+            held = SamplingParams(max_new_tokens=100, min_tokens=first_end)
+            [late] = await gen.complete([1], held, stop=stops)
+            assert (late.text, late.finish_reason, late.stop_string) == ("one <<END>> two ", "stop", "<<END>>")
+            assert late.completion_tokens < len(script)
 
     asyncio.run(main())
 

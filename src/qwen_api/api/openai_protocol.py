@@ -189,6 +189,8 @@ class _SamplingRequest(_OpenAIRequest):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False  # vLLM's: the answer runs to its max_tokens (benchmarks use it)
+    # vLLM's: no end token nor stop token before the answer has this many tokens, and no stop string ends before
+    min_tokens: int = Field(0, ge=0)
 
     @field_validator("stop")
     @classmethod
@@ -283,6 +285,10 @@ class _SamplingRequest(_OpenAIRequest):
         values = resolve_sampling(self, model_defaults, _DIALECT_DEFAULTS)
         if outside := [t for t in self.stop_token_ids or () if t >= vocab_size]:  # it could never end the answer
             raise Unsupported("stop_token_ids", f"token id {outside[0]} is outside this model's vocabulary")
+        if self.min_tokens > max_new_tokens:
+            raise Unsupported(
+                "min_tokens", f"{self.min_tokens} is more than the {max_new_tokens} tokens this answer may have"
+            )
         return SamplingParams(
             max_new_tokens=max_new_tokens,
             temperature=float(values["temperature"]),
@@ -296,6 +302,8 @@ class _SamplingRequest(_OpenAIRequest):
             seed=self.seed,
             logprobs=self.logprobs_wanted(),
             ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens,
+            held_ids=tuple(self.stop_token_ids or ()),
         )
 
 

@@ -55,6 +55,11 @@ class SamplingParams:
     constraint: TokenConstraint | None = None
     # vLLM's ignore_eos: the end tokens do not end the sequence (it runs to max_new_tokens); they stay no text.
     ignore_eos: bool = False
+    # vLLM's min_tokens: until the sequence has generated this many tokens, its end tokens and `held_ids` (the
+    # request's stop tokens) are not drawn (`engine/sampling.held_back`), unless nothing else is allowed (a grammar
+    # that is complete). 0: off.
+    min_tokens: int = 0
+    held_ids: tuple[int, ...] = ()
 
 
 class TokenMatcher(Protocol):

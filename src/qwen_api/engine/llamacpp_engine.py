@@ -57,7 +57,15 @@ from qwen_api.engine.base import (
     hand_over,
     relay,
 )
-from qwen_api.engine.sampling import LogitControls, effective_top_k, is_greedy, seed32, token_logprobs
+from qwen_api.engine.sampler import Row, hold_back
+from qwen_api.engine.sampling import (
+    LogitControls,
+    effective_top_k,
+    held_back,
+    is_greedy,
+    seed32,
+    token_logprobs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -330,11 +338,12 @@ class LlamaCppEngine:
     def _sample(self, seq: _Sequence, index: int) -> tuple[int, tuple[TokenLogprob, ...] | None]:
         """Sample one sequence's next token from row `index` of the batch's logits.
 
-        The grammar's mask, the logit bias and the penalties change the row in place before the sampler chain reads
-        it (every sampler of the chain starts from `llama_get_logits_ith`); log-probabilities come from a copy
-        taken before them."""
+        The grammar's mask, the logit bias and the penalties, then min_tokens' hold, change the row in place before
+        the sampler chain reads it (every sampler of the chain starts from `llama_get_logits_ith`); log-probabilities
+        come from a copy taken before them."""
         raw = None
-        if seq.matcher is not None or seq.controls is not None or seq.params.logprobs is not None:
+        held = bool(held_back(seq.params, len(seq.generated), self.end_token_ids))
+        if seq.matcher is not None or seq.controls is not None or seq.params.logprobs is not None or held:
             import numpy as np
             import torch
 
@@ -345,6 +354,8 @@ class LlamaCppEngine:
                 row[~seq.matcher.allowed(self._n_vocab)] = -np.inf
             if seq.controls is not None:
                 seq.controls.apply(torch.from_numpy(row))  # shares the row's memory
+            if held:  # min_tokens: no end yet
+                hold_back(torch.from_numpy(row)[None, :], [Row(seq.params, len(seq.generated))], self.end_token_ids)
         token = int(seq.sampler.sample(self._ctx, index))
         if seq.matcher is not None:
             seq.matcher.advance(token)

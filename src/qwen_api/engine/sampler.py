@@ -16,12 +16,13 @@ poisoning the batch. The only host work is building a few small parameter tensor
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from qwen_api.engine.base import SamplingParams
-from qwen_api.engine.sampling import effective_top_k, gumbel_noise, is_greedy, min_p_filter, row_key
+from qwen_api.engine.sampling import effective_top_k, gumbel_noise, held_back, is_greedy, min_p_filter, row_key
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,29 @@ def forbid_undecodable(logits: torch.Tensor, decodable: int) -> None:
     never trained, the tokenizer cannot decode them, and a drawn one would come out as no text at all."""
     if decodable < logits.size(-1):
         logits[:, decodable:] = float("-inf")
+
+
+def hold_back(logits: torch.Tensor, rows: list[Row], end_ids: Iterable[int]) -> None:
+    """min_tokens: the tokens `held_back` names for each row of `logits` [B, V] (one `Row` each) become -inf, in
+    place (ids past the row are dropped), unless that leaves the row no finite score: a grammar that allows only the
+    end token wins over min_tokens, and that row is left as it was. Decided on the device: nothing waits for it."""
+    width = logits.size(-1)
+    ends = frozenset(end_ids)
+    pairs = [(i, t) for i, row in enumerate(rows) for t in held_back(row.params, row.step, ends) if 0 <= t < width]
+    if not pairs:
+        return
+    device = logits.device
+    unique = sorted({r for r, _ in pairs})
+    at = {r: i for i, r in enumerate(unique)}
+    index = (
+        to_device([r for r, _ in pairs], device, torch.int64),
+        to_device([t for _, t in pairs], device, torch.int64),
+    )
+    saved = logits[index]
+    logits[index] = float("-inf")
+    alive = torch.isfinite(logits.index_select(0, to_device(unique, device, torch.int64))).any(dim=-1)  # [rows]
+    keep = alive.index_select(0, to_device([at[r] for r, _ in pairs], device, torch.int64))
+    logits[index] = torch.where(keep, torch.full_like(saved, float("-inf")), saved)
 
 
 def top_candidates(scores: torch.Tensor, top_k: list[int], top_p: list[float]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,8 +2,9 @@
 how penalties, logit bias and min-p apply, and what a log-probability is.
 
 The order of the sampling transforms is the same in every engine and documented in the README: on the raw
-logits, the grammar's mask, the logit bias and the penalties (`LogitControls`); then temperature, top-k, top-p
-over what top-k left, min-p over what top-p left, then one draw. Log-probabilities are taken from the raw logits,
+logits, the grammar's mask, the logit bias and the penalties (`LogitControls`), then min_tokens' hold on the end
+and stop tokens (`held_back`); then temperature, top-k, top-p over what top-k left, min-p over what top-p left,
+then one draw. Log-probabilities are taken from the raw logits,
 before all of these (`token_logprobs`). A temperature below `GREEDY_BELOW` is
 greedy (dividing by it would overflow to inf, and inf - inf is NaN in the softmax).
 
@@ -14,7 +15,7 @@ seed, so n samples with one request seed differ from each other and still reprod
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -92,6 +93,15 @@ def gumbel_noise(keys: Any, tokens: Any, dtype: Any) -> Any:
     import torch
 
     return (-torch.log(-torch.log(uniform_noise(keys, tokens)))).to(dtype)
+
+
+def held_back(params: SamplingParams, generated: int, end_ids: Iterable[int]) -> list[int]:
+    """The token ids a sequence that has generated `generated` tokens may not draw next: under vLLM's min_tokens,
+    its end tokens and its stop tokens until it has that many (`engine/sampler.hold_back` applies them last, just
+    before the draw); otherwise none."""
+    if generated >= params.min_tokens:
+        return []
+    return sorted({*end_ids, *params.held_ids})
 
 
 def repetition_penalised(logits: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,7 @@ class TransformersEngine:
         self._controls = transformers_processors.install_controls(self._manager)
         if decodable_tokens is not None and decodable_tokens < self._vocab_size:  # the embedding's padding rows
             transformers_processors.install_decodable(self._manager, decodable_tokens)
-        self._sampling = transformers_processors.install_sampling(self._manager)
+        self._sampling = transformers_processors.install_sampling(self._manager, self.end_token_ids)
         self._ids = itertools.count()
         self._running = 0
         self._steps = 0

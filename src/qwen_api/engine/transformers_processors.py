@@ -23,7 +23,7 @@ import torch
 from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
 
 from qwen_api.engine.base import SamplingParams, TokenLogprob
-from qwen_api.engine.sampler import Row, forbid_undecodable, sample
+from qwen_api.engine.sampler import Row, forbid_undecodable, hold_back, sample
 from qwen_api.engine.sampling import LogitControls, token_logprobs
 
 _GREEDY = SamplingParams(max_new_tokens=1, temperature=0.0)  # for a row whose request has left
@@ -81,12 +81,14 @@ def _install(manager: Any, processor: Processor, first: bool) -> Processor:
 
 
 class Sampling(_PerRequest[SamplingParams]):
-    """Last in the list: draws each row's token with `engine/sampler.py` and leaves only it finite, so that the
-    manager's argmax returns it. A row whose request has left (cancelled while its step was built) is greedy."""
+    """Last in the list: holds back the end tokens of rows under their min_tokens, then draws each row's token with
+    `engine/sampler.py` and leaves only it finite, so that the manager's argmax returns it. A row whose request has
+    left (cancelled while its step was built) is greedy."""
 
-    def __init__(self) -> None:
+    def __init__(self, end_ids: frozenset[int]) -> None:
         super().__init__()
         self._rows: list[Row] = []
+        self._end_ids = end_ids
 
     def register(self, request_id: str, params: SamplingParams) -> None:
         self._put(request_id, params)
@@ -102,14 +104,15 @@ class Sampling(_PerRequest[SamplingParams]):
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         rows, self._rows = self._rows, []
         rows = (rows + [Row(_GREEDY, 0)] * scores.size(0))[: scores.size(0)]
+        hold_back(scores, rows, self._end_ids)
         tokens = sample(scores, rows)  # [B]
         return torch.full_like(scores, float("-inf")).scatter(-1, tokens[:, None], 0.0)
 
 
-def install_sampling(manager: Any) -> Sampling:
+def install_sampling(manager: Any, end_ids: frozenset[int]) -> Sampling:
     """Append `Sampling` to a manager's list; returns it for registration. The manager must have been built with
-    `do_sample=False`: no sampling processor of its own."""
-    return _install(manager, Sampling(), first=False)
+    `do_sample=False`: no sampling processor of its own. `end_ids`: the tokens min_tokens holds back."""
+    return _install(manager, Sampling(end_ids), first=False)
 
 
 class _Follower:

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import threading
+import weakref
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TypeAlias
@@ -71,15 +72,31 @@ def _start() -> Child:
     return process, Connection(ours.detach())
 
 
+def _end(process: subprocess.Popen[bytes], conn: Connection) -> None:
+    process.kill()  # an ended one is only reaped
+    with contextlib.suppress(subprocess.TimeoutExpired):  # not reaped yet; it has had SIGKILL all the same
+        process.wait(timeout=5)
+    conn.close()
+
+
+def _end_all(children: list[Child], lock: threading.Lock) -> None:
+    with lock:
+        ending = children[:]
+        children.clear()
+    for process, conn in ending:
+        _end(process, conn)
+
+
 class Sandbox:
     """Children that compile grammars; `check` blocks, for a worker thread. A child is started when no idle one is
     at hand and kept for the next grammar, unless it was killed: there are never more children than threads that
-    call `check` at once."""
+    call `check` at once. They are ended by `close`, or when the sandbox is collected or the interpreter exits."""
 
     def __init__(self) -> None:
         self._idle: queue.SimpleQueue[Child] = queue.SimpleQueue()
         self._children: list[Child] = []  # every one not ended, to end them all on close
         self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, _end_all, self._children, self._lock)
 
     def _take(self) -> Child:
         while True:
@@ -120,18 +137,12 @@ class Sandbox:
         return failure
 
     def _end(self, process: subprocess.Popen[bytes], conn: Connection) -> None:
-        process.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):  # not reaped yet; it has had SIGKILL all the same
-            process.wait(timeout=5)
-        conn.close()
+        _end(process, conn)
         with self._lock:
-            self._children = [c for c in self._children if c[0] is not process]
+            self._children[:] = [c for c in self._children if c[0] is not process]
 
     def close(self) -> None:
-        with self._lock:
-            children, self._children = self._children, []
-        for process, conn in children:
-            self._end(process, conn)  # an ended one is only reaped
+        self._finalizer()
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ from qwen_api.engine.native.pointwise import Pointwise
 from qwen_api.engine.native.runner import Feed, ModelRunner
 from qwen_api.engine.native.scheduler import Scheduler, Sequence, Step
 from qwen_api.engine.native.weights import load_weights
-from qwen_api.engine.sampler import Row, forbid_undecodable, sample, to_device
+from qwen_api.engine.sampler import Row, forbid_undecodable, hold_back, sample, to_device
 from qwen_api.engine.sampling import LogitControls, logprob_entries, logprob_tensors
 
 log = logging.getLogger(__name__)
@@ -285,7 +285,9 @@ class NativeEngine:
         controlled = [i for i, s in enumerate(sampled) if LogitControls.needed(s.params)]
         if controlled:  # bias and penalties, all rows at once
             applied = self.controls.apply(logits, controlled, [sampled[i] for i in controlled])
-        drawn = sample(logits, [Row(s.params, s.generated) for s in sampled]) if sampled else None
+        rows = [Row(s.params, s.generated) for s in sampled]
+        hold_back(logits, rows, self.end_token_ids)  # min_tokens: no end yet
+        drawn = sample(logits, rows) if sampled else None
         if controlled and drawn is not None:
             self.controls.accept(applied, drawn.index_select(0, to_device(controlled, drawn.device, torch.int64)))
         places = self.scheduler.advance(step)
