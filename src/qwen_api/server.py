@@ -16,7 +16,8 @@ they could fill the memory. A request that does not parse is answered 400 and it
 
 These answers of the server's own go through the app's header middleware (`with_answer_headers`), with the request
 headers read before the answer: they carry X-Request-ID and, for an allowed Origin, the CORS headers, as the app's
-answers do, so that a page can read them.
+answers do, so that a page can read them. Their bodies are in the error shape of the route the request's path
+names (OpenAI's under /v1, Anthropic's on /v1/messages, the seed API's elsewhere), as far as the path was read.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from qwen_api.admission import Admission
 from qwen_api.api.app import with_answer_headers
+from qwen_api.api.errors import error_payload
 from qwen_api.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -69,11 +71,19 @@ def connection_bound(requested: int) -> int:
 
 
 class _Refusal(NamedTuple):
-    """An answer the server gives itself, at the connection level, before closing the connection."""
+    """An answer the server gives itself, at the connection level, before closing the connection. Its body is in the
+    shape of the route the request's path names, as far as it was read (`api.errors.error_payload`): the seed API's
+    `{"detail": ...}` when none was."""
 
     status: int
-    detail: str  # the body is `{"detail": ...}`, the seed API's error shape
+    message: str
+    type_: str  # and code: OpenAI's error fields
+    code: str | None = None
     headers: tuple[tuple[bytes, bytes], ...] = ()  # its own, beyond the body's
+
+    def body(self, url: bytes) -> bytes:
+        path = url.partition(b"?")[0].decode("latin-1")
+        return json.dumps(error_payload(path, self.status, self.message, self.type_, self.code)).encode()
 
 
 async def _answer_headers(app: object, refusal: _Refusal, body: bytes, request: Headers) -> Headers:
@@ -116,8 +126,16 @@ def bounded_http(
 
     httptools (llhttp, in C) rather than h11 (pure Python): each streamed token is one HTTP chunk written through
     the protocol, and with h11 its state machine was a fifth of the server's CPU per token."""
-    busy = _Refusal(503, "Server has too many open connections; retry shortly", ((b"retry-after", b"1"),))
-    head_too_large = _Refusal(431, f"The request's line and headers exceed {max_head_bytes} bytes")
+    busy = _Refusal(
+        503,
+        "Server has too many open connections; retry shortly",
+        "service_unavailable",
+        "too_many_connections",
+        ((b"retry-after", b"1"),),
+    )
+    head_too_large = _Refusal(
+        431, f"The request's line and headers exceed {max_head_bytes} bytes", "invalid_request_error", "head_too_large"
+    )
 
     class BoundedHttpProtocol(HttpToolsProtocol):
         waiting_refusals = 0  # this server's refused connections that wait for their request's head
@@ -182,7 +200,7 @@ def bounded_http(
 
         def send_400_response(self, msg: str) -> None:
             if not self._refused:  # else the request that did not parse came after a refused one
-                self._refuse(_Refusal(400, msg))
+                self._refuse(_Refusal(400, msg, "invalid_request_error"))
 
         def on_message_complete(self) -> None:
             if self._refused:
@@ -219,12 +237,14 @@ def bounded_http(
             self.transport.pause_reading()
             # An answer the app's header middleware run through: a task, as any ASGI call (uvicorn's shutdown waits
             # for the server's tasks).
-            task = self.loop.create_task(self._write_refusal(refusal, list(self.headers or [])))
+            task = self.loop.create_task(
+                self._write_refusal(refusal, list(self.headers or []), getattr(self, "url", b""))
+            )
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-        async def _write_refusal(self, refusal: _Refusal, request: Headers) -> None:
-            body = json.dumps({"detail": refusal.detail}).encode()
+        async def _write_refusal(self, refusal: _Refusal, request: Headers, url: bytes) -> None:
+            body = refusal.body(url)
             try:
                 headers = await _answer_headers(self.config.app, refusal, body, request)
                 if not self.transport.is_closing():

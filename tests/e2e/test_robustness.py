@@ -600,6 +600,14 @@ def test_connection_level_answers_carry_the_request_id_and_cors_headers(tiny_qwe
             assert answered == status, (answered, body)
             assert_readable(headers)
             assert json.loads(body)["detail"]
+        # Each in the error shape of the route its path names: OpenAI's, Anthropic's, the seed API's.
+        for path, shape in ((b"/v1/chat/completions", "error"), (b"/v1/messages?beta=true", "type"), (b"/", "detail")):
+            answered, _, body = raw_answer(port, b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n" + big + b"\r\n")
+            payload = json.loads(body)
+            assert answered == 431 and shape in payload and "exceed" in json.dumps(payload), payload
+        assert json.loads(raw_answer(port, b"POST /v1/completions HTTP/1.1\r\n" + big)[2])["error"]["code"] == (
+            "head_too_large"
+        )
         # An Origin that would come after the bound is never read: no CORS headers then, but an id of its own.
         answered, headers, _ = raw_answer(port, start + endless + b"\r\n" + known)
         assert answered == 431 and len(headers["x-request-id"]) == 32 and "access-control-allow-origin" not in headers
@@ -616,6 +624,8 @@ def test_connection_level_answers_carry_the_request_id_and_cors_headers(tiny_qwe
             assert answered == 503 and headers["retry-after"] == "1", (answered, body)
             assert_readable(headers)
             assert json.loads(body)["detail"].startswith("Server has too many open connections")
+            answered, _, body = raw_answer(port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert answered == 503 and json.loads(body)["error"]["code"] == "too_many_connections"
             # A refused connection that sends nothing is answered all the same, soon, with an id of its own.
             begun = time.monotonic()
             answered, headers, _ = raw_answer(port, b"")
