@@ -110,8 +110,11 @@ class TextGenerator:
         return await asyncio.get_running_loop().run_in_executor(self._tokenizing, work)
 
     # ------------------------------------------------------------------------------------------ prompts
-    def chat_prompt_ids(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None) -> list[int]:
-        """Token ids of `messages` in the model's chat template, ending with the assistant's turn opener.
+    def chat_prompt_ids(
+        self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None, generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of `messages` in the model's chat template, ending with the assistant's turn opener (unless not
+        `generation_prompt`).
 
         Message content is text, always: a `<|im_end|>` typed inside a message is tokenised as the characters it
         is, never as the control token, so only the template itself can open or close a turn.
@@ -119,11 +122,12 @@ class TextGenerator:
         if not getattr(self.tokenizer, "chat_template", None):
             return self.content_ids("\n".join(m["content"] for m in messages))
         if not any(self._holds_special(m["content"]) for m in messages):
-            return self._template_ids(messages, tools)  # the common case: exactly the template's own tokenisation
+            return self._template_ids(messages, tools, generation_prompt)  # the common case: the template's own ids
         # Render with a placeholder per message, then tokenise the template's text with its control tokens and
         # each content as plain text.
         marks = [f"\x00{uuid.uuid4().hex}\x00" for _ in messages]
-        rendered = self._render([{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)], tools)
+        marked = [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)]
+        rendered = self._render(marked, tools, generation_prompt)
         ids: list[int] = []
         for mark, message in zip(marks, messages, strict=True):
             before, found, rendered = rendered.partition(mark)
@@ -132,13 +136,21 @@ class TextGenerator:
             ids += self.text_prompt_ids(before) + self.content_ids(message["content"])
         return ids + self.text_prompt_ids(rendered)
 
-    def _render(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None) -> str:
+    def _render(
+        self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None, generation_prompt: bool
+    ) -> str:
         return str(
-            self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+            self.tokenizer.apply_chat_template(
+                messages, tools=tools, add_generation_prompt=generation_prompt, tokenize=False
+            )
         )
 
-    def _template_ids(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None) -> list[int]:
-        encoded = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
+    def _template_ids(
+        self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None, generation_prompt: bool
+    ) -> list[int]:
+        encoded = self.tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=generation_prompt, tokenize=True
+        )
         ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
         return [int(i) for i in ids]
 

@@ -199,3 +199,38 @@ def test_no_route_or_dependency_runs_in_the_thread_pool(monkeypatch: Any) -> Non
         assert not pooled, f"run in the thread pool: {sorted(set(pooled))}"
 
     run(test)
+
+
+def test_vllm_continue_final_message_and_add_generation_prompt() -> None:
+    """vLLM's prompt-shaping fields: a continued assistant message is the start of the answer (the prompt ends with
+    its text, no end of turn; the answer is what follows it); without the generation prompt the prompt ends after
+    the last message. /tokenize counts what chat completions reads; what cannot go together is a 400."""
+    history = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "It is"}]
+    chat = {"model": "fake-model", "messages": history, "max_tokens": 20}
+
+    async def test(client: httpx.AsyncClient, fake: FakeEngine, _: Admission) -> None:
+        r = await client.post("/v1/chat/completions", json={**chat, "continue_final_message": True})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == ANSWER
+        prompt_ids, _ = fake.calls[-1]
+        assert TOKENIZER.decode(prompt_ids).endswith("Capital of France?<|im_end|>\n<|im_start|>assistant\nIt is")
+        counted = await client.post("/tokenize", json={"messages": history, "continue_final_message": True})
+        assert counted.json()["tokens"] == prompt_ids == fake.calls[-1][0]
+        assert r.json()["usage"]["prompt_tokens"] == len(prompt_ids)
+        r = await client.post("/v1/chat/completions", json={**chat, "add_generation_prompt": False})
+        assert r.status_code == 200
+        assert TOKENIZER.decode(fake.calls[-1][0]).endswith("<|im_start|>assistant\nIt is<|im_end|>\n")
+        default = await client.post("/tokenize", json={"messages": history})
+        assert TOKENIZER.decode(default.json()["tokens"]).endswith("It is<|im_end|>\n<|im_start|>assistant\n")
+        schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+        for extra, where in (
+            ({"continue_final_message": True, "add_generation_prompt": True}, "/v1/chat/completions"),
+            ({"continue_final_message": True, "messages": history[:1]}, "/v1/chat/completions"),
+            ({"continue_final_message": True, "response_format": schema}, "/v1/chat/completions"),
+            ({"continue_final_message": True, "messages": history[1:]}, "/tokenize"),
+        ):
+            r = await client.post(
+                where, json={**chat, **extra} if where != "/tokenize" else {"messages": history, **extra}
+            )
+            assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message", (extra, r.text)
+
+    run(test)

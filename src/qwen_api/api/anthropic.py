@@ -46,13 +46,8 @@ async def _prompt_ids(body: Conversation, settings: Settings, runtime: Runtime, 
     body.check_supported()
     chat, tools, prefill = body.chat(), body.tool_dicts(), body.prefill()
 
-    def tokenise() -> tuple[list[dict[str, str]], list[int]]:
-        messages, ids = chat_prompt(generator, chat, tools)  # chat completions' rule, tools and tool blocks included
-        if prefill:  # plain text: control tokens typed in it stay characters, as in any message
-            ids = ids + generator.content_ids(prefill)
-        return messages, ids
-
-    messages, ids = await generator.off_loop(tokenise)
+    # chat completions' rule, tools and tool blocks included
+    messages, ids = await generator.off_loop(lambda: chat_prompt(generator, chat, tools, prefill=prefill))
     log_prompt(settings, messages)
     return ids
 

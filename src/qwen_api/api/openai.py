@@ -128,7 +128,10 @@ async def chat_completions(
 ) -> dict[str, Any] | StreamingResponse:
     ctx.validate(body)
     generator, tools = ctx.generator, body.tool_dicts()
-    messages, prompt_ids = await generator.off_loop(lambda: chat_prompt(generator, body.messages, tools))
+    chat, generation_prompt, prefill = body.shaped(body.messages)
+    messages, prompt_ids = await generator.off_loop(
+        lambda: chat_prompt(generator, chat, tools, generation_prompt, prefill)
+    )
     log_prompt(ctx.settings, messages)
     return await ctx.serve(request, body, prompt_ids, "chat.completion", f"chatcmpl-{uuid.uuid4().hex}")
 

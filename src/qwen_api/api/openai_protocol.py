@@ -123,6 +123,30 @@ class ChatMessage(_OpenAIRequest):
         return out
 
 
+class ChatShaping(RequestModel):
+    """vLLM's two fields that shape a chat's prompt, for every route that renders one from `messages` (chat
+    completions, /tokenize): `continue_final_message` makes the answer continue the last message, an assistant's,
+    with no new turn (a prefill, as Anthropic's last assistant turn is); `add_generation_prompt` false ends the
+    prompt after the last message, without the assistant turn's opener."""
+
+    add_generation_prompt: bool | None = None  # None: true, unless the final message is continued
+    continue_final_message: bool = False
+
+    def shaped(self, messages: list[ChatMessage]) -> tuple[list[ChatMessage], bool, str | None]:
+        """(the messages the template renders, whether it adds the assistant turn's opener, the text that follows
+        it: the continued message's); `Unsupported` when they cannot go together."""
+        if not self.continue_final_message:
+            return messages, self.add_generation_prompt is not False, None
+        if self.add_generation_prompt:
+            raise Unsupported("continue_final_message", "cannot be true with add_generation_prompt true")
+        last = messages[-1]
+        if last.role != "assistant" or last.tool_calls or len(messages) < 2:
+            raise Unsupported(
+                "continue_final_message", "the last message must be an assistant's text, after at least one other"
+            )
+        return messages[:-1], True, last.text()
+
+
 class FunctionDefinition(_OpenAIRequest):
     name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str | None = None
@@ -307,7 +331,7 @@ class _SamplingRequest(_OpenAIRequest):
         )
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(_SamplingRequest, ChatShaping):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -333,6 +357,10 @@ class ChatCompletionRequest(_SamplingRequest):
             raise Unsupported("tool_choice", "a tool must be given in tools to require a call")
         if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
             raise Unsupported("tool_choice", f"names a function not in tools: {self.tool_choice.function.name!r}")
+        if self.shaped(self.messages)[2] is not None and self.grammar() is not None:
+            raise Unsupported(
+                "continue_final_message", "a continued message cannot be held to a grammar (structured outputs, tools)"
+            )
 
     def logprobs_wanted(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None

@@ -12,11 +12,18 @@ from qwen_api.textgen import TextGenerator
 
 
 def chat_prompt(
-    generator: TextGenerator, chat: list[ChatMessage], tools: list[dict[str, Any]] | None
+    generator: TextGenerator,
+    chat: list[ChatMessage],
+    tools: list[dict[str, Any]] | None,
+    generation_prompt: bool = True,
+    prefill: str | None = None,
 ) -> tuple[list[dict[str, str]], list[int]]:
     """A chat's messages as the template gets them and its prompt ids, with `tools` shown to the model (None: no
     tools): tool calls and results rendered as the model's format, and the tools block by the model's own template
-    when it renders one, else by ours."""
+    when it renders one, else by ours. The ids end with the assistant turn's opener (unless not
+    `generation_prompt`), then `prefill`, the start of the answer, as plain text (control tokens typed in it stay
+    characters, as in any message)."""
     model_renders = template_renders_tools(getattr(generator.tokenizer, "chat_template", None))
     messages = render_history([m.as_dict() for m in chat], tools, own_block=not model_renders)
-    return messages, generator.chat_prompt_ids(messages, tools if model_renders else None)
+    ids = generator.chat_prompt_ids(messages, tools if model_renders else None, generation_prompt)
+    return messages, ids + generator.content_ids(prefill) if prefill else ids

@@ -2,7 +2,8 @@
 
 `/tokenize` takes a raw `prompt` (tokenised as `/v1/completions` reads it) or chat `messages` and optional
 `tools` (through the chat template with the generation prompt, tool calls and results rendered, exactly as
-`/v1/chat/completions` counts them: `prompts.chat_prompt`) and answers the ids, their
+`/v1/chat/completions` counts them: `prompts.chat_prompt`, vLLM's `add_generation_prompt` and
+`continue_final_message` included) and answers the ids, their
 count and the model's context length. `/detokenize` turns ids back into text, special tokens included. Both
 sit behind the API key and answer errors in OpenAI's shape: an empty input, an id outside the vocabulary or a
 wrong type is a 400 that says which.
@@ -17,7 +18,7 @@ from pydantic import Field, model_validator
 
 from qwen_api.api.deps import GeneratorDep, RuntimeDep
 from qwen_api.api.errors import ModelNotFound, invalid_field
-from qwen_api.api.openai_protocol import ChatMessage, Tool
+from qwen_api.api.openai_protocol import ChatMessage, ChatShaping, Tool
 from qwen_api.api.prompts import chat_prompt
 from qwen_api.api.schema import RequestModel
 from qwen_api.runtime import Runtime
@@ -31,7 +32,7 @@ class _Request(RequestModel):
     null_means_default = True
 
 
-class TokenizeRequest(_Request):
+class TokenizeRequest(_Request, ChatShaping):
     model: str | None = None
     prompt: str | None = Field(None, min_length=1)
     messages: list[ChatMessage] | None = Field(None, min_length=1)
@@ -61,8 +62,8 @@ async def tokenize(body: TokenizeRequest, runtime: RuntimeDep, generator: Genera
     _check_model(body.model, runtime)
     if body.messages is not None:
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-        messages = body.messages
-        _, ids = await generator.off_loop(lambda: chat_prompt(generator, messages, tools))
+        chat, generation_prompt, prefill = body.shaped(body.messages)
+        _, ids = await generator.off_loop(lambda: chat_prompt(generator, chat, tools, generation_prompt, prefill))
     else:
         ids = await generator.off_loop(lambda: generator.text_prompt_ids(body.prompt or ""))
     return {"tokens": ids, "count": len(ids), "max_model_len": generator.engine.max_context_tokens}
