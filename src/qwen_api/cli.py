@@ -46,7 +46,7 @@ def serve(settings: Settings) -> int:
         app = create_app(settings, runtime, admission)
     http = bounded_http(connection_bound(settings.max_connections), settings.header_timeout)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, http=http)
-    server = Server(config, runtime, admission, settings.drain_timeout)
+    server = Server(config, runtime, admission, settings.drain_timeout, cut_off=app.state.guard.cut_off)
     # The runtime's collaborators, built from it: the app's metrics observe what it loads, and the server exits
     # (with the runtime's exit code) when the model fails to load or its engine dies.
     runtime.connect(on_ready=observe_with(app.state.metrics), on_fatal=server.request_exit)

@@ -2,7 +2,8 @@
 connections.
 
 SIGTERM: stop admitting (new requests get 503, `/health` turns 503 so balancers move away), let the admitted
-requests finish for up to `drain_timeout` seconds, then shut down and exit 0. A second SIGTERM, or a SIGINT at any
+requests finish for up to `drain_timeout` seconds, then answer those still running (a 503 in their route's shape, or
+their stream's error event) and shut down and exit 0. A second SIGTERM, or a SIGINT at any
 time, stops at once (exit code 1 if requests were still in flight, else 0). A failed model load or a dead engine
 ends the process with exit code 1.
 
@@ -27,6 +28,7 @@ import json
 import logging
 import resource
 import signal
+from collections.abc import Callable
 from http import HTTPStatus
 from types import FrameType
 from typing import Any, NamedTuple
@@ -53,6 +55,8 @@ MAX_HEAD_BYTES = 64 * 1024
 _WAITING_REFUSALS = _RESERVED_FDS // 2
 # How long a refused connection may take to send its request's head (a client sends it as soon as it has connected).
 _REFUSAL_WAIT = 1.0
+# Seconds the requests cut off at the end of a drain get to write their answers before the server stops.
+_CUT_OFF_GRACE = 2.0
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -281,9 +285,19 @@ def bounded_http(
 
 
 class Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, runtime: Runtime, admission: Admission, drain_timeout: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        runtime: Runtime,
+        admission: Admission,
+        drain_timeout: float,
+        cut_off: Callable[[], None] = lambda: None,
+    ) -> None:
+        """`cut_off`: ends every request still in flight when the drain's time runs out, each with an answer (the
+        app's `Guard.cut_off`)."""
         super().__init__(config)
         self.runtime, self.admission, self.drain_timeout = runtime, admission, drain_timeout
+        self._cut_requests = cut_off
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
         self.cut_off = False  # stopped at once with requests still in flight
@@ -314,5 +328,7 @@ class Server(uvicorn.Server):
         log.info("draining: %d sequence(s) in flight, waiting up to %.0f s", self.admission.in_use, self.drain_timeout)
         if not await self.admission.wait_idle(self.drain_timeout):
             log.warning("drain timeout: %d sequence(s) still in flight are cut off", self.admission.in_use)
+            self._cut_requests()  # each answered (a 503, or its stream's error event) rather than dropped
+            await self.admission.wait_idle(_CUT_OFF_GRACE)
         self.config.timeout_graceful_shutdown = 1
         self.should_exit = True

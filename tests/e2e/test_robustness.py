@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -400,6 +401,49 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(tiny_qwe
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)  # reaped, so that no ResourceWarning says it still runs
+
+
+def test_requests_still_running_when_the_drain_times_out_get_an_answer(tiny_qwen2_dir: Path) -> None:
+    """Past --drain-timeout the requests still running were dropped: uvicorn's plain-text 500, and streams cut with
+    no error event. Each now gets an answer in its route's shape (a 503 that may be retried elsewhere, or an error
+    event that ends its stream), and the process still exits 0."""
+    proc, base = serve_subprocess(tiny_qwen2_dir, "--drain-timeout", "1", "--max-new-tokens-limit", str(LONG))
+    try:
+        wait_healthy(base, timeout=120, proc=proc)
+        model = httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
+        chat = {"model": model, "messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": LONG}
+        chat["ignore_eos"] = True
+        results: dict[str, Any] = {}
+
+        def plain(name: str, path: str, body: dict[str, Any]) -> None:
+            results[name] = httpx.post(f"{base}{path}", json=body, timeout=120)
+
+        def streamed() -> None:
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json={**chat, "stream": True}, timeout=120) as r:
+                results["stream"] = [line for line in r.iter_lines() if line]
+
+        seed = {"prompt": LONG_PROMPT, "max_length": LONG, "temperature": 0}
+        threads = [
+            threading.Thread(target=plain, args=("chat", "/v1/chat/completions", chat)),
+            threading.Thread(target=plain, args=("seed", "/generate", seed)),
+            threading.Thread(target=streamed),
+        ]
+        for t in threads:
+            t.start()
+        assert wait_until(lambda: "qwen_api_admitted_sequences 3.0" in httpx.get(f"{base}/metrics").text, 20)
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(timeout=60)
+        assert results["chat"].status_code == 503 and results["chat"].headers["retry-after"] == "5"
+        assert results["chat"].json()["error"]["code"] == "shutting_down"
+        assert results["seed"].status_code == 503 and results["seed"].json()["detail"].startswith("Server is shutting")
+        *_, error, done = results["stream"]
+        assert json.loads(error.removeprefix("data: "))["error"]["code"] == "shutting_down" and done == "data: [DONE]"
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 # ------------------------------------------------------------------------------------------------ probes

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from qwen_api.api.anthropic_protocol import Conversation, MessagesRequest, message_object, stop_reason
 from qwen_api.api.deps import GeneratorDep, GuardDep, RuntimeDep, SettingsDep, log_outputs, log_prompt
 from qwen_api.api.errors import ModelNotFound, anthropic_error_body
-from qwen_api.api.guard import RequestTimeout
+from qwen_api.api.guard import CutOff, RequestTimeout
 from qwen_api.api.openai_protocol import Unsupported
 from qwen_api.api.prompts import chat_prompt
 from qwen_api.api.sse import sse_response
@@ -105,6 +105,8 @@ async def count_tokens(
 def _error_event(exc: Exception) -> dict[str, Any]:
     if isinstance(exc, RequestTimeout):
         return anthropic_error_body(str(exc), "timeout_error")
+    if isinstance(exc, CutOff):  # as the 503 of a request refused while draining
+        return anthropic_error_body(str(exc), "overloaded_error")
     # a schema the grammar engine gave up on is the request's, as its 400 before a stream says
     return anthropic_error_body(str(exc), "invalid_request_error" if isinstance(exc, ConstraintFailed) else "api_error")
 

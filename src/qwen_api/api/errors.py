@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwen_api.admission import Draining, Overloaded
-from qwen_api.api.guard import ClientDisconnected, RequestTimeout
+from qwen_api.api.guard import ClientDisconnected, CutOff, RequestTimeout
 from qwen_api.api.openai_protocol import Unsupported, error_body
 from qwen_api.api.schema import MAX_NESTING
 from qwen_api.engine.base import ConstraintFailed, EngineError
@@ -67,6 +67,8 @@ def stream_error_kind(exc: Exception) -> tuple[str, str | None]:
     a timeout, a schema the grammar engine gave up on (the request's fault: `_constraint_failed`), or the server's."""
     if isinstance(exc, RequestTimeout):
         return "timeout", "request_timeout"
+    if isinstance(exc, CutOff):
+        return "service_unavailable", "shutting_down"
     if isinstance(exc, ConstraintFailed):
         return "invalid_request_error", "schema_not_followed"
     return "server_error", None
@@ -184,6 +186,11 @@ async def _overloaded(request: Request, exc: Exception) -> JSONResponse:
 
 async def _draining(request: Request, exc: Exception) -> JSONResponse:
     _count_rejection(request, "draining")
+    return _reply(request, 503, str(exc), "service_unavailable", "shutting_down", headers={"Retry-After": "5"})
+
+
+async def _cut_off(request: Request, exc: Exception) -> JSONResponse:
+    """A request in flight when the drain's time ran out: as a refusal while draining, it may be retried elsewhere."""
     return _reply(request, 503, str(exc), "service_unavailable", "shutting_down", headers={"Retry-After": "5"})
 
 
@@ -344,6 +351,7 @@ def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(CompilerBusy, _overloaded)  # grammars queued past the compiler's bound: busy too
     app.add_exception_handler(Draining, _draining)
     app.add_exception_handler(RequestTimeout, _timed_out)
+    app.add_exception_handler(CutOff, _cut_off)
     app.add_exception_handler(ClientDisconnected, _client_gone)
     app.add_exception_handler(Unauthorized, _unauthorized)
     app.add_exception_handler(ModelNotReady, _not_ready)

@@ -4,6 +4,8 @@
 `Guard.complete` runs a non-streaming generation and cancels it when the client disconnects (the engine then
 frees its batch slots) or when the deadline passes. `Guard.stream` puts the deadline on a stream; a client
 that leaves a stream is noticed by Starlette, which cancels the response and so the engine's sequences.
+`Guard.cut_off` ends every request in flight at once with `CutOff` (a drain whose time ran out), so that each
+still gets an answer in its route's shape, or its stream an error event, before the server exits.
 """
 
 from __future__ import annotations
@@ -29,6 +31,13 @@ class ClientDisconnected(Exception):
     """The client went away before its answer was ready; nobody will read the response."""
 
 
+class CutOff(Exception):
+    """The server is shutting down and its drain timeout ran out before this request's answer was done."""
+
+    def __init__(self) -> None:
+        super().__init__("Server is shutting down and its drain timeout ran out; the request was cancelled: retry")
+
+
 async def _disconnected(request: Request) -> None:
     """Returns when the client disconnects (the body has been read, so the next message can only be that)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -38,6 +47,14 @@ async def _disconnected(request: Request) -> None:
 class Guard:
     def __init__(self, admission: Admission, metrics: Metrics, timeout: float) -> None:
         self.admission, self.metrics, self.timeout = admission, metrics, timeout
+        self._cut = asyncio.Event()
+        self._streams: set[_Deadline] = set()
+
+    def cut_off(self) -> None:
+        """End every request in flight now, with `CutOff` (from the event loop)."""
+        self._cut.set()
+        for deadline in list(self._streams):
+            deadline.expire()
 
     def admit(self, sequences: int, prompt_tokens: int) -> Ticket:
         ticket = self.admission.acquire(sequences)
@@ -48,20 +65,25 @@ class Guard:
         """Await `work` unless the client leaves or time runs out first; either way the work is cancelled."""
         task = asyncio.ensure_future(work)
         watcher = asyncio.ensure_future(_disconnected(request))
+        cut = asyncio.ensure_future(self._cut.wait())
         try:
-            done, _ = await asyncio.wait({task, watcher}, timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {task, watcher, cut}, timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED
+            )
             if task in done:
                 return task.result()
-            reason = "disconnect" if watcher in done else "timeout"
+            reason = "disconnect" if watcher in done else "shutdown" if cut in done else "timeout"
             self.metrics.cancellations.labels(reason).inc()
             if reason == "disconnect":
                 raise ClientDisconnected()
+            if reason == "shutdown":
+                raise CutOff()
             raise RequestTimeout(self.timeout)
         finally:
-            for t in (task, watcher):
+            for t in (task, watcher, cut):
                 t.cancel()
             try:  # a second cancellation may land in this await: the slots are released all the same
-                await asyncio.gather(task, watcher, return_exceptions=True)
+                await asyncio.gather(task, watcher, cut, return_exceptions=True)
             finally:
                 ticket.release()
 
@@ -73,6 +95,9 @@ class Guard:
         streamed token."""
         deadline = _Deadline(asyncio.current_task())
         timer = asyncio.get_running_loop().call_later(self.timeout, deadline.expire)
+        self._streams.add(deadline)
+        if self._cut.is_set():
+            deadline.expire()
         try:
             while True:
                 if deadline.expired:  # it passed while the item before was being sent
@@ -98,10 +123,15 @@ class Guard:
             raise
         finally:
             timer.cancel()
+            self._streams.discard(deadline)
             ticket.release()  # first: a cancellation landing in the await below must not keep the slots
             await events.aclose()
 
-    def _timed_out(self) -> RequestTimeout:
+    def _timed_out(self) -> RequestTimeout | CutOff:
+        """What a stream's passed deadline means: its time ran out, or the server's (`cut_off`)."""
+        if self._cut.is_set():
+            self.metrics.cancellations.labels("shutdown").inc()
+            return CutOff()
         self.metrics.cancellations.labels("timeout").inc()
         return RequestTimeout(self.timeout)
 
