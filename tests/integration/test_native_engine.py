@@ -663,8 +663,11 @@ def test_preemption_when_blocks_run_out_keeps_tokens(tiny_qwen2_dir: Path, hf_mo
         usage: list[float | None] = []
         small.on_step = lambda _: usage.append(small.stats().kv_usage)
         results = run_many(small, [(p, params) for p in prompts])
-        assert small.stats().preemptions == small.scheduler.preemptions > 0
+        stats = small.stats()
+        assert stats.preemptions == small.scheduler.preemptions > 0
         assert max(u or 0.0 for u in usage) == 1.0  # preempted because every block was held
+        # the prefix-cache counters count prompts once: a preempted sequence finding its own blocks is no hit
+        assert stats.prefix_hit_tokens == 0 and stats.prefix_queried_tokens == 4 * (40 // 16) * 16
         for prompt, tokens in zip(prompts, results, strict=True):
             assert tokens == reference(hf_model, prompt, 60)
         wait_idle(small)

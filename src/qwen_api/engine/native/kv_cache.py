@@ -61,10 +61,11 @@ class BlockPool:
             parent = self.prefix_id[block]
         return found
 
-    def take_cached(self, blocks: list[int], full_blocks: int) -> None:
-        """Hold the matched blocks (counted as hits out of `full_blocks` looked up)."""
-        self.queried_blocks += full_blocks
-        self.hit_blocks += len(blocks)
+    def take_cached(self, blocks: list[int], full_blocks: int, counted: bool = True) -> None:
+        """Hold the matched blocks (when `counted`, as hits out of `full_blocks` looked up)."""
+        if counted:
+            self.queried_blocks += full_blocks
+            self.hit_blocks += len(blocks)
         for block in blocks:
             if self.refs[block] == 0:
                 del self.free[block]

@@ -191,7 +191,8 @@ class Scheduler:
             if total - len(cached) > self.pool.num_free - idle_cached:
                 break  # wait for blocks to be released
             self.waiting.popleft()
-            self.pool.take_cached(cached, len(seq.tokens) // bs)
+            # the prefix-cache counters are of prompts: a preempted sequence finding its own blocks again is no hit
+            self.pool.take_cached(cached, len(seq.tokens) // bs, counted=not seq.preemptions)
             seq.blocks = cached + [self.pool.allocate() for _ in range(total - len(cached))]
             seq.computed = len(cached) * bs
             seq.hashed = len(cached)
