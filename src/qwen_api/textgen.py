@@ -56,6 +56,8 @@ class TextDelta:
     # With logprobs asked for: one entry per token received since the previous delta (text held back while it may
     # become a stop string or a whole character waits with its tokens' entries).
     logprobs: tuple[TokenLogprob, ...] | None = None
+    # With the prompt's log-probabilities asked for (`SamplingParams.prompt_logprobs`): on the sequence's first delta
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class Completion:
     completion_tokens: int
     stop_string: str | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None  # one entry per generated token, when asked for
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # one per prompt token but the first, when asked for
 
 
 class SequenceObserver(Protocol):
@@ -166,6 +169,10 @@ class TextGenerator:
         """Token ids of raw text, no template (control tokens written in it are parsed: raw prompts may use them)."""
         return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
 
+    def decode_all(self, token_ids: list[int]) -> str:
+        """The text of token ids as given, special tokens included (what a prompt of ids says; /detokenize)."""
+        return str(self.tokenizer.decode(token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for (part of a character, for byte-level tokens that split one)."""
         if self._token_bytes is not None:
@@ -244,11 +251,15 @@ class TextGenerator:
         produced = 0
         start, first = time.perf_counter(), 0.0
         pending: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        prompt: tuple[TokenLogprob, ...] | None = None  # the prompt's log-probabilities, for the next delta
         tokens = self.engine.generate(prompt_ids, params)
         try:
             async for chunk in tokens:
                 if not produced and chunk.token_ids:
                     first = time.perf_counter() - start
+                    prompt = chunk.prompt_logprobs
+                    if params.prompt_logprobs is not None and (prompt is None or len(prompt) != len(prompt_ids) - 1):
+                        raise EngineError("the engine returned no log-probabilities of the prompt, asked for")
                 if pending is not None and (chunk.logprobs is None or len(chunk.logprobs) != len(chunk.token_ids)):
                     raise EngineError("the engine returned tokens without the log-probabilities asked for")
                 text, used = _push(chunk.token_ids, detokenizer, matcher, quiet=params.min_tokens - produced)
@@ -262,10 +273,11 @@ class TextGenerator:
                 if finish is not None:
                     if self.observer is not None:
                         self.observer.sequence_finished(produced, first, time.perf_counter() - start)
-                    yield TextDelta(index, text, finish, produced, matcher.matched, _take(pending))
+                    yield TextDelta(index, text, finish, produced, matcher.matched, _take(pending), prompt)
                     return
                 if text:
-                    yield TextDelta(index, text, logprobs=_take(pending))
+                    yield TextDelta(index, text, logprobs=_take(pending), prompt_logprobs=prompt)
+                    prompt = None
         finally:
             await tokens.aclose()
 
@@ -275,10 +287,12 @@ class TextGenerator:
         # the engine; without it the engine decoded on until garbage collection closed the generator.
         parts: list[str] = []
         logprobs: list[TokenLogprob] = []
+        prompt: tuple[TokenLogprob, ...] | None = None
         async with aclosing(deltas):
             async for delta in deltas:
                 parts.append(delta.text)
                 logprobs.extend(delta.logprobs or ())
+                prompt = prompt or delta.prompt_logprobs
                 if delta.finish_reason is not None:
                     return Completion(
                         "".join(parts),
@@ -286,6 +300,7 @@ class TextGenerator:
                         delta.completion_tokens,
                         delta.stop_string,
                         tuple(logprobs) if delta.logprobs is not None else None,
+                        prompt,
                     )
         raise EngineError("the engine ended a sequence without a finish reason")
 

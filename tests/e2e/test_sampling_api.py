@@ -175,6 +175,43 @@ def test_vllm_min_tokens_holds_end_and_stop_tokens_back(api_server: InProcessSer
     assert info.value.body["param"] == "min_tokens"
 
 
+def test_echo_scores_the_prompt_as_generation_would(api_server: InProcessServer) -> None:
+    """lm-eval's loglikelihood requests (echo, logprobs, max_tokens 0 or 1, a token-id prompt): each prompt token's
+    log-probability under the tokens before it, as the model gives that token when it is generated (forced by a
+    bias: log-probabilities are taken before it); the first token's null; streamed as plain."""
+    api, generator, model = client(api_server), api_server.runtime.generator(), name(api_server)
+    ids = generator.text_prompt_ids("The capital of France is Paris, and of Italy")
+    scored = api.completions.create(model=model, prompt=ids, max_tokens=0, echo=True, logprobs=2, temperature=0)
+    [choice] = scored.choices
+    lp = choice.logprobs
+    assert lp is not None and lp.token_logprobs is not None and lp.top_logprobs is not None and lp.tokens is not None
+    assert choice.text == generator.decode_all(ids) and len(lp.tokens) == len(ids) and lp.text_offset[0] == 0
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.top_logprobs[1]) <= 2
+    assert scored.usage is not None and (scored.usage.prompt_tokens, scored.usage.completion_tokens) == (len(ids), 0)
+    for i in (1, len(ids) // 2, len(ids) - 1):
+        forced = api.completions.create(
+            model=model, prompt=ids[:i], max_tokens=1, logprobs=0, temperature=0, logit_bias={str(ids[i]): 100}
+        )
+        assert forced.choices[0].logprobs.token_logprobs[0] == pytest.approx(lp.token_logprobs[i], abs=2e-3), i
+    # lm-eval's own request: a list of one token-id prompt, max_tokens 1, logprobs 1
+    request = {"model": model, "prompt": [ids], "max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0}
+    one = api.completions.create(**request, seed=1234).choices[0].logprobs
+    assert len(one.tokens) == len(ids) + 1 and one.token_logprobs[0] is None
+    assert one.token_logprobs[1 : len(ids)] == pytest.approx(lp.token_logprobs[1:], abs=2e-3)
+    pairs = zip(one.token_logprobs[1:], one.top_logprobs[1:], strict=True)
+    assert all(t <= max(top.values()) + 1e-6 for t, top in pairs)  # lm-eval reads greediness so
+    chunks = list(api.completions.create(**{**request, "prompt": ids, "max_tokens": 3}, stream=True))
+    assert "".join(c.choices[0].text for c in chunks).startswith(choice.text)
+    streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1 : len(ids)] == pytest.approx(lp.token_logprobs[1:], abs=2e-3)
+    plain = api.completions.create(model=model, prompt="Hello", max_tokens=3, echo=True, temperature=0)
+    assert plain.choices[0].text.startswith("Hello") and plain.choices[0].logprobs is None
+    for bad, param in (({"max_tokens": 0, "echo": False}, "max_tokens"), ({"prompt": [10**9]}, "prompt")):
+        with pytest.raises(openai.BadRequestError) as info:
+            api.completions.create(**{"model": model, "prompt": ids, "echo": True, **bad})
+        assert info.value.body["param"] == param
+
+
 def test_a_seed_reproduces_with_every_control_on(api_server: InProcessServer) -> None:
     api = client(api_server)
     extra = {"top_k": 30, "min_p": 0.02, "repetition_penalty": 1.1}

@@ -678,6 +678,46 @@ def test_preemption_when_blocks_run_out_keeps_tokens(tiny_qwen2_dir: Path, hf_mo
         small.shutdown()
 
 
+def test_prompt_logprobs_equal_transformers_chunked_cached_and_preempted(tiny_qwen2_dir: Path, hf_model) -> None:  # type: ignore[no-untyped-def]
+    """The prompt's log-probabilities (echo with logprobs): each prompt token's under the tokens before it equals
+    transformers' log-softmax of the same prompt, with the same best alternatives, when the prompt is read in chunks
+    beside other traffic, when its prefix is in the cache (every position is computed all the same), and when its
+    sequence is preempted on a small cache (each position scored once)."""
+    prompt = random_prompt(100, seed=77)
+    with torch.inference_mode():
+        expected = torch.log_softmax(hf_model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    want = SamplingParams(max_new_tokens=40, temperature=0.0, prompt_logprobs=3)
+
+    async def scored(engine: NativeEngine, params: SamplingParams) -> tuple:
+        chunks = [c async for c in engine.generate(prompt, params)]
+        return chunks[0].prompt_logprobs, [t for c in chunks for t in c.token_ids]
+
+    def check(entries: tuple | None) -> None:
+        assert entries is not None and len(entries) == len(prompt) - 1
+        for i, entry in enumerate(entries, start=1):
+            assert entry.token == prompt[i]
+            assert entry.logprob == pytest.approx(float(expected[i - 1, prompt[i]]), abs=1e-4)
+            assert [t for t, _ in entry.top] == expected[i - 1].topk(3).indices.tolist()
+
+    for kv_tokens, chunk in ((4096, 48), (256, 512)):  # chunked beside others; a cache that forces preemption
+        engine = NativeEngine(tiny_qwen2_dir, [EOS], kv_cache_tokens=kv_tokens, max_batch_size=8, prefill_chunk=chunk)
+        try:
+            run(engine, prompt, SamplingParams(max_new_tokens=2, temperature=0.0))  # its blocks now in the cache
+            others = [
+                (random_prompt(60, seed=80 + i), SamplingParams(max_new_tokens=40, temperature=0.0)) for i in range(2)
+            ]
+
+            async def together(engine: NativeEngine, others: list) -> list:
+                return list(await asyncio.gather(scored(engine, want), *(collect(engine, p, q) for p, q in others)))
+
+            (entries, tokens), *_ = asyncio.run(together(engine, others))
+            check(entries)
+            assert tokens == reference(hf_model, prompt, 40)
+            assert engine.stats().preemptions > 0 or kv_tokens == 4096
+        finally:
+            engine.shutdown()
+
+
 def test_overlapped_steps_give_what_steps_in_turn_give(tiny_qwen2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU launches each step before it reads the previous one's tokens, feeding them on the device. On the
     CPU both ways, staggered arrivals, every control: greedy with log-probabilities; seeded sampling with

@@ -234,3 +234,34 @@ def test_vllm_continue_final_message_and_add_generation_prompt() -> None:
             assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message", (extra, r.text)
 
     run(test)
+
+
+def test_echo_in_the_legacy_shape_plain_streamed_and_empty() -> None:
+    """`echo` on text completions (the engines' log-probabilities of the prompt are scripted here): the prompt's
+    text leads the answer's, its tokens lead the log-probabilities with the first one's null, `text_offset` runs
+    over both, and max_tokens 0 answers the prompt alone with no completion tokens."""
+    ids = TOKENIZER("Hello there world", add_special_tokens=False)["input_ids"]
+    body = {"model": "fake-model", "prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 2}
+
+    async def test(client: httpx.AsyncClient, fake: FakeEngine, _: Admission) -> None:
+        r = (await client.post("/v1/completions", json=body)).json()
+        [choice] = r["choices"]
+        first_two = TOKENIZER.decode(TOKENIZER(ANSWER, add_special_tokens=False)["input_ids"][:2])
+        assert choice["text"] == "Hello there world" + first_two
+        lp = choice["logprobs"]
+        assert lp["token_logprobs"][: len(ids)] == [None] + [-i / 16 for i in range(1, len(ids))]
+        assert lp["top_logprobs"][0] is None and len(lp["top_logprobs"][1]) == 1 and len(lp["tokens"]) == len(ids) + 2
+        assert lp["text_offset"][: len(ids) + 1] == [0, 5, 11, 17]
+        assert fake.calls[-1][1].prompt_logprobs == 1
+        empty = (await client.post("/v1/completions", json={**body, "max_tokens": 0})).json()
+        assert empty["choices"][0]["text"] == "Hello there world" and empty["usage"]["completion_tokens"] == 0
+        assert len(empty["choices"][0]["logprobs"]["tokens"]) == len(ids)
+        async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+            events = [json.loads(line[6:]) for line in [x async for x in s.aiter_lines()] if line[6:7] == "{"]
+        assert "".join(e["choices"][0]["text"] for e in events) == choice["text"]
+        streamed = [t for e in events for t in (e["choices"][0]["logprobs"] or {}).get("token_logprobs", [])]
+        assert streamed == lp["token_logprobs"]
+        plain = (await client.post("/v1/completions", json={**body, "logprobs": None})).json()
+        assert plain["choices"][0]["logprobs"] is None and fake.calls[-1][1].prompt_logprobs is None
+
+    run(test)

@@ -12,6 +12,7 @@ import dataclasses
 import time
 import uuid
 from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -56,12 +57,17 @@ class _Context:
         prompt_ids: list[int],
         kind: str,
         response_id: str,
+        echo: _Echo | None = None,
     ) -> dict[str, Any] | StreamingResponse:
         generator = self.generator
         requested = body.requested_max_tokens()
         if requested is None:  # as much as fits, up to the server's cap
             room = generator.engine.max_context_tokens - len(prompt_ids)
             requested = max(1, min(self.settings.max_new_tokens_limit, room))
+        # max_tokens 0 (with echo: the prompt and its log-probabilities alone): the engine reads the prompt in a
+        # step that also draws a token, which the answer leaves out
+        empty = requested == 0
+        requested = max(requested, 1)
         params = body.sampling_params(requested, generator.sampling_defaults, generator.vocab_size)
         generator.check_fits(prompt_ids, params.max_new_tokens)
         if (grammar := body.grammar()) is not None:
@@ -73,13 +79,16 @@ class _Context:
         head = {"id": response_id, "created": int(time.time()), "model": body.model}
         if body.stream:
             deltas = generator.stream(prompt_ids, params, n=body.n, stop=body.stops())
+            deltas = _emptied(deltas) if empty else deltas
             shape = _LogprobShape(generator)
-            chunks = self.guard.stream(ticket, _chunks(deltas, body, kind, head, len(prompt_ids), shape))
+            chunks = self.guard.stream(ticket, _chunks(deltas, body, kind, head, len(prompt_ids), shape, echo))
             return sse_response(chunks, openai_error_payload, error_event=None, on_close=ticket.release)
         work = generator.complete(prompt_ids, params, n=body.n, stop=body.stops())
         results = await self.guard.complete(request, ticket, work)
+        if empty:
+            results = [_nothing_of(c) for c in results]
         log_outputs(self.settings, [c.text for c in results])
-        return _response(kind, head, results, len(prompt_ids), _call_rules(body), _LogprobShape(generator))
+        return _response(kind, head, results, len(prompt_ids), _call_rules(body), _LogprobShape(generator), echo)
 
 
 async def _context(settings: SettingsDep, runtime: RuntimeDep, generator: GeneratorDep, guard: GuardDep) -> _Context:
@@ -144,9 +153,39 @@ async def completions(
     prompts = body.prompts()
     if len(prompts) != 1:
         raise Unsupported("prompt", "send one prompt per request")
-    log_prompt(ctx.settings, prompts[0])
-    prompt_ids = await ctx.generator.off_loop(lambda: ctx.generator.text_prompt_ids(prompts[0]))
-    return await ctx.serve(request, body, prompt_ids, "text_completion", f"cmpl-{uuid.uuid4().hex}")
+    prompt, generator = prompts[0], ctx.generator
+    if isinstance(prompt, str):
+        text, prompt_ids = prompt, await generator.off_loop(lambda: generator.text_prompt_ids(prompt))
+    else:  # token ids
+        if outside := [t for t in prompt if t >= generator.vocab_size]:
+            raise Unsupported("prompt", f"token id {outside[0]} is outside this model's vocabulary")
+        prompt_ids, text = prompt, await generator.off_loop(lambda: generator.decode_all(prompt))
+    log_prompt(ctx.settings, text)
+    echo = _Echo(text, prompt_ids) if body.echo else None
+    return await ctx.serve(request, body, prompt_ids, "text_completion", f"cmpl-{uuid.uuid4().hex}", echo)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Echo:
+    """The prompt a text completion echoes before its answer (`echo`): its text and its token ids."""
+
+    text: str
+    ids: list[int]
+
+
+def _nothing_of(c: Completion) -> Completion:
+    """An answer of max_tokens 0: no text and no tokens (the one the engine drew is left out), the prompt's
+    log-probabilities kept."""
+    return Completion("", "length", 0, None, () if c.logprobs is not None else None, c.prompt_logprobs)
+
+
+async def _emptied(deltas: AsyncGenerator[TextDelta, None]) -> AsyncGenerator[TextDelta, None]:
+    """`_nothing_of` for a stream: each sequence's one delta, with nothing of its token."""
+    async with aclosing(deltas):
+        async for d in deltas:
+            if d.finish_reason is not None:
+                empty = () if d.logprobs is not None else None
+                yield TextDelta(d.index, "", "length", 0, None, empty, d.prompt_logprobs)
 
 
 def _call_rules(body: _SamplingRequest) -> CallRules | None:
@@ -178,19 +217,31 @@ class _LogprobShape:
         return {"content": content, "refusal": None}
 
     def legacy(
-        self, entries: Sequence[TokenLogprob] | None, offsets: _TextOffsets | None = None
+        self,
+        entries: Sequence[TokenLogprob] | None,
+        offsets: _TextOffsets | None = None,
+        prompt: tuple[list[int], Sequence[TokenLogprob] | None] | None = None,
     ) -> dict[str, Any] | None:
-        """`offsets`: where this choice's text stands before these tokens (a stream's goes on across its chunks)."""
+        """`offsets`: where this choice's text stands before these tokens (a stream's goes on across its chunks).
+        `prompt`: an echoed prompt's ids and their entries (every token's but the first), listed first, the first
+        token's log-probability and alternatives null, as OpenAI's and vLLM's."""
         if entries is None:
             return None
-        tokens = [self._token(e.token)[0] for e in entries]
         at = offsets if offsets is not None else _TextOffsets()
-        return {
-            "tokens": tokens,
-            "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{self._token(t)[0]: lp for t, lp in e.top} for e in entries],
-            "text_offset": [at.take(self._generator.token_bytes(e.token)) for e in entries],
-        }
+        out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+        def add(token: int, entry: TokenLogprob | None) -> None:
+            out["tokens"].append(self._token(token)[0])
+            out["token_logprobs"].append(entry.logprob if entry is not None else None)
+            out["top_logprobs"].append({self._token(t)[0]: lp for t, lp in entry.top} if entry is not None else None)
+            out["text_offset"].append(at.take(self._generator.token_bytes(token)))
+
+        if prompt is not None and (scored := prompt[1]) is not None:
+            for i, token in enumerate(prompt[0]):
+                add(token, scored[i - 1] if i else None)
+        for e in entries:
+            add(e.token, e)
+        return out
 
 
 class _TextOffsets:
@@ -216,16 +267,19 @@ def _response(
     prompt_tokens: int,
     rules: CallRules | None,
     logprobs: _LogprobShape,
+    echo: _Echo | None = None,
 ) -> dict[str, Any]:
     return {
         **head,
         "object": kind,
-        "choices": [_choice(kind, i, c, rules, logprobs) for i, c in enumerate(results)],
+        "choices": [_choice(kind, i, c, rules, logprobs, echo) for i, c in enumerate(results)],
         "usage": usage(prompt_tokens, sum(c.completion_tokens for c in results)),
     }
 
 
-def _choice(kind: str, index: int, c: Completion, rules: CallRules | None, logprobs: _LogprobShape) -> dict[str, Any]:
+def _choice(
+    kind: str, index: int, c: Completion, rules: CallRules | None, logprobs: _LogprobShape, echo: _Echo | None
+) -> dict[str, Any]:
     if kind == "chat.completion":
         message: dict[str, Any] = {"role": "assistant", "content": c.text}
         finish: str = c.finish_reason
@@ -235,7 +289,11 @@ def _choice(kind: str, index: int, c: Completion, rules: CallRules | None, logpr
         elif rules is not None:  # no call; a call cut off by the token limit is not shown as text
             message["content"] = parsed.content or ""
         return {"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs.chat(c.logprobs)}
-    return {"index": index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": logprobs.legacy(c.logprobs)}
+    if echo is None:
+        legacy = logprobs.legacy(c.logprobs)
+        return {"index": index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": legacy}
+    legacy = logprobs.legacy(c.logprobs, prompt=(echo.ids, c.prompt_logprobs))
+    return {"index": index, "text": echo.text + c.text, "finish_reason": c.finish_reason, "logprobs": legacy}
 
 
 async def _chunks(
@@ -245,8 +303,10 @@ async def _chunks(
     head: dict[str, Any],
     prompt_tokens: int,
     logprobs: _LogprobShape,
+    echo: _Echo | None = None,
 ) -> AsyncGenerator[dict[str, Any], None]:
-    """OpenAI chunks: for chat a role chunk first per choice, then content deltas, then a finish chunk."""
+    """OpenAI chunks: for chat a role chunk first per choice, then content deltas, then a finish chunk. An echoed
+    prompt (text completions) leads each choice's first chunk, with its log-probabilities."""
     chat = kind == "chat.completion"
     obj = "chat.completion.chunk" if chat else "text_completion"
     with_usage = body.include_usage()
@@ -256,7 +316,13 @@ async def _chunks(
     entries: list[list[TokenLogprob]] = [[] for _ in range(body.n)]
     offsets = [_TextOffsets() for _ in range(body.n)]
 
-    def chunk(index: int, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+    def chunk(
+        index: int,
+        text: str | None,
+        finish: str | None,
+        first: bool = False,
+        prompt: tuple[list[int], Sequence[TokenLogprob] | None] | None = None,
+    ) -> dict[str, Any]:
         taken: list[TokenLogprob] | None = None
         if wanted and not first and (text or finish):  # a chunk with content (or the last) takes what is pending
             taken, entries[index] = entries[index], []
@@ -266,7 +332,7 @@ async def _chunks(
                 delta["content"] = text
             choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs.chat(taken)}
         else:
-            legacy = logprobs.legacy(taken, offsets[index])
+            legacy = logprobs.legacy(taken, offsets[index], prompt)
             choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": legacy}
         out = {**head, "object": obj, "choices": [choice]}
         if with_usage:
@@ -295,11 +361,15 @@ async def _chunks(
         if chat:
             for i in range(body.n):
                 yield chunk(i, None, None, first=True)
+        echoing = [echo is not None] * body.n
         async for d in deltas:
             entries[d.index].extend(d.logprobs or ())
             if calls_in is not None:
                 if text := calls_in[d.index].feed(d.text):
                     yield chunk(d.index, text, None)
+            elif echo is not None and echoing[d.index]:  # the prompt first, then what came with it
+                echoing[d.index] = False
+                yield chunk(d.index, echo.text + d.text, None, prompt=(echo.ids, d.prompt_logprobs))
             elif d.text:
                 yield chunk(d.index, d.text, None)
             if d.finish_reason is not None:

@@ -304,6 +304,10 @@ class _SamplingRequest(_OpenAIRequest):
         """None when no log-probabilities are asked for, else how many alternatives each token lists."""
         return None
 
+    def prompt_logprobs_wanted(self) -> int | None:
+        """As `logprobs_wanted`, for the prompt's tokens (completions' `echo`)."""
+        return None
+
     def sampling_params(self, max_new_tokens: int, model_defaults: dict[str, float], vocab_size: int) -> SamplingParams:
         """The engine's parameters: set fields, else the model's defaults, else OpenAI's."""
         values = resolve_sampling(self, model_defaults, _DIALECT_DEFAULTS)
@@ -328,6 +332,7 @@ class _SamplingRequest(_OpenAIRequest):
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,
             held_ids=tuple(self.stop_token_ids or ()),
+            prompt_logprobs=self.prompt_logprobs_wanted(),
         )
 
 
@@ -411,11 +416,15 @@ class ChatCompletionRequest(_SamplingRequest, ChatShaping):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
 class CompletionRequest(_SamplingRequest):
     # An empty string is no validation error: like `[""]`, it tokenises to no tokens and is the 400 `empty_prompt`
-    # (README). An empty list holds no prompt at all.
-    prompt: str | Annotated[list[str], Field(min_length=1)]
-    max_tokens: int | None = Field(16, ge=1)
+    # (README). An empty list holds no prompt at all. A prompt may also be token ids (as OpenAI's and vLLM's: what
+    # lm-eval sends), or a list of those.
+    prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+    max_tokens: int | None = Field(16, ge=0)  # 0: with echo, the prompt's log-probabilities alone
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
     suffix: str | None = None
@@ -423,8 +432,8 @@ class CompletionRequest(_SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise Unsupported("echo", "echoing the prompt is not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise Unsupported("max_tokens", "0 only with echo (the prompt, and its log-probabilities with logprobs)")
         if self.suffix:
             raise Unsupported("suffix", "insertion is not supported")
         if self.best_of not in (None, self.n):
@@ -433,8 +442,14 @@ class CompletionRequest(_SamplingRequest):
     def logprobs_wanted(self) -> int | None:
         return self.logprobs
 
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompt_logprobs_wanted(self) -> int | None:
+        return self.logprobs if self.echo else None
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: text, or token ids."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
     @field_validator("max_tokens")
     @classmethod

@@ -77,5 +77,4 @@ async def detokenize(body: DetokenizeRequest, runtime: RuntimeDep, generator: Ge
     if outside:
         message = f"token id {outside[0]} is outside this model's vocabulary (ids 0 to {vocabulary - 1})"
         raise invalid_field("tokens", message, outside[0])
-    text = generator.tokenizer.decode(body.tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    return {"prompt": str(text)}
+    return {"prompt": generator.decode_all(body.tokens)}

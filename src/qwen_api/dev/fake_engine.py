@@ -18,6 +18,7 @@ With `host` seconds a step, it also models an overlapped GPU engine's worker: Py
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -72,7 +73,10 @@ class FakeEngine:
                 self.steps += 1
                 if self.on_step is not None:
                     self.on_step(self.open)
-                yield scripted_chunk(self.script, i, params)
+                chunk = scripted_chunk(self.script, i, params)
+                if i == 0 and params.prompt_logprobs is not None:
+                    chunk = dataclasses.replace(chunk, prompt_logprobs=scripted_prompt(prompt_ids, params))
+                yield chunk
         finally:
             self.open -= 1
 
@@ -87,6 +91,15 @@ class FakeEngine:
 
     def shutdown(self) -> None:
         self._dead = self._dead or "shut down"
+
+
+def scripted_prompt(prompt_ids: list[int], params: SamplingParams) -> tuple[TokenLogprob, ...]:
+    """The scripted log-probabilities of a prompt's tokens but the first: -position / 16, and k alternatives."""
+    k = params.prompt_logprobs or 0
+    return tuple(
+        TokenLogprob(t, -i / 16, tuple((prompt_ids[(i + j) % len(prompt_ids)], -i / 16 - j) for j in range(k)))
+        for i, t in enumerate(prompt_ids[1:], start=1)
+    )
 
 
 def scripted_chunk(script: list[int], i: int, params: SamplingParams) -> TokenChunk:

@@ -60,6 +60,11 @@ class SamplingParams:
     # that is complete). 0: off.
     min_tokens: int = 0
     held_ids: tuple[int, ...] = ()
+    # The prompt's log-probabilities (echo with logprobs, lm-eval's loglikelihood): None for none, k >= 0 for each
+    # prompt token's but the first, under the tokens before it, with its k most likely alternatives; the model's own
+    # distribution, as `logprobs`. They come on the sequence's first chunk (`TokenChunk.prompt_logprobs`), and the
+    # engine computes every prompt position for them (no prefix-cache hits).
+    prompt_logprobs: int | None = None
 
 
 class TokenMatcher(Protocol):
@@ -102,6 +107,7 @@ class TokenChunk:
     token_ids: list[int]
     finish_reason: FinishReason | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # on the first chunk, when asked for (`SamplingParams`)
 
 
 @dataclass(frozen=True)
@@ -220,7 +226,7 @@ def coalesce(
     exception when one came next (it is raised after the tokens before it are delivered)."""
     if first.finish_reason is not None or outputs.empty():
         return first, None
-    ids, reason = list(first.token_ids), None
+    ids, reason, prompt = list(first.token_ids), None, first.prompt_logprobs
     logprobs = list(first.logprobs) if first.logprobs is not None else None
     failure: BaseException | None = None
     while reason is None and not outputs.empty():
@@ -233,7 +239,7 @@ def coalesce(
         # every chunk of a sequence that asked for log-probabilities carries them; a chunk without makes the
         # whole merged chunk "without", which the text layer refuses as it would have refused that chunk
         logprobs = None if logprobs is None or item.logprobs is None else logprobs + list(item.logprobs)
-    return TokenChunk(ids, reason, tuple(logprobs) if logprobs is not None else None), failure
+    return TokenChunk(ids, reason, tuple(logprobs) if logprobs is not None else None, prompt), failure
 
 
 def hand_over(

@@ -85,6 +85,7 @@ class _Sequence:
     matcher: Any = None  # the grammar's per-sequence state when params.constraint is set
     controls: LogitControls | None = None  # logit bias and penalties, when the params set any
     cancelled: bool = False
+    scored: list[TokenLogprob] = field(default_factory=list)  # the prompt's log-probabilities, when asked for
 
 
 class LlamaCppEngine:
@@ -224,8 +225,9 @@ class LlamaCppEngine:
                 self._copy_stream(donor, slot)
             reusable = max(shared[slot], shared[donor])
         del self._free[slot]
-        # Keep the shared prefix, but read at least the prompt's last token again: its logits are needed.
-        keep = min(reusable, len(seq.prompt) - 1)
+        # Keep the shared prefix, but read at least the prompt's last token again: its logits are needed. The
+        # prompt's log-probabilities need every position's logits: all of it is read.
+        keep = min(reusable, len(seq.prompt) - 1) if seq.params.prompt_logprobs is None else 0
         self.reused_tokens += keep
         self.admitted_prompt_tokens += len(seq.prompt)
         self._ctx.kv_cache_seq_rm(slot, keep, -1)
@@ -297,23 +299,27 @@ class LlamaCppEngine:
         batch = self._batch.batch
         batch.n_tokens = 0
         sampled: list[tuple[_Sequence, int]] = []  # sequence, index of its logits in the batch
+        scoring: list[tuple[_Sequence, int, int]] = []  # the prompt's log-probabilities: sequence, index, next token
         in_batch: set[int] = set()
 
-        def put(seq: _Sequence, token: int, pos: int, want_logits: bool) -> None:
+        def put(seq: _Sequence, token: int, pos: int, want_logits: bool, scores: bool = False) -> None:
             i = batch.n_tokens
             batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
-            batch.seq_id[i][0], batch.logits[i] = seq.seq_id, want_logits
+            batch.seq_id[i][0], batch.logits[i] = seq.seq_id, want_logits or scores
             batch.n_tokens = i + 1
             in_batch.add(seq.seq_id)
             if want_logits:
                 sampled.append((seq, i))
+            elif scores:
+                scoring.append((seq, i, seq.prompt[pos + 1]))
 
         budget = PREFILL_BUDGET
         for seq in [self._active[slot] for slot in sorted(self._active)]:
             if seq.read < len(seq.prompt):
                 take = min(budget, len(seq.prompt) - seq.read)
+                scores = seq.params.prompt_logprobs is not None
                 for k in range(seq.read, seq.read + take):
-                    put(seq, seq.prompt[k], k, want_logits=k == len(seq.prompt) - 1)
+                    put(seq, seq.prompt[k], k, want_logits=k == len(seq.prompt) - 1, scores=scores)
                 seq.read += take
                 budget -= take
             elif seq.generated:
@@ -321,6 +327,8 @@ class LlamaCppEngine:
         if batch.n_tokens == 0:
             return
         self._ctx.decode(self._batch)
+        if scoring:
+            self._score(scoring)
         self._steps += 1
         self._peak_batch = max(self._peak_batch, len(in_batch))
         if self.on_step is not None:
@@ -330,10 +338,29 @@ class LlamaCppEngine:
             token, logprob = self._sample(seq, index)
             seq.generated.append(token)
             reason = self._finish_reason(seq, token)
-            deliveries.append((seq, checked_chunk(TokenChunk([token], reason, logprob), seq.matcher)))
+            prompt = tuple(seq.scored) if seq.params.prompt_logprobs is not None and len(seq.generated) == 1 else None
+            chunk = TokenChunk([token], reason, logprob, prompt)
+            deliveries.append((seq, checked_chunk(chunk, seq.matcher)))
             if reason is not None:
                 self._release(seq)
         hand_over(deliveries, lambda d: d[0].loop, _deliver)
+
+    def _score(self, scoring: list[tuple[_Sequence, int, int]]) -> None:
+        """The log-probabilities of prompt tokens, each from the logits of the position before it (the model's raw
+        distribution, as every log-probability here), appended to their sequences' `scored`."""
+        import numpy as np
+        import torch
+
+        rows = np.stack(
+            [
+                np.ctypeslib.as_array(self._c.llama_get_logits_ith(self._ctx.ctx, i), shape=(self._n_vocab,))
+                for _, i, _ in scoring
+            ]
+        )
+        tops = [seq.params.prompt_logprobs or 0 for seq, _, _ in scoring]
+        entries = token_logprobs(torch.from_numpy(rows), [token for _, _, token in scoring], tops)
+        for (seq, _, _), entry in zip(scoring, entries, strict=True):
+            seq.scored.append(entry)
 
     def _sample(self, seq: _Sequence, index: int) -> tuple[int, tuple[TokenLogprob, ...] | None]:
         """Sample one sequence's next token from row `index` of the batch's logits.

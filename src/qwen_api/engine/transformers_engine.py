@@ -26,14 +26,18 @@ from qwen_api.engine.base import (
     FinishReason,
     SamplingParams,
     TokenChunk,
+    TokenLogprob,
     check_prompt_ids,
     checked_chunk,
     next_output,
 )
+from qwen_api.engine.sampler import forbid_undecodable
+from qwen_api.engine.sampling import token_logprobs
 
 log = logging.getLogger(__name__)
 
 _PAGE_SIZE = 256
+_SCORE_ROWS = 256  # prompt positions turned into log-probabilities at a time
 
 
 class TransformersEngine:
@@ -53,6 +57,7 @@ class TransformersEngine:
         self.model = model
         self.end_token_ids = frozenset(eos_token_ids)
         self._vocab_size = int(model.config.get_text_config().vocab_size)
+        self._decodable = decodable_tokens or self._vocab_size
         if kv_cache_tokens is None and model.device.type == "cpu":
             # The library sizes the cache from 60% of all RAM on a CPU; a bounded default leaves room for others.
             kv_cache_tokens = CPU_KV_CACHE_TOKENS
@@ -128,6 +133,9 @@ class TransformersEngine:
         if not self.is_healthy():
             raise EngineDead(f"the generation thread is not running: {self._fatal_error()}")
         check_prompt_ids(prompt_ids, self._vocab_size)
+        prompt_logprobs = None
+        if params.prompt_logprobs is not None:  # computed before the sequence is queued, off the event loop
+            prompt_logprobs = await asyncio.to_thread(self._score_prompt, prompt_ids, params.prompt_logprobs)
         request_id = f"seq-{next(self._ids)}"
         outputs: asyncio.Queue[Any] = asyncio.Queue()
         self._manager.register_result_handler(request_id, outputs.put_nowait)
@@ -156,14 +164,15 @@ class TransformersEngine:
                 new, sent = tokens[sent:], len(tokens)
                 finished = output.is_finished()
                 logprobs = controlled.logprobs(new) if controlled is not None and new else None
+                prompt, prompt_logprobs = (prompt_logprobs, None) if new else (None, prompt_logprobs)
                 if finished:
                     reason = self._finish_reason(tokens, params.ignore_eos)
-                    last = checked_chunk(TokenChunk(new, reason, logprobs), matcher)
+                    last = checked_chunk(TokenChunk(new, reason, logprobs, prompt), matcher)
                     if isinstance(last, EngineError):
                         raise last
                     yield last
                 elif new:
-                    yield TokenChunk(new, logprobs=logprobs)
+                    yield TokenChunk(new, logprobs=logprobs, prompt_logprobs=prompt)
         finally:
             self._running -= 1
             self._grammar.unregister(request_id)
@@ -176,6 +185,23 @@ class TransformersEngine:
 
     def _death(self) -> str | None:
         return None if self.is_healthy() else f"the generation thread died: {self._fatal_error()}"
+
+    def _score_prompt(self, prompt_ids: list[int], k: int) -> tuple[TokenLogprob, ...]:
+        """The prompt's log-probabilities (`SamplingParams.prompt_logprobs`): the batching manager keeps no prompt
+        logits, so a forward pass of the model over the prompt alone, beside the batch (on its own thread), whose
+        logits are turned into log-probabilities a slice of rows at a time."""
+        import torch
+
+        with torch.inference_mode():
+            ids = torch.tensor([prompt_ids], device=self.model.device)
+            logits = self.model(input_ids=ids, use_cache=False).logits[0]
+            entries: list[TokenLogprob] = []
+            for start in range(0, len(prompt_ids) - 1, _SCORE_ROWS):
+                end = min(start + _SCORE_ROWS, len(prompt_ids) - 1)
+                rows = logits[start:end].float()
+                forbid_undecodable(rows, self._decodable)  # as for generated tokens: padding rows are never text
+                entries += token_logprobs(rows, prompt_ids[start + 1 : end + 1], [k] * (end - start))
+        return tuple(entries)
 
     # ----------------------------------------------------------------------------------------- state
     def _fatal_error(self) -> str:

@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Iterable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,9 @@ class _Launched:
     tops: list[int]  # and how many alternatives each
     matchers: list[tuple[int, Any]]
     started: float
+    # prompt log-probabilities this step computed (then last in `host`): each position's sequence, the prompt token
+    # it scores, and how many alternatives that sequence wants
+    scored: list[tuple[Sequence, int, int]] = field(default_factory=list)
 
     @property
     def constrained(self) -> bool:
@@ -94,6 +97,7 @@ class _Handle:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue[TokenChunk | BaseException]
     matcher: Any = None  # the grammar's state for this sequence, when its params carry a constraint
+    scored: list[TokenLogprob] = field(default_factory=list)  # the prompt's log-probabilities, when asked for
 
 
 class NativeEngine:
@@ -272,6 +276,11 @@ class NativeEngine:
             feed = Feed({seq.id: row for row, (seq, _) in enumerate(previous.places)}, previous.drawn)
         logits = self.runner.run(step, feed)
         forbid_undecodable(logits, self.decodable)  # before log-probabilities, grammars and the draw
+        logits, scores = logits[: len(sampled)], logits[len(sampled) :]  # the prompt's scoring rows come last
+        scoring = step.scoring  # read before the scheduler advances the step's sequences
+        scored = [(seq, seq.tokens[p + 1], seq.params.prompt_logprobs or 0) for seq, span in scoring for p in span]
+        for seq, span in scoring:
+            seq.scored = span.stop
         wanted = [i for i, s in enumerate(sampled) if s.params.logprobs is not None]
         tops = [sampled[i].params.logprobs or 0 for i in wanted]
         wanted_rows = to_device(wanted, logits.device, torch.int64) if wanted else None
@@ -294,8 +303,11 @@ class NativeEngine:
         results = [] if drawn is None else [drawn]
         if raw is not None and wanted_rows is not None and drawn is not None:  # computed now, read with the tokens
             results += logprob_tensors(raw, drawn.index_select(0, wanted_rows), max(tops))
+        if scored:  # the prompt's log-probabilities: each position's logits score the prompt token after it
+            nxt = to_device([token for _, token, _ in scored], logits.device, torch.int64)
+            results += logprob_tensors(scores, nxt, max(k for _, _, k in scored))
         host, ready = _to_host(results)
-        return _Launched(step, places, drawn, host, ready, wanted, tops, matchers, started)
+        return _Launched(step, places, drawn, host, ready, wanted, tops, matchers, started, scored)
 
     @torch.inference_mode()
     def _land(self, launched: _Launched) -> None:
@@ -304,18 +316,24 @@ class NativeEngine:
         if launched.ready is not None:
             launched.ready.synchronize()  # waits for the device, up to this step's draw only
         host = [t.tolist() for t in launched.host]
-        tokens: list[int] = host[0] if host else []
+        tokens: list[int] = host[0] if launched.drawn is not None else []
         if step.prefills:
             self.scheduler.prompt_step_s = time.perf_counter() - launched.started
         self.scheduler.resolve(places, tokens)
         for i, matcher in launched.matchers:
             matcher.advance(tokens[i])
         logprobs: dict[int, TokenLogprob] = {}
-        if len(host) > 1:
+        if launched.wanted:  # after the tokens: their log-probabilities
             wanted = launched.wanted
-            chosen, values, ids = host[1:]
+            chosen, values, ids = host[1:4]
             entries = logprob_entries([tokens[i] for i in wanted], chosen, values, ids, launched.tops)
             logprobs = dict(zip(wanted, entries, strict=True))
+        if launched.scored:  # last: the prompt's
+            chosen, values, ids = host[-3:]
+            scored = launched.scored
+            entries = logprob_entries([t for _, t, _ in scored], chosen, values, ids, [k for _, _, k in scored])
+            for (seq, _, _), entry in zip(scored, entries, strict=True):
+                seq.handle.scored.append(entry)
         self._steps += 1
         self._peak_batch = max(self._peak_batch, step.size)
         if self.on_step is not None:
@@ -324,9 +342,12 @@ class NativeEngine:
         for i, ((seq, index), token) in enumerate(zip(places, tokens, strict=True)):
             if seq.done or seq.cancelled:  # finished while this step ran (an end token one step earlier)
                 continue
-            reason = self._finish_reason(seq, token, index + 1 - seq.prompt_len)
+            generated = index + 1 - seq.prompt_len
+            reason = self._finish_reason(seq, token, generated)
             logprob = (logprobs[i],) if i in logprobs else None
-            deliveries.append((seq, checked_chunk(TokenChunk([token], reason, logprob), seq.handle.matcher)))
+            prompt = tuple(seq.handle.scored) if seq.params.prompt_logprobs is not None and generated == 1 else None
+            chunk = TokenChunk([token], reason, logprob, prompt)
+            deliveries.append((seq, checked_chunk(chunk, seq.handle.matcher)))
             if reason is not None:
                 self.scheduler.finish(seq)
         _send(deliveries)

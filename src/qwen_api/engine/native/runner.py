@@ -34,7 +34,7 @@ from qwen_api.engine.native.attention import (
 )
 from qwen_api.engine.native.kv_cache import KVCache
 from qwen_api.engine.native.model import CausalLM
-from qwen_api.engine.native.scheduler import PENDING, Sequence, Step
+from qwen_api.engine.native.scheduler import PENDING, Sequence, Step, score_span
 from qwen_api.engine.sampler import staged, to_device
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ class FlatStep:
     positions: list[int]
     slots: list[int]  # where each token's K/V goes
     sample_rows: list[int]  # rows whose logits are sampled, in the order of `step.sampled`
+    score_rows: list[int]  # then rows whose logits score the next prompt token (`Step.scoring`'s positions, in order)
     seq_table: torch.Tensor  # [S, W] int32 on the host: each decode's, then each chunk's blocks, scratch-padded
     owner: list[int]  # each row's row of `seq_table`
 
@@ -112,8 +113,11 @@ def flatten(step: Step, block_size: int, scratch_block: int) -> FlatStep:
     slots: list[int] = []
     owner: list[int] = []
     sample_rows: list[int] = []
+    score_rows: list[int] = []
     for i, (seq, n) in enumerate(spans):
         start = seq.computed
+        if i >= len(step.decodes):
+            score_rows += [len(ids) + pos - start for pos in score_span(seq, n)]
         for pos in range(start, start + n):
             ids.append(seq.tokens[pos])
             positions.append(pos)
@@ -123,7 +127,7 @@ def flatten(step: Step, block_size: int, scratch_block: int) -> FlatStep:
             sample_rows.append(len(ids) - 1)
     width = max(len(seq.blocks) for seq, _ in spans)
     table = [seq.blocks + [scratch_block] * (width - len(seq.blocks)) for seq, _ in spans]
-    return FlatStep(ids, positions, slots, sample_rows, torch.tensor(table, dtype=torch.int32), owner)
+    return FlatStep(ids, positions, slots, sample_rows, score_rows, torch.tensor(table, dtype=torch.int32), owner)
 
 
 class ModelRunner:
@@ -160,9 +164,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, step: Step, feed: Feed | None = None) -> torch.Tensor:
-        """logits [len(step.sampled), V] fp32. `feed`: the draw of the step still in flight, for inputs the host
-        has not read yet."""
-        if self.graphs is not None and self.graphs.fits(step):
+        """logits [len(step.sampled), V] fp32, then a row for each position of `step.scoring` (a step that scores
+        prompt tokens runs eagerly). `feed`: the draw of the step still in flight, for inputs the host has not read
+        yet."""
+        if self.graphs is not None and self.graphs.fits(step) and not step.scoring:
             return self.graphs.run(step, feed)
         self.eager_steps += 1
         return self.run_eager(step, feed)
@@ -231,7 +236,8 @@ class ModelRunner:
         if feed is not None:
             feed.fill(ids, step.decodes)
         hidden = self.model(ids, to_device(flat.positions, self.device, torch.int64), self.cache.layers, meta)
-        return self.model.logits(hidden.index_select(0, to_device(flat.sample_rows, self.device, torch.int64)))
+        rows = flat.sample_rows + flat.score_rows
+        return self.model.logits(hidden.index_select(0, to_device(rows, self.device, torch.int64)))
 
 
 def prompt_chunks(step: Step, per_token: bool) -> list[tuple[int, int, int, int]]:

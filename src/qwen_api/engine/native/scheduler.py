@@ -57,6 +57,7 @@ class Sequence:
     preemptions: int = 0
     arrived: float = 0.0  # when the scheduler first had it (the scheduler's clock)
     done: bool = False  # finished or cancelled: out of the scheduler for good
+    scored: int = 0  # prompt positions whose logits have scored the next prompt token (prompt log-probabilities)
 
     @property
     def generated(self) -> int:
@@ -80,6 +81,20 @@ class Step:
     @property
     def size(self) -> int:
         return len(self.decodes) + len(self.prefills)
+
+    @property
+    def scoring(self) -> list[tuple[Sequence, range]]:
+        """The prompt chunks whose positions score the prompt's next tokens (`score_span`), in the stream's order."""
+        return [(seq, span) for seq, n in self.prefills if (span := score_span(seq, n))]
+
+
+def score_span(seq: Sequence, n: int) -> range:
+    """The positions of a prompt chunk of `n` tokens from `seq.computed` whose logits give the log-probability of
+    the prompt token after them: none unless the sequence asked for the prompt's, and each position once (the last
+    prompt token's logits are sampled instead)."""
+    if seq.params.prompt_logprobs is None:
+        return range(0)
+    return range(max(seq.computed, seq.scored), min(seq.computed + n, seq.prompt_len - 1))
 
 
 class Scheduler:
@@ -185,6 +200,8 @@ class Scheduler:
                 refused.append(self.waiting.popleft())
                 continue
             cached = self.pool.match_prefix(seq.tokens)
+            if seq.params.prompt_logprobs is not None:  # positions not scored yet must be computed to be scored
+                cached = cached[: seq.scored // bs]
             if len(cached) * bs >= len(seq.tokens):
                 cached = cached[:-1]  # the last token must be computed again: its logits are needed
             idle_cached = sum(1 for b in cached if self.pool.refs[b] == 0)
