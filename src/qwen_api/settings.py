@@ -26,7 +26,9 @@ class Settings(BaseSettings):
         description="Hugging Face hub id, local model directory, GGUF file, or 'demo' for the embedded "
         "SmolLM2-135M-Instruct.",
     )
-    served_model_name: str | None = Field(None, description="Name reported by GET / (default: derived from --model).")
+    served_model_name: str | None = Field(
+        None, description="Name reported by GET / and /v1/models, which requests name (default: from --model)."
+    )
     host: str = Field("0.0.0.0", description="Interface to listen on.")
     port: int = Field(2025, ge=1, le=65535, description="TCP port to listen on.")
     engine: Literal["auto", "transformers", "llamacpp", "native"] = Field(
@@ -70,7 +72,9 @@ class Settings(BaseSettings):
         description="Seconds a connection has to send a whole request (headers and body); past it, it is closed.",
     )
     api_key: SecretStr | None = Field(
-        None, description="If set, /generate and /v1/* need 'Authorization: Bearer <key>'; / and /health stay open."
+        None,
+        description="If set, /generate, /v1/*, /tokenize and /detokenize need 'Authorization: Bearer <key>' (or "
+        "'x-api-key'); /, /health, /metrics and the playground page stay open.",
     )
     cors_allow_origins: list[str] = Field(
         default_factory=list, description="Origins allowed by CORS (none: CORS off). '*' allows any."
