@@ -181,11 +181,14 @@ def _nothing_of(c: Completion) -> Completion:
 
 async def _emptied(deltas: AsyncGenerator[TextDelta, None]) -> AsyncGenerator[TextDelta, None]:
     """`_nothing_of` for a stream: each sequence's one delta, with nothing of its token."""
+    prompts: dict[int, tuple[TokenLogprob, ...]] = {}  # each sequence's, until its finish carries them
     async with aclosing(deltas):
         async for d in deltas:
+            if d.prompt_logprobs is not None:
+                prompts[d.index] = d.prompt_logprobs
             if d.finish_reason is not None:
                 empty = () if d.logprobs is not None else None
-                yield TextDelta(d.index, "", "length", 0, None, empty, d.prompt_logprobs)
+                yield TextDelta(d.index, "", "length", 0, None, empty, prompts.get(d.index))
 
 
 def _call_rules(body: _SamplingRequest) -> CallRules | None:

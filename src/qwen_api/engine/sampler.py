@@ -16,7 +16,7 @@ poisoning the batch. The only host work is building a few small parameter tensor
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -70,13 +70,12 @@ def forbid_undecodable(logits: torch.Tensor, decodable: int) -> None:
         logits[:, decodable:] = float("-inf")
 
 
-def hold_back(logits: torch.Tensor, rows: list[Row], end_ids: Iterable[int]) -> None:
+def hold_back(logits: torch.Tensor, rows: list[Row], end_ids: Collection[int]) -> None:
     """min_tokens: the tokens `held_back` names for each row of `logits` [B, V] (one `Row` each) become -inf, in
     place (ids past the row are dropped), unless that leaves the row no finite score: a grammar that allows only the
     end token wins over min_tokens, and that row is left as it was. Decided on the device: nothing waits for it."""
     width = logits.size(-1)
-    ends = frozenset(end_ids)
-    pairs = [(i, t) for i, row in enumerate(rows) for t in held_back(row.params, row.step, ends) if 0 <= t < width]
+    pairs = [(i, t) for i, row in enumerate(rows) for t in held_back(row.params, row.step, end_ids) if 0 <= t < width]
     if not pairs:
         return
     device = logits.device

@@ -200,8 +200,8 @@ class Scheduler:
                 refused.append(self.waiting.popleft())
                 continue
             cached = self.pool.match_prefix(seq.tokens)
-            if seq.params.prompt_logprobs is not None:  # positions not scored yet must be computed to be scored
-                cached = cached[: seq.scored // bs]
+            if seq.params.prompt_logprobs is not None and seq.scored < seq.prompt_len - 1:
+                cached = cached[: seq.scored // bs]  # positions not scored yet must be computed to be scored
             if len(cached) * bs >= len(seq.tokens):
                 cached = cached[:-1]  # the last token must be computed again: its logits are needed
             idle_cached = sum(1 for b in cached if self.pool.refs[b] == 0)
