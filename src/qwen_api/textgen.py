@@ -197,8 +197,15 @@ class TextGenerator:
         self, prompt_ids: list[int], params: SamplingParams, n: int = 1, stop: Sequence[str] | Stops = ()
     ) -> list[Completion]:
         """Generate n independent sequences for one prompt and return them once all have finished."""
-        self.check_fits(prompt_ids, params.max_new_tokens)
-        runs = [self._collect(self._sequence(i, prompt_ids, _for_choice(params, i), stop)) for i in range(n)]
+        return await self.complete_each([prompt_ids], params, n, stop)
+
+    async def complete_each(
+        self, prompts: list[list[int]], params: SamplingParams, n: int = 1, stop: Sequence[str] | Stops = ()
+    ) -> list[Completion]:
+        """`complete` for several prompts at once: prompt k's sample j is completion k * n + j."""
+        for prompt_ids in prompts:
+            self.check_fits(prompt_ids, params.max_new_tokens)
+        runs = [self._collect(self._sequence(i, ids, choice, stop)) for i, ids, choice in _jobs(prompts, params, n)]
         return await _gather_all(runs)
 
     def stream(
@@ -208,29 +215,36 @@ class TextGenerator:
 
         The context check runs now, not at the first iteration, so a caller can still answer with an error status.
         """
-        self.check_fits(prompt_ids, params.max_new_tokens)
-        return self._interleave(prompt_ids, params, n, stop)
+        return self.stream_each([prompt_ids], params, n, stop)
+
+    def stream_each(
+        self, prompts: list[list[int]], params: SamplingParams, n: int = 1, stop: Sequence[str] | Stops = ()
+    ) -> AsyncGenerator[TextDelta, None]:
+        """`stream` for several prompts at once: prompt k's sample j is sequence k * n + j."""
+        for prompt_ids in prompts:
+            self.check_fits(prompt_ids, params.max_new_tokens)
+        return self._interleave(_jobs(prompts, params, n), stop)
 
     async def _interleave(
-        self, prompt_ids: list[int], params: SamplingParams, n: int, stop: Sequence[str] | Stops
+        self, jobs: list[tuple[int, list[int], SamplingParams]], stop: Sequence[str] | Stops
     ) -> AsyncGenerator[TextDelta, None]:
-        if n == 1:  # one sequence: its deltas as they are, without a task and a queue between (a hop per event)
-            async with aclosing(self._sequence(0, prompt_ids, _for_choice(params, 0), stop)) as deltas:
+        if len(jobs) == 1:  # one sequence: its deltas as they are, without a task and a queue between (a hop per event)
+            async with aclosing(self._sequence(*jobs[0], stop)) as deltas:
                 async for delta in deltas:
                     yield delta
             return
         queue: asyncio.Queue[TextDelta | BaseException] = asyncio.Queue()
 
-        async def pump(index: int) -> None:
+        async def pump(index: int, prompt_ids: list[int], params: SamplingParams) -> None:
             try:
-                async for delta in self._sequence(index, prompt_ids, _for_choice(params, index), stop):
+                async for delta in self._sequence(index, prompt_ids, params, stop):
                     queue.put_nowait(delta)
             except Exception as exc:
                 queue.put_nowait(exc)
 
-        tasks = [asyncio.create_task(pump(i)) for i in range(n)]
+        tasks = [asyncio.create_task(pump(*job)) for job in jobs]
         try:
-            unfinished = n
+            unfinished = len(jobs)
             while unfinished:
                 item = await queue.get()
                 if isinstance(item, BaseException):
@@ -333,6 +347,11 @@ def _take(pending: list[TokenLogprob] | None) -> tuple[TokenLogprob, ...] | None
     taken = tuple(pending)
     pending.clear()
     return taken
+
+
+def _jobs(prompts: list[list[int]], params: SamplingParams, n: int) -> list[tuple[int, list[int], SamplingParams]]:
+    """Each sequence of n samples of each prompt: its index (prompt k's sample j is k * n + j), prompt, params."""
+    return [(k * n + j, ids, _for_choice(params, j)) for k, ids in enumerate(prompts) for j in range(n)]
 
 
 def _for_choice(params: SamplingParams, index: int) -> SamplingParams:

@@ -91,7 +91,7 @@ def test_a_prompt_beyond_the_context_on_responses_names_input(scripted_server: I
         ("/v1/responses", {"input": ""}, "input"),
         ("/v1/responses", {"input": []}, "input"),
         ("/v1/responses", {"input": "Hi", "conversation": 5}, "conversation"),
-        ("/v1/completions", {"prompt": [1, 2, 3]}, "prompt"),
+        ("/v1/completions", {"prompt": [1, "a"]}, "prompt"),
         ("/v1/completions", {"prompt": 5}, "prompt"),
         ("/v1/chat/completions", {"messages": HI, "stop": 5}, "stop"),
         ("/v1/chat/completions", {"messages": HI, "tool_choice": "sometimes"}, "tool_choice"),

@@ -204,6 +204,11 @@ def test_echo_scores_the_prompt_as_generation_would(api_server: InProcessServer)
     assert "".join(c.choices[0].text for c in chunks).startswith(choice.text)
     streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs]
     assert streamed[0] is None and streamed[1 : len(ids)] == pytest.approx(lp.token_logprobs[1:], abs=2e-3)
+    # a batch of prompts (lm-eval's batch_size): prompt k's answers are choices k * n ... k * n + n - 1
+    batch = api.completions.create(model=model, prompt=[ids[:5], ids], max_tokens=0, echo=True, logprobs=2, n=2)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3] and batch.usage.prompt_tokens == 5 + len(ids)
+    assert [c.text for c in batch.choices] == [generator.decode_all(ids[:5])] * 2 + [choice.text] * 2
+    assert batch.choices[3].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:], abs=2e-3)
     plain = api.completions.create(model=model, prompt="Hello", max_tokens=3, echo=True, temperature=0)
     assert plain.choices[0].text.startswith("Hello") and plain.choices[0].logprobs is None
     for bad, param in (({"max_tokens": 0, "echo": False}, "max_tokens"), ({"prompt": [10**9]}, "prompt")):

@@ -265,3 +265,27 @@ def test_echo_in_the_legacy_shape_plain_streamed_and_empty() -> None:
         assert plain["choices"][0]["logprobs"] is None and fake.calls[-1][1].prompt_logprobs is None
 
     run(test)
+
+
+def test_several_prompts_in_one_text_completion_plain_and_streamed() -> None:
+    """A list of prompts (texts, or token-id lists), as OpenAI's legacy route takes them: prompt k's n answers are
+    choices k * n to k * n + n - 1, the usage counts every prompt, a stream interleaves them, each ending once."""
+    prompts = ["one", "two three"]
+    body = {"model": "fake-model", "prompt": prompts, "n": 2, "max_tokens": 3, "echo": True}
+
+    async def test(client: httpx.AsyncClient, fake: FakeEngine, _: Admission) -> None:
+        r = (await client.post("/v1/completions", json=body)).json()
+        answer = TOKENIZER.decode(TOKENIZER(ANSWER, add_special_tokens=False)["input_ids"][:3])
+        assert [(c["index"], c["text"]) for c in r["choices"]] == [
+            (0, "one" + answer), (1, "one" + answer), (2, "two three" + answer), (3, "two three" + answer)
+        ]  # fmt: skip
+        assert r["usage"]["prompt_tokens"] == 1 + 2 and r["usage"]["completion_tokens"] == 4 * 3
+        async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+            events = [json.loads(line[6:]) for line in [x async for x in s.aiter_lines()] if line[6:7] == "{"]
+        texts = ["".join(e["choices"][0]["text"] for e in events if e["choices"][0]["index"] == i) for i in range(4)]
+        assert texts == [c["text"] for c in r["choices"]]
+        assert sorted(e["choices"][0]["index"] for e in events if e["choices"][0]["finish_reason"]) == [0, 1, 2, 3]
+        too_long = await client.post("/v1/completions", json={**body, "prompt": ["one", "x " * 5000]})
+        assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
+
+    run(test)

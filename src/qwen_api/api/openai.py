@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import functools
 import time
 import uuid
 from collections.abc import AsyncGenerator, Sequence
@@ -54,41 +55,45 @@ class _Context:
         self,
         request: Request,
         body: ChatCompletionRequest | CompletionRequest,
-        prompt_ids: list[int],
+        prompts: list[_Prompt],
         kind: str,
         response_id: str,
-        echo: _Echo | None = None,
     ) -> dict[str, Any] | StreamingResponse:
+        """Answer `prompts` (one, or a text completion's several: prompt k's sample j is choice k * n + j)."""
         generator = self.generator
+        every = [p.ids for p in prompts]
+        prompt_tokens = sum(map(len, every))
         requested = body.requested_max_tokens()
         if requested is None:  # as much as fits, up to the server's cap
-            room = generator.engine.max_context_tokens - len(prompt_ids)
+            room = generator.engine.max_context_tokens - max(map(len, every))
             requested = max(1, min(self.settings.max_new_tokens_limit, room))
         # max_tokens 0 (with echo: the prompt and its log-probabilities alone): the engine reads the prompt in a
         # step that also draws a token, which the answer leaves out
         empty = requested == 0
         requested = max(requested, 1)
         params = body.sampling_params(requested, generator.sampling_defaults, generator.vocab_size)
-        generator.check_fits(prompt_ids, params.max_new_tokens)
+        for ids in every:
+            generator.check_fits(ids, params.max_new_tokens)
         if (grammar := body.grammar()) is not None:
             try:
                 params = dataclasses.replace(params, constraint=await generator.grammars.compile(*grammar))
             except GrammarError as exc:
                 raise Unsupported(exc.param, str(exc)) from None
-        ticket = self.guard.admit(body.n, len(prompt_ids))
+        ticket = self.guard.admit(body.n * len(prompts), prompt_tokens)
         head = {"id": response_id, "created": int(time.time()), "model": body.model}
+        echoes = [p if p.echo is not None else None for p in prompts for _ in range(body.n)]  # each choice's
         if body.stream:
-            deltas = generator.stream(prompt_ids, params, n=body.n, stop=body.stops())
+            deltas = generator.stream_each(every, params, n=body.n, stop=body.stops())
             deltas = _emptied(deltas) if empty else deltas
             shape = _LogprobShape(generator)
-            chunks = self.guard.stream(ticket, _chunks(deltas, body, kind, head, len(prompt_ids), shape, echo))
+            chunks = self.guard.stream(ticket, _chunks(deltas, body, kind, head, prompt_tokens, shape, echoes))
             return sse_response(chunks, openai_error_payload, error_event=None, on_close=ticket.release)
-        work = generator.complete(prompt_ids, params, n=body.n, stop=body.stops())
+        work = generator.complete_each(every, params, n=body.n, stop=body.stops())
         results = await self.guard.complete(request, ticket, work)
         if empty:
             results = [_nothing_of(c) for c in results]
         log_outputs(self.settings, [c.text for c in results])
-        return _response(kind, head, results, len(prompt_ids), _call_rules(body), _LogprobShape(generator), echo)
+        return _response(kind, head, results, prompt_tokens, _call_rules(body), _LogprobShape(generator), echoes)
 
 
 async def _context(settings: SettingsDep, runtime: RuntimeDep, generator: GeneratorDep, guard: GuardDep) -> _Context:
@@ -142,7 +147,7 @@ async def chat_completions(
         lambda: chat_prompt(generator, chat, tools, generation_prompt, prefill)
     )
     log_prompt(ctx.settings, messages)
-    return await ctx.serve(request, body, prompt_ids, "chat.completion", f"chatcmpl-{uuid.uuid4().hex}")
+    return await ctx.serve(request, body, [_Prompt(prompt_ids)], "chat.completion", f"chatcmpl-{uuid.uuid4().hex}")
 
 
 @router.post("/completions", response_model=None)
@@ -150,27 +155,27 @@ async def completions(
     body: CompletionRequest, request: Request, ctx: Annotated[_Context, Depends(_context)]
 ) -> dict[str, Any] | StreamingResponse:
     ctx.validate(body)
-    prompts = body.prompts()
-    if len(prompts) != 1:
-        raise Unsupported("prompt", "send one prompt per request")
-    prompt, generator = prompts[0], ctx.generator
-    if isinstance(prompt, str):
-        text, prompt_ids = prompt, await generator.off_loop(lambda: generator.text_prompt_ids(prompt))
-    else:  # token ids
-        if outside := [t for t in prompt if t >= generator.vocab_size]:
-            raise Unsupported("prompt", f"token id {outside[0]} is outside this model's vocabulary")
-        prompt_ids, text = prompt, await generator.off_loop(lambda: generator.decode_all(prompt))
-    log_prompt(ctx.settings, text)
-    echo = _Echo(text, prompt_ids) if body.echo else None
-    return await ctx.serve(request, body, prompt_ids, "text_completion", f"cmpl-{uuid.uuid4().hex}", echo)
+    generator = ctx.generator
+    prompts: list[_Prompt] = []
+    for prompt in body.prompts():
+        if isinstance(prompt, str):
+            text, ids = prompt, await generator.off_loop(functools.partial(generator.text_prompt_ids, prompt))
+        else:  # token ids
+            if outside := [t for t in prompt if t >= generator.vocab_size]:
+                raise Unsupported("prompt", f"token id {outside[0]} is outside this model's vocabulary")
+            ids, text = prompt, await generator.off_loop(functools.partial(generator.decode_all, prompt))
+        log_prompt(ctx.settings, text)
+        prompts.append(_Prompt(ids, text if body.echo else None))
+    return await ctx.serve(request, body, prompts, "text_completion", f"cmpl-{uuid.uuid4().hex}")
 
 
 @dataclasses.dataclass(frozen=True)
-class _Echo:
-    """The prompt a text completion echoes before its answer (`echo`): its text and its token ids."""
+class _Prompt:
+    """One prompt to answer: its token ids, and for a text completion with `echo` its text, which its answers
+    repeat before their own."""
 
-    text: str
     ids: list[int]
+    echo: str | None = None
 
 
 def _nothing_of(c: Completion) -> Completion:
@@ -270,18 +275,18 @@ def _response(
     prompt_tokens: int,
     rules: CallRules | None,
     logprobs: _LogprobShape,
-    echo: _Echo | None = None,
+    echoes: list[_Prompt | None],
 ) -> dict[str, Any]:
     return {
         **head,
         "object": kind,
-        "choices": [_choice(kind, i, c, rules, logprobs, echo) for i, c in enumerate(results)],
+        "choices": [_choice(kind, i, c, rules, logprobs, echoes[i]) for i, c in enumerate(results)],
         "usage": usage(prompt_tokens, sum(c.completion_tokens for c in results)),
     }
 
 
 def _choice(
-    kind: str, index: int, c: Completion, rules: CallRules | None, logprobs: _LogprobShape, echo: _Echo | None
+    kind: str, index: int, c: Completion, rules: CallRules | None, logprobs: _LogprobShape, echo: _Prompt | None
 ) -> dict[str, Any]:
     if kind == "chat.completion":
         message: dict[str, Any] = {"role": "assistant", "content": c.text}
@@ -292,11 +297,11 @@ def _choice(
         elif rules is not None:  # no call; a call cut off by the token limit is not shown as text
             message["content"] = parsed.content or ""
         return {"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs.chat(c.logprobs)}
-    if echo is None:
+    if echo is None or echo.echo is None:
         legacy = logprobs.legacy(c.logprobs)
         return {"index": index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": legacy}
     legacy = logprobs.legacy(c.logprobs, prompt=(echo.ids, c.prompt_logprobs))
-    return {"index": index, "text": echo.text + c.text, "finish_reason": c.finish_reason, "logprobs": legacy}
+    return {"index": index, "text": echo.echo + c.text, "finish_reason": c.finish_reason, "logprobs": legacy}
 
 
 async def _chunks(
@@ -306,7 +311,7 @@ async def _chunks(
     head: dict[str, Any],
     prompt_tokens: int,
     logprobs: _LogprobShape,
-    echo: _Echo | None = None,
+    echoes: list[_Prompt | None],
 ) -> AsyncGenerator[dict[str, Any], None]:
     """OpenAI chunks: for chat a role chunk first per choice, then content deltas, then a finish chunk. An echoed
     prompt (text completions) leads each choice's first chunk, with its log-probabilities."""
@@ -316,8 +321,9 @@ async def _chunks(
 
     wanted = body.logprobs_wanted() is not None
     # Per choice: log-probability entries not sent yet, and (legacy shape) where its text stands before them.
-    entries: list[list[TokenLogprob]] = [[] for _ in range(body.n)]
-    offsets = [_TextOffsets() for _ in range(body.n)]
+    choices = len(echoes)  # n for each prompt
+    entries: list[list[TokenLogprob]] = [[] for _ in range(choices)]
+    offsets = [_TextOffsets() for _ in range(choices)]
 
     def chunk(
         index: int,
@@ -344,7 +350,7 @@ async def _chunks(
 
     rules = _call_rules(body) if chat else None
     # with tools, per choice: its text, held back where it may be (the start of) a <tool_call>
-    calls_in = [rules.stream() for _ in range(body.n)] if rules is not None else None
+    calls_in = [rules.stream() for _ in range(choices)] if rules is not None else None
 
     def tool_chunks(index: int, finish: str) -> list[dict[str, Any]]:
         """The end of a choice with tools: the rest of its content, then its calls, then the finish."""
@@ -362,17 +368,17 @@ async def _chunks(
     completion_tokens = 0
     try:
         if chat:
-            for i in range(body.n):
+            for i in range(choices):
                 yield chunk(i, None, None, first=True)
-        echoing = [echo is not None] * body.n
+        echoing = [e is not None and e.echo is not None for e in echoes]
         async for d in deltas:
             entries[d.index].extend(d.logprobs or ())
             if calls_in is not None:
                 if text := calls_in[d.index].feed(d.text):
                     yield chunk(d.index, text, None)
-            elif echo is not None and echoing[d.index]:  # the prompt first, then what came with it
+            elif echoing[d.index] and (echo := echoes[d.index]) is not None:  # the prompt first, then what came
                 echoing[d.index] = False
-                yield chunk(d.index, echo.text + d.text, None, prompt=(echo.ids, d.prompt_logprobs))
+                yield chunk(d.index, f"{echo.echo}{d.text}", None, prompt=(echo.ids, d.prompt_logprobs))
             elif d.text:
                 yield chunk(d.index, d.text, None)
             if d.finish_reason is not None:
