@@ -287,5 +287,8 @@ def test_several_prompts_in_one_text_completion_plain_and_streamed() -> None:
         assert sorted(e["choices"][0]["index"] for e in events if e["choices"][0]["finish_reason"]) == [0, 1, 2, 3]
         too_long = await client.post("/v1/completions", json={**body, "prompt": ["one", "x " * 5000]})
         assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
+        # more sequences than admission could ever hold at once: a 400, never a 429 that no retry would pass
+        too_many = await client.post("/v1/completions", json={**body, "prompt": ["a"] * 49})  # 98 > 32 + 64
+        assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "prompt", too_many.text
 
     run(test)

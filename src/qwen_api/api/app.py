@@ -95,7 +95,7 @@ def create_app(
     # n is capped by what admission could ever take at once too: past it a request would be told "busy, retry" for good
     choices = min(settings.max_num_return_sequences, settings.admission_capacity())
     # Each add_middleware wraps what was added before: the last added is the outermost.
-    app.add_middleware(ServerCaps(settings.max_new_tokens_limit, choices).apply)
+    app.add_middleware(ServerCaps(settings.max_new_tokens_limit, choices, settings.admission_capacity()).apply)
     app.add_middleware(CatchAll)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_allow_origins:

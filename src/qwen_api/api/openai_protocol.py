@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from qwen_api.api.schema import RequestModel, at_most, resolve_sampling
+from qwen_api.api.schema import RequestModel, at_most, resolve_sampling, server_cap
 from qwen_api.detokenize import Stops
 from qwen_api.engine.base import SamplingParams
 from qwen_api.structured.grammar import (
@@ -432,6 +432,9 @@ class CompletionRequest(_SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
+        sequences, limit = len(self.prompts()) * self.n, server_cap("max_sequences")
+        if limit is not None and sequences > limit:  # past what admission could ever take: never a "retry" 429
+            raise Unsupported("prompt", f"{sequences} sequences (prompts times n): at most {limit} on this server")
         if self.max_tokens == 0 and not self.echo:
             raise Unsupported("max_tokens", "0 only with echo (the prompt, and its log-probabilities with logprobs)")
         if self.suffix:

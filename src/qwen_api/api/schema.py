@@ -29,6 +29,7 @@ class ServerCaps:
 
     max_new_tokens: int
     max_choices: int
+    max_sequences: int = 1 << 30  # sequences one request may ask for in all (a batch of prompts times n)
 
     def apply(self, app: Any) -> Any:
         """ASGI middleware: requests to `app` are validated against these caps."""
@@ -45,6 +46,12 @@ class ServerCaps:
 
 
 _CAPS: ContextVar[ServerCaps | None] = ContextVar("qwen_api_server_caps", default=None)
+
+
+def server_cap(cap: str) -> int | None:
+    """The serving app's cap named `cap` (a `ServerCaps` field), or None outside a request to one."""
+    caps = _CAPS.get()
+    return None if caps is None else int(getattr(caps, cap))
 
 
 def at_most(value: int | None, cap: str) -> int | None:
