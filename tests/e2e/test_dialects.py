@@ -153,7 +153,8 @@ def test_responses_cut_by_max_output_tokens_is_incomplete(scripted_server: InPro
         ({"text": {"format": {"type": "json_schema", "schema": {}}}}, "text.format"),  # no name
         ({"text": {"format": {"type": "xml"}}}, "text.format"),
         ({"truncation": "auto"}, "truncation"),
-        ({"include": ["message.output_text.logprobs"]}, "include"),
+        ({"include": ["file_search_call.results"]}, "include"),
+        ({"top_logprobs": 3}, "top_logprobs"),  # without include: message.output_text.logprobs
         ({"reasoning": {"effort": "high"}}, "reasoning"),
         ({"temperature": 2.5}, "temperature"),
         ({"top_p": 0}, "top_p"),

@@ -46,6 +46,39 @@ def test_chat_logprobs_plain_and_streamed_agree_with_usage(api_server: InProcess
     assert without.choices[0].message.content == choice.message.content  # asking for logprobs changes no token
 
 
+def test_responses_logprobs_as_chat_gives_them_plain_and_streamed(api_server: InProcessServer) -> None:
+    """The Responses API's `include: ["message.output_text.logprobs"]` with `top_logprobs`: the output text carries
+    the entries chat completions gives for the same greedy answer, and a stream's text deltas carry them in turn;
+    `top_logprobs` without that include, or another include, is a 400."""
+    api, model = client(api_server), name(api_server)
+    include = ["message.output_text.logprobs"]
+    args = {"model": model, "input": QUESTION[0]["content"], "temperature": 0, "max_output_tokens": 6}
+    r = api.responses.create(**args, include=include, top_logprobs=2)  # type: ignore[arg-type]
+    part = r.output[0].content[0]
+    assert part.type == "output_text" and part.logprobs is not None and r.usage is not None
+    assert len(part.logprobs) == r.usage.output_tokens and r.top_logprobs == 2
+    chat = api.chat.completions.create(
+        model=model, messages=QUESTION, temperature=0, max_tokens=6, logprobs=True, top_logprobs=2
+    )
+    expected = chat.choices[0].logprobs.content
+    assert [(e.token, e.bytes) for e in part.logprobs] == [(e.token, e.bytes) for e in expected]
+    assert [e.logprob for e in part.logprobs] == pytest.approx([e.logprob for e in expected], abs=1e-4)
+    assert all(len(e.top_logprobs) == 2 for e in part.logprobs)
+    events = list(api.responses.create(**args, include=include, top_logprobs=2, stream=True))  # type: ignore[arg-type]
+    deltas = [e for ev in events if ev.type == "response.output_text.delta" for e in ev.logprobs]
+    done = next(ev for ev in events if ev.type == "response.output_text.done")
+    assert [e.token for e in done.logprobs] == [e.token for e in part.logprobs]
+    assert [e.token for e in deltas] == [e.token for e in part.logprobs][: len(deltas)] and deltas
+    assert api.responses.create(**args).output[0].content[0].logprobs == []
+    for bad, param in (
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"include": ["reasoning.encrypted_content"]}, "include"),
+    ):
+        with pytest.raises(openai.BadRequestError) as info:
+            api.responses.create(**args, **bad)  # type: ignore[arg-type]
+        assert info.value.body["param"] == param
+
+
 def test_completions_logprobs_in_the_legacy_shape(api_server: InProcessServer) -> None:
     r = client(api_server).completions.create(
         model=name(api_server),

@@ -7,7 +7,6 @@ parameters, and shape TextGenerator's output as OpenAI objects and chunks.
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import functools
 import time
@@ -22,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from qwen_api.api.deps import GeneratorDep, GuardDep, RuntimeDep, SettingsDep, log_outputs, log_prompt
 from qwen_api.api.errors import ModelNotFound, anthropic_error_body, openai_error_payload
 from qwen_api.api.guard import Guard
+from qwen_api.api.logprobs import LogprobShape, TextOffsets
 from qwen_api.api.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -85,7 +85,7 @@ class _Context:
         if body.stream:
             deltas = generator.stream_each(every, params, n=body.n, stop=body.stops())
             deltas = _emptied(deltas) if empty else deltas
-            shape = _LogprobShape(generator)
+            shape = LogprobShape(generator)
             chunks = self.guard.stream(ticket, _chunks(deltas, body, kind, head, prompt_tokens, shape, echoes))
             return sse_response(chunks, openai_error_payload, error_event=None, on_close=ticket.release)
         work = generator.complete_each(every, params, n=body.n, stop=body.stops())
@@ -93,7 +93,7 @@ class _Context:
         if empty:
             results = [_nothing_of(c) for c in results]
         log_outputs(self.settings, [c.text for c in results])
-        return _response(kind, head, results, prompt_tokens, _call_rules(body), _LogprobShape(generator), echoes)
+        return _response(kind, head, results, prompt_tokens, _call_rules(body), LogprobShape(generator), echoes)
 
 
 async def _context(settings: SettingsDep, runtime: RuntimeDep, generator: GeneratorDep, guard: GuardDep) -> _Context:
@@ -201,80 +201,13 @@ def _call_rules(body: _SamplingRequest) -> CallRules | None:
     return body.call_rules() if isinstance(body, ChatCompletionRequest) else None
 
 
-class _LogprobShape:
-    """Log-probabilities in OpenAI's two shapes: chat's `content` entries and the legacy completions' lists."""
-
-    def __init__(self, generator: TextGenerator) -> None:
-        self._generator = generator
-
-    def _token(self, token_id: int) -> tuple[str, list[int]]:
-        data = self._generator.token_bytes(token_id)
-        return data.decode("utf-8", errors="replace"), list(data)
-
-    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
-        text, data = self._token(token_id)
-        return {"token": text, "logprob": logprob, "bytes": data}
-
-    def chat(self, entries: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
-        if entries is None:
-            return None
-        content = [
-            {**self._entry(e.token, e.logprob), "top_logprobs": [self._entry(t, lp) for t, lp in e.top]}
-            for e in entries
-        ]
-        return {"content": content, "refusal": None}
-
-    def legacy(
-        self,
-        entries: Sequence[TokenLogprob] | None,
-        offsets: _TextOffsets | None = None,
-        prompt: tuple[list[int], Sequence[TokenLogprob] | None] | None = None,
-    ) -> dict[str, Any] | None:
-        """`offsets`: where this choice's text stands before these tokens (a stream's goes on across its chunks).
-        `prompt`: an echoed prompt's ids and their entries (every token's but the first), listed first, the first
-        token's log-probability and alternatives null, as OpenAI's and vLLM's."""
-        if entries is None:
-            return None
-        at = offsets if offsets is not None else _TextOffsets()
-        out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-
-        def add(token: int, entry: TokenLogprob | None) -> None:
-            out["tokens"].append(self._token(token)[0])
-            out["token_logprobs"].append(entry.logprob if entry is not None else None)
-            out["top_logprobs"].append({self._token(t)[0]: lp for t, lp in entry.top} if entry is not None else None)
-            out["text_offset"].append(at.take(self._generator.token_bytes(token)))
-
-        if prompt is not None and (scored := prompt[1]) is not None:
-            for i, token in enumerate(prompt[0]):
-                add(token, scored[i - 1] if i else None)
-        for e in entries:
-            add(e.token, e)
-        return out
-
-
-class _TextOffsets:
-    """`text_offset`s into a choice's text: each token's is the number of characters whole before it. A token
-    may hold part of a character (a CJK character is often three byte tokens): it does not move the offset until
-    the character is whole, so the offsets never pass the text's end nor go back, streamed or not."""
-
-    def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._chars = 0
-
-    def take(self, data: bytes) -> int:
-        """This token's offset; then its bytes count."""
-        offset = self._chars
-        self._chars += len(self._decoder.decode(data))
-        return offset
-
-
 def _response(
     kind: str,
     head: dict[str, Any],
     results: list[Completion],
     prompt_tokens: int,
     rules: CallRules | None,
-    logprobs: _LogprobShape,
+    logprobs: LogprobShape,
     echoes: list[_Prompt | None],
 ) -> dict[str, Any]:
     return {
@@ -286,7 +219,7 @@ def _response(
 
 
 def _choice(
-    kind: str, index: int, c: Completion, rules: CallRules | None, logprobs: _LogprobShape, echo: _Prompt | None
+    kind: str, index: int, c: Completion, rules: CallRules | None, logprobs: LogprobShape, echo: _Prompt | None
 ) -> dict[str, Any]:
     if kind == "chat.completion":
         message: dict[str, Any] = {"role": "assistant", "content": c.text}
@@ -310,7 +243,7 @@ async def _chunks(
     kind: str,
     head: dict[str, Any],
     prompt_tokens: int,
-    logprobs: _LogprobShape,
+    logprobs: LogprobShape,
     echoes: list[_Prompt | None],
 ) -> AsyncGenerator[dict[str, Any], None]:
     """OpenAI chunks: for chat a role chunk first per choice, then content deltas, then a finish chunk. An echoed
@@ -323,7 +256,7 @@ async def _chunks(
     # Per choice: log-probability entries not sent yet, and (legacy shape) where its text stands before them.
     choices = len(echoes)  # n for each prompt
     entries: list[list[TokenLogprob]] = [[] for _ in range(choices)]
-    offsets = [_TextOffsets() for _ in range(choices)]
+    offsets = [TextOffsets() for _ in range(choices)]
 
     def chunk(
         index: int,

@@ -31,6 +31,7 @@ from fastapi.responses import StreamingResponse
 
 from qwen_api.api.deps import GeneratorDep, GuardDep, RuntimeDep, SettingsDep, log_outputs, log_prompt
 from qwen_api.api.errors import ModelNotFound, stream_error_kind
+from qwen_api.api.logprobs import LogprobShape
 from qwen_api.api.openai_protocol import Unsupported
 from qwen_api.api.prompts import chat_prompt
 from qwen_api.api.responses_protocol import (
@@ -88,7 +89,8 @@ async def create_response(
         except GrammarError as exc:
             raise Unsupported(param, str(exc)) from None
     ticket = guard.admit(1, len(prompt_ids))
-    shape = _Shape(body, params, len(prompt_ids), body.call_rules())
+    logprobs = LogprobShape(generator) if params.logprobs is not None else None
+    shape = _Shape(body, params, len(prompt_ids), body.call_rules(), logprobs)
     if body.stream:
         events = shape.ending_failed(guard.stream(ticket, shape.events(generator.stream(prompt_ids, params))))
         return sse_response(events, shape.error_event, on_close=ticket.release, typed=True)
@@ -101,9 +103,16 @@ class _Shape:
     """One response's ids and echoed settings, as a finished Response object or as its stream of events."""
 
     def __init__(
-        self, body: ResponsesRequest, params: SamplingParams, input_tokens: int, rules: CallRules | None
+        self,
+        body: ResponsesRequest,
+        params: SamplingParams,
+        input_tokens: int,
+        rules: CallRules | None,
+        logprobs: LogprobShape | None = None,
     ) -> None:
+        """`logprobs`: the output text's log-probabilities are asked for (`include`), in this shape."""
         self.body, self.params, self.input_tokens = body, params, input_tokens
+        self.logprobs = logprobs
         # With tools the output is split into text and calls (tools shown to the model: not with tool_choice 'none').
         self.rules = rules
         self.response_id, self.item_id = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
@@ -113,6 +122,9 @@ class _Shape:
         # added) and the text of its deltas. A failed response shows them.
         self._item_added = self._part_added = False
         self._texts: list[str] = []
+        # With logprobs: every token's entry so far, and those not yet sent with a text delta
+        self._entries: list[dict[str, Any]] = []
+        self._unsent: list[dict[str, Any]] = []
 
     def _response(
         self,
@@ -132,7 +144,9 @@ class _Shape:
         parsed = self.rules.split(result.text) if self.rules is not None else None
         text, calls = (parsed.content or "", parsed.tool_calls) if parsed is not None else (result.text, [])
         # A message for the text: always without calls (as without tools), beside calls only when there is some.
-        output = [message_item(self.item_id, status, [text_part(text)])] if text or not calls else []
+        # Its log-probabilities are every token's, as chat completions gives them (a call's tokens included).
+        entries = self.logprobs.entries(result.logprobs or ()) if self.logprobs is not None else None
+        output = [message_item(self.item_id, status, [text_part(text, entries)])] if text or not calls else []
         output += [function_call_item(f"fc_{uuid.uuid4().hex}", call, "completed") for call in calls]
         return self._response(status, output, usage(self.input_tokens, result.completion_tokens))
 
@@ -187,7 +201,8 @@ class _Shape:
             out.append(self._event("response.content_part.added", **where, part=text_part("")))
         if text:
             self._texts.append(text)
-            out.append(self._event("response.output_text.delta", **where, delta=text, logprobs=[]))
+            sent, self._unsent = self._unsent, []
+            out.append(self._event("response.output_text.delta", **where, delta=text, logprobs=sent))
         return out
 
     def _call_events(self, index: int, call: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -224,6 +239,10 @@ class _Shape:
             async for delta in deltas:
                 if delta.finish_reason is not None:
                     last = delta
+                if self.logprobs is not None and delta.logprobs:
+                    entries = self.logprobs.entries(delta.logprobs)
+                    self._entries += entries
+                    self._unsent += entries
                 text = calls_in.feed(delta.text) if calls_in is not None else delta.text
                 if text or calls_in is None:
                     for event in self._text_events(text):
@@ -241,9 +260,9 @@ class _Shape:
             output: list[dict[str, Any]] = []
             if self._item_added:
                 text = "".join(self._texts)
-                yield self._event("response.output_text.done", **where, text=text, logprobs=[])
-                yield self._event("response.content_part.done", **where, part=text_part(text))
-                output.append(message_item(self.item_id, status, [text_part(text)]))
+                yield self._event("response.output_text.done", **where, text=text, logprobs=self._entries)
+                yield self._event("response.content_part.done", **where, part=text_part(text, self._entries))
+                output.append(message_item(self.item_id, status, [text_part(text, self._entries)]))
                 yield self._event("response.output_item.done", output_index=0, item=output[0])
             for call in calls:
                 events, item = self._call_events(len(output), call)

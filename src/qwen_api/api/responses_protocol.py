@@ -169,7 +169,7 @@ class ResponsesRequest(_Request):
     include: list[str] | None = None
     max_tool_calls: int | None = None
     reasoning: dict[str, Any] | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
     @field_validator("max_output_tokens")
     @classmethod
@@ -199,7 +199,6 @@ class ResponsesRequest(_Request):
         refusals = [
             ("store", self.store, "this server keeps no responses: send store false or leave it out"),
             ("background", self.background, "background responses are not supported"),
-            ("include", self.include, "no additional output data is available"),
             (
                 "max_tool_calls",
                 self.max_tool_calls,
@@ -210,11 +209,14 @@ class ResponsesRequest(_Request):
                 self.reasoning and any(v is not None for v in self.reasoning.values()),
                 "not a reasoning model",
             ),
-            ("top_logprobs", self.top_logprobs, "log probabilities are not returned by this server"),
         ]
         for param, value, why in refusals:
             if value:
                 raise Unsupported(param, why)
+        if other := [i for i in self.include or () if i != LOGPROBS]:
+            raise Unsupported("include", f"only {LOGPROBS!r} is available here, not {other[0]!r}")
+        if self.top_logprobs is not None and self.logprobs_wanted() is None:
+            raise Unsupported("top_logprobs", f"needs include {LOGPROBS!r}")
         # These name stored state whatever their value: an empty id or object is no neutral value (null is).
         stored = [
             ("previous_response_id", self.previous_response_id, "this server keeps no responses: send the history"),
@@ -327,14 +329,22 @@ class ResponsesRequest(_Request):
                 chat.append(ChatMessage(role="tool", content=item.text(), tool_call_id=item.call_id))
         return chat
 
+    def logprobs_wanted(self) -> int | None:
+        """How many alternatives each output token's log-probability lists, when `include` asks for them."""
+        return (self.top_logprobs or 0) if LOGPROBS in (self.include or ()) else None
+
     def sampling_params(self, max_new_tokens: int, model_defaults: dict[str, float]) -> SamplingParams:
         """What the request sets, else the model's generation-config defaults, else OpenAI's."""
         values = resolve_sampling(self, model_defaults, _DIALECT_DEFAULTS)
-        return SamplingParams(max_new_tokens=max_new_tokens, **values)
+        return SamplingParams(max_new_tokens=max_new_tokens, logprobs=self.logprobs_wanted(), **values)
 
 
-def text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+# The one `include` this server can honour: the output text's log-probabilities (as chat completions' `logprobs`).
+LOGPROBS = "message.output_text.logprobs"
+
+
+def text_part(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
 def message_item(item_id: str, status: Status, parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -405,6 +415,7 @@ def response_object(
         "temperature": params.temperature,
         "top_p": params.top_p,
         "text": {"format": body.text_format()},
+        "top_logprobs": body.top_logprobs,
         "tool_choice": _tool_choice(body),
         "tools": [t.echo() for t in body.tools or []],
         "truncation": "disabled",
