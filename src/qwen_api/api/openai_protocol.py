@@ -15,7 +15,8 @@ import json
 from collections import Counter
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from qwen_api.api.schema import RequestModel, at_most, resolve_sampling, server_cap
 from qwen_api.detokenize import Stops
@@ -424,8 +425,8 @@ class CompletionRequest(_SamplingRequest):
     # (README). An empty list holds no prompt at all. A prompt may also be token ids (as OpenAI's and vLLM's: what
     # lm-eval sends), or a list of those.
     prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+    echo: bool = False  # before max_tokens, whose check reads it
     max_tokens: int | None = Field(16, ge=0)  # 0: with echo, the prompt's log-probabilities alone
-    echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
     suffix: str | None = None
     best_of: int | None = None
@@ -435,8 +436,6 @@ class CompletionRequest(_SamplingRequest):
         sequences, limit = len(self.prompts()) * self.n, server_cap("max_sequences")
         if limit is not None and sequences > limit:  # past what admission could ever take: never a "retry" 429
             raise Unsupported("prompt", f"{sequences} sequences (prompts times n): at most {limit} on this server")
-        if self.max_tokens == 0 and not self.echo:
-            raise Unsupported("max_tokens", "0 only with echo (the prompt, and its log-probabilities with logprobs)")
         if self.suffix:
             raise Unsupported("suffix", "insertion is not supported")
         if self.best_of not in (None, self.n):
@@ -456,7 +455,11 @@ class CompletionRequest(_SamplingRequest):
 
     @field_validator("max_tokens")
     @classmethod
-    def _max_tokens_cap(cls, value: int | None) -> int | None:
+    def _max_tokens_cap(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value == 0 and not info.data.get("echo"):  # a custom error: pydantic would prefix "Value error, "
+            raise PydanticCustomError(
+                "echo_only", "0 only with echo (the prompt, and its log-probabilities with logprobs)"
+            )
         return at_most(value, "max_new_tokens")
 
     def requested_max_tokens(self) -> int | None:
