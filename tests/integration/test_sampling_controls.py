@@ -94,7 +94,7 @@ def reference_log_softmax(generator: TextGenerator, prompt: list[int], generated
         with torch.no_grad():
             out = hf(torch.tensor([ids])).logits[0]
         logits = out[len(prompt) - 1 :].double().numpy()
-    logits = logits[:, : generator.vocab_size]  # a distribution over what the tokenizer decodes (no padding rows)
+    # over every row of the model's output, as transformers and vLLM give it (a checkpoint's padding rows included)
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
@@ -108,7 +108,7 @@ def test_logprobs_are_an_exact_log_softmax_of_the_model(generator: TextGenerator
         row = reference[position]
         assert entry.logprob == pytest.approx(row[entry.token], abs=1e-4)
         assert len(entry.top) == 5
-        best = np.argsort(-row, kind="stable")[:5]
+        best = np.argsort(-row[: generator.vocab_size], kind="stable")[:5]  # the alternatives: decodable ids
         assert [lp for _, lp in entry.top] == pytest.approx(row[best].tolist(), abs=1e-4)
         assert [lp for _, lp in entry.top] == sorted((lp for _, lp in entry.top), reverse=True)
         assert entry.top[0][0] == entry.token  # greedy: the sampled token is the most likely one

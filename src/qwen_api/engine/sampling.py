@@ -191,26 +191,31 @@ def min_p_filter(scores: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(probs < floor, float("-inf"))
 
 
-def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], tops: Sequence[int]) -> list[TokenLogprob]:
+def token_logprobs(
+    logits: torch.Tensor, tokens: Sequence[int], tops: Sequence[int], decodable: int | None = None
+) -> list[TokenLogprob]:
     """The log-probabilities of `tokens[i]` under row i of raw `logits` [B, V], with row i's `tops[i]` most likely
-    tokens: an exact log-softmax in float32 of the logits before any sampling transform."""
+    tokens: an exact log-softmax in float32 of the logits before any sampling transform, over every row of the
+    model's output (as transformers and vLLM compute it: a checkpoint's padding rows are part of its softmax). The
+    alternatives are among the first `decodable` ids (those the tokenizer decodes; all when None)."""
     import torch
 
     index = torch.tensor(list(tokens), dtype=torch.int64, device=logits.device)
-    chosen, values, ids = logprob_tensors(logits, index, max(tops, default=0))
+    chosen, values, ids = logprob_tensors(logits, index, max(tops, default=0), decodable)
     return logprob_entries(list(tokens), chosen.tolist(), values.tolist(), ids.tolist(), tops)
 
 
 def logprob_tensors(
-    logits: torch.Tensor, tokens: torch.Tensor, width: int
+    logits: torch.Tensor, tokens: torch.Tensor, width: int, decodable: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`token_logprobs`' arithmetic, on the logits' device without reading anything back: the chosen tokens'
-    log-probabilities [B], and the `width` best of each row, values [B, width] and ids [B, width]."""
+    log-probabilities [B], and the `width` best decodable ids of each row, values [B, width] and ids [B, width]."""
     import torch
 
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = logprobs.gather(-1, tokens[:, None])[:, 0]
-    values, ids = logprobs.topk(min(width, logprobs.size(-1)), dim=-1)
+    ranked = logprobs if decodable is None else logprobs[:, :decodable]
+    values, ids = ranked.topk(min(width, ranked.size(-1)), dim=-1)
     return chosen, values, ids
 
 

@@ -31,7 +31,6 @@ from qwen_api.engine.base import (
     checked_chunk,
     next_output,
 )
-from qwen_api.engine.sampler import forbid_undecodable
 from qwen_api.engine.sampling import token_logprobs
 
 log = logging.getLogger(__name__)
@@ -77,7 +76,7 @@ class TransformersEngine:
         )
         check_internals(self._manager)
         self._grammar = transformers_processors.install_grammar(self._manager)
-        self._controls = transformers_processors.install_controls(self._manager)
+        self._controls = transformers_processors.install_controls(self._manager, self._decodable)
         if decodable_tokens is not None and decodable_tokens < self._vocab_size:  # the embedding's padding rows
             transformers_processors.install_decodable(self._manager, decodable_tokens)
         self._sampling = transformers_processors.install_sampling(self._manager, self.end_token_ids)
@@ -199,8 +198,7 @@ class TransformersEngine:
             for start in range(0, len(prompt_ids) - 1, _SCORE_ROWS):
                 end = min(start + _SCORE_ROWS, len(prompt_ids) - 1)
                 rows = logits[start:end].float()
-                forbid_undecodable(rows, self._decodable)  # as for generated tokens: padding rows are never text
-                entries += token_logprobs(rows, prompt_ids[start + 1 : end + 1], [k] * (end - start))
+                entries += token_logprobs(rows, prompt_ids[start + 1 : end + 1], [k] * (end - start), self._decodable)
         return tuple(entries)
 
     # ----------------------------------------------------------------------------------------- state

@@ -7,10 +7,10 @@ rules every engine shares (`engine/sampler.py`: temperature, top-k, top-p over w
 Gumbel-max with per-request seeds hashed from (seed, step, token id), so a seed holds beside other traffic; a
 row's NaN cannot stop the batch), and leaves only the drawn token finite.
 
-First of all, `Decodable` makes the embedding's padding rows past the tokenizer -inf (engine/sampler.py). Then
-`RequestControls` records the raw log-probabilities a request asked for, then applies its logit bias and
-penalties, and `GrammarMask`, for structured outputs, leaves only the tokens a request's grammar allows, so that a
-draw is a draw among them.
+First of all, `RequestControls` records the raw log-probabilities a request asked for (over every row of the
+model's output, as transformers and vLLM give them), then applies its logit bias and penalties; `GrammarMask`, for
+structured outputs, leaves only the tokens a request's grammar allows, so that a draw is a draw among them; then
+`Decodable` makes the embedding's padding rows past the tokenizer -inf (engine/sampler.py), so none is drawn.
 """
 
 from __future__ import annotations
@@ -179,8 +179,8 @@ class _Controlled(_Follower):
     taken), and the raw log-probability rows of the positions it sampled, waiting for their tokens (which reach the
     engine later, through the output handler)."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: list[int]) -> None:
-        self.params = params
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], decodable: int | None) -> None:
+        self.params, self.decodable = params, decodable
         self.controls = LogitControls(params, prompt_ids) if LogitControls.needed(params) else None
         self.rows: deque[torch.Tensor] = deque()  # one log-softmax row per sampled position, oldest first
 
@@ -189,21 +189,22 @@ class _Controlled(_Follower):
         if self.params.logprobs is None:
             return None
         rows = torch.stack([self.rows.popleft() for _ in tokens])
-        return tuple(token_logprobs(rows, tokens, [self.params.logprobs] * len(tokens)))
+        return tuple(token_logprobs(rows, tokens, [self.params.logprobs] * len(tokens), self.decodable))
 
 
 class RequestControls(_PerRequest[_Controlled]):
     """First in the list, so it sees the raw logits: keeps each registered request's log-softmax row when it asked
     for log-probabilities, then applies its logit bias and penalties (engine/sampling.py) in place."""
 
-    def __init__(self) -> None:
+    def __init__(self, decodable: int | None) -> None:
         super().__init__()
         self._rows: list[tuple[int, _Controlled]] = []
+        self._decodable = decodable  # the alternatives listed are among these ids
 
     def register(self, request_id: str, params: SamplingParams, prompt_ids: list[int]) -> _Controlled | None:
         if params.logprobs is None and not LogitControls.needed(params):
             return None
-        state = _Controlled(params, prompt_ids)
+        state = _Controlled(params, prompt_ids, self._decodable)
         self._put(request_id, state)
         return state
 
@@ -230,13 +231,13 @@ class RequestControls(_PerRequest[_Controlled]):
         return scores
 
 
-def install_controls(manager: Any) -> RequestControls:
+def install_controls(manager: Any, decodable: int | None = None) -> RequestControls:
     """Put `RequestControls` first in a manager's list; call after `install_grammar`."""
-    return _install(manager, RequestControls(), first=True)
+    return _install(manager, RequestControls(decodable), first=True)
 
 
 class Decodable(ContinuousBatchingLogitsProcessor):
-    """First in the list: the ids past what the tokenizer decodes are -inf for every row (`forbid_undecodable`)."""
+    """Before the draw: the ids past what the tokenizer decodes are -inf for every row (`forbid_undecodable`)."""
 
     supported_kwargs: dict[str, type] = {}  # noqa: RUF012 (declared so by the base class)
     ignored_kwargs: tuple[str, ...] = ()
@@ -256,5 +257,6 @@ class Decodable(ContinuousBatchingLogitsProcessor):
 
 
 def install_decodable(manager: Any, decodable: int) -> Decodable:
-    """Put `Decodable` first in a manager's list; call after `install_controls`."""
-    return _install(manager, Decodable(decodable), first=True)
+    """Put `Decodable` after the others so far (the controls record raw log-probabilities before it); call after
+    `install_controls` and before `install_sampling`."""
+    return _install(manager, Decodable(decodable), first=False)

@@ -275,7 +275,6 @@ class NativeEngine:
         if previous is not None and previous.drawn is not None:
             feed = Feed({seq.id: row for row, (seq, _) in enumerate(previous.places)}, previous.drawn)
         logits = self.runner.run(step, feed)
-        forbid_undecodable(logits, self.decodable)  # before log-probabilities, grammars and the draw
         logits, scores = logits[: len(sampled)], logits[len(sampled) :]  # the prompt's scoring rows come last
         scoring = step.scoring  # read before the scheduler advances the step's sequences
         scored = [(seq, seq.tokens[p + 1], seq.params.prompt_logprobs or 0) for seq, span in scoring for p in span]
@@ -284,8 +283,9 @@ class NativeEngine:
         wanted = [i for i, s in enumerate(sampled) if s.params.logprobs is not None]
         tops = [sampled[i].params.logprobs or 0 for i in wanted]
         wanted_rows = to_device(wanted, logits.device, torch.int64) if wanted else None
-        # log-probabilities come from the untouched logits
+        # log-probabilities come from the untouched logits, every row of the model's output (as transformers and vLLM)
         raw = logits.index_select(0, wanted_rows) if wanted_rows is not None else None
+        forbid_undecodable(logits, self.decodable)  # before grammars and the draw: padding rows are never drawn
         matchers = [(i, self._matcher(s)) for i, s in enumerate(sampled) if s.params.constraint is not None]
         for i, matcher in matchers:  # structured outputs: what the grammar forbids is -inf before any sampling rule
             allowed = to_device(torch.from_numpy(matcher.allowed(logits.size(-1))), logits.device)
@@ -302,10 +302,10 @@ class NativeEngine:
         places = self.scheduler.advance(step)
         results = [] if drawn is None else [drawn]
         if raw is not None and wanted_rows is not None and drawn is not None:  # computed now, read with the tokens
-            results += logprob_tensors(raw, drawn.index_select(0, wanted_rows), max(tops))
+            results += logprob_tensors(raw, drawn.index_select(0, wanted_rows), max(tops), self.decodable)
         if scored:  # the prompt's log-probabilities: each position's logits score the prompt token after it
             nxt = to_device([token for _, token, _ in scored], logits.device, torch.int64)
-            results += logprob_tensors(scores, nxt, max(k for _, _, k in scored))
+            results += logprob_tensors(scores, nxt, max(k for _, _, k in scored), self.decodable)
         host, ready = _to_host(results)
         return _Launched(step, places, drawn, host, ready, wanted, tops, matchers, started, scored)
 
