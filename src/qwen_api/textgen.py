@@ -165,9 +165,10 @@ class TextGenerator:
         encoded = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)
         return [int(i) for i in encoded["input_ids"]]
 
-    def text_prompt_ids(self, text: str) -> list[int]:
-        """Token ids of raw text, no template (control tokens written in it are parsed: raw prompts may use them)."""
-        return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+    def text_prompt_ids(self, text: str, special: bool = False) -> list[int]:
+        """Token ids of raw text, no template (control tokens written in it are parsed: raw prompts may use them);
+        with `special`, the tokenizer's own special tokens added (a BOS, for tokenizers that have one)."""
+        return [int(i) for i in self.tokenizer(text, add_special_tokens=special)["input_ids"]]
 
     def decode_all(self, token_ids: list[int]) -> str:
         """The text of token ids as given, special tokens included (what a prompt of ids says; /detokenize)."""

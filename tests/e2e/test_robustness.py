@@ -453,7 +453,7 @@ def test_head_answers_as_get_on_every_get_route(tiny_server: InProcessServer) ->
     model = tiny_server.runtime.model_name
     paths = ["/", "/health", "/metrics", "/v1/models", f"/v1/models/{model}", "/v1/models/no-such-model",
              "/playground", "/playground/", "/playground/index.html", "/playground/no-such-file.js",
-             "/openapi.json", "/docs", "/generate", "/no-such-path"]  # fmt: skip
+             "/openapi.json", "/docs", "/generate", "/tokenizer_info", "/no-such-path"]  # fmt: skip
     # One keep-alive connection: a body sent after a HEAD answer would be read as the next answer, and fail.
     with httpx.Client(base_url=tiny_server.base_url, timeout=30) as client:
         for path in paths:

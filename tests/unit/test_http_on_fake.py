@@ -292,3 +292,26 @@ def test_several_prompts_in_one_text_completion_plain_and_streamed() -> None:
         assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "prompt", too_many.text
 
     run(test)
+
+
+def test_tokenizer_info_and_tokenize_as_lm_evals_remote_tokenizer_asks() -> None:
+    """lm-eval (0.4.13) uses the server's tokenizer when `GET /tokenizer_info` answers with an `eos_token` and
+    `/tokenize` takes `{"prompt", "add_special_tokens": false}`: the ids /v1/completions reads."""
+
+    async def test(client: httpx.AsyncClient, fake: FakeEngine, _: Admission) -> None:
+        info = (await client.get("/tokenizer_info")).json()
+        assert info["eos_token"] == TOKENIZER.eos_token and info["chat_template"] == TOKENIZER.chat_template
+        assert info["tokenizer_class"] == type(TOKENIZER).__name__ and info["vocab_size"] == len(TOKENIZER)
+        r = await client.post("/tokenize", json={"prompt": "test <|im_end|>", "add_special_tokens": False})
+        assert r.json()["tokens"] == TOKENIZER("test <|im_end|>", add_special_tokens=False)["input_ids"]
+        chat = {"messages": [{"role": "user", "content": "hi"}], "add_special_tokens": True}
+        refused = await client.post("/tokenize", json=chat)
+        assert refused.status_code == 400 and refused.json()["error"]["type"] == "invalid_request_error"
+
+    run(test)
+
+    async def locked(client: httpx.AsyncClient, fake: FakeEngine, _: Admission) -> None:
+        r = await client.get("/tokenizer_info")
+        assert r.status_code == 401 and "error" in r.json()  # behind the key, in OpenAI's shape as /tokenize
+
+    run(locked, api_key="secret")

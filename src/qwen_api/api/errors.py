@@ -99,7 +99,7 @@ def error_family(path: str) -> Family:
     vLLM's /tokenize, /detokenize), else the seed API's."""
     if path == "/v1/messages" or path.startswith("/v1/messages/"):
         return "anthropic"
-    if path in ("/tokenize", "/detokenize"):  # vLLM's routes, beside /v1 but answering as it does
+    if path in ("/tokenize", "/detokenize", "/tokenizer_info"):  # vLLM's routes, beside /v1 but answering as it does
         return "openai"
     return "openai" if path == "/v1" or path.startswith("/v1/") else "seed"
 

@@ -1,4 +1,4 @@
-"""`POST /tokenize` and `POST /detokenize`, as vLLM's and llama.cpp's servers have them, and their schemas.
+"""`POST /tokenize`, `POST /detokenize` and `GET /tokenizer_info`, as vLLM's and llama.cpp's servers have them.
 
 `/tokenize` takes a raw `prompt` (tokenised as `/v1/completions` reads it) or chat `messages` and optional
 `tools` (through the chat template with the generation prompt, tool calls and results rendered, exactly as
@@ -37,6 +37,9 @@ class TokenizeRequest(_Request, ChatShaping):
     prompt: str | None = Field(None, min_length=1)
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     tools: list[Tool] | None = None  # shown to the model as chat completions show them (with `messages` only)
+    # vLLM's (lm-eval's remote tokenizer sends false): with `prompt`, whether the tokenizer's own special tokens
+    # (a BOS, for tokenizers that have one) are added; left out or false, the prompt is read as /v1/completions reads it
+    add_special_tokens: bool | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
@@ -44,6 +47,8 @@ class TokenizeRequest(_Request, ChatShaping):
             raise ValueError("send either 'prompt' (text) or 'messages' (a chat), not both and not neither")
         if self.tools is not None and self.messages is None:
             raise ValueError("'tools' go with 'messages', not with a raw 'prompt'")
+        if self.add_special_tokens is not None and self.messages is not None:
+            raise ValueError("'add_special_tokens' goes with a raw 'prompt'; a chat is read through its template")
         return self
 
 
@@ -65,8 +70,31 @@ async def tokenize(body: TokenizeRequest, runtime: RuntimeDep, generator: Genera
         chat, generation_prompt, prefill = body.shaped(body.messages)
         _, ids = await generator.off_loop(lambda: chat_prompt(generator, chat, tools, generation_prompt, prefill))
     else:
-        ids = await generator.off_loop(lambda: generator.text_prompt_ids(body.prompt or ""))
+        special = bool(body.add_special_tokens)
+        ids = await generator.off_loop(lambda: generator.text_prompt_ids(body.prompt or "", special))
     return {"tokens": ids, "count": len(ids), "max_model_len": generator.engine.max_context_tokens}
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(generator: GeneratorDep) -> dict[str, Any]:
+    """The tokenizer's class, special tokens and chat template, as vLLM's `/tokenizer_info` has them: what a client
+    needs to tokenise and template as this server does (lm-eval's remote tokenizer, chosen when this answers)."""
+    tokenizer = generator.tokenizer
+
+    def special(name: str) -> str | None:
+        value = getattr(tokenizer, name, None)
+        return None if value is None else str(value)
+
+    return {
+        "tokenizer_class": type(tokenizer).__name__,
+        "eos_token": special("eos_token"),
+        "bos_token": special("bos_token"),
+        "pad_token": special("pad_token"),
+        "unk_token": special("unk_token"),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "model_max_length": generator.engine.max_context_tokens,
+        "vocab_size": len(tokenizer),
+    }
 
 
 @router.post("/detokenize")
