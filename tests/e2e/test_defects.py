@@ -330,7 +330,7 @@ def test_every_engine_samples_temperature_first(api_server: InProcessServer) -> 
 
         if type(engine).__name__ == "TransformersEngine":
             names = [type(p).__name__ for p in engine._manager.logit_processor.logits_processor]
-            assert names == ["Decodable", "RequestControls", "GrammarMask", "Sampling"], names  # none of transformers'
+            assert names == ["RequestControls", "GrammarMask", "Decodable", "Sampling"], names  # none of transformers'
             assert engine._manager.batch_processor.do_sample is False  # its own last act is an argmax
         # Temperature first: at 10 the three live tokens are nearly even, so top-p 0.5 keeps two of them; top-p
         # before temperature would keep only the first (softmax of 2, 1, 0 gives it 0.67).
