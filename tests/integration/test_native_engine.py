@@ -586,6 +586,34 @@ def test_graph_ladder_and_which_steps_a_graph_takes() -> None:
     assert flat.slots[1:] == [new.blocks[p // 4] * 4 + p % 4 for p in range(7)]
 
 
+def test_a_prompt_that_is_scored_is_read_in_bounded_chunks_each_position_once() -> None:
+    """A step reads at most `SCORE_CHUNK` tokens of a prompt whose log-probabilities are asked for (each is a row of
+    logits over the vocabulary), and `flatten` names each position's row once, in order, the last token's sampled."""
+    from qwen_api.engine.native.kv_cache import BlockPool
+    from qwen_api.engine.native.runner import flatten
+    from qwen_api.engine.native.scheduler import SCORE_CHUNK, Scheduler, Sequence
+
+    scheduler = Scheduler(BlockPool(256, 4), max_batch_size=8, prefill_budget=512)
+    scored = Sequence(list(range(600)), 600, dataclasses.replace(GREEDY, prompt_logprobs=1))
+    plain = Sequence(list(range(1000, 1300)), 300, GREEDY)
+    scheduler.add(scored)
+    scheduler.add(plain)
+    rows: list[int] = []
+    for i in range(3):
+        step, _ = scheduler.schedule()
+        chunks = {id(seq): n for seq, n in step.prefills}
+        assert chunks[id(scored)] <= SCORE_CHUNK
+        assert i or chunks[id(plain)] == 512 - SCORE_CHUNK  # the rest of the step's budget goes to the other
+        positions = [p for seq, span in step.scoring for p in span]
+        flat = flatten(step, block_size=4, scratch_block=255)
+        assert [flat.positions[r] for r in flat.score_rows] == positions
+        rows += positions
+        for seq, span in step.scoring:
+            seq.scored = span.stop
+        scheduler.advance(step)
+    assert rows == list(range(599))  # every position but the last (sampled) once, in order
+
+
 def test_prefix_cache_hits_and_keeps_tokens(engine: NativeEngine, hf_model) -> None:  # type: ignore[no-untyped-def]
     pool = engine.cache.pool
     shared = random_prompt(64, seed=30)  # four full blocks of 16

@@ -88,6 +88,16 @@ class Step:
         return [(seq, span) for seq, n in self.prefills if (span := score_span(seq, n))]
 
 
+# Most prompt tokens a step reads of a sequence that scores its prompt: each is a row of logits over the vocabulary
+# (Qwen2's 152k: 0.6 MB in fp32, twice with its log-softmax), which a 2,048-token chunk would make 2.5 GB at once.
+SCORE_CHUNK = 256
+
+
+def _chunk_cap(seq: Sequence) -> int:
+    """The most prompt tokens one step may read of `seq`: `SCORE_CHUNK` while it scores its prompt."""
+    return SCORE_CHUNK if seq.params.prompt_logprobs is not None and seq.scored < seq.prompt_len - 1 else 1 << 30
+
+
 def score_span(seq: Sequence, n: int) -> range:
     """The positions of a prompt chunk of `n` tokens from `seq.computed` whose logits give the log-probability of
     the prompt token after them: none unless the sequence asked for the prompt's, and each position once (the last
@@ -152,7 +162,7 @@ class Scheduler:
         for seq in self.running:
             remaining = len(seq.tokens) - seq.computed
             if remaining > 1 and budget > 0:
-                n = min(remaining, budget)
+                n = min(remaining, budget, _chunk_cap(seq))
                 step.prefills.append((seq, n))
                 budget -= n
         refused = self._admit(step, budget)
@@ -215,7 +225,7 @@ class Scheduler:
             seq.hashed = len(cached)
             seq.last_prefix = self.pool.prefix_id[cached[-1]] if cached else None
             self.running.append(seq)
-            n = min(len(seq.tokens) - seq.computed, budget)
+            n = min(len(seq.tokens) - seq.computed, budget, _chunk_cap(seq))
             step.prefills.append((seq, n))
             budget -= n
         return refused
