@@ -201,13 +201,19 @@ class TextGenerator:
         return await self.complete_each([prompt_ids], params, n, stop)
 
     async def complete_each(
-        self, prompts: list[list[int]], params: SamplingParams, n: int = 1, stop: Sequence[str] | Stops = ()
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        n: int = 1,
+        stop: Sequence[str] | Stops = (),
+        observed: bool = True,
     ) -> list[Completion]:
-        """`complete` for several prompts at once: prompt k's sample j is completion k * n + j."""
+        """`complete` for several prompts at once: prompt k's sample j is completion k * n + j. Not `observed`: the
+        observer (metrics) is not told of these sequences (an answer that keeps none of its tokens)."""
         for prompt_ids in prompts:
             self.check_fits(prompt_ids, params.max_new_tokens)
-        runs = [self._collect(self._sequence(i, ids, choice, stop)) for i, ids, choice in _jobs(prompts, params, n)]
-        return await _gather_all(runs)
+        jobs = _jobs(prompts, params, n)
+        return await _gather_all([self._collect(self._sequence(*job, stop, observed)) for job in jobs])
 
     def stream(
         self, prompt_ids: list[int], params: SamplingParams, n: int = 1, stop: Sequence[str] | Stops = ()
@@ -219,18 +225,24 @@ class TextGenerator:
         return self.stream_each([prompt_ids], params, n, stop)
 
     def stream_each(
-        self, prompts: list[list[int]], params: SamplingParams, n: int = 1, stop: Sequence[str] | Stops = ()
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        n: int = 1,
+        stop: Sequence[str] | Stops = (),
+        observed: bool = True,
     ) -> AsyncGenerator[TextDelta, None]:
-        """`stream` for several prompts at once: prompt k's sample j is sequence k * n + j."""
+        """`stream` for several prompts at once: prompt k's sample j is sequence k * n + j; `observed` as in
+        `complete_each`."""
         for prompt_ids in prompts:
             self.check_fits(prompt_ids, params.max_new_tokens)
-        return self._interleave(_jobs(prompts, params, n), stop)
+        return self._interleave(_jobs(prompts, params, n), stop, observed)
 
     async def _interleave(
-        self, jobs: list[tuple[int, list[int], SamplingParams]], stop: Sequence[str] | Stops
+        self, jobs: list[tuple[int, list[int], SamplingParams]], stop: Sequence[str] | Stops, observed: bool = True
     ) -> AsyncGenerator[TextDelta, None]:
         if len(jobs) == 1:  # one sequence: its deltas as they are, without a task and a queue between (a hop per event)
-            async with aclosing(self._sequence(*jobs[0], stop)) as deltas:
+            async with aclosing(self._sequence(*jobs[0], stop, observed)) as deltas:
                 async for delta in deltas:
                     yield delta
             return
@@ -238,7 +250,7 @@ class TextGenerator:
 
         async def pump(index: int, prompt_ids: list[int], params: SamplingParams) -> None:
             try:
-                async for delta in self._sequence(index, prompt_ids, params, stop):
+                async for delta in self._sequence(index, prompt_ids, params, stop, observed):
                     queue.put_nowait(delta)
             except Exception as exc:
                 queue.put_nowait(exc)
@@ -258,7 +270,12 @@ class TextGenerator:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _sequence(
-        self, index: int, prompt_ids: list[int], params: SamplingParams, stop: Sequence[str] | Stops
+        self,
+        index: int,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        stop: Sequence[str] | Stops,
+        observed: bool = True,
     ) -> AsyncGenerator[TextDelta, None]:
         """One sequence as text deltas; a stop string ends it (and cancels it in the engine) at once."""
         detokenizer = IncrementalDetokenizer(self.tokenizer, skip_ids=self._special_ids)
@@ -286,7 +303,7 @@ class TextGenerator:
                     text += matcher.flush()
                 finish = "stop" if matcher.stopped else chunk.finish_reason
                 if finish is not None:
-                    if self.observer is not None:
+                    if self.observer is not None and observed:
                         self.observer.sequence_finished(produced, first, time.perf_counter() - start)
                     yield TextDelta(index, text, finish, produced, matcher.matched, _take(pending), prompt)
                     return
@@ -307,7 +324,7 @@ class TextGenerator:
             async for delta in deltas:
                 parts.append(delta.text)
                 logprobs.extend(delta.logprobs or ())
-                prompt = prompt or delta.prompt_logprobs
+                prompt = prompt if prompt is not None else delta.prompt_logprobs  # () for a one-token prompt
                 if delta.finish_reason is not None:
                     return Completion(
                         "".join(parts),

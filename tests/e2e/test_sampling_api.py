@@ -69,6 +69,13 @@ def test_responses_logprobs_as_chat_gives_them_plain_and_streamed(api_server: In
     done = next(ev for ev in events if ev.type == "response.output_text.done")
     assert [e.token for e in done.logprobs] == [e.token for e in part.logprobs]
     assert [e.token for e in deltas] == [e.token for e in part.logprobs][: len(deltas)] and deltas
+    # an answer that ends on its own: the end of turn's entry, which has no text, comes in a delta of its own
+    boolean = {"format": {"type": "json_schema", "name": "b", "schema": {"type": "boolean"}, "strict": True}}
+    ended = list(api.responses.create(**args, include=include, text=boolean, stream=True))  # type: ignore[arg-type]
+    streamed = [e.token for ev in ended if ev.type == "response.output_text.delta" for e in ev.logprobs]
+    final = next(ev for ev in ended if ev.type == "response.completed").response
+    assert streamed == [e.token for e in final.output[0].content[0].logprobs]
+    assert final.usage is not None and len(streamed) == final.usage.output_tokens
     assert api.responses.create(**args).output[0].content[0].logprobs == []
     for bad, param in (
         ({"top_logprobs": 2}, "top_logprobs"),

@@ -263,6 +263,27 @@ def test_echo_in_the_legacy_shape_plain_streamed_and_empty() -> None:
         assert streamed == lp["token_logprobs"]
         plain = (await client.post("/v1/completions", json={**body, "logprobs": None})).json()
         assert plain["choices"][0]["logprobs"] is None and fake.calls[-1][1].prompt_logprobs is None
+        # a one-token prompt has no scored token, and is listed all the same, first, its log-probability null
+        one = (await client.post("/v1/completions", json={**body, "prompt": ids[:1], "max_tokens": 3})).json()
+        assert (
+            one["choices"][0]["logprobs"]["tokens"][0] == "Hello"
+            and one["choices"][0]["logprobs"]["token_logprobs"][0] is None
+        )
+        # a token-id prompt that ends inside a character: its echo shows a U+FFFD, and the answer's offsets count it
+        byte_ids = [TOKENIZER.convert_tokens_to_ids(t) for t in ("ð", "Ł")]  # the bytes 0xF0 0x9F: half of an emoji
+        echoed = (await client.post("/v1/completions", json={**body, "prompt": ids[:1] + byte_ids})).json()
+        text, offsets = echoed["choices"][0]["text"], echoed["choices"][0]["logprobs"]["text_offset"]
+        first = TOKENIZER.decode(TOKENIZER(ANSWER, add_special_tokens=False)["input_ids"][:1])
+        assert text.startswith("Hello\ufffd") and text[offsets[3] :].startswith(first), (text, offsets)
+        # nothing drawn is counted for an answer of max_tokens 0
+        before = (await client.get("/metrics")).text
+        await client.post("/v1/completions", json={**body, "max_tokens": 0})
+        counted = [
+            line for line in (await client.get("/metrics")).text.splitlines() if "generation_tokens_total " in line
+        ]
+        assert counted == [line for line in before.splitlines() if "generation_tokens_total " in line]
+        refused = await client.post("/v1/completions", json={**body, "max_tokens": 0, "min_tokens": 1})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "min_tokens"
 
     run(test)
 
@@ -304,8 +325,9 @@ def test_tokenizer_info_and_tokenize_as_lm_evals_remote_tokenizer_asks() -> None
         assert info["tokenizer_class"] == type(TOKENIZER).__name__ and info["vocab_size"] == len(TOKENIZER)
         r = await client.post("/tokenize", json={"prompt": "test <|im_end|>", "add_special_tokens": False})
         assert r.json()["tokens"] == TOKENIZER("test <|im_end|>", add_special_tokens=False)["input_ids"]
-        chat = {"messages": [{"role": "user", "content": "hi"}], "add_special_tokens": True}
-        refused = await client.post("/tokenize", json=chat)
+        chat = {"messages": [{"role": "user", "content": "hi"}], "add_special_tokens": False}
+        assert (await client.post("/tokenize", json=chat)).status_code == 200  # vLLM's default for a chat: neutral
+        refused = await client.post("/tokenize", json={**chat, "add_special_tokens": True})
         assert refused.status_code == 400 and refused.json()["error"]["type"] == "invalid_request_error"
 
     run(test)

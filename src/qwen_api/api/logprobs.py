@@ -60,6 +60,7 @@ class LogprobShape:
         if prompt is not None and (scored := prompt[1]) is not None:
             for i, token in enumerate(prompt[0]):
                 add(token, scored[i - 1] if i else None)
+            at.end_text()  # the echoed prompt is text of its own: a character it leaves unfinished is a U+FFFD
         for e in entries:
             add(e.token, e)
         return out
@@ -79,3 +80,9 @@ class TextOffsets:
         offset = self._chars
         self._chars += len(self._decoder.decode(data))
         return offset
+
+    def end_text(self) -> None:
+        """The text so far ends here (an echoed prompt, decoded apart from the answer): bytes of a character it
+        leaves unfinished count as the U+FFFD its decoding shows, and the next token starts afresh."""
+        self._chars += len(self._decoder.decode(b"", final=True))
+        self._decoder.reset()

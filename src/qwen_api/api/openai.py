@@ -68,8 +68,11 @@ class _Context:
             room = generator.engine.max_context_tokens - max(map(len, every))
             requested = max(1, min(self.settings.max_new_tokens_limit, room))
         # max_tokens 0 (with echo: the prompt and its log-probabilities alone): the engine reads the prompt in a
-        # step that also draws a token, which the answer leaves out
+        # step that also draws a token, which the answer leaves out (and the metrics do not count); so the prompt
+        # needs room for that one token in the context
         empty = requested == 0
+        if empty and body.min_tokens:
+            raise Unsupported("min_tokens", "an answer of max_tokens 0 has no tokens")
         requested = max(requested, 1)
         params = body.sampling_params(requested, generator.sampling_defaults, generator.vocab_size)
         for ids in every:
@@ -83,12 +86,12 @@ class _Context:
         head = {"id": response_id, "created": int(time.time()), "model": body.model}
         echoes = [p if p.echo is not None else None for p in prompts for _ in range(body.n)]  # each choice's
         if body.stream:
-            deltas = generator.stream_each(every, params, n=body.n, stop=body.stops())
+            deltas = generator.stream_each(every, params, n=body.n, stop=body.stops(), observed=not empty)
             deltas = _emptied(deltas) if empty else deltas
             shape = LogprobShape(generator)
             chunks = self.guard.stream(ticket, _chunks(deltas, body, kind, head, prompt_tokens, shape, echoes))
             return sse_response(chunks, openai_error_payload, error_event=None, on_close=ticket.release)
-        work = generator.complete_each(every, params, n=body.n, stop=body.stops())
+        work = generator.complete_each(every, params, n=body.n, stop=body.stops(), observed=not empty)
         results = await self.guard.complete(request, ticket, work)
         if empty:
             results = [_nothing_of(c) for c in results]

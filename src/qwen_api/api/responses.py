@@ -260,6 +260,9 @@ class _Shape:
             output: list[dict[str, Any]] = []
             if self._item_added:
                 text = "".join(self._texts)
+                if self._unsent:  # tokens with no text of their own (the end of turn): a delta carries their entries
+                    sent, self._unsent = self._unsent, []
+                    yield self._event("response.output_text.delta", **where, delta="", logprobs=sent)
                 yield self._event("response.output_text.done", **where, text=text, logprobs=self._entries)
                 yield self._event("response.content_part.done", **where, part=text_part(text, self._entries))
                 output.append(message_item(self.item_id, status, [text_part(text, self._entries)]))

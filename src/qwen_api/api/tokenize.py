@@ -47,8 +47,8 @@ class TokenizeRequest(_Request, ChatShaping):
             raise ValueError("send either 'prompt' (text) or 'messages' (a chat), not both and not neither")
         if self.tools is not None and self.messages is None:
             raise ValueError("'tools' go with 'messages', not with a raw 'prompt'")
-        if self.add_special_tokens is not None and self.messages is not None:
-            raise ValueError("'add_special_tokens' goes with a raw 'prompt'; a chat is read through its template")
+        if self.add_special_tokens and self.messages is not None:  # false, vLLM's default for a chat, is neutral
+            raise ValueError("'add_special_tokens' true goes with a raw 'prompt'; a chat is read through its template")
         return self
 
 
