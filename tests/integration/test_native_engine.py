@@ -1184,6 +1184,48 @@ def test_gpu_bf16_greedy_against_transformers(tiny_qwen2_dir: Path) -> None:
 
 
 @pytest.mark.gpu
+def test_gpu_prompt_logprobs_and_min_tokens_beside_traffic(tiny_qwen2_dir: Path) -> None:
+    """Prompt scoring on CUDA in fp32, steps overlapped: a 600-token prompt read 256 tokens a step (eager) beside
+    decodes that replay graphs; each prompt token's log-probability equals transformers' log-softmax, and a
+    sequence whose end token is forced is held back by min_tokens."""
+    check_prompt_logprobs_beside_traffic(tiny_qwen2_dir, "cuda")
+
+
+def test_prompt_logprobs_of_a_long_prompt_beside_traffic(tiny_qwen2_dir: Path) -> None:
+    """The GPU test's check, on the CPU (eager steps, no overlap): the same 256-token chunks and the same rows."""
+    check_prompt_logprobs_beside_traffic(tiny_qwen2_dir, "cpu")
+
+
+def check_prompt_logprobs_beside_traffic(tiny_qwen2_dir: Path, device: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32).to(device).eval()
+    engine = NativeEngine(tiny_qwen2_dir, [EOS], device=device, dtype=torch.float32, max_batch_size=16)
+    try:
+        prompt = random_prompt(600, seed=99)
+        with torch.no_grad():
+            expected = torch.log_softmax(hf(torch.tensor([prompt], device=device)).logits[0].float(), dim=-1).cpu()
+        want = SamplingParams(max_new_tokens=8, temperature=0.0, prompt_logprobs=2)
+        held = SamplingParams(max_new_tokens=10, temperature=0.0, logit_bias=((EOS, 100.0),), min_tokens=6)
+
+        async def scored() -> Any:
+            chunks = [c async for c in engine.generate(prompt, want)]  # the first carries the prompt's
+            return chunks[0].prompt_logprobs
+
+        async def main() -> list[Any]:
+            others = [collect(engine, random_prompt(30, seed=i), SAMPLED) for i in range(4)]
+            return list(await asyncio.gather(scored(), collect(engine, random_prompt(20, seed=5), held), *others))
+
+        entries, held_tokens, *_ = asyncio.run(main())
+        assert entries is not None and len(entries) == len(prompt) - 1
+        for i, entry in enumerate(entries, start=1):
+            assert entry.logprob == pytest.approx(float(expected[i - 1, prompt[i]]), abs=1e-3), i
+        assert len(held_tokens) == 7 and held_tokens[-1] == EOS and EOS not in held_tokens[:-1]
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.gpu
 def test_gpu_triton_decode_matches_sdpa() -> None:
     from qwen_api.engine.native.attention import decode_sdpa
     from qwen_api.engine.native.triton_attention import paged_decode
