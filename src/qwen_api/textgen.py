@@ -210,9 +210,7 @@ class TextGenerator:
     ) -> list[Completion]:
         """`complete` for several prompts at once: prompt k's sample j is completion k * n + j. Not `observed`: the
         observer (metrics) is not told of these sequences (an answer that keeps none of its tokens)."""
-        for prompt_ids in prompts:
-            self.check_fits(prompt_ids, params.max_new_tokens)
-        jobs = _jobs(prompts, params, n)
+        jobs = self._jobs(prompts, params, n)
         return await _gather_all([self._collect(self._sequence(*job, stop, observed)) for job in jobs])
 
     def stream(
@@ -234,9 +232,16 @@ class TextGenerator:
     ) -> AsyncGenerator[TextDelta, None]:
         """`stream` for several prompts at once: prompt k's sample j is sequence k * n + j; `observed` as in
         `complete_each`."""
+        return self._interleave(self._jobs(prompts, params, n), stop, observed)
+
+    def _jobs(
+        self, prompts: list[list[int]], params: SamplingParams, n: int
+    ) -> list[tuple[int, list[int], SamplingParams]]:
+        """Each sequence of n samples of each prompt, once every prompt passed the context check: its index (prompt
+        k's sample j is k * n + j), its prompt, its params."""
         for prompt_ids in prompts:
             self.check_fits(prompt_ids, params.max_new_tokens)
-        return self._interleave(_jobs(prompts, params, n), stop, observed)
+        return [(k * n + j, ids, _for_choice(params, j)) for k, ids in enumerate(prompts) for j in range(n)]
 
     async def _interleave(
         self, jobs: list[tuple[int, list[int], SamplingParams]], stop: Sequence[str] | Stops, observed: bool = True
@@ -365,11 +370,6 @@ def _take(pending: list[TokenLogprob] | None) -> tuple[TokenLogprob, ...] | None
     taken = tuple(pending)
     pending.clear()
     return taken
-
-
-def _jobs(prompts: list[list[int]], params: SamplingParams, n: int) -> list[tuple[int, list[int], SamplingParams]]:
-    """Each sequence of n samples of each prompt: its index (prompt k's sample j is k * n + j), prompt, params."""
-    return [(k * n + j, ids, _for_choice(params, j)) for k, ids in enumerate(prompts) for j in range(n)]
 
 
 def _for_choice(params: SamplingParams, index: int) -> SamplingParams:

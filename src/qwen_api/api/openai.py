@@ -161,13 +161,16 @@ async def completions(
     generator = ctx.generator
     prompts: list[_Prompt] = []
     for prompt in body.prompts():
+        text: str | None = None
         if isinstance(prompt, str):
             text, ids = prompt, await generator.off_loop(functools.partial(generator.text_prompt_ids, prompt))
-        else:  # token ids
+        else:  # token ids: their text only where it is echoed or logged
             if outside := [t for t in prompt if t >= generator.vocab_size]:
                 raise Unsupported("prompt", f"token id {outside[0]} is outside this model's vocabulary")
-            ids, text = prompt, await generator.off_loop(functools.partial(generator.decode_all, prompt))
-        log_prompt(ctx.settings, text)
+            ids = prompt
+            if body.echo or ctx.settings.log_prompts:
+                text = await generator.off_loop(functools.partial(generator.decode_all, prompt))
+        log_prompt(ctx.settings, text if text is not None else ids)
         prompts.append(_Prompt(ids, text if body.echo else None))
     return await ctx.serve(request, body, prompts, "text_completion", f"cmpl-{uuid.uuid4().hex}")
 
