@@ -58,6 +58,8 @@ class TextDelta:
     logprobs: tuple[TokenLogprob, ...] | None = None
     # With the prompt's log-probabilities asked for (`SamplingParams.prompt_logprobs`): on the sequence's first delta
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+    # The tokens received since the previous delta that count (as `logprobs`; a stop token included: vLLM's token_ids)
+    token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class Completion:
     stop_string: str | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None  # one entry per generated token, when asked for
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # one per prompt token but the first, when asked for
+    token_ids: tuple[int, ...] = ()  # the answer's tokens (`completion_tokens` of them)
 
 
 class SequenceObserver(Protocol):
@@ -288,6 +291,7 @@ class TextGenerator:
         produced = 0
         start, first = time.perf_counter(), 0.0
         pending: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        ids: list[int] = []  # tokens not yet handed to a delta
         prompt: tuple[TokenLogprob, ...] | None = None  # the prompt's log-probabilities, for the next delta
         tokens = self.engine.generate(prompt_ids, params)
         try:
@@ -301,6 +305,7 @@ class TextGenerator:
                     raise EngineError("the engine returned tokens without the log-probabilities asked for")
                 text, used = _push(chunk.token_ids, detokenizer, matcher, quiet=params.min_tokens - produced)
                 produced += used
+                ids.extend(chunk.token_ids[:used])
                 if pending is not None and chunk.logprobs is not None:
                     pending.extend(chunk.logprobs[:used])
                 if chunk.finish_reason is not None:
@@ -310,10 +315,12 @@ class TextGenerator:
                 if finish is not None:
                     if self.observer is not None and observed:
                         self.observer.sequence_finished(produced, first, time.perf_counter() - start)
-                    yield TextDelta(index, text, finish, produced, matcher.matched, _take(pending), prompt)
+                    taken = _take(ids) or ()
+                    yield TextDelta(index, text, finish, produced, matcher.matched, _take(pending), prompt, taken)
                     return
                 if text:
-                    yield TextDelta(index, text, logprobs=_take(pending), prompt_logprobs=prompt)
+                    taken = _take(ids) or ()
+                    yield TextDelta(index, text, logprobs=_take(pending), prompt_logprobs=prompt, token_ids=taken)
                     prompt = None
         finally:
             await tokens.aclose()
@@ -324,11 +331,13 @@ class TextGenerator:
         # the engine; without it the engine decoded on until garbage collection closed the generator.
         parts: list[str] = []
         logprobs: list[TokenLogprob] = []
+        ids: list[int] = []
         prompt: tuple[TokenLogprob, ...] | None = None
         async with aclosing(deltas):
             async for delta in deltas:
                 parts.append(delta.text)
                 logprobs.extend(delta.logprobs or ())
+                ids.extend(delta.token_ids)
                 prompt = prompt if prompt is not None else delta.prompt_logprobs  # () for a one-token prompt
                 if delta.finish_reason is not None:
                     return Completion(
@@ -338,6 +347,7 @@ class TextGenerator:
                         delta.stop_string,
                         tuple(logprobs) if delta.logprobs is not None else None,
                         prompt,
+                        tuple(ids),
                     )
         raise EngineError("the engine ended a sequence without a finish reason")
 
@@ -363,8 +373,8 @@ def _push(
     return "".join(parts), len(token_ids)
 
 
-def _take(pending: list[TokenLogprob] | None) -> tuple[TokenLogprob, ...] | None:
-    """The entries gathered so far, handed to the delta about to be sent (which empties the list)."""
+def _take(pending: list[T] | None) -> tuple[T, ...] | None:
+    """The entries (or tokens) gathered so far, handed to the delta about to be sent (which empties the list)."""
     if pending is None:
         return None
     taken = tuple(pending)

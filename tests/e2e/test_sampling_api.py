@@ -257,6 +257,65 @@ def test_echo_scores_the_prompt_as_generation_would(api_server: InProcessServer)
         assert info.value.body["param"] == param
 
 
+def test_vllm_token_fields_and_prompt_logprobs(api_server: InProcessServer) -> None:
+    """vLLM's fields for clients that work in tokens, through the SDK's extra_body: `return_token_ids` gives the
+    prompt's ids and each choice's, streamed (in pieces that add up to the plain answer's) or not;
+    `return_tokens_as_token_ids` names log-probability entries "token_id:N"; `prompt_logprobs` gives each prompt
+    token's log-probability, rank and alternatives, as an echoed prompt scores it; on chat as on text completions."""
+    api, generator, model = client(api_server), api_server.runtime.generator(), name(api_server)
+    ids = generator.text_prompt_ids("The capital of France is Paris, and of Italy")
+    extra = {"return_token_ids": True, "return_tokens_as_token_ids": True, "prompt_logprobs": 3}
+    args = {"model": model, "prompt": ids, "max_tokens": 4, "temperature": 0, "logprobs": 1, "echo": True}
+    [choice] = api.completions.create(**args, extra_body=extra).choices
+    data = choice.model_dump()
+    assert data["prompt_token_ids"] == ids and len(data["token_ids"]) <= 4
+    lp = choice.logprobs
+    assert lp.tokens == [f"token_id:{t}" for t in [*ids, *data["token_ids"]]]
+    assert all(top is None or len(top) <= 1 for top in lp.top_logprobs)  # the echo keeps logprobs' width
+    scored = data["prompt_logprobs"]
+    assert len(scored) == len(ids) and scored[0] is None
+    for i in range(1, len(ids)):
+        listed = scored[i]
+        own = listed[str(ids[i])]
+        assert own["logprob"] == pytest.approx(lp.token_logprobs[i], abs=1e-5) and own["rank"] >= 1
+        assert own["decoded_token"] == f"token_id:{ids[i]}"
+        tops = sorted((e for t, e in listed.items() if t != str(ids[i]) or e["rank"] <= 3), key=lambda e: e["rank"])
+        assert [e["rank"] for e in tops] == [1, 2, 3]  # the three best, the token among them where it is
+        assert [e["logprob"] for e in tops] == sorted((e["logprob"] for e in tops), reverse=True)
+        assert len(listed) == (3 if own["rank"] <= 3 else 4)
+    if choice.finish_reason == "length":  # the answer's tokens are its text
+        assert generator.decode_all(data["token_ids"]) == choice.text[len(generator.decode_all(ids)) :]
+    chunks = [
+        c.model_dump()
+        for c in api.completions.create(**args, extra_body=extra | {"prompt_logprobs": None}, stream=True)
+    ]
+    assert [c["choices"][0].get("prompt_token_ids") for c in chunks] == [ids] + [None] * (len(chunks) - 1)
+    assert [t for c in chunks for t in c["choices"][0].get("token_ids") or []] == data["token_ids"]
+
+    chat_args = {"model": model, "messages": QUESTION, "max_tokens": 5, "temperature": 0}
+    chat = api.chat.completions.create(**chat_args, extra_body={"return_token_ids": True, "prompt_logprobs": 0})
+    top = chat.model_dump()
+    prompt = top["prompt_token_ids"]
+    assert chat.usage is not None and len(prompt) == chat.usage.prompt_tokens
+    assert len(top["choices"][0]["token_ids"]) == chat.usage.completion_tokens
+    assert [None if e is None else list(e) for e in top["prompt_logprobs"]] == [None] + [[str(t)] for t in prompt[1:]]
+    streamed = [
+        c.model_dump()
+        for c in api.chat.completions.create(**chat_args, extra_body={"return_token_ids": True}, stream=True)
+    ]
+    assert streamed[0]["prompt_token_ids"] == prompt and all("prompt_token_ids" not in c for c in streamed[1:])
+    assert [t for c in streamed for ch in c["choices"] for t in ch.get("token_ids") or []] == top["choices"][0][
+        "token_ids"
+    ]
+    for bad, param in (
+        ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),
+    ):
+        with pytest.raises(openai.BadRequestError) as info:
+            api.chat.completions.create(**chat_args, stream=bad.pop("stream", False), extra_body=bad)
+        assert info.value.body["param"] == param
+
+
 def test_a_seed_reproduces_with_every_control_on(api_server: InProcessServer) -> None:
     api = client(api_server)
     extra = {"top_k": 30, "min_p": 0.02, "repetition_penalty": 1.1}

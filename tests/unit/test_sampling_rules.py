@@ -153,6 +153,11 @@ def test_token_logprobs_are_a_log_softmax() -> None:
     assert [t for t, _ in entries[0].top] == [2, 1]
     assert [lp for _, lp in entries[0].top] == pytest.approx(reference[0, [2, 1]].tolist())
     assert entries[1].top == () and entries[1].logprob == pytest.approx(reference[1, 3], abs=1e-6)  # float32
+    assert [e.rank for e in entries] == [3, 1]  # token 0 is third of row 0; token 3 first of row 1
+    # ranks count the decodable ids at least as likely (vLLM's count): ties share the lower place, and an id past
+    # the decodable ones (a padding row) still counts itself
+    ranked = token_logprobs(torch.tensor([[1.0, 1.0, 0.0, 5.0]]).repeat(3, 1), [0, 1, 3], [1, 1, 1], decodable=3)
+    assert [e.rank for e in ranked] == [2, 2, 1] and [e.top[0][0] for e in ranked] == [0, 0, 0]
 
 
 # ----------------------------------------------------------------------------------------------- HTTP on a fake

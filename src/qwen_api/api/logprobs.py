@@ -1,9 +1,11 @@
 """Log-probabilities in OpenAI's shapes: the chat entries (`{"token", "logprob", "bytes", "top_logprobs"}`, which the
-Responses API's output text carries too) and the legacy completions' parallel lists with their `text_offset`s."""
+Responses API's output text carries too) and the legacy completions' parallel lists with their `text_offset`s; and
+vLLM's `prompt_logprobs` (per prompt token, `{token id: {"logprob", "rank", "decoded_token"}}`)."""
 
 from __future__ import annotations
 
 import codecs
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,14 +14,18 @@ from qwen_api.textgen import TextGenerator
 
 
 class LogprobShape:
-    """Log-probabilities in OpenAI's shapes, each token's text and bytes from the generator's tokenizer."""
+    """Log-probabilities in OpenAI's shapes, each token's text and bytes from the generator's tokenizer. `as_ids`
+    (vLLM's `return_tokens_as_token_ids`): a token is named "token_id:N" instead of by its text, which a token holding
+    part of a character cannot show; its bytes and text offsets stay its own."""
 
-    def __init__(self, generator: TextGenerator) -> None:
+    def __init__(self, generator: TextGenerator, as_ids: bool = False) -> None:
         self._generator = generator
+        self._as_ids = as_ids
 
     def _token(self, token_id: int) -> tuple[str, list[int]]:
         data = self._generator.token_bytes(token_id)
-        return data.decode("utf-8", errors="replace"), list(data)
+        name = f"token_id:{token_id}" if self._as_ids else data.decode("utf-8", errors="replace")
+        return name, list(data)
 
     def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
         text, data = self._token(token_id)
@@ -64,6 +70,29 @@ class LogprobShape:
         for e in entries:
             add(e.token, e)
         return out
+
+    def vllm_prompt(self, ids: Sequence[int], entries: Sequence[TokenLogprob], width: int) -> list[Any]:
+        """vLLM's `prompt_logprobs`: null for the first token (nothing comes before it), then for each token a map
+        from token id to `{"logprob", "rank", "decoded_token"}`, the token's own entry first, then its position's
+        `width` most likely tokens (ranks 1 to width) where they are other tokens."""
+        out: list[Any] = [None]
+        for token, entry in zip(ids[1:], entries, strict=True):
+            listed = {str(token): self._vllm_entry(token, entry.logprob, entry.rank)}
+            for rank, (t, lp) in enumerate(entry.top[:width], 1):
+                listed.setdefault(str(t), self._vllm_entry(t, lp, rank))
+            out.append(listed)
+        return out
+
+    def _vllm_entry(self, token: int, logprob: float, rank: int | None) -> dict[str, Any]:
+        return {"logprob": logprob, "rank": rank, "decoded_token": self._token(token)[0]}
+
+
+def narrowed(entries: Sequence[TokenLogprob] | None, width: int) -> tuple[TokenLogprob, ...] | None:
+    """`entries` with at most `width` alternatives each (the engine computed the most that any field of the request
+    wants: an echoed prompt's `logprobs` may list fewer than its `prompt_logprobs`)."""
+    if entries is None:
+        return None
+    return tuple(e if len(e.top) <= width else dataclasses.replace(e, top=e.top[:width]) for e in entries)
 
 
 class TextOffsets:

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from qwen_api.api.deps import GeneratorDep, GuardDep, RuntimeDep, SettingsDep, log_outputs, log_prompt
 from qwen_api.api.errors import ModelNotFound, anthropic_error_body, openai_error_payload
 from qwen_api.api.guard import Guard
-from qwen_api.api.logprobs import LogprobShape, TextOffsets
+from qwen_api.api.logprobs import LogprobShape, TextOffsets, narrowed
 from qwen_api.api.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -84,19 +84,19 @@ class _Context:
                 raise Unsupported(exc.param, str(exc)) from None
         ticket = self.guard.admit(body.n * len(prompts), prompt_tokens)
         head = {"id": response_id, "created": int(time.time()), "model": body.model}
-        echoes = [p if p.echo is not None else None for p in prompts for _ in range(body.n)]  # each choice's
+        each = [p for p in prompts for _ in range(body.n)]  # each choice's prompt
+        shape = LogprobShape(generator, as_ids=body.return_tokens_as_token_ids)
         if body.stream:
             deltas = generator.stream_each(every, params, n=body.n, stop=body.stops(), observed=not empty)
             deltas = _emptied(deltas) if empty else deltas
-            shape = LogprobShape(generator)
-            chunks = self.guard.stream(ticket, _chunks(deltas, body, kind, head, prompt_tokens, shape, echoes))
+            chunks = self.guard.stream(ticket, _chunks(deltas, body, kind, head, prompt_tokens, shape, each))
             return sse_response(chunks, openai_error_payload, error_event=None, on_close=ticket.release)
         work = generator.complete_each(every, params, n=body.n, stop=body.stops(), observed=not empty)
         results = await self.guard.complete(request, ticket, work)
         if empty:
             results = [_nothing_of(c) for c in results]
         log_outputs(self.settings, [c.text for c in results])
-        return _response(kind, head, results, prompt_tokens, _call_rules(body), LogprobShape(generator), echoes)
+        return _response(kind, head, body, results, prompt_tokens, shape, each)
 
 
 async def _context(settings: SettingsDep, runtime: RuntimeDep, generator: GeneratorDep, guard: GuardDep) -> _Context:
@@ -210,23 +210,46 @@ def _call_rules(body: _SamplingRequest) -> CallRules | None:
 def _response(
     kind: str,
     head: dict[str, Any],
+    body: _SamplingRequest,
     results: list[Completion],
     prompt_tokens: int,
-    rules: CallRules | None,
     logprobs: LogprobShape,
-    echoes: list[_Prompt | None],
+    prompts: list[_Prompt],
 ) -> dict[str, Any]:
-    return {
+    rules = _call_rules(body)
+    out = {
         **head,
         "object": kind,
-        "choices": [_choice(kind, i, c, rules, logprobs, echoes[i]) for i, c in enumerate(results)],
+        "choices": [_choice(kind, i, c, body, rules, logprobs, prompts[i]) for i, c in enumerate(results)],
         "usage": usage(prompt_tokens, sum(c.completion_tokens for c in results)),
     }
+    if kind == "chat.completion":  # vLLM's: one prompt, so these are the response's rather than each choice's
+        out.update(_prompt_fields(body, prompts[0].ids, results[0].prompt_logprobs, logprobs))
+    return out
+
+
+def _prompt_fields(
+    body: _SamplingRequest, ids: list[int], scored: Sequence[TokenLogprob] | None, logprobs: LogprobShape
+) -> dict[str, Any]:
+    """vLLM's `prompt_token_ids` and `prompt_logprobs`, where the request asked for them."""
+    out: dict[str, Any] = {}
+    if body.prompt_logprobs is not None and scored is not None:
+        out["prompt_logprobs"] = logprobs.vllm_prompt(ids, scored, body.prompt_logprobs)
+    if body.return_token_ids:
+        out["prompt_token_ids"] = list(ids)
+    return out
 
 
 def _choice(
-    kind: str, index: int, c: Completion, rules: CallRules | None, logprobs: LogprobShape, echo: _Prompt | None
+    kind: str,
+    index: int,
+    c: Completion,
+    body: _SamplingRequest,
+    rules: CallRules | None,
+    logprobs: LogprobShape,
+    prompt: _Prompt,
 ) -> dict[str, Any]:
+    ids = {"token_ids": list(c.token_ids)} if body.return_token_ids else {}
     if kind == "chat.completion":
         message: dict[str, Any] = {"role": "assistant", "content": c.text}
         finish: str = c.finish_reason
@@ -235,12 +258,19 @@ def _choice(
             finish = "tool_calls"
         elif rules is not None:  # no call; a call cut off by the token limit is not shown as text
             message["content"] = parsed.content or ""
-        return {"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs.chat(c.logprobs)}
-    if echo is None or echo.echo is None:
-        legacy = logprobs.legacy(c.logprobs)
-        return {"index": index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": legacy}
-    legacy = logprobs.legacy(c.logprobs, prompt=(echo.ids, c.prompt_logprobs))
-    return {"index": index, "text": echo.echo + c.text, "finish_reason": c.finish_reason, "logprobs": legacy}
+        chat = logprobs.chat(c.logprobs)
+        return {"index": index, "message": message, "finish_reason": finish, "logprobs": chat, **ids}
+    text, legacy = c.text, logprobs.legacy(c.logprobs)
+    if prompt.echo is not None:
+        text = prompt.echo + c.text
+        legacy = logprobs.legacy(c.logprobs, prompt=(prompt.ids, _echoed(body, c.prompt_logprobs)))
+    choice = {"index": index, "text": text, "finish_reason": c.finish_reason, "logprobs": legacy}
+    return {**choice, **_prompt_fields(body, prompt.ids, c.prompt_logprobs, logprobs), **ids}
+
+
+def _echoed(body: _SamplingRequest, scored: Sequence[TokenLogprob] | None) -> Sequence[TokenLogprob] | None:
+    """An echoed prompt's entries with the alternatives its `logprobs` asks for (`prompt_logprobs` may want more)."""
+    return narrowed(scored, body.logprobs_wanted() or 0)
 
 
 async def _chunks(
@@ -250,19 +280,25 @@ async def _chunks(
     head: dict[str, Any],
     prompt_tokens: int,
     logprobs: LogprobShape,
-    echoes: list[_Prompt | None],
+    prompts: list[_Prompt],
 ) -> AsyncGenerator[dict[str, Any], None]:
     """OpenAI chunks: for chat a role chunk first per choice, then content deltas, then a finish chunk. An echoed
-    prompt (text completions) leads each choice's first chunk, with its log-probabilities."""
+    prompt (text completions) leads each choice's first chunk, with its log-probabilities. With vLLM's
+    `return_token_ids`, the prompt's ids come once (chat: on the role chunks; text: on each choice's first chunk) and
+    each chunk that carries content or the finish carries the tokens received since the one before, as the
+    log-probabilities go."""
     chat = kind == "chat.completion"
     obj = "chat.completion.chunk" if chat else "text_completion"
     with_usage = body.include_usage()
 
     wanted = body.logprobs_wanted() is not None
-    # Per choice: log-probability entries not sent yet, and (legacy shape) where its text stands before them.
-    choices = len(echoes)  # n for each prompt
+    # Per choice: log-probability entries and token ids not sent yet, and (legacy shape) where its text stands
+    # before them.
+    choices = len(prompts)  # n for each prompt
     entries: list[list[TokenLogprob]] = [[] for _ in range(choices)]
+    ids: list[list[int]] = [[] for _ in range(choices)]
     offsets = [TextOffsets() for _ in range(choices)]
+    unsent = [body.return_token_ids] * choices  # the prompt's ids, not sent yet
 
     def chunk(
         index: int,
@@ -272,17 +308,27 @@ async def _chunks(
         prompt: tuple[list[int], Sequence[TokenLogprob] | None] | None = None,
     ) -> dict[str, Any]:
         taken: list[TokenLogprob] | None = None
-        if wanted and not first and (text or finish):  # a chunk with content (or the last) takes what is pending
-            taken, entries[index] = entries[index], []
+        extra: dict[str, Any] = {}
+        if not first and (text or finish):  # a chunk with content (or the last) takes what is pending
+            if wanted:
+                taken, entries[index] = entries[index], []
+            if body.return_token_ids:
+                extra["token_ids"], ids[index] = ids[index], []
+        if unsent[index] and (first or not chat):
+            unsent[index] = False
+            extra["prompt_token_ids"] = list(prompts[index].ids)
         if chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
             choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs.chat(taken)}
+            top = {"prompt_token_ids": extra.pop("prompt_token_ids")} if "prompt_token_ids" in extra else {}
+            choice.update(extra)
         else:
             legacy = logprobs.legacy(taken, offsets[index], prompt)
-            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": legacy}
-        out = {**head, "object": obj, "choices": [choice]}
+            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": legacy, **extra}
+            top = {}
+        out = {**head, "object": obj, "choices": [choice], **top}
         if with_usage:
             out["usage"] = None
         return out
@@ -309,15 +355,18 @@ async def _chunks(
         if chat:
             for i in range(choices):
                 yield chunk(i, None, None, first=True)
-        echoing = [e is not None and e.echo is not None for e in echoes]
+        echoing = [p.echo is not None for p in prompts]
         async for d in deltas:
             entries[d.index].extend(d.logprobs or ())
+            ids[d.index].extend(d.token_ids)
             if calls_in is not None:
                 if text := calls_in[d.index].feed(d.text):
                     yield chunk(d.index, text, None)
-            elif echoing[d.index] and (echo := echoes[d.index]) is not None:  # the prompt first, then what came
+            elif echoing[d.index]:  # the prompt first, then what came
                 echoing[d.index] = False
-                yield chunk(d.index, f"{echo.echo}{d.text}", None, prompt=(echo.ids, d.prompt_logprobs))
+                echo = prompts[d.index]
+                scored = _echoed(body, d.prompt_logprobs)
+                yield chunk(d.index, f"{echo.echo}{d.text}", None, prompt=(echo.ids, scored))
             elif d.text:
                 yield chunk(d.index, d.text, None)
             if d.finish_reason is not None:

@@ -1,7 +1,7 @@
 """OpenAI-compatible schemas: /v1/chat/completions, /v1/completions, /v1/models, and OpenAI's error shape.
 
 Requests accept what the official SDK sends. A parameter the engine cannot honour is refused with a 400
-that names it (`Unsupported`), never silently ignored: echo, suffix, best_of other than n. Unknown fields are
+that names it (`Unsupported`), never silently ignored: suffix, best_of other than n. Unknown fields are
 refused the same way. Sampling fields a request leaves out take the checkpoint's generation-config defaults where
 it has them, else OpenAI's; `top_k`, `min_p` and `repetition_penalty` are extensions (as in vLLM).
 `response_format` (JSON object or JSON schema) and tools are enforced with a grammar while decoding
@@ -33,6 +33,7 @@ MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256
 MAX_STOP_TOKEN_IDS = 64  # vLLM's stop_token_ids in one request
 MAX_LOGIT_BIAS = 300  # entries in one request's logit_bias (OpenAI's own limit)
+MAX_PROMPT_LOGPROBS = 20  # alternatives per prompt token (vLLM's default --max-logprobs)
 # OpenAI's defaults, for what neither the request nor the model's generation config sets.
 _DIALECT_DEFAULTS: dict[str, Any] = {
     "temperature": 1.0,
@@ -216,6 +217,12 @@ class _SamplingRequest(_OpenAIRequest):
     ignore_eos: bool = False  # vLLM's: the answer runs to its max_tokens (benchmarks use it)
     # vLLM's: no end token nor stop token before the answer has this many tokens, and no stop string ends before
     min_tokens: int = Field(0, ge=0)
+    # vLLM's, for clients that work in tokens (RL and evaluation harnesses): the prompt's token ids and each choice's
+    # (`prompt_token_ids`, `token_ids`); log-probability entries named "token_id:N" rather than by their text; and
+    # the prompt's log-probabilities with this many alternatives each (`prompt_logprobs`, not streamed)
+    return_token_ids: bool = False
+    return_tokens_as_token_ids: bool = False
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_PROMPT_LOGPROBS)
 
     @field_validator("stop")
     @classmethod
@@ -251,6 +258,8 @@ class _SamplingRequest(_OpenAIRequest):
             raise Unsupported("stream_options", "only allowed when stream is true")
         if self.store:
             raise Unsupported("store", "this server keeps no completions: send store false or leave it out")
+        if self.prompt_logprobs is not None and self.stream:  # as vLLM: they would all come before the first token
+            raise Unsupported("prompt_logprobs", "not available when streaming: send stream false")
 
     def vllm_constraint(self) -> tuple[dict[str, Any], str] | None:
         """vLLM's structured outputs as (its spec, the field it came in), or None: `structured_outputs`, or one of
@@ -306,8 +315,8 @@ class _SamplingRequest(_OpenAIRequest):
         return None
 
     def prompt_logprobs_wanted(self) -> int | None:
-        """As `logprobs_wanted`, for the prompt's tokens (completions' `echo`)."""
-        return None
+        """As `logprobs_wanted`, for the prompt's tokens (vLLM's `prompt_logprobs`, completions' `echo`)."""
+        return self.prompt_logprobs
 
     def sampling_params(self, max_new_tokens: int, model_defaults: dict[str, float], vocab_size: int) -> SamplingParams:
         """The engine's parameters: set fields, else the model's defaults, else OpenAI's."""
@@ -445,7 +454,9 @@ class CompletionRequest(_SamplingRequest):
         return self.logprobs
 
     def prompt_logprobs_wanted(self) -> int | None:
-        return self.logprobs if self.echo else None
+        """The most alternatives either wants: vLLM's `prompt_logprobs`, or an echoed prompt's `logprobs`."""
+        wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return max(wanted, default=None)
 
     def prompts(self) -> list[str | list[int]]:
         """Each prompt: text, or token ids."""

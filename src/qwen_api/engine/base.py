@@ -90,11 +90,14 @@ class TokenConstraint(Protocol):
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """The log-probability of one generated token, and of the most likely tokens at its position (best first)."""
+    """The log-probability of one generated token, and of the most likely tokens at its position (best first).
+    `rank`: the token's place among the decodable ids, 1 for the most likely (as vLLM counts it: the ids at least as
+    likely as it, itself included)."""
 
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None
 
 
 @dataclass(frozen=True)

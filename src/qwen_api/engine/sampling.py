@@ -195,37 +195,44 @@ def token_logprobs(
     logits: torch.Tensor, tokens: Sequence[int], tops: Sequence[int], decodable: int | None = None
 ) -> list[TokenLogprob]:
     """The log-probabilities of `tokens[i]` under row i of raw `logits` [B, V], with row i's `tops[i]` most likely
-    tokens: an exact log-softmax in float32 of the logits before any sampling transform, over every row of the
-    model's output (as transformers and vLLM compute it: a checkpoint's padding rows are part of its softmax). The
-    alternatives are among the first `decodable` ids (those the tokenizer decodes; all when None)."""
+    tokens and its rank: an exact log-softmax in float32 of the logits before any sampling transform, over every row
+    of the model's output (as transformers and vLLM compute it: a checkpoint's padding rows are part of its softmax).
+    The alternatives and the rank are among the first `decodable` ids (those the tokenizer decodes; all when None)."""
     import torch
 
     index = torch.tensor(list(tokens), dtype=torch.int64, device=logits.device)
-    chosen, values, ids = logprob_tensors(logits, index, max(tops, default=0), decodable)
-    return logprob_entries(list(tokens), chosen.tolist(), values.tolist(), ids.tolist(), tops)
+    chosen, values, ids, ranks = logprob_tensors(logits, index, max(tops, default=0), decodable)
+    return logprob_entries(list(tokens), chosen.tolist(), values.tolist(), ids.tolist(), ranks.tolist(), tops)
 
 
 def logprob_tensors(
     logits: torch.Tensor, tokens: torch.Tensor, width: int, decodable: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`token_logprobs`' arithmetic, on the logits' device without reading anything back: the chosen tokens'
-    log-probabilities [B], and the `width` best decodable ids of each row, values [B, width] and ids [B, width]."""
+    log-probabilities [B], the `width` best decodable ids of each row, values [B, width] and ids [B, width], and the
+    chosen tokens' ranks [B]."""
     import torch
 
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = logprobs.gather(-1, tokens[:, None])[:, 0]
     ranked = logprobs if decodable is None else logprobs[:, :decodable]
     values, ids = ranked.topk(min(width, ranked.size(-1)), dim=-1)
-    return chosen, values, ids
+    rank = (ranked >= chosen[:, None]).sum(dim=-1).clamp_(min=1)  # an undecodable token still counts itself
+    return chosen, values, ids, rank
 
 
 def logprob_entries(
-    tokens: list[int], chosen: list[float], top_values: list[list[float]], top_ids: list[list[int]], tops: Sequence[int]
+    tokens: list[int],
+    chosen: list[float],
+    top_values: list[list[float]],
+    top_ids: list[list[int]],
+    ranks: list[int],
+    tops: Sequence[int],
 ) -> list[TokenLogprob]:
     """Host values of `logprob_tensors` as one `TokenLogprob` per token, each with its own number of tops."""
     from qwen_api.engine.base import TokenLogprob
 
     return [
-        TokenLogprob(token, lp, tuple(zip(top_ids[i][: tops[i]], top_values[i][: tops[i]], strict=True)))
+        TokenLogprob(token, lp, tuple(zip(top_ids[i][: tops[i]], top_values[i][: tops[i]], strict=True)), ranks[i])
         for i, (token, lp) in enumerate(zip(tokens, chosen, strict=True))
     ]

@@ -76,7 +76,7 @@ class _Launched:
     places: list[tuple[Sequence, int]]  # each sampled sequence and its token's position (Scheduler.advance)
     drawn: torch.Tensor | None  # [len(places)] on the device
     # on the host (once `ready`, on CUDA): the drawn tokens, then for the rows `wanted` their log-probabilities,
-    # the best values and the best ids (sampling.logprob_tensors)
+    # the best values, the best ids and the ranks (sampling.logprob_tensors)
     host: list[torch.Tensor]
     ready: Any  # a CUDA event recorded after those copies, or None
     wanted: list[int]  # rows that want log-probabilities
@@ -325,13 +325,14 @@ class NativeEngine:
         logprobs: dict[int, TokenLogprob] = {}
         if launched.wanted:  # after the tokens: their log-probabilities
             wanted = launched.wanted
-            chosen, values, ids = host[1:4]
-            entries = logprob_entries([tokens[i] for i in wanted], chosen, values, ids, launched.tops)
+            chosen, values, ids, ranks = host[1:5]
+            entries = logprob_entries([tokens[i] for i in wanted], chosen, values, ids, ranks, launched.tops)
             logprobs = dict(zip(wanted, entries, strict=True))
         if launched.scored:  # last: the prompt's
-            chosen, values, ids = host[-3:]
+            chosen, values, ids, ranks = host[-4:]
             scored = launched.scored
-            entries = logprob_entries([t for _, t, _ in scored], chosen, values, ids, [k for _, _, k in scored])
+            tops = [k for _, _, k in scored]
+            entries = logprob_entries([t for _, t, _ in scored], chosen, values, ids, ranks, tops)
             for (seq, _, _), entry in zip(scored, entries, strict=True):
                 seq.handle.scored.append(entry)
         self._steps += 1
