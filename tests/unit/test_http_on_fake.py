@@ -236,6 +236,29 @@ def test_vllm_continue_final_message_and_add_generation_prompt() -> None:
     run(test)
 
 
+def test_vllm_chat_echo_repeats_the_last_assistant_message() -> None:
+    """vLLM's `echo` on chat completions: the answer's content starts with the last message's when that is an
+    assistant's (continued or not), plain and streamed (a content chunk right after the role chunk); after a user's
+    message it adds nothing."""
+    history = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "It is "}]
+    chat = {"model": "fake-model", "messages": history, "max_tokens": 20, "echo": True}
+
+    async def test(client: httpx.AsyncClient, fake: FakeEngine, _: Admission) -> None:
+        for extra in ({"continue_final_message": True, "add_generation_prompt": False}, {}):
+            r = await client.post("/v1/chat/completions", json={**chat, **extra})
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "It is " + ANSWER
+        r = await client.post("/v1/chat/completions", json={**chat, "stream": True, "n": 2})
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        for index in (0, 1):
+            deltas = [e["choices"][0]["delta"] for e in events if e["choices"][0]["index"] == index]
+            assert deltas[0] == {"role": "assistant", "content": ""} and deltas[1] == {"content": "It is "}
+            assert "".join(d.get("content", "") for d in deltas) == "It is " + ANSWER
+        r = await client.post("/v1/chat/completions", json={**chat, "messages": history[:1]})
+        assert r.json()["choices"][0]["message"]["content"] == ANSWER
+
+    run(test)
+
+
 def test_echo_in_the_legacy_shape_plain_streamed_and_empty() -> None:
     """`echo` on text completions (the engines' log-probabilities of the prompt are scripted here): the prompt's
     text leads the answer's, its tokens lead the log-probabilities with the first one's null, `text_offset` runs

@@ -150,7 +150,8 @@ async def chat_completions(
         lambda: chat_prompt(generator, chat, tools, generation_prompt, prefill)
     )
     log_prompt(ctx.settings, messages)
-    return await ctx.serve(request, body, [_Prompt(prompt_ids)], "chat.completion", f"chatcmpl-{uuid.uuid4().hex}")
+    prompt = _Prompt(prompt_ids, body.echoed())
+    return await ctx.serve(request, body, [prompt], "chat.completion", f"chatcmpl-{uuid.uuid4().hex}")
 
 
 @router.post("/completions", response_model=None)
@@ -177,8 +178,8 @@ async def completions(
 
 @dataclasses.dataclass(frozen=True)
 class _Prompt:
-    """One prompt to answer: its token ids, and for a text completion with `echo` its text, which its answers
-    repeat before their own."""
+    """One prompt to answer: its token ids, and with `echo` the text its answers repeat before their own (a text
+    completion's prompt; on chat, the last message's content: `ChatCompletionRequest.echoed`)."""
 
     ids: list[int]
     echo: str | None = None
@@ -258,6 +259,8 @@ def _choice(
             finish = "tool_calls"
         elif rules is not None:  # no call; a call cut off by the token limit is not shown as text
             message["content"] = parsed.content or ""
+        if prompt.echo is not None:
+            message["content"] = prompt.echo + (message["content"] or "")
         chat = logprobs.chat(c.logprobs)
         return {"index": index, "message": message, "finish_reason": finish, "logprobs": chat, **ids}
     text, legacy = c.text, logprobs.legacy(c.logprobs)
@@ -355,7 +358,10 @@ async def _chunks(
         if chat:
             for i in range(choices):
                 yield chunk(i, None, None, first=True)
-        echoing = [p.echo is not None for p in prompts]
+            for i, p in enumerate(prompts):  # vLLM's chat echo: the last message's content, before the answer's
+                if p.echo is not None:
+                    yield chunk(i, p.echo, None)
+        echoing = [p.echo is not None and not chat for p in prompts]
         async for d in deltas:
             entries[d.index].extend(d.logprobs or ())
             ids[d.index].extend(d.token_ids)

@@ -355,6 +355,13 @@ class ChatCompletionRequest(_SamplingRequest, ChatShaping):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    echo: bool = False  # vLLM's: the answer's content starts with the last message's, when that is an assistant's
+
+    def echoed(self) -> str | None:
+        """With `echo`, the text the answer's content repeats first: the last message's, when that is an
+        assistant's text (the turn the answer continues or follows, as vLLM's echo reads it); else None."""
+        last = self.messages[-1]
+        return last.text() or None if self.echo and last.role == "assistant" and not last.tool_calls else None
 
     def check_supported(self) -> None:
         super().check_supported()
