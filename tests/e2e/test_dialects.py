@@ -493,6 +493,11 @@ def test_models_in_anthropic_shape_for_anthropic_requests(scripted_server: InPro
     assert info.lifecycle == "active"
     assert [m.id for m in client.models.list()] == [model]  # the SDK's pager stops at has_more false
     assert client.models.list(after_id=model).data == [] and client.models.list(before_id=model).data == []
+    assert client.models.list(limit=1).data == [info] and client.models.list(limit=1000).data == [info]
+    for limit in (0, 1001):  # Anthropic's page sizes are 1 to 1000
+        with pytest.raises(anthropic.BadRequestError) as bad:
+            client.models.list(limit=limit)
+        assert isinstance(bad.value.body, dict) and bad.value.body["error"]["type"] == "invalid_request_error"
     assert client.models.retrieve(model) == info
     with pytest.raises(anthropic.NotFoundError) as info_404:
         client.models.retrieve("claude-x")

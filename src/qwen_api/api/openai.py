@@ -114,9 +114,13 @@ def _anthropic_model(request: Request, name: str, created: int) -> dict[str, Any
     return {"type": "model", "id": name, "display_name": name, "created_at": created_at, "lifecycle": "active"}
 
 
-@router.get("/models")
-async def list_models(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
+@router.get("/models", response_model=None)
+async def list_models(request: Request, runtime: RuntimeDep) -> dict[str, Any] | JSONResponse:
     if (info := _anthropic_model(request, runtime.model_name, runtime.created)) is not None:
+        limit = request.query_params.get("limit", "20")
+        if not (limit.isascii() and limit.isdigit() and 1 <= int(limit[:5]) <= 1000):  # Anthropic's page sizes
+            message = f"limit: must be an integer from 1 to 1000, not {limit[:40]!r}"
+            return JSONResponse(anthropic_error_body(message, "invalid_request_error"), status_code=400)
         # One model: no page after it or before it, so a cursor (`after_id`, `before_id`) pages to an empty list.
         cursor = "after_id" in request.query_params or "before_id" in request.query_params
         data = [] if cursor else [info]
