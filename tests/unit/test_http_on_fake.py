@@ -259,6 +259,19 @@ def test_vllm_chat_echo_repeats_the_last_assistant_message() -> None:
     run(test)
 
 
+def test_openai_modalities_text_is_accepted_and_audio_refused() -> None:
+    chat = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20}
+
+    async def test(client: httpx.AsyncClient, fake: FakeEngine, _: Admission) -> None:
+        r = await client.post("/v1/chat/completions", json={**chat, "modalities": ["text"]})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == ANSWER
+        for modalities in (["text", "audio"], ["audio"], []):
+            r = await client.post("/v1/chat/completions", json={**chat, "modalities": modalities})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "modalities", modalities
+
+    run(test)
+
+
 def test_echo_in_the_legacy_shape_plain_streamed_and_empty() -> None:
     """`echo` on text completions (the engines' log-probabilities of the prompt are scripted here): the prompt's
     text leads the answer's, its tokens lead the log-probabilities with the first one's null, `text_offset` runs

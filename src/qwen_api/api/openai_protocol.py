@@ -202,6 +202,7 @@ class _SamplingRequest(_OpenAIRequest):
     prompt_cache_key: str | None = Field(None, max_length=256, description="Accepted; not used.")
     service_tier: Literal["auto", "default", "flex", "priority"] | None = None
     store: bool | None = None
+    modalities: list[str] | None = None  # ["text"]: what every answer here is (audio is a 400)
     # vLLM's structured outputs, which its clients send in extra_body: one constraint, enforced as response_format
     # is (`structured.grammar.vllm_grammar`); the older guided_* fields too.
     structured_outputs: dict[str, Any] | None = None
@@ -258,6 +259,8 @@ class _SamplingRequest(_OpenAIRequest):
             raise Unsupported("stream_options", "only allowed when stream is true")
         if self.store:
             raise Unsupported("store", "this server keeps no completions: send store false or leave it out")
+        if self.modalities is not None and self.modalities != ["text"]:
+            raise Unsupported("modalities", 'this model answers in text only: send ["text"] or leave it out')
         if self.prompt_logprobs is not None and self.stream:  # as vLLM: they would all come before the first token
             raise Unsupported("prompt_logprobs", "not available when streaming: send stream false")
 
