@@ -259,7 +259,8 @@ def test_echo_scores_the_prompt_as_generation_would(api_server: InProcessServer)
 
 def test_vllm_token_fields_and_prompt_logprobs(api_server: InProcessServer) -> None:
     """vLLM's fields for clients that work in tokens, through the SDK's extra_body: `return_token_ids` gives the
-    prompt's ids and each choice's, streamed (in pieces that add up to the plain answer's) or not;
+    prompt's ids and each choice's, streamed (in pieces that add up to the plain answer's, each chunk's
+    `continuous_usage_stats` counting them) or not;
     `return_tokens_as_token_ids` names log-probability entries "token_id:N"; `prompt_logprobs` gives each prompt
     token's log-probability, rank and alternatives, as an echoed prompt scores it; on chat as on text completions."""
     api, generator, model = client(api_server), api_server.runtime.generator(), name(api_server)
@@ -299,11 +300,19 @@ def test_vllm_token_fields_and_prompt_logprobs(api_server: InProcessServer) -> N
     assert chat.usage is not None and len(prompt) == chat.usage.prompt_tokens
     assert len(top["choices"][0]["token_ids"]) == chat.usage.completion_tokens
     assert [None if e is None else list(e) for e in top["prompt_logprobs"]] == [None] + [[str(t)] for t in prompt[1:]]
-    streamed = [
-        c.model_dump()
-        for c in api.chat.completions.create(**chat_args, extra_body={"return_token_ids": True}, stream=True)
-    ]
+    # streamed, with vLLM's continuous usage: each chunk counts the tokens its choice has so far
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    stream = api.chat.completions.create(
+        **chat_args, extra_body={"return_token_ids": True}, stream=True, stream_options=options
+    )
+    streamed = [c.model_dump() for c in stream]
     assert streamed[0]["prompt_token_ids"] == prompt and all("prompt_token_ids" not in c for c in streamed[1:])
+    so_far = 0
+    for c in streamed[:-1]:
+        so_far += len(c["choices"][0].get("token_ids") or [])
+        assert (c["usage"]["prompt_tokens"], c["usage"]["completion_tokens"]) == (len(prompt), so_far)
+    assert so_far == chat.usage.completion_tokens and streamed[-1]["choices"] == []
+    assert streamed[-1]["usage"]["completion_tokens"] == so_far
     assert [t for c in streamed for ch in c["choices"] for t in ch.get("token_ids") or []] == top["choices"][0][
         "token_ids"
     ]

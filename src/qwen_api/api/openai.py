@@ -296,7 +296,7 @@ async def _chunks(
     log-probabilities go."""
     chat = kind == "chat.completion"
     obj = "chat.completion.chunk" if chat else "text_completion"
-    with_usage = body.include_usage()
+    with_usage, continuous = body.include_usage(), body.continuous_usage()
 
     wanted = body.logprobs_wanted() is not None
     # Per choice: log-probability entries and token ids not sent yet, and (legacy shape) where its text stands
@@ -306,6 +306,14 @@ async def _chunks(
     ids: list[list[int]] = [[] for _ in range(choices)]
     offsets = [TextOffsets() for _ in range(choices)]
     unsent = [body.return_token_ids] * choices  # the prompt's ids, not sent yet
+    generated = [0] * choices  # tokens so far (`continuous_usage_stats`)
+
+    def usage_now(index: int) -> dict[str, Any]:
+        """A chunk's usage field, where the request asked for usage: null, or with vLLM's continuous_usage_stats
+        the choice's counts so far (its prompt's tokens and its own)."""
+        if not with_usage:
+            return {}
+        return {"usage": usage(len(prompts[index].ids), generated[index]) if continuous else None}
 
     def chunk(
         index: int,
@@ -335,10 +343,7 @@ async def _chunks(
             legacy = logprobs.legacy(taken, offsets[index], prompt)
             choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": legacy, **extra}
             top = {}
-        out = {**head, "object": obj, "choices": [choice], **top}
-        if with_usage:
-            out["usage"] = None
-        return out
+        return {**head, "object": obj, "choices": [choice], **top, **usage_now(index)}
 
     rules = _call_rules(body) if chat else None
     # with tools, per choice: its text, held back where it may be (the start of) a <tool_call>
@@ -354,7 +359,7 @@ async def _chunks(
         for k, call in enumerate(calls):
             delta = {"tool_calls": [{"index": k, **call}]}
             choice = {"index": index, "delta": delta, "finish_reason": None, "logprobs": None}
-            out.append({**head, "object": obj, "choices": [choice], **({"usage": None} if with_usage else {})})
+            out.append({**head, "object": obj, "choices": [choice], **usage_now(index)})
         return [*out, chunk(index, None, "tool_calls")]
 
     completion_tokens = 0
@@ -369,6 +374,7 @@ async def _chunks(
         async for d in deltas:
             entries[d.index].extend(d.logprobs or ())
             ids[d.index].extend(d.token_ids)
+            generated[d.index] += len(d.token_ids)
             if calls_in is not None:
                 if text := calls_in[d.index].feed(d.text):
                     yield chunk(d.index, text, None)

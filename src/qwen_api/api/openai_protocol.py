@@ -172,6 +172,8 @@ class NamedToolChoice(_OpenAIRequest):
 
 class StreamOptions(_OpenAIRequest):
     include_usage: bool = False
+    # vLLM's: with include_usage, every chunk carries its choice's usage so far (benchmarks read exact counts so)
+    continuous_usage_stats: bool = False
 
 
 class _SamplingRequest(_OpenAIRequest):
@@ -302,6 +304,10 @@ class _SamplingRequest(_OpenAIRequest):
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def continuous_usage(self) -> bool:
+        """Whether each chunk carries its choice's usage so far (vLLM's `continuous_usage_stats`)."""
+        return self.include_usage() and bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
     def token_bias(self, vocab_size: int) -> tuple[tuple[int, float], ...]:
         """logit_bias as (token id, bias) pairs; `Unsupported` for an id outside the model's vocabulary, or one
