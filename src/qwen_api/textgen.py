@@ -37,6 +37,10 @@ class PromptTooLong(ValueError):
         )
 
 
+class TemplateMismatch(ValueError):
+    """The chat template did not render a message as given (it dropped or altered one): its ids cannot be told."""
+
+
 class EmptyPrompt(ValueError):
     """The prompt is no tokens at all: there is nothing to continue (and an engine must never see it)."""
 
@@ -117,45 +121,58 @@ class TextGenerator:
 
     # ------------------------------------------------------------------------------------------ prompts
     def chat_prompt_ids(
-        self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None, generation_prompt: bool = True
+        self,
+        messages: list[dict[str, str]],
+        tools: list[dict[str, Any]] | None = None,
+        generation_prompt: bool = True,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
         """Token ids of `messages` in the model's chat template, ending with the assistant's turn opener (unless not
-        `generation_prompt`).
+        `generation_prompt`); `template_kwargs` are more variables for the template.
 
         Message content is text, always: a `<|im_end|>` typed inside a message is tokenised as the characters it
         is, never as the control token, so only the template itself can open or close a turn.
         """
         if not getattr(self.tokenizer, "chat_template", None):
             return self.content_ids("\n".join(m["content"] for m in messages))
-        if not any(self._holds_special(m["content"]) for m in messages):
-            return self._template_ids(messages, tools, generation_prompt)  # the common case: the template's own ids
+        extra = template_kwargs or {}
+        if not any(self._holds_special(m["content"]) for m in messages):  # the common case: the template's own ids
+            return self._template_ids(messages, tools, generation_prompt, extra)
         # Render with a placeholder per message, then tokenise the template's text with its control tokens and
         # each content as plain text.
         marks = [f"\x00{uuid.uuid4().hex}\x00" for _ in messages]
         marked = [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)]
-        rendered = self._render(marked, tools, generation_prompt)
+        rendered = self._render(marked, tools, generation_prompt, extra)
         ids: list[int] = []
         for mark, message in zip(marks, messages, strict=True):
             before, found, rendered = rendered.partition(mark)
             if not found:  # the template dropped or altered a message: never guess, refuse
-                raise ValueError("the chat template did not render every message")
+                raise TemplateMismatch("the chat template did not render every message")
             ids += self.text_prompt_ids(before) + self.content_ids(message["content"])
         return ids + self.text_prompt_ids(rendered)
 
     def _render(
-        self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None, generation_prompt: bool
+        self,
+        messages: list[dict[str, str]],
+        tools: list[dict[str, Any]] | None,
+        generation_prompt: bool,
+        extra: dict[str, Any],
     ) -> str:
         return str(
             self.tokenizer.apply_chat_template(
-                messages, tools=tools, add_generation_prompt=generation_prompt, tokenize=False
+                messages, tools=tools, add_generation_prompt=generation_prompt, tokenize=False, **extra
             )
         )
 
     def _template_ids(
-        self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None, generation_prompt: bool
+        self,
+        messages: list[dict[str, str]],
+        tools: list[dict[str, Any]] | None,
+        generation_prompt: bool,
+        extra: dict[str, Any],
     ) -> list[int]:
         encoded = self.tokenizer.apply_chat_template(
-            messages, tools=tools, add_generation_prompt=generation_prompt, tokenize=True
+            messages, tools=tools, add_generation_prompt=generation_prompt, tokenize=True, **extra
         )
         ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
         return [int(i) for i in ids]

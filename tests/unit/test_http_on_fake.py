@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,12 +22,16 @@ TOKENIZER = build_qwen2_tokenizer()
 ANSWER = "Paris is the capital of France."
 
 
-def run(test: Callable[[httpx.AsyncClient, FakeEngine, Admission], Awaitable[None]], **settings: Any) -> None:
+def run(
+    test: Callable[[httpx.AsyncClient, FakeEngine, Admission], Awaitable[None]],
+    tokenizer: Any = TOKENIZER,
+    **settings: Any,
+) -> None:
     """Run `test` against create_app(...) over a fake engine that answers ANSWER."""
     fake = FakeEngine(TOKENIZER(ANSWER, add_special_tokens=False)["input_ids"])
 
     async def main() -> None:
-        runtime = Runtime(lambda: TextGenerator(fake, TOKENIZER), "fake-model")
+        runtime = Runtime(lambda: TextGenerator(fake, tokenizer), "fake-model")
         admission = Admission(Settings(**settings).admission_capacity())
         app = create_app(Settings(**settings), runtime, admission)
         runtime.connect(on_ready=observe_with(app.state.metrics))
@@ -257,6 +262,40 @@ def test_vllm_chat_echo_repeats_the_last_assistant_message() -> None:
         assert r.json()["choices"][0]["message"]["content"] == ANSWER
 
     run(test)
+
+
+def test_vllm_chat_template_kwargs_reach_the_template() -> None:
+    """vLLM's `chat_template_kwargs` are variables for the chat template (here one that reads `enable_thinking`, as
+    Qwen3's does, and refuses a `style` it does not know), on chat completions and /tokenize alike; a variable the
+    server sets itself, or one the template refuses, is a 400 naming the field."""
+    tokenizer = copy.deepcopy(TOKENIZER)
+    tokenizer.chat_template = (
+        "{% if style is defined and style != 'plain' %}{{ raise_exception('unknown style ' + style) }}{% endif %}"
+        + TOKENIZER.chat_template
+        + "{% if enable_thinking is defined and not enable_thinking %}/no_think{% endif %}"
+    )
+    messages = [{"role": "user", "content": "Capital of France?"}]
+    chat = {"model": "fake-model", "messages": messages, "max_tokens": 20}
+
+    async def test(client: httpx.AsyncClient, fake: FakeEngine, _: Admission) -> None:
+        r = await client.post("/v1/chat/completions", json={**chat, "chat_template_kwargs": {"enable_thinking": False}})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == ANSWER
+        assert TOKENIZER.decode(fake.calls[-1][0]).endswith("<|im_start|>assistant\n/no_think")
+        counted = await client.post(
+            "/tokenize", json={"messages": messages, "chat_template_kwargs": {"enable_thinking": False}}
+        )
+        assert counted.json()["tokens"] == fake.calls[-1][0]
+        r = await client.post("/v1/chat/completions", json={**chat, "chat_template_kwargs": {"style": "plain"}})
+        assert r.status_code == 200 and not TOKENIZER.decode(fake.calls[-1][0]).endswith("/no_think")
+        for kwargs in ({"add_generation_prompt": False}, {"messages": []}, {"style": "fancy"}, {"no way": 1}):
+            for path in ("/v1/chat/completions", "/tokenize"):
+                body = {**(chat if path != "/tokenize" else {"messages": messages}), "chat_template_kwargs": kwargs}
+                r = await client.post(path, json=body)
+                assert r.status_code == 400, (path, kwargs, r.text)
+                if path != "/tokenize":
+                    assert r.json()["error"]["param"] == "chat_template_kwargs", kwargs
+
+    run(test, tokenizer=tokenizer)
 
 
 def test_openai_modalities_text_is_accepted_and_audio_refused() -> None:

@@ -150,8 +150,9 @@ async def chat_completions(
     ctx.validate(body)
     generator, tools = ctx.generator, body.tool_dicts()
     chat, generation_prompt, prefill = body.shaped(body.messages)
+    extra = body.template_kwargs()
     messages, prompt_ids = await generator.off_loop(
-        lambda: chat_prompt(generator, chat, tools, generation_prompt, prefill)
+        lambda: chat_prompt(generator, chat, tools, generation_prompt, prefill, extra)
     )
     log_prompt(ctx.settings, messages)
     prompt = _Prompt(prompt_ids, body.echoed())

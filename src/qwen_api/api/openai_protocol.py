@@ -125,6 +125,18 @@ class ChatMessage(_OpenAIRequest):
         return out
 
 
+# What rendering a chat sets itself: apply_chat_template's own parameters, and the variables and functions it gives
+# every template.
+_SERVER_TEMPLATE_KEYS = frozenset(
+    {
+        "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+        "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation", "max_length",
+        "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "raise_exception",
+        "strftime_now",
+    }
+)  # fmt: skip
+
+
 class ChatShaping(RequestModel):
     """vLLM's two fields that shape a chat's prompt, for every route that renders one from `messages` (chat
     completions, /tokenize): `continue_final_message` makes the answer continue the last message, an assistant's,
@@ -133,6 +145,16 @@ class ChatShaping(RequestModel):
 
     add_generation_prompt: bool | None = None  # None: true, unless the final message is continued
     continue_final_message: bool = False
+    # vLLM's: more variables for the chat template (e.g. Qwen3's `enable_thinking`); a template that does not read
+    # one ignores it. Those the server sets itself are refused.
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def template_kwargs(self) -> dict[str, Any] | None:
+        """`chat_template_kwargs`, once no key names what the server sets (`Unsupported`)."""
+        for key in self.chat_template_kwargs or {}:
+            if key in _SERVER_TEMPLATE_KEYS or not key.isidentifier():
+                raise Unsupported("chat_template_kwargs", f"{key!r} is not a template variable a request may set")
+        return self.chat_template_kwargs or None
 
     def shaped(self, messages: list[ChatMessage]) -> tuple[list[ChatMessage], bool, str | None]:
         """(the messages the template renders, whether it adds the assistant turn's opener, the text that follows

@@ -68,7 +68,10 @@ async def tokenize(body: TokenizeRequest, runtime: RuntimeDep, generator: Genera
     if body.messages is not None:
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
         chat, generation_prompt, prefill = body.shaped(body.messages)
-        _, ids = await generator.off_loop(lambda: chat_prompt(generator, chat, tools, generation_prompt, prefill))
+        extra = body.template_kwargs()
+        _, ids = await generator.off_loop(
+            lambda: chat_prompt(generator, chat, tools, generation_prompt, prefill, extra)
+        )
     else:
         special = bool(body.add_special_tokens)
         ids = await generator.off_loop(lambda: generator.text_prompt_ids(body.prompt or "", special))
