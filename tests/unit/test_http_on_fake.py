@@ -298,6 +298,39 @@ def test_vllm_chat_template_kwargs_reach_the_template() -> None:
     run(test, tokenizer=tokenizer)
 
 
+def test_vllm_truncate_prompt_tokens_request_id_and_priority() -> None:
+    """vLLM's `truncate_prompt_tokens` keeps the prompt's last k tokens, as the request asks (the echo, the usage and
+    the engine see what is left; chat's template tokens count too); `request_id` names the answer; a `priority` but
+    0 is a 400 (one queue here)."""
+    ids = TOKENIZER("one two three four five six seven", add_special_tokens=False)["input_ids"]
+    text = {"model": "fake-model", "prompt": ids, "max_tokens": 20, "echo": True}
+
+    async def test(client: httpx.AsyncClient, fake: FakeEngine, _: Admission) -> None:
+        r = await client.post("/v1/completions", json={**text, "truncate_prompt_tokens": 3, "request_id": "job-7"})
+        body = r.json()
+        assert fake.calls[-1][0] == ids[-3:] and body["usage"]["prompt_tokens"] == 3 and body["id"] == "cmpl-job-7"
+        assert body["choices"][0]["text"] == TOKENIZER.decode(ids[-3:]) + ANSWER
+        r = await client.post("/v1/completions", json={**text, "prompt": "one two three", "truncate_prompt_tokens": 1})
+        assert r.json()["choices"][0]["text"] == " three" + ANSWER and fake.calls[-1][0] == ids[2:3]
+        for keep in (-1, len(ids), 100):  # the whole prompt fits: nothing to cut
+            r = await client.post("/v1/completions", json={**text, "truncate_prompt_tokens": keep})
+            assert fake.calls[-1][0] == ids and r.json()["usage"]["prompt_tokens"] == len(ids)
+        chat = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}
+        r = await client.post("/v1/chat/completions", json={**chat, "truncate_prompt_tokens": 4, "request_id": "a.b"})
+        assert len(fake.calls[-1][0]) == 4 and r.json()["id"] == "chatcmpl-a.b"
+        assert TOKENIZER.decode(fake.calls[-1][0]).endswith("<|im_start|>assistant\n")
+        for bad, param in (
+            ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+            ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+            ({"priority": 1}, "priority"),
+            ({"request_id": "no spaces"}, "request_id"),
+        ):
+            r = await client.post("/v1/chat/completions", json={**chat, **bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+
+    run(test)
+
+
 def test_openai_modalities_text_is_accepted_and_audio_refused() -> None:
     chat = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20}
 

@@ -155,8 +155,8 @@ async def chat_completions(
         lambda: chat_prompt(generator, chat, tools, generation_prompt, prefill, extra)
     )
     log_prompt(ctx.settings, messages)
-    prompt = _Prompt(prompt_ids, body.echoed())
-    return await ctx.serve(request, body, [prompt], "chat.completion", f"chatcmpl-{uuid.uuid4().hex}")
+    prompt = _Prompt(body.truncated(prompt_ids, generator.engine.max_context_tokens), body.echoed())
+    return await ctx.serve(request, body, [prompt], "chat.completion", f"chatcmpl-{_request_id(body)}")
 
 
 @router.post("/completions", response_model=None)
@@ -170,15 +170,22 @@ async def completions(
         text: str | None = None
         if isinstance(prompt, str):
             text, ids = prompt, await generator.off_loop(functools.partial(generator.text_prompt_ids, prompt))
-        else:  # token ids: their text only where it is echoed or logged
+        else:  # token ids
             if outside := [t for t in prompt if t >= generator.vocab_size]:
                 raise Unsupported("prompt", f"token id {outside[0]} is outside this model's vocabulary")
             ids = prompt
-            if body.echo or ctx.settings.log_prompts:
-                text = await generator.off_loop(functools.partial(generator.decode_all, prompt))
+        if (kept := body.truncated(ids, generator.engine.max_context_tokens)) is not ids:
+            ids, text = kept, None  # truncated as the request asks: its text is what is left
+        if text is None and (body.echo or ctx.settings.log_prompts):  # the text of ids, where it is shown
+            text = await generator.off_loop(functools.partial(generator.decode_all, ids))
         log_prompt(ctx.settings, text if text is not None else ids)
         prompts.append(_Prompt(ids, text if body.echo else None))
-    return await ctx.serve(request, body, prompts, "text_completion", f"cmpl-{uuid.uuid4().hex}")
+    return await ctx.serve(request, body, prompts, "text_completion", f"cmpl-{_request_id(body)}")
+
+
+def _request_id(body: _SamplingRequest) -> str:
+    """The answer's id after its prefix: vLLM's `request_id` where the request gives one, else a new one."""
+    return body.request_id if body.request_id is not None else uuid.uuid4().hex
 
 
 @dataclasses.dataclass(frozen=True)

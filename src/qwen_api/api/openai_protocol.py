@@ -248,6 +248,11 @@ class _SamplingRequest(_OpenAIRequest):
     return_token_ids: bool = False
     return_tokens_as_token_ids: bool = False
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_PROMPT_LOGPROBS)
+    # vLLM's: keep only the prompt's last k tokens (-1: as many as the context holds), a truncation the client asks for
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    # vLLM's: its id in the answer's (`chatcmpl-<request_id>`); and a scheduling priority, of which this server has one
+    request_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
+    priority: int = 0
 
     @field_validator("stop")
     @classmethod
@@ -283,6 +288,10 @@ class _SamplingRequest(_OpenAIRequest):
             raise Unsupported("stream_options", "only allowed when stream is true")
         if self.store:
             raise Unsupported("store", "this server keeps no completions: send store false or leave it out")
+        if self.truncate_prompt_tokens == 0:
+            raise Unsupported("truncate_prompt_tokens", "0 keeps no token: give at least 1, or -1 for the context")
+        if self.priority != 0:
+            raise Unsupported("priority", "requests are served first come, first served here: send 0 or leave it out")
         if self.modalities is not None and self.modalities != ["text"]:
             raise Unsupported("modalities", 'this model answers in text only: send ["text"] or leave it out')
         if self.prompt_logprobs is not None and self.stream:  # as vLLM: they would all come before the first token
@@ -323,6 +332,11 @@ class _SamplingRequest(_OpenAIRequest):
         except GrammarError as exc:
             raise Unsupported(exc.param, str(exc)) from None
         return None if grammar is None else (grammar, "response_format")
+
+    def truncated(self, ids: list[int], context: int) -> list[int]:
+        """The prompt's ids as `truncate_prompt_tokens` asks: its last k (-1: the last `context`), else all."""
+        keep = context if self.truncate_prompt_tokens == -1 else self.truncate_prompt_tokens
+        return ids[-keep:] if keep is not None and 0 < keep < len(ids) else ids
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
