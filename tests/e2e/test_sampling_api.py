@@ -279,7 +279,7 @@ def test_vllm_token_fields_and_prompt_logprobs(api_server: InProcessServer) -> N
         listed = scored[i]
         own = listed[str(ids[i])]
         assert own["logprob"] == pytest.approx(lp.token_logprobs[i], abs=1e-5) and own["rank"] >= 1
-        assert own["decoded_token"] == f"token_id:{ids[i]}"
+        assert own["decoded_token"] == generator.token_bytes(ids[i]).decode(errors="replace")  # text, as vLLM's
         tops = sorted((e for t, e in listed.items() if t != str(ids[i]) or e["rank"] <= 3), key=lambda e: e["rank"])
         assert [e["rank"] for e in tops] == [1, 2, 3]  # the three best, the token among them where it is
         assert [e["logprob"] for e in tops] == sorted((e["logprob"] for e in tops), reverse=True)

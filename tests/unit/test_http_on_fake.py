@@ -252,12 +252,21 @@ def test_vllm_chat_echo_repeats_the_last_assistant_message() -> None:
         for extra in ({"continue_final_message": True, "add_generation_prompt": False}, {}):
             r = await client.post("/v1/chat/completions", json={**chat, **extra})
             assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "It is " + ANSWER
-        r = await client.post("/v1/chat/completions", json={**chat, "stream": True, "n": 2})
+        streamed = {**chat, "stream": True, "n": 2, "logprobs": True, "return_token_ids": True}
+        r = await client.post("/v1/chat/completions", json=streamed)
         events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
         for index in (0, 1):
-            deltas = [e["choices"][0]["delta"] for e in events if e["choices"][0]["index"] == index]
+            choices = [e["choices"][0] for e in events if e["choices"][0]["index"] == index]
+            deltas = [c["delta"] for c in choices]
             assert deltas[0] == {"role": "assistant", "content": ""} and deltas[1] == {"content": "It is "}
+            assert choices[1]["logprobs"] is None and "token_ids" not in choices[1]  # none of the answer's tokens
             assert "".join(d.get("content", "") for d in deltas) == "It is " + ANSWER
+        # a message of text parts reads as its parts joined by newlines (as vLLM renders it), echoed so too
+        parts = [{"type": "text", "text": "It is"}, {"type": "text", "text": "sunny: "}]
+        r = await client.post(
+            "/v1/chat/completions", json={**chat, "messages": [history[0], {**history[1], "content": parts}]}
+        )
+        assert r.json()["choices"][0]["message"]["content"] == "It is\nsunny: " + ANSWER
         r = await client.post("/v1/chat/completions", json={**chat, "messages": history[:1]})
         assert r.json()["choices"][0]["message"]["content"] == ANSWER
 
@@ -271,6 +280,7 @@ def test_vllm_chat_template_kwargs_reach_the_template() -> None:
     tokenizer = copy.deepcopy(TOKENIZER)
     tokenizer.chat_template = (
         "{% if style is defined and style != 'plain' %}{{ raise_exception('unknown style ' + style) }}{% endif %}"
+        "{% if budget is defined %}{{ budget // 2 }}{% endif %}"
         + TOKENIZER.chat_template
         + "{% if enable_thinking is defined and not enable_thinking %}/no_think{% endif %}"
     )
@@ -287,7 +297,10 @@ def test_vllm_chat_template_kwargs_reach_the_template() -> None:
         assert counted.json()["tokens"] == fake.calls[-1][0]
         r = await client.post("/v1/chat/completions", json={**chat, "chat_template_kwargs": {"style": "plain"}})
         assert r.status_code == 200 and not TOKENIZER.decode(fake.calls[-1][0]).endswith("/no_think")
-        for kwargs in ({"add_generation_prompt": False}, {"messages": []}, {"style": "fancy"}, {"no way": 1}):
+        r = await client.post("/v1/chat/completions", json={**chat, "chat_template_kwargs": {"budget": 8}})
+        assert r.status_code == 200 and TOKENIZER.decode(fake.calls[-1][0]).startswith("4<|im_start|>")
+        refused = ({"add_generation_prompt": False}, {"messages": []}, {"style": "fancy"}, {"no way": 1})
+        for kwargs in (*refused, {"budget": "x"}):  # the last: a value the template cannot compute with
             for path in ("/v1/chat/completions", "/tokenize"):
                 body = {**(chat if path != "/tokenize" else {"messages": messages}), "chat_template_kwargs": kwargs}
                 r = await client.post(path, json=body)
@@ -315,15 +328,27 @@ def test_vllm_truncate_prompt_tokens_request_id_and_priority() -> None:
         for keep in (-1, len(ids), 100):  # the whole prompt fits: nothing to cut
             r = await client.post("/v1/completions", json={**text, "truncate_prompt_tokens": keep})
             assert fake.calls[-1][0] == ids and r.json()["usage"]["prompt_tokens"] == len(ids)
+        # -1: as much of the prompt as leaves the answer its max_tokens in the context (4,096 tokens here)
+        long = ids * 700
+        r = await client.post("/v1/completions", json={**text, "prompt": long, "truncate_prompt_tokens": -1})
+        assert r.status_code == 200 and fake.calls[-1][0] == long[-(4096 - 20) :]
+        r = await client.post("/v1/completions", json={**text, "prompt": long, "truncate_prompt_tokens": 4090})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens"
         chat = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}
-        r = await client.post("/v1/chat/completions", json={**chat, "truncate_prompt_tokens": 4, "request_id": "a.b"})
-        assert len(fake.calls[-1][0]) == 4 and r.json()["id"] == "chatcmpl-a.b"
+        r = await client.post(
+            "/v1/chat/completions", json={**chat, "truncate_prompt_tokens": 4, "request_id": "gsm8k/17 try#2"}
+        )
+        assert len(fake.calls[-1][0]) == 4 and r.json()["id"] == "chatcmpl-gsm8k/17 try#2"
         assert TOKENIZER.decode(fake.calls[-1][0]).endswith("<|im_start|>assistant\n")
+        r = await client.post("/v1/chat/completions", json=chat, headers={"X-Request-ID": "trace-9"})
+        assert r.json()["id"] == "chatcmpl-trace-9" and r.headers["x-request-id"] == "trace-9"
+        r = await client.post("/v1/completions", json=text)  # no id given: the one the server made, in its header
+        assert r.json()["id"] == "cmpl-" + r.headers["x-request-id"]
         for bad, param in (
             ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
             ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
             ({"priority": 1}, "priority"),
-            ({"request_id": "no spaces"}, "request_id"),
+            ({"request_id": ""}, "request_id"),
         ):
             r = await client.post("/v1/chat/completions", json={**chat, **bad})
             assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)

@@ -84,7 +84,9 @@ class LogprobShape:
         return out
 
     def _vllm_entry(self, token: int, logprob: float, rank: int | None) -> dict[str, Any]:
-        return {"logprob": logprob, "rank": rank, "decoded_token": self._token(token)[0]}
+        # the token's text, whatever `as_ids` says: vLLM names only `logprobs`' entries by id
+        text = self._generator.token_bytes(token).decode("utf-8", errors="replace")
+        return {"logprob": logprob, "rank": rank, "decoded_token": text}
 
 
 def narrowed(entries: Sequence[TokenLogprob] | None, width: int) -> tuple[TokenLogprob, ...] | None:

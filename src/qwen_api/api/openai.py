@@ -22,6 +22,7 @@ from qwen_api.api.deps import GeneratorDep, GuardDep, RuntimeDep, SettingsDep, l
 from qwen_api.api.errors import ModelNotFound, anthropic_error_body, openai_error_payload
 from qwen_api.api.guard import Guard
 from qwen_api.api.logprobs import LogprobShape, TextOffsets, narrowed
+from qwen_api.api.middleware import request_id_var
 from qwen_api.api.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -184,8 +185,12 @@ async def completions(
 
 
 def _request_id(body: _SamplingRequest) -> str:
-    """The answer's id after its prefix: vLLM's `request_id` where the request gives one, else a new one."""
-    return body.request_id if body.request_id is not None else uuid.uuid4().hex
+    """The answer's id after its prefix: vLLM's `request_id` where the request gives one, else the request's
+    X-Request-ID (the client's own, or the one the server made for it: the logs' id), as vLLM reads that header."""
+    if body.request_id is not None:
+        return body.request_id
+    given = request_id_var.get()
+    return given if given != "-" else uuid.uuid4().hex
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,10 +334,11 @@ async def _chunks(
         finish: str | None,
         first: bool = False,
         prompt: tuple[list[int], Sequence[TokenLogprob] | None] | None = None,
+        echo: bool = False,
     ) -> dict[str, Any]:
         taken: list[TokenLogprob] | None = None
         extra: dict[str, Any] = {}
-        if not first and (text or finish):  # a chunk with content (or the last) takes what is pending
+        if not (first or echo) and (text or finish):  # a chunk with content (or the last) takes what is pending
             if wanted:
                 taken, entries[index] = entries[index], []
             if body.return_token_ids:
@@ -377,7 +383,7 @@ async def _chunks(
                 yield chunk(i, None, None, first=True)
             for i, p in enumerate(prompts):  # vLLM's chat echo: the last message's content, before the answer's
                 if p.echo is not None:
-                    yield chunk(i, p.echo, None)
+                    yield chunk(i, p.echo, None, echo=True)  # no tokens of the answer's: none of theirs
         echoing = [p.echo is not None and not chat for p in prompts]
         async for d in deltas:
             entries[d.index].extend(d.logprobs or ())

@@ -113,9 +113,10 @@ class ChatMessage(_OpenAIRequest):
         return self
 
     def text(self) -> str:
+        """The message's text: a list of text parts joined by newlines, as vLLM renders them for a template."""
         if self.content is None:
             return ""
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
     def as_dict(self) -> dict[str, Any]:
         role = "system" if self.role == "developer" else self.role
@@ -251,7 +252,7 @@ class _SamplingRequest(_OpenAIRequest):
     # vLLM's: keep only the prompt's last k tokens (-1: as many as the context holds), a truncation the client asks for
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
     # vLLM's: its id in the answer's (`chatcmpl-<request_id>`); and a scheduling priority, of which this server has one
-    request_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
+    request_id: str | None = Field(None, min_length=1, max_length=512)
     priority: int = 0
 
     @field_validator("stop")
@@ -334,9 +335,24 @@ class _SamplingRequest(_OpenAIRequest):
         return None if grammar is None else (grammar, "response_format")
 
     def truncated(self, ids: list[int], context: int) -> list[int]:
-        """The prompt's ids as `truncate_prompt_tokens` asks: its last k (-1: the last `context`), else all."""
-        keep = context if self.truncate_prompt_tokens == -1 else self.truncate_prompt_tokens
-        return ids[-keep:] if keep is not None and 0 < keep < len(ids) else ids
+        """The prompt's ids as `truncate_prompt_tokens` asks: its last k (-1: as many as leave the answer its
+        `max_tokens` in the context, at least one), else all. A k that still leaves the answer no room is a 400
+        naming the field, as vLLM's."""
+        if (k := self.truncate_prompt_tokens) is None:
+            return ids
+        room = context - max(self.requested_max_tokens() or 1, 1)
+        keep = room if k == -1 else k
+        if keep > room and len(ids) > room:
+            raise Unsupported(
+                "truncate_prompt_tokens",
+                f"{k} prompt tokens leave no room for {self.requested_max_tokens() or 1} new ones in the context of"
+                f" {context}: at most {max(room, 0)}",
+            )
+        return ids[-keep:] if 0 < keep < len(ids) else ids
+
+    def requested_max_tokens(self) -> int | None:
+        """The most new tokens the request asks for, None when it leaves that to the server."""
+        raise NotImplementedError
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)

@@ -26,8 +26,8 @@ def chat_prompt(
     when it renders one, else by ours. The ids end with the assistant turn's opener (unless not
     `generation_prompt`), then `prefill`, the start of the answer, as plain text (control tokens typed in it stay
     characters, as in any message). `template_kwargs` (vLLM's `chat_template_kwargs`) are more variables for the
-    template. A conversation the template refuses (its `raise_exception`, or variables it cannot render) is the
-    request's error, `Unsupported`."""
+    template. A conversation the template refuses (its `raise_exception`), or variables it cannot compute with,
+    are the request's error, `Unsupported`."""
     model_renders = template_renders_tools(getattr(generator.tokenizer, "chat_template", None))
     messages = render_history([m.as_dict() for m in chat], tools, own_block=not model_renders)
     try:
@@ -35,4 +35,9 @@ def chat_prompt(
     except (TemplateError, TemplateMismatch) as exc:
         field = "chat_template_kwargs" if template_kwargs else "messages"
         raise Unsupported(field, f"the model's chat template cannot render this conversation: {exc}") from None
+    except Exception as exc:  # a request's variable the template cannot compute with (`budget // 2` of a string)
+        if not template_kwargs:
+            raise
+        why = f"{type(exc).__name__}: {exc}"
+        raise Unsupported("chat_template_kwargs", f"the model's chat template cannot render them: {why}") from None
     return messages, ids + generator.content_ids(prefill) if prefill else ids
