@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 
 import openai
@@ -323,6 +324,40 @@ def test_vllm_token_fields_and_prompt_logprobs(api_server: InProcessServer) -> N
         with pytest.raises(openai.BadRequestError) as info:
             api.chat.completions.create(**chat_args, stream=bad.pop("stream", False), extra_body=bad)
         assert info.value.body["param"] == param
+
+
+def test_vllm_allowed_token_ids_are_all_that_is_drawn(api_server: InProcessServer) -> None:
+    """vLLM's `allowed_token_ids`: sampled or greedy, beside a request without them in the same batch, every token
+    of the answer is one of them (read back with `return_token_ids`); their log-probabilities stay the model's; an
+    id outside the vocabulary, or beside a grammar, is a 400 naming the field."""
+    api, generator, model = client(api_server), api_server.runtime.generator(), name(api_server)
+    colours = [generator.content_ids(w)[0] for w in (" red", " green", " blue")]
+    args = {"model": model, "messages": QUESTION, "max_tokens": 8}
+    baseline = api.chat.completions.create(**args, temperature=0)
+    extra = {"allowed_token_ids": colours, "return_token_ids": True}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        sampled = [
+            pool.submit(api.chat.completions.create, **args, temperature=1.0, seed=s, extra_body=extra)
+            for s in range(3)
+        ]
+        greedy = pool.submit(api.chat.completions.create, **args, temperature=0, extra_body=extra, logprobs=True)
+        plain = pool.submit(api.chat.completions.create, **args, temperature=0)
+        answers = [f.result() for f in [*sampled, greedy]]
+        assert plain.result().choices[0].message.content == baseline.choices[0].message.content
+    for answer in answers:
+        ids = answer.choices[0].model_dump()["token_ids"]
+        assert len(ids) == 8 and set(ids) <= set(colours), ids  # no end token allowed: it runs to max_tokens
+    entries = greedy.result().choices[0].logprobs.content
+    assert all(e.logprob <= 0 for e in entries) and any(e.logprob < -1e-3 for e in entries)  # the model's, unmasked
+    schema = {"type": "json_schema", "json_schema": {"name": "b", "schema": {"type": "boolean"}}}
+    for bad in (
+        {"allowed_token_ids": [10**7]},
+        {"allowed_token_ids": colours, "response_format": schema},
+        {"allowed_token_ids": []},
+    ):
+        with pytest.raises(openai.BadRequestError) as info:
+            api.chat.completions.create(**args, extra_body=bad)
+        assert info.value.body["param"] == "allowed_token_ids", bad
 
 
 def test_a_seed_reproduces_with_every_control_on(api_server: InProcessServer) -> None:

@@ -81,8 +81,8 @@ def test_a_bias_past_the_models_row_is_dropped_not_indexed() -> None:
 
 
 def test_native_batch_controls_equal_the_per_row_rules() -> None:
-    """The native engine applies bias and penalties to a whole step at once (engine/native/controls.py): over
-    several steps, with rows joining, leaving and coming back, every row equals `LogitControls` on that row."""
+    """The native engine applies allowed ids, bias and penalties to a whole step at once (engine/native/controls.py):
+    over several steps, with rows joining, leaving and coming back, every row equals `LogitControls` on that row."""
     from qwen_api.engine.native.controls import BatchControls
     from qwen_api.engine.native.scheduler import Sequence
 
@@ -90,7 +90,9 @@ def test_native_batch_controls_equal_the_per_row_rules() -> None:
     kinds = [
         SamplingParams(max_new_tokens=9, repetition_penalty=1.3),
         SamplingParams(max_new_tokens=9, frequency_penalty=0.7, presence_penalty=-0.4),
-        SamplingParams(max_new_tokens=9, logit_bias=((3, 5.0), (60, 1.0)), repetition_penalty=0.8),
+        SamplingParams(
+            max_new_tokens=9, logit_bias=((3, 5.0), (60, 1.0)), repetition_penalty=0.8, allowed_ids=(3, 4, 20, 60)
+        ),  # allowed_token_ids: 60 is past the row, dropped; the others -inf, whatever the penalties do
         SamplingParams(max_new_tokens=9, logit_bias=((7, -100.0),), frequency_penalty=-1.5, presence_penalty=2.0),
     ]
     generator = torch.Generator().manual_seed(3)
@@ -107,6 +109,9 @@ def test_native_batch_controls_equal_the_per_row_rules() -> None:
             reference[i].apply(expected[row])
         applied = batch.apply(logits, list(range(1, len(live) + 1)), [seqs[i] for i in live])
         torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+        if 2 in live:  # the row with allowed ids: nothing else is finite
+            row = live.index(2) + 1
+            assert torch.isfinite(logits[row]).nonzero().flatten().tolist() == [3, 4, 20]
         tokens = torch.randint(0, vocab, (len(live),), generator=generator)
         tokens[0] = seqs[live[0]].tokens[-1]  # a repeat, so counts above 1 occur
         batch.accept(applied, tokens)

@@ -33,6 +33,7 @@ MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256
 MAX_STOP_TOKEN_IDS = 64  # vLLM's stop_token_ids in one request
 MAX_LOGIT_BIAS = 300  # entries in one request's logit_bias (OpenAI's own limit)
+MAX_ALLOWED_IDS = 16384  # vLLM's allowed_token_ids in one request
 MAX_PROMPT_LOGPROBS = 20  # alternatives per prompt token (vLLM's default --max-logprobs)
 # OpenAI's defaults, for what neither the request nor the model's generation config sets.
 _DIALECT_DEFAULTS: dict[str, Any] = {
@@ -249,6 +250,8 @@ class _SamplingRequest(_OpenAIRequest):
     return_token_ids: bool = False
     return_tokens_as_token_ids: bool = False
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_PROMPT_LOGPROBS)
+    # vLLM's: only these token ids may be drawn (an answer of labels, a classifier's classes); not with a grammar
+    allowed_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1, max_length=MAX_ALLOWED_IDS)
     # vLLM's: keep only the prompt's last k tokens (-1: as many as the context holds), a truncation the client asks for
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
     # vLLM's: its id in the answer's (`chatcmpl-<request_id>`); and a scheduling priority, of which this server has one
@@ -291,6 +294,8 @@ class _SamplingRequest(_OpenAIRequest):
             raise Unsupported("store", "this server keeps no completions: send store false or leave it out")
         if self.truncate_prompt_tokens == 0:
             raise Unsupported("truncate_prompt_tokens", "0 keeps no token: give at least 1, or -1 for the context")
+        if self.allowed_token_ids and self.grammar() is not None:  # their meet could be empty: nothing drawable
+            raise Unsupported("allowed_token_ids", "cannot be combined with structured outputs or required tools")
         if self.priority != 0:
             raise Unsupported("priority", "requests are served first come, first served here: send 0 or leave it out")
         if self.modalities is not None and self.modalities != ["text"]:
@@ -384,6 +389,8 @@ class _SamplingRequest(_OpenAIRequest):
         values = resolve_sampling(self, model_defaults, _DIALECT_DEFAULTS)
         if outside := [t for t in self.stop_token_ids or () if t >= vocab_size]:  # it could never end the answer
             raise Unsupported("stop_token_ids", f"token id {outside[0]} is outside this model's vocabulary")
+        if outside := [t for t in self.allowed_token_ids or () if t >= vocab_size]:
+            raise Unsupported("allowed_token_ids", f"token id {outside[0]} is outside this model's vocabulary")
         if self.min_tokens > max_new_tokens:
             raise Unsupported(
                 "min_tokens", f"{self.min_tokens} is more than the {max_new_tokens} tokens this answer may have"
@@ -398,6 +405,7 @@ class _SamplingRequest(_OpenAIRequest):
             presence_penalty=float(values["presence_penalty"]),
             frequency_penalty=float(values["frequency_penalty"]),
             logit_bias=self.token_bias(vocab_size),
+            allowed_ids=tuple(sorted(set(self.allowed_token_ids or ()))),
             seed=self.seed,
             logprobs=self.logprobs_wanted(),
             ignore_eos=self.ignore_eos,

@@ -46,6 +46,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # vLLM's allowed_token_ids: only these ids may be drawn (every other logit is -inf, before the bias); () for all
+    allowed_ids: tuple[int, ...] = ()
     # Log-probabilities to return with each token: None for none, k >= 0 for the sampled token's and the k most
     # likely alternatives'. They are the model's own distribution: the raw logits' log-softmax, before the grammar,
     # bias, penalties, temperature and filters.

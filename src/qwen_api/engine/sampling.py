@@ -121,6 +121,7 @@ def count_penalty(counts: torch.Tensor, frequency: Any, presence: Any) -> torch.
 class LogitControls:
     """One sequence's logit bias and penalties, applied in place to its raw logits row before temperature.
 
+    - `allowed_ids` (vLLM's allowed_token_ids): every other token's logit becomes -inf.
     - `logit_bias`: each listed token's logit gets its bias added (OpenAI: -100 bans, +100 all but forces).
     - `repetition_penalty` r (an extension, as in transformers and vLLM): every token seen in the prompt or the
       output so far has its logit divided by r where positive, multiplied by r where negative.
@@ -131,17 +132,19 @@ class LogitControls:
     """
 
     def __init__(self, params: SamplingParams, prompt_ids: Sequence[int]) -> None:
+        self._allowed = params.allowed_ids
         self._bias = params.logit_bias
         self._repetition = params.repetition_penalty
         self._frequency, self._presence = params.frequency_penalty, params.presence_penalty
         self._prompt = sorted(set(prompt_ids)) if self._repetition != 1.0 else []
         self._counts: dict[int, int] = {}
-        self._tensors: dict[Any, tuple[Any, Any, Any]] = {}  # device -> (bias ids, bias values, prompt ids)
+        self._tensors: dict[Any, tuple[Any, Any, Any, Any]] = {}  # device -> (bias ids, values, prompt ids, allowed)
 
     @staticmethod
     def needed(params: SamplingParams) -> bool:
         return (
             bool(params.logit_bias)
+            or bool(params.allowed_ids)
             or params.repetition_penalty != 1.0
             or bool(params.frequency_penalty or params.presence_penalty)
         )
@@ -149,9 +152,10 @@ class LogitControls:
     def accept(self, token: int) -> None:
         self._counts[token] = self._counts.get(token, 0) + 1
 
-    def _constant(self, device: Any, width: int) -> tuple[Any, Any, Any]:
-        """The bias and prompt ids as tensors on `device`, built once; ids past the row's `width` are dropped (the API
-        refuses ids outside the tokenizer's vocabulary, and a model's row may be narrower: never index past it)."""
+    def _constant(self, device: Any, width: int) -> tuple[Any, Any, Any, Any]:
+        """The bias, prompt and allowed ids as tensors on `device`, built once; ids past the row's `width` are dropped
+        (the API refuses ids outside the tokenizer's vocabulary, and a model's row may be narrower: never index past
+        it)."""
         import torch
 
         if device not in self._tensors:
@@ -159,14 +163,19 @@ class LogitControls:
             ids = torch.tensor([t for t, _ in bias], dtype=torch.int64, device=device)
             values = torch.tensor([b for _, b in bias], dtype=torch.float32, device=device)
             prompt = torch.tensor([t for t in self._prompt if t < width], dtype=torch.int64, device=device)
-            self._tensors[device] = (ids, values, prompt)
+            allowed = torch.tensor([t for t in self._allowed if 0 <= t < width], dtype=torch.int64, device=device)
+            self._tensors[device] = (ids, values, prompt, allowed)
         return self._tensors[device]
 
     def apply(self, row: torch.Tensor) -> None:
         """row: one sequence's logits [V], modified in place."""
         import torch
 
-        bias_ids, bias, prompt = self._constant(row.device, row.size(0))
+        bias_ids, bias, prompt, allowed = self._constant(row.device, row.size(0))
+        if self._allowed:
+            kept = row.index_select(0, allowed)
+            row.fill_(float("-inf"))
+            row.index_copy_(0, allowed, kept)
         if self._bias:
             row.index_add_(0, bias_ids, bias.to(row.dtype))
         if not self._counts and not self._prompt:

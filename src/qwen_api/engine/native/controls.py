@@ -11,7 +11,7 @@ The state lives on the device in slots, one per sequence in the batch that has c
 - `counts` [S, V] int32: how often each token has been generated (frequency and presence penalties);
 - `seen` [S, C] int64: the ids the repetition penalty reads, the prompt's distinct tokens then every generated
   token, `lengths[seq]` of them (the host knows how many); the rest of the row repeats the first id;
-- `bias` [S, V] float32: the logit bias.
+- `bias` [S, V] float32: the logit bias, and -inf for every id but a request's `allowed_ids` where it has them.
 The repetition penalty (every Qwen2 request's) touches only those ids: gathered from the step's logits, divided
 or multiplied, written back, a few hundred values a row where a pass over the vocabulary reads 152k (and at 64
 rows, 39 MB, about ten times a step). An id that is there twice gets the same value written twice.
@@ -79,6 +79,9 @@ class BatchControls:
             self.seen[slot, : len(seen)].copy_(to_device(seen, device, torch.int64))
         self.lengths[seq] = len(seen)
         self.bias[slot].zero_()
+        if allowed := [t for t in params.allowed_ids if 0 <= t < vocab]:  # the others can never be drawn
+            self.bias[slot].fill_(float("-inf"))
+            self.bias[slot].index_fill_(0, to_device(allowed, device, torch.int64), 0.0)
         if bias := [(t, b) for t, b in params.logit_bias if 0 <= t < vocab]:  # ids past the row are dropped
             ids = to_device([t for t, _ in bias], device, torch.int64)
             values = to_device([b for _, b in bias], device, torch.float32)
@@ -91,7 +94,7 @@ class BatchControls:
         order: bias, repetition penalty, frequency and presence penalties. Returns what `accept` takes."""
         slots = to_device([self._slot(s) for s in seqs], self.device, torch.int64)
         index = to_device(rows, self.device, torch.int64)
-        if any(s.params.logit_bias for s in seqs):
+        if any(s.params.logit_bias or s.params.allowed_ids for s in seqs):
             logits.index_add_(0, index, self.bias.index_select(0, slots))
         repetition = [s.params.repetition_penalty for s in seqs]
         width = max(self.lengths[s] for s in seqs)
