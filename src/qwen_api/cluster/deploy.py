@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,10 +57,39 @@ def connect(settings: Settings) -> bool:
     if ray.is_initialized():
         return False
     if settings.ray_address:
+        check_reachable(settings.ray_address)
         ray.init(address=settings.ray_address, logging_level=logging.WARNING)
         return False
     ray.init(include_dashboard=False, logging_level=logging.WARNING)
     return True
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail now, with the address in the message, when nothing listens at a `HOST:PORT` address: `ray.init` would
+    wait for it without end (and the front never opens its port, nor stops on SIGTERM). `auto` and `ray://` addresses
+    are Ray's to resolve."""
+    host, _, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise RuntimeError(f"cannot reach the Ray cluster at --ray-address {address}: {exc}") from None
+
+
+def check_fits(settings: Settings, cluster: dict[str, float], local: bool) -> None:
+    """Refuse replicas that a cluster this front started itself can never place (nothing will add nodes to it):
+    Ray Serve would wait for them without end. On a cluster of its own an autoscaler may add nodes: a warning."""
+    most = settings.max_replicas or settings.replicas
+    options, _ = replica_resources(settings, cluster)
+    kind = "GPU" if "num_gpus" in options else "CPU"
+    need, have = most * int(options.get("num_gpus", options.get("num_cpus", 1))), int(cluster.get(kind, 0))
+    if need <= have:
+        return
+    message = f"{most} replica(s) need {need} {kind}(s) and the cluster has {have}"
+    if local:
+        raise RuntimeError(f"{message}: ask for fewer replicas (--replicas, --max-replicas)")
+    log.warning("%s: the rest wait until the cluster grows", message)
 
 
 def replica_resources(settings: Settings, cluster: dict[str, float]) -> tuple[dict[str, Any], int | None]:
@@ -131,8 +163,8 @@ def app_builder(args: dict[str, Any]) -> Any:
     return engine_app(Settings(**args), ray.cluster_resources())
 
 
-def deploy(settings: Settings, started: bool) -> Deployed:
-    """Deploy the engine replicas (or attach to those already deployed) and wait until they run."""
+def deploy(settings: Settings, started: bool, stopping: Callable[[], bool] = lambda: False) -> Deployed:
+    """Deploy the engine replicas (or attach to those already deployed) and wait until they run, or `stopping()`."""
     import ray
     from ray import serve
 
@@ -145,16 +177,43 @@ def deploy(settings: Settings, started: bool) -> Deployed:
             )
         log.info("attaching to the Ray Serve application %r already deployed", APP_NAME)
     else:
+        cluster = ray.cluster_resources()
+        check_fits(settings, cluster, local=started)
         serve.start(proxy_location="Disabled")
-        log.info("deploying the engine replicas on Ray (%s)", ray.cluster_resources())
+        log.info("deploying the engine replicas on Ray (%s)", cluster)
         try:
-            serve.run(engine_app(settings, ray.cluster_resources()), name=APP_NAME, route_prefix=None)
+            # Serve's own wait (serve.run) cannot be stopped: a SIGTERM while replicas wait for resources would
+            # wait with it. So deploy without waiting, and wait here, where `stopping` can end it.
+            serve._run(engine_app(settings, cluster), name=APP_NAME, route_prefix=None, _blocking=False)
+            _wait_running(stopping)
         except BaseException:
             # left behind, the failed application would be what the next front attaches to, and waits on in vain
             serve.delete(APP_NAME)
             raise
     handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP_NAME)
     return Deployed(handle, deployed_here=existing is None, started_cluster=started)
+
+
+def _wait_running(stopping: Callable[[], bool], period: float = 0.5, report_every: float = 30.0) -> None:
+    """Until the application runs: an error if it failed to deploy, or once `stopping()` (a SIGTERM during the load);
+    what it waits for is logged now and then (replicas waiting for resources, a model loading)."""
+    from ray import serve
+
+    reported = time.monotonic()
+    while True:
+        app = serve.status().applications.get(APP_NAME)
+        if app is None:
+            raise RuntimeError(f"the Ray Serve application {APP_NAME!r} was deleted while it started")
+        if app.status == "RUNNING":  # a str enum
+            return
+        if app.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"the Ray Serve application {APP_NAME!r} failed to deploy: {app.message}")
+        if stopping():
+            raise RuntimeError("stopped while the engine replicas were starting")
+        if time.monotonic() - reported > report_every:
+            reported = time.monotonic()
+            log.warning("still waiting for the engine replicas (%s): %s", app.status, app.message)
+        time.sleep(period)
 
 
 def undeploy(deployed: Deployed, reachable: bool = True) -> None:

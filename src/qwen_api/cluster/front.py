@@ -5,7 +5,9 @@ single process) and keeps the tokenizer and the text layer; only token ids cross
 model here means deploying the replicas (or attaching to them) and waiting until they run. Then a monitor asks
 Ray Serve every `period` seconds how many replicas run: `/health` is 200 while at least one does and says how
 many, admission grows and shrinks with them (each replica takes what one engine takes alone), and the front
-exits 1 only when the cluster itself is gone. `/metrics` adds the per-replica series of `ReplicaCollector`.
+exits 1 when the cluster itself is gone, or the replicas' application is (deleted by the front that deployed it, or
+by hand), so that a supervisor restarts it. A front refuses replicas that serve another model than its own.
+`/metrics` adds the per-replica series of `ReplicaCollector`.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class ClusterRuntime(Runtime):
         self.settings, self.source, self.admission, self.period = settings, source, admission, period
         self.board = ReplicaBoard()
         self.started_cluster = False
+        self.missing_since: float | None = None  # since when the application is gone from the cluster
 
     @property
     def skip_teardown(self) -> bool:
@@ -55,15 +58,20 @@ class ClusterRuntime(Runtime):
     def _load_remote(self) -> TextGenerator:
         from transformers import AutoTokenizer
 
-        from qwen_api.cluster.deploy import deploy, undeploy
+        from qwen_api.cluster.deploy import deploy, replica_model, undeploy
 
         kwargs: dict[str, Any] = {"trust_remote_code": self.settings.trust_remote_code}
         if self.source.gguf_file:
             kwargs["gguf_file"] = self.source.gguf_file
         tokenizer = AutoTokenizer.from_pretrained(self.source.path, **kwargs)
-        deployed = deploy(self.settings, self.started_cluster)
+        deployed = deploy(self.settings, self.started_cluster, stopping=lambda: self._closing)
         try:
             info = deployed.handle.info.remote().result(timeout_s=60)
+            if info.get("model") != (mine := replica_model(self.settings.model)):  # replicas another front deployed
+                raise RuntimeError(
+                    f"the engine replicas on this cluster serve {info.get('model')!r}, not {mine!r}: stop the front "
+                    "that deployed them, or serve that model here"
+                )
             self._poll()
         except BaseException:
             undeploy(deployed)
@@ -88,7 +96,9 @@ class ClusterRuntime(Runtime):
         deployment = app.deployments.get(DEPLOYMENT_NAME) if app else None
         if deployment is None:
             self.board.ready = self.board.target = 0
+            self.missing_since = self.missing_since or time.monotonic()
             return
+        self.missing_since = None
         states: dict[Any, int] = dict(deployment.replica_states)  # keyed by ReplicaState, a str enum
         self.board.ready = int(states.get("RUNNING", 0))
         self.board.target = int(sum(states.values()))  # running, starting (a replacement, a scale-up) or stopping
@@ -109,6 +119,12 @@ class ClusterRuntime(Runtime):
                     self.state = "dead"
                     self._fatal()
                     return
+            if self.missing_since is not None and time.monotonic() - self.missing_since > UNREACHABLE_AFTER:
+                # deleted (the front that deployed it stopped, or an operator): nothing here will bring it back
+                log.error("the engine replicas' application is gone from the cluster; the front exits to be restarted")
+                self.state = "dead"
+                self._fatal()
+                return
             # Each running replica admits what one engine admits alone; none running: 503, not 429.
             self.admission.capacity = per_replica * max(1, self.board.ready)
             await asyncio.sleep(self.period)

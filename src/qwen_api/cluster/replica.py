@@ -108,6 +108,7 @@ class EngineReplica:
             "replica": self.name,
             "pid": os.getpid(),
             "max_context_tokens": self.engine.max_context_tokens,
+            "model": self.settings.model,  # what a front attaching to these replicas checks against its own
             "end_token_ids": sorted(self.engine.end_token_ids),
         }
 

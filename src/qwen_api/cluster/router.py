@@ -24,6 +24,7 @@ from qwen_api.cluster.prefix import PrefixIndex
 log = logging.getLogger(__name__)
 
 CHOSEN_TTL = 5.0  # seconds a choice counts as load before its request is sent
+FINISHED_TTL = 60.0  # seconds a request reported finished waits for its report of being routed
 
 
 class PrefixAffinityRouter(RequestRouter):
@@ -36,6 +37,9 @@ class PrefixAffinityRouter(RequestRouter):
         self._in_flight: dict[str, ReplicaID] = {}  # internal request id -> its replica
         # Requests chosen for a replica but not sent yet: several are routed at once, and each must see the others.
         self._chosen: dict[str, tuple[ReplicaID, float]] = {}
+        # Requests Ray Serve reported finished before it reported them routed (it does, now and then): their routing
+        # must not count as load, which nothing would take away again.
+        self._finished_early: dict[str, float] = {}
 
     def _loads(self, replicas: list[RunningReplica]) -> dict[ReplicaID, int]:
         now = time.monotonic()
@@ -73,15 +77,23 @@ class PrefixAffinityRouter(RequestRouter):
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         request_id = pending_request.metadata.internal_request_id
         self._chosen.pop(request_id, None)
-        self._in_flight[request_id] = replica_id
-        self._load[replica_id] = self._load.get(replica_id, 0) + 1
         if prompt := _prompt_of(pending_request):
             self._index.add(replica_id, prompt)
+        if self._finished_early.pop(request_id, None) is not None:  # over already: no load to count
+            return
+        self._in_flight[request_id] = replica_id
+        self._load[replica_id] = self._load.get(replica_id, 0) + 1
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._chosen.pop(internal_request_id, None)
         if self._in_flight.pop(internal_request_id, None) is not None:
             self._load[replica_id] = max(0, self._load.get(replica_id, 0) - 1)
+            return
+        now = time.monotonic()  # finished before it was routed: remember it for its routing, a while
+        self._finished_early[internal_request_id] = now
+        for request_id, at in list(self._finished_early.items()):
+            if now - at > FINISHED_TTL:
+                del self._finished_early[request_id]
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
