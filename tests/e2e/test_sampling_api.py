@@ -8,6 +8,8 @@ import json
 import openai
 import pytest
 
+from qwen_api.engine.bad_words import bad_word_tokens
+
 from conftest import InProcessServer, sdk
 
 QUESTION = [{"role": "user", "content": "Name three colours."}]
@@ -358,6 +360,36 @@ def test_vllm_allowed_token_ids_are_all_that_is_drawn(api_server: InProcessServe
         with pytest.raises(openai.BadRequestError) as info:
             api.chat.completions.create(**args, extra_body=bad)
         assert info.value.body["param"] == "allowed_token_ids", bad
+
+
+def test_vllm_bad_words_never_appear_in_the_answer(api_server: InProcessServer) -> None:
+    """vLLM's `bad_words`: words taken from the greedy answer (one of one token, one of two), banned, appear
+    nowhere in the new answer's tokens, greedy or sampled; beside a grammar it is a 400 naming the field."""
+    api, generator, model = client(api_server), api_server.runtime.generator(), name(api_server)
+    args = {"model": model, "messages": QUESTION, "max_tokens": 12, "temperature": 0}
+    base = api.chat.completions.create(**args, extra_body={"return_token_ids": True}).choices[0].model_dump()
+    ids = base["token_ids"]
+
+    def found(answer: list[int], banned: tuple[tuple[int, ...], ...]) -> list[tuple[int, ...]]:
+        return [b for b in banned if any(tuple(answer[i : i + len(b)]) == b for i in range(len(answer)))]
+
+    words = []
+    for width in (1, 2):  # a word whose tokens, re-read, are the answer's own
+        for i in range(len(ids) - width):
+            word = generator.tokenizer.decode(ids[i : i + width])
+            if word.strip() and found(ids, bad_word_tokens([word], generator.content_ids)):
+                words.append(word)
+                break
+    assert len(words) == 2, f"no word of the answer re-reads as its tokens: {ids}"
+    banned = bad_word_tokens(words, generator.content_ids)
+    for extra in ({}, {"temperature": 1.0, "seed": 7}):
+        body = {"return_token_ids": True, "bad_words": words}
+        answer = api.chat.completions.create(**{**args, **extra}, extra_body=body).choices[0].model_dump()
+        assert not found(answer["token_ids"], banned), (words, answer["token_ids"])
+    schema = {"type": "json_schema", "json_schema": {"name": "b", "schema": {"type": "boolean"}}}
+    with pytest.raises(openai.BadRequestError) as info:
+        api.chat.completions.create(**args, response_format=schema, extra_body={"bad_words": words})  # type: ignore[call-overload]
+    assert info.value.body["param"] == "bad_words"
 
 
 def test_a_seed_reproduces_with_every_control_on(api_server: InProcessServer) -> None:

@@ -331,3 +331,21 @@ def test_a_stop_string_keeps_logprobs_and_usage_exact() -> None:
         assert "".join(e["token"] for e in content).startswith("Paris is the capital")
 
     serve(test)
+
+
+def test_bad_words_as_vllm_builds_and_applies_them() -> None:
+    """vLLM's bad_words: each word's tokens without a leading space, and with one where that starts with another
+    token and has as many; a one-token word is banned everywhere, a longer one only where the answer's last tokens
+    are its tokens but the last."""
+    from qwen_api.engine.bad_words import BadWords, bad_word_tokens
+
+    vocab = {"foo bar": [1, 2], " foo bar": [3, 2], "x": [9], " x": [9], "baz": [4, 5], " baz": [6], "": []}
+    banned = bad_word_tokens([" foo bar", "x", "baz", "  "], lambda text: vocab[text])
+    assert banned == ((1, 2), (3, 2), (9,), (4, 5))  # " baz" is one token where "baz" is two: not a variant
+    matcher = BadWords(banned).matcher()
+    assert matcher.banned() == [9] and matcher.allowed(12).tolist() == [i != 9 for i in range(12)]
+    for token in (7, 1):
+        matcher.advance(token)
+    assert sorted(matcher.banned()) == [2, 9]  # after 1: "foo bar" would be complete
+    matcher.advance(2)
+    assert matcher.banned() == [9] and matcher.failure() is None

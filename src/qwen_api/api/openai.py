@@ -32,6 +32,7 @@ from qwen_api.api.openai_protocol import (
 )
 from qwen_api.api.prompts import chat_prompt
 from qwen_api.api.sse import sse_response
+from qwen_api.engine.bad_words import BadWords, bad_word_tokens
 from qwen_api.engine.base import TokenLogprob
 from qwen_api.settings import Settings
 from qwen_api.structured.grammar import GrammarError
@@ -83,6 +84,9 @@ class _Context:
                 params = dataclasses.replace(params, constraint=await generator.grammars.compile(*grammar))
             except GrammarError as exc:
                 raise Unsupported(exc.param, str(exc)) from None
+        elif body.bad_words:  # a constraint too, where there is no grammar (`check_supported`)
+            banned = bad_word_tokens(body.bad_words, generator.content_ids)
+            params = dataclasses.replace(params, constraint=BadWords(banned) if banned else None)
         ticket = self.guard.admit(body.n * len(prompts), prompt_tokens)
         head = {"id": response_id, "created": int(time.time()), "model": body.model}
         each = [p for p in prompts for _ in range(body.n)]  # each choice's prompt

@@ -33,6 +33,7 @@ MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256
 MAX_STOP_TOKEN_IDS = 64  # vLLM's stop_token_ids in one request
 MAX_LOGIT_BIAS = 300  # entries in one request's logit_bias (OpenAI's own limit)
+MAX_BAD_WORDS = 64
 MAX_ALLOWED_IDS = 16384  # vLLM's allowed_token_ids in one request
 MAX_PROMPT_LOGPROBS = 20  # alternatives per prompt token (vLLM's default --max-logprobs)
 # OpenAI's defaults, for what neither the request nor the model's generation config sets.
@@ -252,6 +253,10 @@ class _SamplingRequest(_OpenAIRequest):
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_PROMPT_LOGPROBS)
     # vLLM's: only these token ids may be drawn (an answer of labels, a classifier's classes); not with a grammar
     allowed_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1, max_length=MAX_ALLOWED_IDS)
+    # vLLM's: words the answer may not produce, as the tokens they are written with (engine/bad_words.py)
+    bad_words: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]] | None = Field(
+        None, max_length=MAX_BAD_WORDS
+    )
     # vLLM's: keep only the prompt's last k tokens (-1: as many as the context holds), a truncation the client asks for
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
     # vLLM's: its id in the answer's (`chatcmpl-<request_id>`); and a scheduling priority, of which this server has one
@@ -296,6 +301,8 @@ class _SamplingRequest(_OpenAIRequest):
             raise Unsupported("truncate_prompt_tokens", "0 keeps no token: give at least 1, or -1 for the context")
         if self.allowed_token_ids and self.grammar() is not None:  # their meet could be empty: nothing drawable
             raise Unsupported("allowed_token_ids", "cannot be combined with structured outputs or required tools")
+        if self.bad_words and self.grammar() is not None:  # one constraint per sequence: the grammar's
+            raise Unsupported("bad_words", "cannot be combined with structured outputs or required tools")
         if self.priority != 0:
             raise Unsupported("priority", "requests are served first come, first served here: send 0 or leave it out")
         if self.modalities is not None and self.modalities != ["text"]:
