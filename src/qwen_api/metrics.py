@@ -5,6 +5,12 @@ first token, time per output token and end-to-end latency, the engine's batch si
 from the engine and admission at scrape time: running, waiting and admitted sequences, and where the engine keeps
 its own KV cache (native, llama.cpp), its usage, prefix-cache lookups and hits, and preemptions (each only from
 an engine that reports it: a missing series is not a zero).
+
+The same load also goes out under vLLM's names, labelled `model_name` as vLLM's are (`vllm:num_requests_running`,
+`vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc` and its older name `vllm:gpu_cache_usage_perc`, a 0-1
+share, and the token counters `vllm:prompt_tokens_total` and `vllm:generation_tokens_total`): what the tools built
+around vLLM read from a model server, such as the Gateway API inference extension's endpoint picker and KEDA
+autoscalers, so that they can balance and scale qwen-api as they do vLLM.
 """
 
 from __future__ import annotations
@@ -23,8 +29,15 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class _LoadCollector(Collector):
-    def __init__(self, engine_stats: Callable[[], EngineStats | None], admitted: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        engine_stats: Callable[[], EngineStats | None],
+        admitted: Callable[[], int],
+        model_name: Callable[[], str],
+        tokens: Callable[[], tuple[float, float]],
+    ) -> None:
         self._engine_stats, self._admitted = engine_stats, admitted
+        self._model_name, self._tokens = model_name, tokens
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self._engine_stats()
@@ -35,6 +48,7 @@ class _LoadCollector(Collector):
         admitted = GaugeMetricFamily("qwen_api_admitted_sequences", "Sequences holding an admission slot")
         admitted.add_metric([], self._admitted())
         yield from (running, waiting, admitted)
+        yield from self._vllm(stats)
         if stats is None:
             return
         if stats.kv_usage is not None:
@@ -51,9 +65,39 @@ class _LoadCollector(Collector):
             if value is not None:
                 yield CounterMetricFamily(name, doc, value)
 
+    def _vllm(self, stats: EngineStats | None) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """The load under vLLM's names (see the module's docstring)."""
+        label = [self._model_name()]
+        gauges: list[tuple[str, str, float]] = [
+            ("vllm:num_requests_running", "Requests in the engine's batch", stats.running if stats else 0),
+            ("vllm:num_requests_waiting", "Requests waiting for a batch slot", stats.waiting if stats else 0),
+        ]
+        if stats is not None and stats.kv_usage is not None:
+            gauges += [
+                ("vllm:kv_cache_usage_perc", "KV cache usage, 0-1", stats.kv_usage),
+                ("vllm:gpu_cache_usage_perc", "KV cache usage, 0-1 (vLLM's older name)", stats.kv_usage),
+            ]
+        for name, doc, value in gauges:
+            gauge = GaugeMetricFamily(name, doc, labels=["model_name"])
+            gauge.add_metric(label, value)
+            yield gauge
+        prompt, generation = self._tokens()
+        for name, doc, value in (
+            ("vllm:prompt_tokens", "Prompt tokens of admitted requests", prompt),
+            ("vllm:generation_tokens", "Tokens generated", generation),
+        ):
+            counter = CounterMetricFamily(name, doc, labels=["model_name"])
+            counter.add_metric(label, value)
+            yield counter
+
 
 class Metrics:
-    def __init__(self, engine_stats: Callable[[], EngineStats | None], admitted: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        engine_stats: Callable[[], EngineStats | None],
+        admitted: Callable[[], int],
+        model_name: Callable[[], str] = lambda: "",
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -78,7 +122,11 @@ class Metrics:
         self.batch_size = Histogram(
             "qwen_api_batch_size", "Sequences per engine forward step", buckets=BATCH_BUCKETS, registry=r
         )
-        r.register(_LoadCollector(engine_stats, admitted))
+        r.register(_LoadCollector(engine_stats, admitted, model_name, self._token_counts))
+
+    def _token_counts(self) -> tuple[float, float]:
+        """The prompt and generation token counters' values (for their vLLM-named copies)."""
+        return _value(self.prompt_tokens), _value(self.generation_tokens)
 
     def sequence_finished(self, completion_tokens: int, ttft: float, e2e: float) -> None:
         """Called by the text layer when a sequence ends normally."""
@@ -90,3 +138,8 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _value(counter: Counter) -> float:
+    """A counter's value, read through the client's public `collect`."""
+    return next(s.value for metric in counter.collect() for s in metric.samples if s.name.endswith("_total"))

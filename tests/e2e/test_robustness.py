@@ -711,6 +711,7 @@ def test_metrics_count_requests_tokens_latency_and_batches(tiny_qwen2_dir: Path)
         # the transformers engine keeps no KV cache of its own to report: its series are left out, not zero
         assert type(server.runtime.generator().engine).__name__ == "TransformersEngine"
         assert "qwen_api_kv_cache_usage_ratio" not in text and "qwen_api_prefix_cache" not in text
+        assert "vllm:num_requests_running{" in text and "vllm:kv_cache_usage_perc" not in text  # vLLM's names too
         batch_count = next(line for line in text.splitlines() if line.startswith("qwen_api_batch_size_count"))
         assert float(batch_count.split()[-1]) > 0
 
@@ -744,6 +745,10 @@ def test_a_real_prometheus_scrapes_the_metrics(tiny_server: InProcessServer, tmp
         assert wait_until(scraped, 60), "prometheus never saw the metric"
         r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": query}).json()
         assert float(r["data"]["result"][0]["value"][1]) >= 1
+        # vLLM's names, as an inference gateway's endpoint picker or a KEDA trigger queries them
+        model = tiny_server.runtime.model_name
+        r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": "vllm:num_requests_waiting"}).json()
+        assert [(x["metric"]["model_name"], x["value"][1]) for x in r["data"]["result"]] == [(model, "0")]
     finally:
         proc.terminate()
         proc.wait(timeout=30)

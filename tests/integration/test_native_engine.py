@@ -1063,6 +1063,12 @@ def test_server_on_the_native_engine(tiny_qwen2_dir: Path) -> None:
         assert metrics["qwen_api_prefix_cache_hit_tokens_total"] >= 16
         assert metrics["qwen_api_prefix_cache_queried_tokens_total"] > metrics["qwen_api_prefix_cache_hit_tokens_total"]
         assert metrics["qwen_api_preemptions_total"] == 0.0
+        # the same load under vLLM's names, for the tools built around vLLM (an inference gateway, an autoscaler)
+        text = httpx.get(f"{url}/metrics").text
+        for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "gpu_cache_usage_perc"):
+            assert f'vllm:{name}{{model_name="{model}"}} 0.0' in text, name
+        generated = metrics["qwen_api_generation_tokens_total"]
+        assert f'vllm:generation_tokens_total{{model_name="{model}"}} {generated}' in text and generated >= 12
 
 
 def test_auto_picks_native_for_qwen2_and_llama_on_cuda_only(tiny_qwen2_dir: Path, tmp_path: Path) -> None:

@@ -61,7 +61,7 @@ def create_app(
     """The app over `runtime`, which it starts and closes in its lifespan. It attaches nothing to the runtime: the
     builder connects `observe_with(app.state.metrics)` as the runtime's `on_ready`, or /metrics sees no sequences."""
     admission = admission or Admission(settings.admission_capacity())
-    metrics = Metrics(engine_stats=runtime.stats, admitted=lambda: admission.in_use)
+    metrics = Metrics(runtime.stats, admitted=lambda: admission.in_use, model_name=lambda: runtime.model_name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
