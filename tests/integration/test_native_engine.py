@@ -23,6 +23,7 @@ import httpx
 import pytest
 import torch
 
+from qwen_api.engine.bad_words import BadWords
 from qwen_api.engine.base import EngineError, SamplingParams, common_prefix_len
 from qwen_api.engine.native.engine import NativeEngine
 from qwen_api.engine.sampler import Row, filter_top_k_top_p, sample
@@ -1192,8 +1193,8 @@ def test_gpu_bf16_greedy_against_transformers(tiny_qwen2_dir: Path) -> None:
 @pytest.mark.gpu
 def test_gpu_prompt_logprobs_and_min_tokens_beside_traffic(tiny_qwen2_dir: Path) -> None:
     """Prompt scoring on CUDA in fp32, steps overlapped: a 600-token prompt read 256 tokens a step (eager) beside
-    decodes that replay graphs; each prompt token's log-probability equals transformers' log-softmax, and a
-    sequence whose end token is forced is held back by min_tokens."""
+    decodes that replay graphs; each prompt token's log-probability and rank are transformers' log-softmax's, a
+    sequence whose end token is forced is held back by min_tokens, and allowed ids and bad words hold."""
     check_prompt_logprobs_beside_traffic(tiny_qwen2_dir, "cuda")
 
 
@@ -1213,6 +1214,11 @@ def check_prompt_logprobs_beside_traffic(tiny_qwen2_dir: Path, device: str) -> N
             expected = torch.log_softmax(hf(torch.tensor([prompt], device=device)).logits[0].float(), dim=-1).cpu()
         want = SamplingParams(max_new_tokens=8, temperature=0.0, prompt_logprobs=2)
         held = SamplingParams(max_new_tokens=10, temperature=0.0, logit_bias=((EOS, 100.0),), min_tokens=6)
+        allowed = SamplingParams(max_new_tokens=6, temperature=1.0, seed=3, allowed_ids=(11, 12, 13))
+        greedy = SamplingParams(max_new_tokens=6, temperature=0.0)
+        plain = asyncio.run(collect(engine, random_prompt(25, seed=6), greedy))
+        bad = BadWords(tuple((t,) for t in sorted(set(plain))))  # every token of the plain greedy answer, banned
+        banned = dataclasses.replace(greedy, constraint=bad)
 
         async def scored() -> Any:
             chunks = [c async for c in engine.generate(prompt, want)]  # the first carries the prompt's
@@ -1220,13 +1226,20 @@ def check_prompt_logprobs_beside_traffic(tiny_qwen2_dir: Path, device: str) -> N
 
         async def main() -> list[Any]:
             others = [collect(engine, random_prompt(30, seed=i), SAMPLED) for i in range(4)]
-            return list(await asyncio.gather(scored(), collect(engine, random_prompt(20, seed=5), held), *others))
+            controlled = [collect(engine, random_prompt(25, seed=6), p) for p in (allowed, banned)]
+            held_one = collect(engine, random_prompt(20, seed=5), held)
+            return list(await asyncio.gather(scored(), held_one, *controlled, *others))
 
-        entries, held_tokens, *_ = asyncio.run(main())
+        entries, held_tokens, allowed_tokens, banned_tokens, *_ = asyncio.run(main())
         assert entries is not None and len(entries) == len(prompt) - 1
         for i, entry in enumerate(entries, start=1):
             assert entry.logprob == pytest.approx(float(expected[i - 1, prompt[i]]), abs=1e-3), i
+            row = expected[i - 1, : engine.decodable]  # its rank among the decodable ids, ties within 1e-4 either way
+            lowest, highest = int((row > entry.logprob + 1e-4).sum()) + 1, int((row >= entry.logprob - 1e-4).sum())
+            assert lowest <= entry.rank <= highest, (i, entry.rank, lowest, highest)
         assert len(held_tokens) == 7 and held_tokens[-1] == EOS and EOS not in held_tokens[:-1]
+        assert len(allowed_tokens) == 6 and set(allowed_tokens) <= {11, 12, 13}
+        assert len(banned_tokens) == 6 and not set(banned_tokens) & set(plain)
     finally:
         engine.shutdown()
 
