@@ -260,6 +260,24 @@ def test_echo_scores_the_prompt_as_generation_would(api_server: InProcessServer)
         assert info.value.body["param"] == param
 
 
+def test_responses_take_vllm_top_k_logit_bias_and_request_id(api_server: InProcessServer) -> None:
+    """The Responses route's extensions, as vLLM's: `top_k` 1 at temperature 1 is the greedy answer; `logit_bias`
+    forces a token (its log-probability is still the model's own, so only its bytes are checked); `request_id` is
+    the response's id; a bias outside the vocabulary is a 400 naming it."""
+    api, generator, model = client(api_server), api_server.runtime.generator(), name(api_server)
+    args = {"model": model, "input": QUESTION[0]["content"], "max_output_tokens": 6}
+    greedy = api.responses.create(**args, temperature=0).output_text
+    assert api.responses.create(**args, temperature=1.0, extra_body={"top_k": 1}).output_text == greedy
+    token = generator.content_ids(" banana")[0]
+    extra = {"logit_bias": {str(token): 100}, "request_id": "resp-job-1"}
+    forced = api.responses.create(**args, temperature=0, include=["message.output_text.logprobs"], extra_body=extra)
+    assert forced.id == "resp-job-1"
+    assert forced.output[0].content[0].logprobs[0].bytes == list(generator.token_bytes(token))
+    with pytest.raises(openai.BadRequestError) as info:
+        api.responses.create(**args, extra_body={"logit_bias": {"99999999": 1}})
+    assert info.value.body["param"] == "logit_bias"
+
+
 def test_vllm_token_fields_and_prompt_logprobs(api_server: InProcessServer) -> None:
     """vLLM's fields for clients that work in tokens, through the SDK's extra_body: `return_token_ids` gives the
     prompt's ids and each choice's, streamed (in pieces that add up to the plain answer's, each chunk's

@@ -12,13 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections import Counter
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from qwen_api.api.schema import RequestModel, at_most, resolve_sampling, server_cap
+from qwen_api.api.schema import (
+    RequestModel,
+    at_most,
+    bias_pairs,
+    checked_logit_bias,
+    resolve_sampling,
+    server_cap,
+)
 from qwen_api.detokenize import Stops
 from qwen_api.engine.base import SamplingParams
 from qwen_api.structured.grammar import (
@@ -279,14 +285,7 @@ class _SamplingRequest(_OpenAIRequest):
     @field_validator("logit_bias")
     @classmethod
     def _bias_entries(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
-        for key, value in (bias or {}).items():
-            if not key.isascii() or not key.isdigit():
-                raise ValueError(f"keys are token ids written as decimal strings; {key!r} is not one")
-            if len(key) > 12:  # larger than any vocabulary; and int() refuses past 4,300 digits
-                raise ValueError(f"token id {key[:12]}... ({len(key)} digits) is larger than any vocabulary")
-            if not -100.0 <= value <= 100.0:
-                raise ValueError(f"biases are between -100 and 100; token {key} has {value}")
-        return bias
+        return checked_logit_bias(bias)
 
     def stops(self) -> Stops:
         strings = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
@@ -374,14 +373,11 @@ class _SamplingRequest(_OpenAIRequest):
         return self.include_usage() and bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
     def token_bias(self, vocab_size: int) -> tuple[tuple[int, float], ...]:
-        """logit_bias as (token id, bias) pairs; `Unsupported` for an id outside the model's vocabulary, or one
-        given twice ("5" and "05" are the same token: their biases would add up past the ±100 allowed)."""
-        pairs = tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items())
-        if bad := [t for t, _ in pairs if t >= vocab_size]:
-            raise Unsupported("logit_bias", f"token id {bad[0]} is outside this model's vocabulary of {vocab_size}")
-        if twice := [t for t, count in Counter(t for t, _ in pairs).items() if count > 1]:
-            raise Unsupported("logit_bias", f"token id {twice[0]} is given more than once")
-        return pairs
+        """logit_bias as (token id, bias) pairs (`schema.bias_pairs`); `Unsupported` where they cannot be."""
+        try:
+            return bias_pairs(self.logit_bias, vocab_size)
+        except ValueError as exc:
+            raise Unsupported("logit_bias", str(exc)) from None
 
     def logprobs_wanted(self) -> int | None:
         """None when no log-probabilities are asked for, else how many alternatives each token lists."""

@@ -80,7 +80,7 @@ async def create_response(
     log_prompt(settings, messages)
     # Left out: as much as fits, up to the cap (a prompt that leaves no room fails the context check below).
     max_new = body.max_output_tokens or max(1, min(cap, generator.engine.max_context_tokens - len(prompt_ids)))
-    params = body.sampling_params(max_new, generator.sampling_defaults)
+    params = body.sampling_params(max_new, generator.sampling_defaults, generator.vocab_size)
     generator.check_fits(prompt_ids, max_new)
     if (grammar := body.grammar()) is not None:  # structured outputs or a forced call, enforced while decoding
         text, param = grammar
@@ -115,7 +115,9 @@ class _Shape:
         self.logprobs = logprobs
         # With tools the output is split into text and calls (tools shown to the model: not with tool_choice 'none').
         self.rules = rules
-        self.response_id, self.item_id = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
+        # vLLM's `request_id` is the response's id as given
+        self.response_id = body.request_id if body.request_id is not None else f"resp_{uuid.uuid4().hex}"
+        self.item_id = f"msg_{uuid.uuid4().hex}"
         self.created_at = int(time.time())
         self._sequence = itertools.count()
         # What the stream has sent of the output so far: the message item (once added), its text part (once

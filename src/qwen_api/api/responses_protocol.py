@@ -16,8 +16,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Discriminator, Field, Tag, field_validator
 
-from qwen_api.api.openai_protocol import ChatMessage, FunctionCall, FunctionDefinition, ToolCall, Unsupported
-from qwen_api.api.schema import RequestModel, at_most, resolve_sampling
+from qwen_api.api.openai_protocol import (
+    MAX_LOGIT_BIAS,
+    ChatMessage,
+    FunctionCall,
+    FunctionDefinition,
+    ToolCall,
+    Unsupported,
+)
+from qwen_api.api.schema import RequestModel, at_most, bias_pairs, checked_logit_bias, resolve_sampling
 from qwen_api.engine.base import SamplingParams
 from qwen_api.structured.grammar import GrammarError, response_format_grammar, response_format_schema
 from qwen_api.structured.tools import CallRules, check_functions, tools_grammar
@@ -170,6 +177,16 @@ class ResponsesRequest(_Request):
     max_tool_calls: int | None = None
     reasoning: dict[str, Any] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # vLLM's extensions of this route: top-k sampling, a logit bias (as chat completions' and OpenAI's legacy one),
+    # and the response's id
+    top_k: int | None = Field(None, ge=-1, description="Extension: keep the k most likely tokens; 0 or -1: all.")
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
+    request_id: str | None = Field(None, min_length=1, max_length=512)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_entries(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        return checked_logit_bias(bias)
 
     @field_validator("max_output_tokens")
     @classmethod
@@ -333,10 +350,15 @@ class ResponsesRequest(_Request):
         """How many alternatives each output token's log-probability lists, when `include` asks for them."""
         return (self.top_logprobs or 0) if LOGPROBS in (self.include or ()) else None
 
-    def sampling_params(self, max_new_tokens: int, model_defaults: dict[str, float]) -> SamplingParams:
+    def sampling_params(self, max_new_tokens: int, model_defaults: dict[str, float], vocab_size: int) -> SamplingParams:
         """What the request sets, else the model's generation-config defaults, else OpenAI's."""
         values = resolve_sampling(self, model_defaults, _DIALECT_DEFAULTS)
-        return SamplingParams(max_new_tokens=max_new_tokens, logprobs=self.logprobs_wanted(), **values)
+        values["top_k"] = max(int(values["top_k"]), 0)  # -1: off, as 0
+        try:
+            bias = bias_pairs(self.logit_bias, vocab_size)
+        except ValueError as exc:
+            raise Unsupported("logit_bias", str(exc)) from None
+        return SamplingParams(max_new_tokens=max_new_tokens, logprobs=self.logprobs_wanted(), logit_bias=bias, **values)
 
 
 # The one `include` this server can honour: the output text's log-probabilities (as chat completions' `logprobs`).

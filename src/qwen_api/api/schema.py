@@ -14,6 +14,7 @@ validation like any other out-of-range value, in the route's own error shape.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -122,3 +123,27 @@ def resolve_sampling(
         value = getattr(body, name, None) if name in body.model_fields_set else None
         resolved[name] = model_defaults.get(name, fallback) if value is None else value
     return resolved
+
+
+def checked_logit_bias(bias: dict[str, float] | None) -> dict[str, float] | None:
+    """A `logit_bias` field's own rule (OpenAI's): keys are token ids as decimal strings, biases within ±100.
+    `ValueError` otherwise (a field validator's error)."""
+    for key, value in (bias or {}).items():
+        if not key.isascii() or not key.isdigit():
+            raise ValueError(f"keys are token ids written as decimal strings; {key!r} is not one")
+        if len(key) > 12:  # larger than any vocabulary; and int() refuses past 4,300 digits
+            raise ValueError(f"token id {key[:12]}... ({len(key)} digits) is larger than any vocabulary")
+        if not -100.0 <= value <= 100.0:
+            raise ValueError(f"biases are between -100 and 100; token {key} has {value}")
+    return bias
+
+
+def bias_pairs(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` as (token id, bias) pairs, once every id is in the model's vocabulary and given once ("5" and
+    "05" are the same token: their biases would add up past the ±100 allowed); `ValueError` otherwise."""
+    pairs = tuple((int(k), float(v)) for k, v in (bias or {}).items())
+    if outside := [t for t, _ in pairs if t >= vocab_size]:
+        raise ValueError(f"token id {outside[0]} is outside this model's vocabulary of {vocab_size}")
+    if twice := [t for t, count in Counter(t for t, _ in pairs).items() if count > 1]:
+        raise ValueError(f"token id {twice[0]} is given more than once")
+    return pairs
