@@ -29,12 +29,19 @@ T = TypeVar("T")
 class PromptTooLong(ValueError):
     """Prompt tokens plus requested new tokens exceed what one sequence may hold. Never truncated silently."""
 
-    def __init__(self, prompt_tokens: int, max_new_tokens: int, limit: int) -> None:
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, limit: int, at_least: bool = False) -> None:
+        """`at_least`: `prompt_tokens` is a bound from the prompt's length, not its count (it was never tokenised)."""
         self.prompt_tokens, self.max_new_tokens, self.limit = prompt_tokens, max_new_tokens, limit
+        has = f"at least {prompt_tokens}" if at_least else f"{prompt_tokens}"
         super().__init__(
-            f"the prompt has {prompt_tokens} tokens and up to {max_new_tokens} new tokens were requested: "
+            f"the prompt has {has} tokens and up to {max_new_tokens} new tokens were requested: "
             f"{prompt_tokens + max_new_tokens} exceeds this model's limit of {limit} tokens"
         )
+
+
+# More characters than any token here holds (Qwen2's longest is 128): a text longer than this many times the context
+# is longer than the context, whatever its tokens.
+MAX_CHARS_PER_TOKEN = 256
 
 
 class TemplateMismatch(ValueError):
@@ -136,6 +143,12 @@ class TextGenerator:
         if not getattr(self.tokenizer, "chat_template", None):
             return self.content_ids("\n".join(m["content"] for m in messages))
         extra = template_kwargs or {}
+        if extra and not any(self._holds_special(m["content"]) for m in messages):
+            # A request's variables may make the template write any amount of text (`'x' * n`): its length is checked
+            # before the tokenizer reads it, which takes memory and time in proportion.
+            rendered = self._render(messages, tools, generation_prompt, extra)
+            self._check_rendered(rendered)
+            return self.text_prompt_ids(rendered)
         if not any(self._holds_special(m["content"]) for m in messages):  # the common case: the template's own ids
             return self._template_ids(messages, tools, generation_prompt, extra)
         # Render with a placeholder per message, then tokenise the template's text with its control tokens and
@@ -143,6 +156,7 @@ class TextGenerator:
         marks = [f"\x00{uuid.uuid4().hex}\x00" for _ in messages]
         marked = [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)]
         rendered = self._render(marked, tools, generation_prompt, extra)
+        self._check_rendered(rendered)
         ids: list[int] = []
         for mark, message in zip(marks, messages, strict=True):
             before, found, rendered = rendered.partition(mark)
@@ -150,6 +164,13 @@ class TextGenerator:
                 raise TemplateMismatch("the chat template did not render every message")
             ids += self.text_prompt_ids(before) + self.content_ids(message["content"])
         return ids + self.text_prompt_ids(rendered)
+
+    def _check_rendered(self, rendered: str) -> None:
+        """A rendered prompt of more characters than `MAX_CHARS_PER_TOKEN` per token of the context can never fit
+        it: `PromptTooLong` before it is tokenised."""
+        context = self.engine.max_context_tokens
+        if len(rendered) > MAX_CHARS_PER_TOKEN * context:
+            raise PromptTooLong(len(rendered) // MAX_CHARS_PER_TOKEN, 0, context, at_least=True)
 
     def _render(
         self,

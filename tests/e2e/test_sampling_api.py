@@ -405,9 +405,10 @@ def test_vllm_bad_words_never_appear_in_the_answer(api_server: InProcessServer) 
         answer = api.chat.completions.create(**{**args, **extra}, extra_body=body).choices[0].model_dump()
         assert not found(answer["token_ids"], banned), (words, answer["token_ids"])
     schema = {"type": "json_schema", "json_schema": {"name": "b", "schema": {"type": "boolean"}}}
-    with pytest.raises(openai.BadRequestError) as info:
-        api.chat.completions.create(**args, response_format=schema, extra_body={"bad_words": words})  # type: ignore[call-overload]
-    assert info.value.body["param"] == "bad_words"
+    for extra in ({"response_format": schema}, {"extra_body": {"bad_words": words, "allowed_token_ids": ids[:1]}}):
+        with pytest.raises(openai.BadRequestError) as info:  # beside a grammar or allowed ids: nothing may be left
+            api.chat.completions.create(**{"extra_body": {"bad_words": words}, **args, **extra})  # type: ignore[call-overload]
+        assert info.value.body["param"] == "bad_words"
 
 
 def test_a_seed_reproduces_with_every_control_on(api_server: InProcessServer) -> None:

@@ -280,7 +280,7 @@ def test_vllm_chat_template_kwargs_reach_the_template() -> None:
     tokenizer = copy.deepcopy(TOKENIZER)
     tokenizer.chat_template = (
         "{% if style is defined and style != 'plain' %}{{ raise_exception('unknown style ' + style) }}{% endif %}"
-        "{% if budget is defined %}{{ budget // 2 }}{% endif %}"
+        "{% if budget is defined %}{{ budget // 2 }}{% endif %}{% if times is defined %}{{ 'x' * times }}{% endif %}"
         + TOKENIZER.chat_template
         + "{% if enable_thinking is defined and not enable_thinking %}/no_think{% endif %}"
     )
@@ -299,7 +299,18 @@ def test_vllm_chat_template_kwargs_reach_the_template() -> None:
         assert r.status_code == 200 and not TOKENIZER.decode(fake.calls[-1][0]).endswith("/no_think")
         r = await client.post("/v1/chat/completions", json={**chat, "chat_template_kwargs": {"budget": 8}})
         assert r.status_code == 200 and TOKENIZER.decode(fake.calls[-1][0]).startswith("4<|im_start|>")
-        refused = ({"add_generation_prompt": False}, {"messages": []}, {"style": "fancy"}, {"no way": 1})
+        r = await client.post("/v1/chat/completions", json={**chat, "chat_template_kwargs": {"times": 100}})
+        assert r.status_code == 200 and "x" * 100 in TOKENIZER.decode(fake.calls[-1][0])
+        # a text the template makes too long for the context (4,096 tokens here) is refused before it is tokenised
+        r = await client.post("/v1/chat/completions", json={**chat, "chat_template_kwargs": {"times": 10**7}})
+        assert r.status_code == 400 and "at least 39062 tokens" in r.json()["error"]["message"], r.text
+        refused = (
+            {"add_generation_prompt": False},
+            {"messages": []},
+            {"style": "fancy"},
+            {"no way": 1},
+            {"bos_token": "x"},
+        )
         for kwargs in (*refused, {"budget": "x"}):  # the last: a value the template cannot compute with
             for path in ("/v1/chat/completions", "/tokenize"):
                 body = {**(chat if path != "/tokenize" else {"messages": messages}), "chat_template_kwargs": kwargs}

@@ -134,14 +134,15 @@ class ChatMessage(_OpenAIRequest):
         return out
 
 
-# What rendering a chat sets itself: apply_chat_template's own parameters, and the variables and functions it gives
-# every template.
+# What rendering a chat sets itself: apply_chat_template's own parameters, and the variables (the tokenizer's special
+# tokens) and functions it gives every template.
 _SERVER_TEMPLATE_KEYS = frozenset(
     {
         "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
         "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation", "max_length",
         "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "raise_exception",
-        "strftime_now",
+        "strftime_now", "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
+        "additional_special_tokens",
     }
 )  # fmt: skip
 
@@ -302,6 +303,8 @@ class _SamplingRequest(_OpenAIRequest):
             raise Unsupported("allowed_token_ids", "cannot be combined with structured outputs or required tools")
         if self.bad_words and self.grammar() is not None:  # one constraint per sequence: the grammar's
             raise Unsupported("bad_words", "cannot be combined with structured outputs or required tools")
+        if self.bad_words and self.allowed_token_ids:  # they could ban every allowed id: nothing drawable
+            raise Unsupported("bad_words", "cannot be combined with allowed_token_ids")
         if self.priority != 0:
             raise Unsupported("priority", "requests are served first come, first served here: send 0 or leave it out")
         if self.modalities is not None and self.modalities != ["text"]:

@@ -88,7 +88,8 @@ def check_fits(settings: Settings, cluster: dict[str, float], local: bool) -> No
         return
     message = f"{most} replica(s) need {need} {kind}(s) and the cluster has {have}"
     if local:
-        raise RuntimeError(f"{message}: ask for fewer replicas (--replicas, --max-replicas)")
+        advice = "ask for fewer replicas (--replicas, --max-replicas)" if have else f"it has no {kind}: --device cpu"
+        raise RuntimeError(f"{message}: {advice}")
     log.warning("%s: the rest wait until the cluster grows", message)
 
 
