@@ -264,7 +264,8 @@ class _SamplingRequest(_OpenAIRequest):
     bad_words: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]] | None = Field(
         None, max_length=MAX_BAD_WORDS
     )
-    # vLLM's: keep only the prompt's last k tokens (-1: as many as the context holds), a truncation the client asks for
+    # vLLM's: keep only the prompt's last k tokens (-1: as many as leave the answer its max_tokens), a cut the client
+    # asks for and sees
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
     # vLLM's: its id in the answer's (`chatcmpl-<request_id>`); and a scheduling priority, of which this server has one
     request_id: str | None = Field(None, min_length=1, max_length=512)
