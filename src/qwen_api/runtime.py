@@ -116,6 +116,13 @@ class Runtime:
     def healthy(self) -> bool:
         return not self.draining and self._generator is not None and self._generator.engine.is_healthy()
 
+    @property
+    def retry_after(self) -> str | None:
+        """Seconds a client refused for want of a model may wait before it tries again, while that is passing (the
+        model loads; a cluster's replicas restart); None when it is not (loading failed, the engine died: the
+        process exits for its supervisor)."""
+        return None if self.state in ("failed", "dead") else "5"
+
     def stats(self) -> EngineStats | None:
         return None if self._generator is None else self._generator.engine.stats()
 

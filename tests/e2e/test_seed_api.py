@@ -181,6 +181,7 @@ def test_503_while_the_model_loads_then_healthy(tiny_qwen2_dir: Path) -> None:
         assert (r.status_code, r.json()) == (503, {"detail": "Model or tokenizer not loaded"})
         g = httpx.post(f"{base}/generate", json={"prompt": "hi"})
         assert (g.status_code, g.json()) == (503, {"detail": "Model or tokenizer not loaded"})
+        assert r.headers["retry-after"] == g.headers["retry-after"] == "5"  # loading passes: try again soon
         assert httpx.get(f"{base}/").status_code == 200
         release.set()
         asyncio.run(asyncio.sleep(0))
@@ -210,3 +211,8 @@ def test_engine_failure_is_500_generation_failed_then_503(tiny_qwen2_dir: Path) 
         h = httpx.get(f"{server.base_url}/health")
         assert (h.status_code, h.json()) == (503, {"detail": "Model or tokenizer not loaded"})
         assert post(server, {"prompt": "hi"}).status_code == 503
+        for _ in range(50):  # the watchdog marks the engine dead within a period: no retry will help this process
+            if server.runtime.state == "dead":
+                break
+            threading.Event().wait(0.1)
+        assert "retry-after" not in post(server, {"prompt": "hi"}).headers

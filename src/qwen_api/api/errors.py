@@ -163,7 +163,8 @@ def _count_rejection(request: Request, reason: str) -> None:
 
 async def _not_ready(request: Request, exc: Exception) -> JSONResponse:
     _count_rejection(request, "not_ready")
-    return _reply(request, 503, NOT_LOADED, "service_unavailable")
+    wait = request.app.state.runtime.retry_after
+    return _reply(request, 503, NOT_LOADED, "service_unavailable", headers={"Retry-After": wait} if wait else None)
 
 
 async def _generation_failed(request: Request, exc: Exception) -> JSONResponse:

@@ -45,11 +45,13 @@ async def health(runtime: RuntimeDep) -> HealthResponse | JSONResponse:
 
 def unhealthy(runtime: Runtime, **extra: Any) -> JSONResponse | None:
     """/health's 503, when there is one (`extra` joins its body): shutting down, with Retry-After (a balancer
-    should try another instance), or no model to serve (loading, failed, or its engine died)."""
+    should try another instance), or no model to serve (loading, or a cluster's replicas restarting, with
+    Retry-After; failed, or its engine died, without)."""
     if runtime.draining:
         return JSONResponse({"detail": str(Draining()), **extra}, status_code=503, headers={"Retry-After": "5"})
     if not runtime.healthy():
-        return JSONResponse({"detail": NOT_LOADED, **extra}, status_code=503)
+        headers = {"Retry-After": wait} if (wait := runtime.retry_after) else None
+        return JSONResponse({"detail": NOT_LOADED, **extra}, status_code=503, headers=headers)
     return None
 
 
