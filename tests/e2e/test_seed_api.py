@@ -211,8 +211,8 @@ def test_engine_failure_is_500_generation_failed_then_503(tiny_qwen2_dir: Path) 
         h = httpx.get(f"{server.base_url}/health")
         assert (h.status_code, h.json()) == (503, {"detail": "Model or tokenizer not loaded"})
         assert post(server, {"prompt": "hi"}).status_code == 503
-        for _ in range(50):  # the watchdog marks the engine dead within a period: no retry will help this process
+        for _ in range(50):  # the watchdog marks the engine dead within a period (and the server then exits)
             if server.runtime.state == "dead":
                 break
             threading.Event().wait(0.1)
-        assert "retry-after" not in post(server, {"prompt": "hi"}).headers
+        assert server.runtime.retry_after is None  # no retry will help this process: its 503s say none

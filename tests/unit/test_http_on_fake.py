@@ -481,3 +481,23 @@ def test_tokenizer_info_and_tokenize_as_lm_evals_remote_tokenizer_asks() -> None
         assert r.status_code == 401 and "error" in r.json()  # behind the key, in OpenAI's shape as /tokenize
 
     run(locked, api_key="secret")
+
+
+def test_a_model_that_failed_to_load_gets_503s_without_retry_after() -> None:
+    """Loading passes, and its 503s say Retry-After (test_seed_api); a load that failed does not: the process
+    exits for its supervisor, and no retry here can help."""
+
+    def broken() -> TextGenerator:
+        raise RuntimeError("no such weights")
+
+    async def main() -> None:
+        runtime = Runtime(broken, "fake-model")
+        app = create_app(Settings(), runtime, Admission(Settings().admission_capacity()))
+        runtime.start()
+        await runtime.wait_ready()
+        assert runtime.state == "failed"
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            for r in (await client.get("/health"), await client.post("/generate", json={"prompt": "hi"})):
+                assert r.status_code == 503 and "retry-after" not in r.headers, r.headers
+
+    asyncio.run(main())
