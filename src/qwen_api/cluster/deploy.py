@@ -79,7 +79,7 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 def check_fits(settings: Settings, cluster: dict[str, float], local: bool) -> None:
     """Refuse replicas that a cluster this front started itself can never place (nothing will add nodes to it):
-    Ray Serve would wait for them without end. On a cluster of its own an autoscaler may add nodes: a warning."""
+    Ray Serve would wait for them without end. On a cluster it joined, an autoscaler may add nodes: a warning."""
     most = settings.max_replicas or settings.replicas
     options, _ = replica_resources(settings, cluster)
     kind = "GPU" if "num_gpus" in options else "CPU"
