@@ -347,21 +347,21 @@ async def _chunks(
                 taken, entries[index] = entries[index], []
             if body.return_token_ids:
                 extra["token_ids"], ids[index] = ids[index], []
+        prompt_ids: dict[str, Any] = {}
         if unsent[index] and (first or not chat):
             unsent[index] = False
-            extra["prompt_token_ids"] = list(prompts[index].ids)
-        if chat:
+            prompt_ids = {"prompt_token_ids": list(prompts[index].ids)}
+        if chat:  # the prompt's ids are the chunk's (one prompt), the rest the choice's
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
-            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs.chat(taken)}
-            top = {"prompt_token_ids": extra.pop("prompt_token_ids")} if "prompt_token_ids" in extra else {}
-            choice.update(extra)
-        else:
-            legacy = logprobs.legacy(taken, offsets[index], prompt)
-            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": legacy, **extra}
-            top = {}
-        return {**head, "object": obj, "choices": [choice], **top, **usage_now(index)}
+            chat_lp = logprobs.chat(taken)
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": chat_lp, **extra}
+            return {**head, "object": obj, "choices": [choice], **prompt_ids, **usage_now(index)}
+        legacy = logprobs.legacy(taken, offsets[index], prompt)
+        choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": legacy}
+        choice.update(extra | prompt_ids)
+        return {**head, "object": obj, "choices": [choice], **usage_now(index)}
 
     rules = _call_rules(body) if chat else None
     # with tools, per choice: its text, held back where it may be (the start of) a <tool_call>
