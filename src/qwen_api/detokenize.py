@@ -115,33 +115,42 @@ class IncrementalDetokenizer:
 
 @dataclass(frozen=True)
 class Stops:
-    """Stop strings, and optionally a block, (opening, closing) marker, inside which they do not match: with tools,
+    """How an answer's text ends, and what of it is kept.
+
+    Stop strings, and optionally a block, (opening, closing) marker, inside which they do not match: with tools,
     a `<tool_call>` block's arguments may hold a stop string, and a call cut there would be neither a call nor
-    content (its markup would leak into the answer's text). `include`: the stop string that matched stays at the
-    end of the text (vLLM's `include_stop_str_in_output`). `token_ids`: tokens that end the text once generated,
-    their own text kept (vLLM's `stop_token_ids`; a special token has none)."""
+    content (its markup would leak into the answer's text). `token_ids`: tokens that end the text once generated
+    (vLLM's `stop_token_ids`). `include`: the stop string or stop token that ended the text stays at its end (vLLM's
+    `include_stop_str_in_output`); as in vLLM, the end token that ends an answer counts as a stop token here.
+    `special_text`: special tokens are written as their text (`<|im_start|>`) rather than left out (vLLM's
+    `skip_special_tokens` false)."""
 
     strings: tuple[str, ...] = ()
     shielded: tuple[str, str] | None = None
     include: bool = False
     token_ids: frozenset[int] = frozenset()
+    special_text: bool = False
 
 
 class StopMatcher:
     """Cuts text at the first stop string and holds back tails that may become one (or a shielded block's
     marker, which decides whether a stop string that follows counts)."""
 
-    def __init__(self, stops: Stops | Iterable[str]) -> None:
+    def __init__(self, stops: Stops | Iterable[str], end_ids: Iterable[int] = ()) -> None:
+        """`end_ids`: the tokens that end the sequence in the engine, when their text would otherwise be written
+        (`Stops.special_text`): they end the text as stop tokens do, without being one (`matched_token`)."""
         stops = stops if isinstance(stops, Stops) else Stops(tuple(stops))
         self._stops = [s for s in stops.strings if s]
         self._shield = stops.shielded if self._stops else None
-        self._include = stops.include
-        self.token_ids = stops.token_ids
+        self.include = stops.include
+        self._stop_ids, self._end_ids = stops.token_ids, frozenset(end_ids)
+        self.token_ids = self._stop_ids | self._end_ids  # the tokens that end the text
         self._inside = False  # within a shielded block
         self._pending = ""
         self._quiet = 0  # chars at the start of `_pending` pushed unarmed: a stop string must end past them
         self.stopped = False
         self.matched: str | None = None  # the stop string that ended the text, once one has
+        self.matched_token: int | None = None  # the stop token (`Stops.token_ids`) that ended it, once one has
 
     @property
     def active(self) -> bool:
@@ -180,7 +189,7 @@ class StopMatcher:
             if found:
                 cut, self.matched = min(found)
                 self.stopped = True
-                out.append(self._pending[: cut + (len(self.matched) if self._include else 0)])
+                out.append(self._pending[: cut + (len(self.matched) if self.include else 0)])
                 self._pending = ""
                 return "".join(out)
             markers = [*self._stops, shield[0]] if shield else self._stops
@@ -195,12 +204,16 @@ class StopMatcher:
         return out
 
     def stops_at(self, token: int) -> bool:
-        """Whether `token`, just generated, ends the text: a stop token, outside a shielded block."""
-        return token in self.token_ids and not self._inside
+        """Whether `token`, just generated, ends the text: an end token, or a stop token outside a shielded
+        block."""
+        return token in self._end_ids or (token in self._stop_ids and not self._inside)
 
-    def end(self) -> str:
-        """A stop token ended the text (`token_ids`): what was held back is text after all."""
+    def end(self, token: int) -> str:
+        """`token`, a stop token or an end token (`token_ids`), ended the text: what was held back is text after
+        all."""
         out = self.flush()
+        if not self.stopped and token in self._stop_ids:
+            self.matched_token = token
         self.stopped = True
         return out
 

@@ -64,6 +64,7 @@ class TextDelta:
     finish_reason: FinishReason | None = None
     completion_tokens: int = 0
     stop_string: str | None = None  # the stop string that ended it, if one did
+    stop_token: int | None = None  # the stop token (`Stops.token_ids`) that ended it, if one did
     # With logprobs asked for: one entry per token received since the previous delta (text held back while it may
     # become a stop string or a whole character waits with its tokens' entries).
     logprobs: tuple[TokenLogprob, ...] | None = None
@@ -81,6 +82,7 @@ class Completion:
     finish_reason: FinishReason
     completion_tokens: int
     stop_string: str | None = None
+    stop_token: int | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None  # one entry per generated token, when asked for
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # one per prompt token but the first, when asked for
     token_ids: tuple[int, ...] = ()  # the answer's tokens (`completion_tokens` of them)
@@ -108,13 +110,14 @@ class TextGenerator:
         # The checkpoint's generation_config defaults: what /v1 requests get for sampling fields they leave out.
         self.sampling_defaults = dict(sampling_defaults or {})
         self.grammars = GrammarCompiler(tokenizer)  # structured outputs; builds nothing until first used
-        # never text: special tokens, and the tokens the engine ends a sequence on (which need not be special)
-        self._special_ids = set(tokenizer.all_special_ids) | engine.end_token_ids
+        # never text (but with vLLM's skip_special_tokens false): special tokens, those the tokenizer names and the
+        # added ones marked special (Qwen2's <|im_start|>, which transformers leaves out of all_special_ids but its
+        # decode skips, as vLLM does), and the tokens the engine ends a sequence on (which need not be special)
+        added = {int(i): t for i, t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items()}
+        marked = {i: str(t.content) for i, t in added.items() if getattr(t, "special", False)}
+        self._special_ids = set(tokenizer.all_special_ids) | set(marked) | engine.end_token_ids
         self._token_bytes = byte_level_reader(tokenizer)
-        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-        self._special_texts = {str(t) for t in tokenizer.all_special_tokens} | {
-            str(t.content) for t in added.values() if getattr(t, "special", False)
-        }
+        self._special_texts = {str(t) for t in tokenizer.all_special_tokens} | set(marked.values())
         if not getattr(tokenizer, "chat_template", None):
             log.warning("this tokenizer has no chat template: prompts are sent to the model as raw text")
         self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
@@ -324,8 +327,15 @@ class TextGenerator:
         observed: bool = True,
     ) -> AsyncGenerator[TextDelta, None]:
         """One sequence as text deltas; a stop string ends it (and cancels it in the engine) at once."""
-        detokenizer = IncrementalDetokenizer(self.tokenizer, skip_ids=self._special_ids)
-        matcher = StopMatcher(stop)
+        stops = stop if isinstance(stop, Stops) else Stops(tuple(stop))
+        if stops.special_text:  # special tokens are text, but the end token that ends the answer is not (vLLM)
+            ends = () if params.ignore_eos else self.engine.end_token_ids
+            detokenizer, matcher = IncrementalDetokenizer(self.tokenizer), StopMatcher(stops, end_ids=ends)
+        else:
+            detokenizer, matcher = (
+                IncrementalDetokenizer(self.tokenizer, skip_ids=self._special_ids),
+                StopMatcher(stops),
+            )
         produced = 0
         start, first = time.perf_counter(), 0.0
         pending: list[TokenLogprob] | None = [] if params.logprobs is not None else None
@@ -353,8 +363,17 @@ class TextGenerator:
                 if finish is not None:
                     if self.observer is not None and observed:
                         self.observer.sequence_finished(produced, first, time.perf_counter() - start)
-                    taken = _take(ids) or ()
-                    yield TextDelta(index, text, finish, produced, matcher.matched, _take(pending), prompt, taken)
+                    yield TextDelta(
+                        index,
+                        text,
+                        finish,
+                        produced,
+                        matcher.matched,
+                        matcher.matched_token,
+                        _take(pending),
+                        prompt,
+                        _take(ids) or (),
+                    )
                     return
                 if text:
                     taken = _take(ids) or ()
@@ -383,6 +402,7 @@ class TextGenerator:
                         delta.finish_reason,
                         delta.completion_tokens,
                         delta.stop_string,
+                        delta.stop_token,
                         tuple(logprobs) if delta.logprobs is not None else None,
                         prompt,
                         tuple(ids),
@@ -396,16 +416,18 @@ def _push(
     """The text `token_ids` add, and how many of them count: with stop strings or stop tokens, a chunk of several
     tokens (the engine ran ahead of a slow client) is read token by token, so that the count and the
     log-probabilities end at the token that completed the stop string (or was a stop token), as they do when tokens
-    come one by one. The first `quiet` of them (vLLM's min_tokens not yet reached) can complete no stop string and
-    are no stop token."""
+    come one by one. A stop token ends the text before its own (vLLM), or with it given `Stops.include`. The first
+    `quiet` of them (vLLM's min_tokens not yet reached) can complete no stop string and are no stop token."""
     if not matcher.token_ids and (not matcher.active or (len(token_ids) < 2 and quiet <= 0)):
         return matcher.push(detokenizer.push(token_ids)), len(token_ids)
     parts: list[str] = []
     for used, token in enumerate(token_ids, 1):
         armed = used > quiet
+        if armed and matcher.stops_at(token):
+            own = detokenizer.push([token]) if matcher.include else ""
+            parts.append(matcher.push(own + detokenizer.flush()) + matcher.end(token))
+            return "".join(parts), used
         parts.append(matcher.push(detokenizer.push([token]), armed))
-        if armed and not matcher.stopped and matcher.stops_at(token):  # a stop token: the text ends with it
-            parts.append(matcher.push(detokenizer.flush()) + matcher.end())
         if matcher.stopped:
             return "".join(parts), used
     return "".join(parts), len(token_ids)

@@ -142,9 +142,10 @@ def test_logit_bias_forces_a_token(api_server: InProcessServer) -> None:
 
 
 def test_vllm_stop_token_ids_and_include_stop_str_in_output(api_server: InProcessServer) -> None:
-    """vLLM's stop controls, as its clients send them in extra_body: a stop token ends the answer with its own
-    text (vLLM keeps a non-special one), and `include_stop_str_in_output` keeps the stop string that matched;
-    streamed as plain, the count ending at the token that stopped it."""
+    """vLLM's stop controls, as its clients send them in extra_body: a stop token ends the answer without its own
+    text, and `include_stop_str_in_output` keeps the stop string or stop token that ended it (vLLM's detokenizer
+    leaves the stop-terminating token out unless asked); the choice's `stop_reason` names the stop string or the
+    stop token's id; streamed as plain, the count ending at the token that stopped it."""
     generator = api_server.runtime.generator()
     token = generator.content_ids(" banana")[0]
     word = generator.tokenizer.decode([token])
@@ -154,19 +155,69 @@ def test_vllm_stop_token_ids_and_include_stop_str_in_output(api_server: InProces
     stop = "ana" + word[:2]  # "ana b": across the first two tokens
     cut = (word * 2).index(stop)
     cases = [
-        ({"stop_token_ids": [token]}, word, 1),
-        ({"stop": [stop]}, (word * 2)[:cut], 2),
-        ({"stop": [stop], "include_stop_str_in_output": True}, (word * 2)[: cut + len(stop)], 2),
+        ({"stop_token_ids": [token]}, "", 1, token),
+        ({"stop_token_ids": [token], "include_stop_str_in_output": True}, word, 1, token),
+        ({"stop": [stop]}, (word * 2)[:cut], 2, stop),
+        ({"stop": [stop], "include_stop_str_in_output": True}, (word * 2)[: cut + len(stop)], 2, stop),
+        ({}, word * 6, 6, None),
     ]
-    for extra, text, tokens in cases:
+    for extra, text, tokens, reason in cases:
         plain = api.chat.completions.create(**forced, extra_body=extra)
-        assert (plain.choices[0].message.content, plain.choices[0].finish_reason) == (text, "stop"), extra
+        finish = "stop" if reason is not None else "length"
+        assert (plain.choices[0].message.content, plain.choices[0].finish_reason) == (text, finish), extra
+        assert plain.choices[0].model_extra["stop_reason"] == reason, extra
         assert plain.usage is not None and plain.usage.completion_tokens == tokens
         chunks = list(api.chat.completions.create(**forced, extra_body=extra, stream=True))
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+        [last] = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert last.model_extra["stop_reason"] == reason, extra
+    legacy = api.completions.create(
+        model=name(api_server), prompt="Fruit:", max_tokens=6, logit_bias={str(token): 100}, stop=[stop]
+    )
+    assert (legacy.choices[0].text, legacy.choices[0].model_extra["stop_reason"]) == ((word * 2)[:cut], stop)
     with pytest.raises(openai.BadRequestError) as info:
         api.chat.completions.create(**forced, extra_body={"stop_token_ids": [10**9]})
     assert info.value.body["param"] == "stop_token_ids"
+
+
+def test_vllm_skip_special_tokens_false_writes_special_tokens(api_server: InProcessServer) -> None:
+    """vLLM's `skip_special_tokens: false`: a special token drawn mid-answer is written as its text (left out by
+    default), and the end token that ends the answer stays out unless `include_stop_str_in_output` (as in vLLM);
+    with `ignore_eos` the end tokens do not end it, so they are text too. `spaces_between_special_tokens` is
+    accepted either way."""
+    generator = api_server.runtime.generator()
+    tokenizer = generator.tokenizer
+    special = tokenizer.convert_tokens_to_ids("<|im_start|>")  # marked special; not in all_special_ids
+    end = min(generator.engine.end_token_ids)
+    end_text = tokenizer.convert_ids_to_tokens(end)
+    api = client(api_server)
+    args = {"model": name(api_server), "messages": QUESTION, "max_tokens": 3, "temperature": 0}
+    drawn = {**args, "logit_bias": {str(special): 100}}
+    assert api.chat.completions.create(**drawn).choices[0].message.content == ""
+    written = api.chat.completions.create(**drawn, extra_body={"skip_special_tokens": False})
+    assert written.choices[0].message.content == "<|im_start|>" * 3
+    streamed = api.chat.completions.create(
+        **drawn, stream=True, extra_body={"skip_special_tokens": False, "spaces_between_special_tokens": False}
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "<|im_start|>" * 3
+    ending = {**args, "logit_bias": {str(end): 100}}
+    ended = api.chat.completions.create(**ending, extra_body={"skip_special_tokens": False})
+    assert (ended.choices[0].message.content, ended.choices[0].finish_reason) == ("", "stop")
+    assert ended.choices[0].model_extra["stop_reason"] is None  # an end token, not a stop token
+    kept = api.chat.completions.create(
+        **ending, extra_body={"skip_special_tokens": False, "include_stop_str_in_output": True}
+    )
+    assert (kept.choices[0].message.content, kept.choices[0].finish_reason) == (end_text, "stop")
+    ignored = api.chat.completions.create(**ending, extra_body={"skip_special_tokens": False, "ignore_eos": True})
+    assert (ignored.choices[0].message.content, ignored.choices[0].finish_reason) == (end_text * 3, "length")
+    text = api.completions.create(
+        model=name(api_server),
+        prompt="Fruit:",
+        max_tokens=2,
+        logit_bias={str(special): 100},
+        extra_body={"skip_special_tokens": False},
+    )
+    assert text.choices[0].text == "<|im_start|>" * 2
 
 
 def test_vllm_ignore_eos_runs_to_max_tokens(api_server: InProcessServer) -> None:
@@ -206,7 +257,8 @@ def test_vllm_min_tokens_holds_end_and_stop_tokens_back(api_server: InProcessSer
     args["logit_bias"] = {str(token): 100}
     stopped = api.chat.completions.create(**args, extra_body={"min_tokens": 3, "stop_token_ids": [token]})
     assert (stopped.choices[0].finish_reason, stopped.usage.completion_tokens) == ("stop", 4)
-    assert stopped.choices[0].message.content.endswith(word) and word not in stopped.choices[0].message.content[:-1]
+    content = stopped.choices[0].message.content
+    assert content and word not in content  # three tokens before it; the stop token's own text left out, as in vLLM
     boolean = {"type": "json_schema", "json_schema": {"name": "b", "schema": {"type": "boolean"}}}
     shaped = api.chat.completions.create(
         model=name(api_server), messages=QUESTION, max_tokens=30, response_format=boolean, extra_body={"min_tokens": 20}

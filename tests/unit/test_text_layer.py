@@ -176,14 +176,15 @@ def test_min_tokens_keeps_stop_strings_and_stop_tokens_from_ending_the_first_tok
     text = "one <<END>> two <<END>> three"
     script = TOKENIZER(text, add_special_tokens=False)["input_ids"]
     first_end = len(TOKENIZER("one <<END>>", add_special_tokens=False)["input_ids"])
-    stop_token = script[0]  # "one": a stop token (its text kept), which ends the text only once armed
+    stop_token = script[0]  # "one": a stop token (its text left out), which ends the text only once armed
 
     async def main() -> None:
         for engine in (FakeEngine(script), _ChunkedEngine(script)):
             gen = TextGenerator(engine, TOKENIZER)
             stops = Stops(("<<END>>",), token_ids=frozenset({stop_token}))
             [early] = await gen.complete([1], SamplingParams(max_new_tokens=100), stop=stops)
-            assert (early.text, early.completion_tokens) == ("one", 1)  # without min_tokens: the stop token ends it
+            assert (early.text, early.completion_tokens) == ("", 1)  # without min_tokens: the stop token ends it
+            assert (early.stop_token, early.stop_string) == (stop_token, None)
             held = SamplingParams(max_new_tokens=100, min_tokens=first_end)
             [late] = await gen.complete([1], held, stop=stops)
             assert (late.text, late.finish_reason, late.stop_string) == ("one <<END>> two ", "stop", "<<END>>")

@@ -209,7 +209,9 @@ class _Prompt:
 def _nothing_of(c: Completion) -> Completion:
     """An answer of max_tokens 0: no text and no tokens (the one the engine drew is left out), the prompt's
     log-probabilities kept."""
-    return Completion("", "length", 0, None, () if c.logprobs is not None else None, c.prompt_logprobs)
+    return Completion(
+        "", "length", 0, logprobs=() if c.logprobs is not None else None, prompt_logprobs=c.prompt_logprobs
+    )
 
 
 async def _emptied(deltas: AsyncGenerator[TextDelta, None]) -> AsyncGenerator[TextDelta, None]:
@@ -221,7 +223,7 @@ async def _emptied(deltas: AsyncGenerator[TextDelta, None]) -> AsyncGenerator[Te
                 prompts[d.index] = d.prompt_logprobs
             if d.finish_reason is not None:
                 empty = () if d.logprobs is not None else None
-                yield TextDelta(d.index, "", "length", 0, None, empty, prompts.get(d.index))
+                yield TextDelta(d.index, "", "length", 0, logprobs=empty, prompt_logprobs=prompts.get(d.index))
 
 
 def _call_rules(body: _SamplingRequest) -> CallRules | None:
@@ -282,14 +284,28 @@ def _choice(
             message["content"] = parsed.content or ""
         if prompt.echo is not None:
             message["content"] = prompt.echo + (message["content"] or "")
-        chat = logprobs.chat(c.logprobs)
-        return {"index": index, "message": message, "finish_reason": finish, "logprobs": chat, **ids}
+        chat, reason = logprobs.chat(c.logprobs), _stop_reason(c)
+        return {
+            "index": index,
+            "message": message,
+            "finish_reason": finish,
+            "stop_reason": reason,
+            "logprobs": chat,
+            **ids,
+        }
     text, legacy = c.text, logprobs.legacy(c.logprobs)
     if prompt.echo is not None:
         text = prompt.echo + c.text
         legacy = logprobs.legacy(c.logprobs, prompt=(prompt.ids, _echoed(body, c.prompt_logprobs)))
-    choice = {"index": index, "text": text, "finish_reason": c.finish_reason, "logprobs": legacy}
+    choice = {"index": index, "text": text, "finish_reason": c.finish_reason, "stop_reason": _stop_reason(c)}
+    choice["logprobs"] = legacy
     return {**choice, **_prompt_fields(body, prompt.ids, c.prompt_logprobs, logprobs), **ids}
+
+
+def _stop_reason(c: Completion | TextDelta) -> str | int | None:
+    """vLLM's `stop_reason`: the stop string or the stop token (`stop_token_ids`) that ended the answer; null
+    when it ended otherwise (an end token, the token limit)."""
+    return c.stop_string if c.stop_string is not None else c.stop_token
 
 
 def _echoed(body: _SamplingRequest, scored: Sequence[TokenLogprob] | None) -> Sequence[TokenLogprob] | None:
@@ -339,9 +355,11 @@ async def _chunks(
         first: bool = False,
         prompt: tuple[list[int], Sequence[TokenLogprob] | None] | None = None,
         echo: bool = False,
+        reason: str | int | None = None,
     ) -> dict[str, Any]:
+        """One choice's chunk; the last (`finish`) carries vLLM's `stop_reason` (`reason`)."""
         taken: list[TokenLogprob] | None = None
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"stop_reason": reason} if finish is not None else {}
         if not (first or echo) and (text or finish):  # a chunk with content (or the last) takes what is pending
             if wanted:
                 taken, entries[index] = entries[index], []
@@ -409,7 +427,7 @@ async def _chunks(
                     for c in tool_chunks(d.index, d.finish_reason):
                         yield c
                 else:
-                    yield chunk(d.index, None, d.finish_reason)
+                    yield chunk(d.index, None, d.finish_reason, reason=_stop_reason(d))
         if with_usage:
             yield {**head, "object": obj, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
     finally:

@@ -245,10 +245,14 @@ class _SamplingRequest(_OpenAIRequest):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     guided_decoding_backend: str | None = Field(None, description="Accepted; the backend here is llguidance.")
-    # vLLM's stop controls: tokens that end the answer (kept in it, as vLLM keeps them), and whether the stop string
-    # that matched stays at the end of the text.
+    # vLLM's stop controls: tokens that end the answer, and whether the stop string or stop token that ended it stays
+    # at the end of the text (as in vLLM, neither does by default).
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     include_stop_str_in_output: bool = False
+    # vLLM's: false writes special tokens (`<|im_start|>`) as their text rather than leaving them out; spaces between
+    # them: Qwen2's byte-level tokenizer writes none either way, as vLLM's fast detokenizer (accepted, no effect)
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
     ignore_eos: bool = False  # vLLM's: the answer runs to its max_tokens (benchmarks use it)
     # vLLM's: no end token nor stop token before the answer has this many tokens, and no stop string ends before
     min_tokens: int = Field(0, ge=0)
@@ -291,7 +295,12 @@ class _SamplingRequest(_OpenAIRequest):
 
     def stops(self) -> Stops:
         strings = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        return Stops(strings, include=self.include_stop_str_in_output, token_ids=frozenset(self.stop_token_ids or ()))
+        return Stops(
+            strings,
+            include=self.include_stop_str_in_output,
+            token_ids=frozenset(self.stop_token_ids or ()),
+            special_text=not self.skip_special_tokens,
+        )
 
     def check_supported(self) -> None:
         if self.stream_options is not None and not self.stream:
