@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from qwen_api.engine.bad_words import bad_word_tokens
+from qwen_api.engine.transformers_engine import TransformersEngine
 
 from conftest import InProcessServer, sdk
 
@@ -481,3 +482,35 @@ def test_a_seed_reproduces_with_every_control_on(api_server: InProcessServer) ->
     first = api.chat.completions.create(**kwargs)  # type: ignore[call-overload]
     again = api.chat.completions.create(**kwargs)  # type: ignore[call-overload]
     assert first.choices[0].message.content == again.choices[0].message.content
+
+
+def test_vllm_cache_salt_keeps_tenants_prefixes_apart(api_server: InProcessServer) -> None:
+    """vLLM's `cache_salt`: a salted request reuses no cached prompt of the unsalted or of another salt, so no
+    tenant can time another's prompts; with the same salt the native and llama.cpp engines share as unsalted
+    requests do, while the transformers engine, whose prefix sharing takes no salt, keeps salted requests out of it
+    altogether. An empty salt is a 400 (as vLLM's)."""
+    engine = api_server.runtime.generator().engine
+    api = client(api_server)
+    system = {"role": "system", "content": " ".join(f"rule {i}: answer briefly and kindly." for i in range(40))}
+
+    def reused(question: str, salt: str | None = None) -> int:
+        before = engine.stats().prefix_hit_tokens or 0
+        extra = {"cache_salt": salt} if salt is not None else {}
+        messages = [system, {"role": "user", "content": question}]
+        # two tokens: transformers registers a prompt's blocks for sharing only if it is still running after them
+        api.chat.completions.create(model=name(api_server), messages=messages, max_tokens=2, extra_body=extra)
+        return (engine.stats().prefix_hit_tokens or 0) - before
+
+    reused("First question?")
+    assert reused("Second question?") > 100  # unsalted requests share the system prompt
+    assert reused("Third question?", salt="tenant-a") == 0  # not the unsalted's
+    same_salt = reused("Fourth question?", salt="tenant-a")
+    assert same_salt == 0 if isinstance(engine, TransformersEngine) else same_salt > 100
+    assert reused("Fifth question?", salt="tenant-b") == 0  # not another salt's
+    with pytest.raises(openai.BadRequestError) as info:
+        api.chat.completions.create(
+            model=name(api_server), messages=QUESTION, max_tokens=1, extra_body={"cache_salt": ""}
+        )
+    assert info.value.body["param"] == "cache_salt"
+    r = api.responses.create(model=name(api_server), input="Hi", max_output_tokens=2, extra_body={"cache_salt": "t"})
+    assert r.status == "incomplete"

@@ -42,6 +42,7 @@ MAX_LOGIT_BIAS = 300  # entries in one request's logit_bias (OpenAI's own limit)
 MAX_BAD_WORDS = 64
 MAX_ALLOWED_IDS = 16384  # vLLM's allowed_token_ids in one request
 MAX_PROMPT_LOGPROBS = 20  # alternatives per prompt token (vLLM's default --max-logprobs)
+MAX_CACHE_SALT = 1024  # characters of a cache salt (vLLM suggests 43: 256 random bits in base64)
 # OpenAI's defaults, for what neither the request nor the model's generation config sets.
 _DIALECT_DEFAULTS: dict[str, Any] = {
     "temperature": 1.0,
@@ -274,6 +275,9 @@ class _SamplingRequest(_OpenAIRequest):
     # vLLM's: its id in the answer's (`chatcmpl-<request_id>`); and a scheduling priority, of which this server has one
     request_id: str | None = Field(None, min_length=1, max_length=512)
     priority: int = 0
+    # vLLM's: the answer's prompt shares cached blocks only with requests of the same salt, a tenant's secret
+    # (`SamplingParams.cache_salt`)
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT)
 
     @field_validator("stop")
     @classmethod
@@ -428,6 +432,7 @@ class _SamplingRequest(_OpenAIRequest):
             min_tokens=self.min_tokens,
             held_ids=tuple(self.stop_token_ids or ()),
             prompt_logprobs=self.prompt_logprobs_wanted(),
+            cache_salt=self.cache_salt,
         )
 
 

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Discriminator, Field, Tag, field_validator
 
 from qwen_api.api.openai_protocol import (
+    MAX_CACHE_SALT,
     MAX_LOGIT_BIAS,
     ChatMessage,
     FunctionCall,
@@ -178,10 +179,11 @@ class ResponsesRequest(_Request):
     reasoning: dict[str, Any] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     # vLLM's extensions of this route: top-k sampling, a logit bias (as chat completions' and OpenAI's legacy one),
-    # and the response's id
+    # the response's id, and a cache salt (as chat completions')
     top_k: int | None = Field(None, ge=-1, description="Extension: keep the k most likely tokens; 0 or -1: all.")
     logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     request_id: str | None = Field(None, min_length=1, max_length=512)
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT)
 
     @field_validator("logit_bias")
     @classmethod
@@ -358,7 +360,13 @@ class ResponsesRequest(_Request):
             bias = bias_pairs(self.logit_bias, vocab_size)
         except ValueError as exc:
             raise Unsupported("logit_bias", str(exc)) from None
-        return SamplingParams(max_new_tokens=max_new_tokens, logprobs=self.logprobs_wanted(), logit_bias=bias, **values)
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            logprobs=self.logprobs_wanted(),
+            logit_bias=bias,
+            cache_salt=self.cache_salt,
+            **values,
+        )
 
 
 # The one `include` this server can honour: the output text's log-probabilities (as chat completions' `logprobs`).

@@ -67,6 +67,10 @@ class SamplingParams:
     # distribution, as `logprobs`. They come on the sequence's first chunk (`TokenChunk.prompt_logprobs`), and the
     # engine computes every prompt position for them (no prefix-cache hits).
     prompt_logprobs: int | None = None
+    # vLLM's cache_salt: the sequence shares cached prompt blocks only with sequences of the same salt (a tenant's
+    # secret), so another tenant cannot tell from its timing whether a prompt was cached; None shares with the
+    # unsalted. An engine whose cache outlives a request keys it by the salt too.
+    cache_salt: str | None = None
 
 
 class TokenMatcher(Protocol):

@@ -88,6 +88,18 @@ class _Sequence:
     scored: list[TokenLogprob] = field(default_factory=list)  # the prompt's log-probabilities, when asked for
 
 
+@dataclass(frozen=True)
+class _Cells:
+    """What a free slot's KV cells hold, and the cache salt of the sequence that wrote them."""
+
+    tokens: list[int]
+    salt: str | None = None
+
+    def shared_with(self, seq: _Sequence) -> int:
+        """How many of `seq`'s prompt tokens these cells hold already: none across cache salts."""
+        return common_prefix_len(self.tokens, seq.prompt) if self.salt == seq.params.cache_salt else 0
+
+
 class LlamaCppEngine:
     """Serves concurrent sequences from one GGUF model, decoded together by llama.cpp."""
 
@@ -132,8 +144,9 @@ class LlamaCppEngine:
         self._waiting: deque[_Sequence] = deque()
         self._active: dict[int, _Sequence] = {}
         # Free slots keep their KV cells: a new prompt reuses the longest common prefix (the system prompt, a
-        # conversation's history) instead of reading it again.
-        self._free: dict[int, list[int]] = {slot: [] for slot in range(max_batch_size)}
+        # conversation's history) instead of reading it again, if it has the cache salt of the sequence that wrote
+        # them (`SamplingParams.cache_salt`).
+        self._free: dict[int, _Cells] = {slot: _Cells([]) for slot in range(max_batch_size)}
         self._prefix_cache = prefix_cache
         self.reused_tokens = 0  # prompt tokens taken from cached cells instead of read, ever
         self.admitted_prompt_tokens = 0  # prompt tokens of the sequences given a slot, ever
@@ -216,7 +229,7 @@ class LlamaCppEngine:
         if not self._prefix_cache:
             slot = min(holes)
         else:
-            shared = {s: common_prefix_len(cells, seq.prompt) for s, cells in self._free.items()}
+            shared = {s: cells.shared_with(seq) for s, cells in self._free.items()}
             slot = max(holes, key=lambda s: (shared[s], -s))
             donor = max(self._free, key=lambda s: shared[s])
             if shared[donor] > shared[slot]:
@@ -253,7 +266,7 @@ class LlamaCppEngine:
     def _keep_elsewhere(self, slot: int, spare: int) -> None:
         """Before a free slot's cells are overwritten, copy them over the least recently freed slot's (neither `slot`
         nor `spare`), so that a cached prompt is not lost while some free slot holds older cells or none."""
-        if not self._free[slot]:
+        if not self._free[slot].tokens:
             return
         victim = next((s for s in self._free if s not in (slot, spare)), None)  # _free is in order of release
         if victim is None:
@@ -285,9 +298,9 @@ class LlamaCppEngine:
         return sampler
 
     @staticmethod
-    def _in_cache(seq: _Sequence) -> list[int]:
+    def _in_cache(seq: _Sequence) -> _Cells:
         """The tokens a sequence's cells hold: the prompt read so far and every generated token but the last."""
-        return seq.prompt[: seq.read] + seq.generated[:-1]
+        return _Cells(seq.prompt[: seq.read] + seq.generated[:-1], seq.params.cache_salt)
 
     def _release(self, seq: _Sequence) -> None:
         del self._active[seq.seq_id]

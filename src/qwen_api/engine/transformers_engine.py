@@ -85,6 +85,7 @@ class TransformersEngine:
         self._steps = 0
         self._peak_batch = 0
         self.on_step: Callable[[int], None] | None = None
+        self._queried_tokens = self._hit_tokens = 0  # prompt tokens looked up in the prefix cache / found there
         self._count_steps_of_each_batch_processor()
         self._manager.start()
         self.max_context_tokens = min(self._wait_for_cache_capacity(), _model_context(model))
@@ -98,6 +99,7 @@ class TransformersEngine:
 
         def create_counted() -> Any:
             processor = create()
+            self._keep_salted_apart(processor.cache)
             schedule = processor.scheduler.schedule_batch
 
             def schedule_counted(*args: Any, **kwargs: Any) -> Any:
@@ -113,6 +115,26 @@ class TransformersEngine:
             return processor
 
         manager._create_batch_processor = create_counted
+
+    def _keep_salted_apart(self, cache: Any) -> None:
+        """vLLM's cache_salt (`SamplingParams.cache_salt`) on transformers' prefix sharing, whose block hashes take
+        no salt: a salted sequence neither reuses cached blocks nor leaves its own to be reused, so no tenant can
+        tell from its timing what another's prompts were (sharing within a salt is given up). Counts the lookups."""
+        search, mark = cache.search_prefix_match, cache.mark_complete_blocks
+
+        def search_unsalted(request_id: str, prompt_ids: list[int]) -> int:
+            if request_id.startswith("salted-"):
+                return 0
+            found = int(search(request_id, prompt_ids))
+            self._queried_tokens += len(prompt_ids)
+            self._hit_tokens += found
+            return found
+
+        def mark_unsalted(state: Any, complete_blocks: Any) -> None:
+            if not state.request_id.startswith("salted-"):
+                mark(state, complete_blocks)
+
+        cache.search_prefix_match, cache.mark_complete_blocks = search_unsalted, mark_unsalted
 
     def _wait_for_cache_capacity(self, timeout: float = 600.0) -> int:
         """The cache is built on the generation thread; wait for it and return how many tokens it holds."""
@@ -135,7 +157,8 @@ class TransformersEngine:
         prompt_logprobs = None
         if params.prompt_logprobs is not None:  # computed before the sequence is queued, off the event loop
             prompt_logprobs = await asyncio.to_thread(self._score_prompt, prompt_ids, params.prompt_logprobs)
-        request_id = f"seq-{next(self._ids)}"
+        # a salted sequence's id says so, for as long as transformers holds any of its state (`_keep_salted_apart`)
+        request_id = f"{'salted' if params.cache_salt is not None else 'seq'}-{next(self._ids)}"
         outputs: asyncio.Queue[Any] = asyncio.Queue()
         self._manager.register_result_handler(request_id, outputs.put_nowait)
         matcher = params.constraint.matcher() if params.constraint is not None else None
@@ -215,7 +238,13 @@ class TransformersEngine:
             waiting += len(processor.scheduler.waiting_requests)
             active = len(processor.scheduler.active_requests)
         return EngineStats(
-            running=self._running, waiting=waiting, active=active, steps=self._steps, peak_batch_size=self._peak_batch
+            running=self._running,
+            waiting=waiting,
+            active=active,
+            steps=self._steps,
+            peak_batch_size=self._peak_batch,
+            prefix_queried_tokens=self._queried_tokens,
+            prefix_hit_tokens=self._hit_tokens,
         )
 
     def shutdown(self) -> None:
@@ -242,6 +271,8 @@ _INTERNALS_STARTED = (
     "batch_processor.scheduler.waiting_requests",
     "batch_processor.scheduler.active_requests",
     "batch_processor.cache.max_tokens_read",
+    "batch_processor.cache.search_prefix_match",
+    "batch_processor.cache.mark_complete_blocks",
 )
 
 

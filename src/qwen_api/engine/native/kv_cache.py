@@ -4,13 +4,14 @@
 the extra last block is scratch, where padded rows of a CUDA-graph batch write their keys harmlessly.
 `BlockPool` owns the bookkeeping (pure Python, no tensors): reference counts, and the prefix index. A block
 whose slots are all written is indexed under (its parent block's prefix id, its token ids) and gets a prefix id of
-its own, never given twice, so one id names a whole prefix; a new sequence walks its prompt block by block and
-shares every block found (a system prompt, a conversation's history: read once, then reused). The index compares
-the tokens themselves, never a bare hash of them: CPython's hash of a tuple of ints is unkeyed and can be
-inverted, so a crafted prompt could collide with another's block and be answered from that prompt's keys and
-values (the class of vLLM's CVE-2025-25183). Blocks whose count falls to zero stay indexed on an LRU free list
-and are only evicted (dropped from the index) when a fresh block is needed; an evicted prefix's id is never
-reused, so the blocks indexed below it can no longer be matched.
+its own, never given twice, so one id names a whole prefix; a first block's parent is its sequence's cache salt
+(`SamplingParams.cache_salt`, None for none), so salted prefixes are shared only within their salt. A new sequence
+walks its prompt block by block and shares every block found (a system prompt, a conversation's history: read
+once, then reused). The index compares the tokens themselves, never a bare hash of them: CPython's hash of a
+tuple of ints is unkeyed and can be inverted, so a crafted prompt could collide with another's block and be
+answered from that prompt's keys and values (the class of vLLM's CVE-2025-25183). Blocks whose count falls to
+zero stay indexed on an LRU free list and are only evicted (dropped from the index) when a fresh block is needed;
+an evicted prefix's id is never reused, so the blocks indexed below it can no longer be matched.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import torch
 
 from qwen_api.engine.native.config import ModelConfig
 
-# A block's key in the prefix index: its parent block's prefix id (None for a first block) and its token ids.
-BlockKey = tuple[int | None, tuple[int, ...]]
+# A block's key in the prefix index: its parent, the prefix id of the block before it (for a first block its
+# sequence's cache salt, or None), and its token ids. Prefix ids are ints, salts strings: they never meet.
+Parent = int | str | None
+BlockKey = tuple[Parent, tuple[int, ...]]
 
 
 class BlockPool:
@@ -46,12 +49,13 @@ class BlockPool:
     def num_free(self) -> int:
         return len(self.free)
 
-    def match_prefix(self, tokens: Sequence[int]) -> list[int]:
-        """Indexed blocks holding `tokens`' leading full blocks (without taking them). Stops at the first miss."""
+    def match_prefix(self, tokens: Sequence[int], salt: str | None = None) -> list[int]:
+        """Indexed blocks holding `tokens`' leading full blocks, under cache salt `salt` (without taking them).
+        Stops at the first miss."""
         found: list[int] = []
         if not self.prefix_cache:
             return found
-        parent: int | None = None
+        parent: Parent = salt
         bs = self.block_size
         for start in range(0, len(tokens) - bs + 1, bs):
             block = self.index.get((parent, tuple(tokens[start : start + bs])))
@@ -81,7 +85,7 @@ class BlockPool:
         self.refs[block] = 1
         return block
 
-    def register(self, block: int, parent: int | None, tokens: Sequence[int]) -> int:
+    def register(self, block: int, parent: Parent, tokens: Sequence[int]) -> int:
         """Index a block whose slots are all written, below the prefix `parent`; returns the prefix id it holds
         (the next block's parent). A twin computed concurrently, indexed first, keeps the entry and names it."""
         key = (parent, tuple(tokens))

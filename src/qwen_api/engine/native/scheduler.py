@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwen_api.engine.base import SamplingParams
-from qwen_api.engine.native.kv_cache import BlockPool
+from qwen_api.engine.native.kv_cache import BlockPool, Parent
 
 _ids = itertools.count()
 
@@ -52,7 +52,7 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     computed: int = 0  # leading tokens whose keys and values are in the cache
     hashed: int = 0  # leading blocks registered in the prefix index
-    last_prefix: int | None = None  # the pool's prefix id of block `hashed - 1`
+    last_prefix: Parent = None  # the pool's prefix id of block `hashed - 1` (before the first: the cache salt)
     cancelled: bool = False
     preemptions: int = 0
     arrived: float = 0.0  # when the scheduler first had it (the scheduler's clock)
@@ -184,7 +184,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self._leave(seq)
         seq.computed = seq.hashed = 0
-        seq.last_prefix = None
+        seq.last_prefix = seq.params.cache_salt
         seq.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(seq)
@@ -209,7 +209,7 @@ class Scheduler:
             if total > self.pool.num_blocks:
                 refused.append(self.waiting.popleft())
                 continue
-            cached = self.pool.match_prefix(seq.tokens)
+            cached = self.pool.match_prefix(seq.tokens, seq.params.cache_salt)
             if seq.params.prompt_logprobs is not None and seq.scored < seq.prompt_len - 1:
                 cached = cached[: seq.scored // bs]  # positions not scored yet must be computed to be scored
             if len(cached) * bs >= len(seq.tokens):
@@ -223,7 +223,7 @@ class Scheduler:
             seq.blocks = cached + [self.pool.allocate() for _ in range(total - len(cached))]
             seq.computed = len(cached) * bs
             seq.hashed = len(cached)
-            seq.last_prefix = self.pool.prefix_id[cached[-1]] if cached else None
+            seq.last_prefix = self.pool.prefix_id[cached[-1]] if cached else seq.params.cache_salt
             self.running.append(seq)
             n = min(len(seq.tokens) - seq.computed, budget, _chunk_cap(seq))
             step.prefills.append((seq, n))
