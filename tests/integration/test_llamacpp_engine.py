@@ -172,7 +172,7 @@ def test_a_free_slots_cached_prefix_is_copied_into_the_lowest_slot() -> None:
         assert {i for ids in seen for i in ids} == {0}  # it ran in slot 0, on slot 1's cells
         assert copied.engine.reused_tokens - before >= common_prefix_len(cached, follow) > 100
         # The cells slot 0 held before (`other`'s) went to another free slot instead of being lost.
-        assert any(cells[: len(other)] == other for cells in copied.engine._free.values())
+        assert any(cells.tokens[: len(other)] == other for cells in copied.engine._free.values())
     finally:
         copied.engine.shutdown()
     in_place = default_loader(settings, resolve_model("demo"))()
