@@ -15,6 +15,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import jsonschema
 import openai
@@ -546,11 +547,14 @@ def test_strict_functions_hold_auto_calls_to_their_schema_on_every_dialect(compa
         calls = [json.loads(c.function.arguments) for c in chat.message.tool_calls or []]
         calls += [json.loads(o.arguments) for o in response.output if o.type == "function_call"]
         calls += [b.input for b in message.content if b.type == "tool_use"]
-        assert (chat.message.content, response.output[0].content[0].text) == ("Sure.", "Sure.")
         if intact:  # the model's own call is allowed: strict, it follows the schema; not strict, anything goes
+            assert (chat.message.content, response.output[0].content[0].text) == ("Sure.", "Sure.")
             assert calls == [{"n": 7}] * 3
-        else:  # its own call lacks "unit": held to the schema, each call made validates (or none was finished)
-            assert {"n": 7} not in calls
+        else:  # its own call lacks "unit": held to the schema, the call comes back whole on every dialect, and what
+            # the model wrote after it (the grammar lets a strict call go unclosed and text follow) stays content
+            assert chat.message.content.startswith("Sure.")
+            assert response.output[0].content[0].text == chat.message.content
+            assert len(calls) == 3 and {"n": 7} not in calls
             for call in calls:
                 jsonschema.validate(call, schema)
 
@@ -690,6 +694,55 @@ def test_a_forced_call_is_compact_whole_and_beyond_stop_strings(native_tiny: InP
             assert not choice.message.content, (stop, choice.message.content)
             (call,) = choice.message.tool_calls or []
             jsonschema.validate(json.loads(call.function.arguments), PICK["function"]["parameters"])
+
+
+HTML = "<b>x</b></tool_call>"
+EMIT = {
+    "type": "function",
+    "function": {
+        "name": "emit",
+        "strict": True,
+        "parameters": {
+            "type": "object",
+            "properties": {"html": {"const": HTML}},
+            "required": ["html"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_a_call_whose_argument_holds_the_closing_tag_is_a_call_on_every_dialect(native_tiny: InProcessServer) -> None:
+    """An argument may hold `</tool_call>` (HTML, code): the parser ended the block there, so a forced call came back
+    as its raw markup in the content, with no call, on every dialect. And a forced call cut off by the token limit
+    inside its opening tag (`<tool`) came back as that text: a forced answer is calls only."""
+    client, model = client_of(native_tiny), model_of(native_tiny)
+    args = {"model": model, "messages": ASK, "tools": [EMIT], "tool_choice": "required", "max_tokens": 60}
+    plain = client.chat.completions.create(**args)
+    (call,) = plain.choices[0].message.tool_calls or []
+    assert json.loads(call.function.arguments) == {"html": HTML} and not plain.choices[0].message.content
+    with client.chat.completions.stream(**args) as stream:
+        final = stream.get_final_completion()
+    assert json.loads(final.choices[0].message.tool_calls[0].function.arguments) == {"html": HTML}
+    responses = client.responses.create(
+        model=model, input="Give me JSON.", tools=[{"type": "function", **EMIT["function"]}], tool_choice="required"
+    )
+    assert [(o.type, json.loads(o.arguments)) for o in responses.output] == [("function_call", {"html": HTML})]
+    claude = sdk(anthropic.Anthropic, base_url=native_tiny.base_url, api_key="unused", max_retries=0, timeout=120)
+    tool = {"name": "emit", "input_schema": EMIT["function"]["parameters"], "strict": True}
+    message = claude.messages.create(
+        model=model, max_tokens=60, messages=ASK, tools=[tool], tool_choice={"type": "tool", "name": "emit"}
+    )
+    assert [(b.type, getattr(b, "input", None)) for b in message.content] == [("tool_use", {"html": HTML})]
+    for max_tokens in (1, 2, 3):  # `<`, `<tool`, `<tool_call`: the opening tag is several tokens
+        cut = client.chat.completions.create(**{**args, "max_tokens": max_tokens})
+        assert (cut.choices[0].finish_reason, cut.choices[0].message.content) == ("length", ""), max_tokens
+        streamed = client.chat.completions.create(**{**args, "max_tokens": max_tokens}, stream=True)
+        assert not "".join(c.choices[0].delta.content or "" for c in streamed if c.choices), max_tokens
+        short = claude.messages.create(
+            model=model, max_tokens=max_tokens, messages=ASK, tools=[tool], tool_choice={"type": "any"}
+        )
+        assert short.stop_reason == "max_tokens" and not any(b.type == "text" and b.text for b in short.content)
 
 
 def test_auto_tools_beside_a_response_format_may_call_or_answer_in_the_format(native_tiny: InProcessServer) -> None:

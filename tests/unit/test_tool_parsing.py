@@ -37,6 +37,37 @@ def test_a_call_cut_off_by_the_token_limit_never_reaches_the_text() -> None:
     assert whole_then_cut.content is None and len(whole_then_cut.tool_calls) == 1
 
 
+def test_an_argument_may_hold_the_closing_tag_itself() -> None:
+    """The call's JSON is read as JSON: a `</tool_call>` inside a string (HTML, code, a model quoting the format)
+    neither ends the block nor turns a whole call into text."""
+    html = "<b>x</b></tool_call>"
+    call = f'<tool_call>\n{{"name": "f", "arguments": {{"html": "{html}"}}}}\n</tool_call>'
+    parsed = parse_tool_calls(f"Here: {call} done")
+    assert (parsed.content, len(parsed.tool_calls)) == ("Here:  done", 1)
+    assert json.loads(parsed.tool_calls[0]["function"]["arguments"]) == {"html": html}
+    unclosed = parse_tool_calls(call.removesuffix("</tool_call>"))
+    assert unclosed.content is None and json.loads(unclosed.tool_calls[0]["function"]["arguments"]) == {"html": html}
+
+
+def test_a_whole_call_left_unclosed_with_text_after_it_is_a_call() -> None:
+    """A strict function's grammar lets the closing tag be left out and text follow: the call counts, and the text
+    after it stays content."""
+    parsed = parse_tool_calls('Sure.<tool_call>\n{"name": "f", "arguments": {"a": 1}}\nLet me know.')
+    assert parsed.content == "Sure.\nLet me know."
+    assert [c["function"] for c in parsed.tool_calls] == [{"name": "f", "arguments": '{"a": 1}'}]
+
+
+@pytest.mark.parametrize("cut", ["<", "<tool", "<tool_call", "<tool_call>\n", '<tool_call>\n{"name": "f", "argu'])
+def test_a_forced_call_cut_off_anywhere_leaves_no_text(cut: str) -> None:
+    """With `required` or a named function the answer is calls only: cut off by the token limit even inside its
+    opening tag, nothing of it is content, plain or streamed."""
+    rules = CallRules(frozenset({"f"}), forced=True)
+    assert rules.split(cut) == ParsedOutput(None, [])
+    stream = rules.stream()
+    assert [stream.feed(c) for c in cut] == [""] * len(cut) and stream.finish() == ("", [])
+    assert rules.split(CALL).tool_calls and rules.split(CALL).content is None
+
+
 @pytest.mark.parametrize(
     "block",
     [
@@ -99,6 +130,8 @@ ANSWERS = [
     'Cut off: <tool_call>{"name": "f", "argu',
     'A stray: <tool_call>{"name": "zz", "arguments": {}}</tool_call> tail',
     f"  \n{CALL}",
+    'HTML: <tool_call>{"name": "f", "arguments": {"h": "</tool_call>"}}</tool_call> after',
+    'Unclosed: <tool_call>{"name": "g", "arguments": {}} and text after',
 ]
 
 

@@ -347,7 +347,7 @@ class Conversation(_Request):
     def call_rules(self) -> CallRules | None:
         """How the answer splits into text and tool_use blocks (one at most with `disable_parallel_tool_use`):
         None when no tools are shown."""
-        return CallRules.of(self.tool_dicts(), self.parallel())
+        return CallRules.of(self.tool_dicts(), self.parallel(), self.forced_call())
 
     def format_schema(self) -> dict[str, Any] | None:
         """The JSON schema `output_config.format` holds the answer's text to, or None for free text."""

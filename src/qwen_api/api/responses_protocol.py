@@ -295,7 +295,7 @@ class ResponsesRequest(_Request):
 
     def call_rules(self) -> CallRules | None:
         """How the answer splits into text and `function_call` items: None when no tools are shown."""
-        return CallRules.of(self.tool_dicts(), parallel=self.parallel_tool_calls is not False)
+        return CallRules.of(self.tool_dicts(), self.parallel_tool_calls is not False, self.forced_call())
 
     def forced_call(self) -> bool:
         """Whether the answer must be one function call (`required`, or a named function)."""

@@ -21,8 +21,7 @@ from typing import Any
 from qwen_api.structured.grammar import GrammarError, checked_schema, compact_json
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-# A last block left open at the end of the output still counts: small models often stop before the closing tag.
-_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.DOTALL)
+_JSON = json.JSONDecoder()
 
 _SYSTEM_BLOCK = """# Tools
 
@@ -225,35 +224,40 @@ class ParsedOutput:
 def parse_tool_calls(text: str, names: Collection[str] | None = None, parallel: bool = True) -> ParsedOutput:
     """Split a completion into its text and its calls (OpenAI's shape, with ids).
 
-    A call is a block holding `{"name": str, "arguments": object}` (the arguments may come as JSON text of an
-    object), its name one of `names` (any name when None). A closed block that is no call stays in the content, as
-    the model wrote it; so does a whole call to a function the request did not declare (its client could not run
-    it), closed or not. A final block left open that is no call, a call cut off by the token limit, is dropped, so
-    the markup never reaches the content. Without `parallel` only the first call counts; the others are dropped.
-    The text around the blocks is kept as written, but for the whitespace that ends it (or all of it, when it is
-    only whitespace); the answer's own leading whitespace stays (as an answer without calls keeps it, and as a
-    stream has already sent it)."""
+    A call is `<tool_call>`, then one JSON value `{"name": str, "arguments": object}` (the arguments may come as
+    JSON text of an object), then `</tool_call>` or not (small models often stop before it, and a strict function's
+    grammar lets text follow without it); its name one of `names` (any name when None). The JSON is read as JSON, so
+    an argument may hold `</tool_call>` itself (HTML, code, a model quoting the format). A closed block that is no
+    call stays in the content, as the model wrote it; so does a whole call to a function the request did not declare
+    (its client could not run it), closed or not. A block left open that is no call, a call cut off by the token
+    limit, ends the text: it is dropped, so the markup never reaches the content. Without `parallel` only the first
+    call counts; the others are dropped. The text around the blocks is kept as written, but for the whitespace that
+    ends it (or all of it, when it is only whitespace); the answer's own leading whitespace stays (as an answer
+    without calls keeps it, and as a stream has already sent it)."""
     calls: list[dict[str, Any]] = []
     kept: list[str] = []
-    last = 0
-    for match in _BLOCK.finditer(text):
-        try:
-            body = json.loads(match.group(1))
-            name, args = body["name"], body.get("arguments", {})
-            if isinstance(args, str):
-                args = json.loads(args)
-            if not isinstance(name, str) or not isinstance(args, dict):
-                raise TypeError
-        except (ValueError, KeyError, TypeError):
-            if match.group(0).endswith(CLOSE):
+    last = at = 0
+    while (start := text.find(OPEN, at)) >= 0:
+        body, end = _json_at(text, _skip_space(text, start + len(OPEN)))
+        closed = end >= 0 and text.startswith(CLOSE, _skip_space(text, end))
+        block_end = _skip_space(text, end) + len(CLOSE) if closed else end
+        call = _call_of(body) if end >= 0 else None
+        if call is None:
+            if closed:  # a whole block, but no call: text as written
+                at = block_end
                 continue
-            kept.append(text[last : match.start()])  # cut off: it ends the text
+            if end < 0 and (close := text.find(CLOSE, start)) >= 0:  # no JSON value, but closed all the same
+                at = close + len(CLOSE)
+                continue
+            kept.append(text[last:start])  # cut off: it ends the text
             last = len(text)
             break
+        at = block_end
+        name, args = call
         if names is not None and name not in names:
             continue  # whole, but to a function nobody declared: text as written
-        kept.append(text[last : match.start()])
-        last = match.end()
+        kept.append(text[last:start])
+        last = block_end
         if parallel or not calls:
             calls.append(
                 {
@@ -270,21 +274,51 @@ def parse_tool_calls(text: str, names: Collection[str] | None = None, parallel: 
     return ParsedOutput(content or None, calls)
 
 
+def _skip_space(text: str, at: int) -> int:
+    """Where the whitespace that starts at `at` ends."""
+    return len(text) - len(text[at:].lstrip()) if at < len(text) else at
+
+
+def _json_at(text: str, start: int) -> tuple[Any, int]:
+    """The JSON value that starts at `start`, and where it ends; (None, -1) when none does (not JSON, or cut off)."""
+    try:
+        return _JSON.raw_decode(text, start)
+    except ValueError:
+        return None, -1
+
+
+def _call_of(body: Any) -> tuple[str, dict[str, Any]] | None:
+    """(name, arguments) of a call's JSON value, or None when it is no call."""
+    if not isinstance(body, dict) or not isinstance(name := body.get("name"), str):
+        return None
+    args = body.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    return (name, args) if isinstance(args, dict) else None
+
+
 @dataclass(frozen=True)
 class CallRules:
     """Which calls an answer may hold: to the functions the request declared (`names`), and more than one only
-    when `parallel`. Every dialect's route splits its answers by these, plain (`split`) or streamed (`stream`)."""
+    when `parallel`; when `forced` (`required`, a named function), the answer is calls and nothing else, so whatever
+    is no whole call (a call cut off by the token limit, even inside its `<tool_call>` tag) is dropped, never sent
+    as text. Every dialect's route splits its answers by these, plain (`split`) or streamed (`stream`)."""
 
     names: frozenset[str]
     parallel: bool = True
+    forced: bool = False
 
     @classmethod
-    def of(cls, tools: list[dict[str, Any]] | None, parallel: bool = True) -> CallRules | None:
+    def of(cls, tools: list[dict[str, Any]] | None, parallel: bool = True, forced: bool = False) -> CallRules | None:
         """The rules for the function tools shown to the model (chat completions' shape); None without tools."""
-        return cls(frozenset(t["function"]["name"] for t in tools), parallel) if tools else None
+        return cls(frozenset(t["function"]["name"] for t in tools), parallel, forced) if tools else None
 
     def split(self, text: str) -> ParsedOutput:
-        return parse_tool_calls(text, self.names, self.parallel)
+        parsed = parse_tool_calls(text, self.names, self.parallel)
+        return ParsedOutput(None, parsed.tool_calls) if self.forced else parsed
 
     def stream(self) -> CallStream:
         return CallStream(self)
@@ -304,6 +338,8 @@ class CallStream:
 
     def feed(self, text: str) -> str:
         self.text += text
+        if self._rules.forced:  # calls only: nothing is content
+            return ""
         safe = len(self.text[: safe_prefix_len(self.text)].rstrip())
         if safe <= self.sent:
             return ""
