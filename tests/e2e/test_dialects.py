@@ -163,6 +163,7 @@ def test_responses_cut_by_max_output_tokens_is_incomplete(scripted_server: InPro
         ({"input": ""}, "input"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
         ({"extra_body": {"frobnicate": 1}}, "frobnicate"),
+        ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),  # a schema is required here
     ],
 )
 def test_responses_refusals_are_400_naming_the_field(
@@ -274,6 +275,19 @@ def test_messages_stop_sequence_and_max_tokens(scripted_server: InProcessServer)
     assert m.usage.output_tokens == tokens_through_stop(scripted_server)
     m = client.messages.create(model=name(scripted_server), messages=HI, max_tokens=3, **GREEDY)
     assert m.stop_reason == "max_tokens" and m.usage.output_tokens == 3 and SCRIPT.startswith(m.content[0].text)
+
+
+def test_an_empty_message_has_no_content_blocks_plain_or_streamed(scripted_server: InProcessServer) -> None:
+    """An answer a stop sequence ends before any text is `content: []`, as Anthropic's (which refuses an empty text
+    block sent back in a history): it was one empty text block, and its stream opened that block."""
+    client, first = claude(scripted_server), SCRIPT[:1]
+    args = {"model": name(scripted_server), "messages": HI, "max_tokens": 20, **GREEDY, "stop_sequences": [first]}
+    m = client.messages.create(**args)
+    assert (m.content, m.stop_reason, m.stop_sequence) == ([], "stop_sequence", first)
+    with client.messages.stream(**args) as stream:
+        events = [e.type for e in stream]
+        final = stream.get_final_message()
+    assert final.content == [] and "content_block_start" not in events and events[-1] == "message_stop"
 
 
 def test_messages_stream_with_sdk_helper(scripted_server: InProcessServer) -> None:

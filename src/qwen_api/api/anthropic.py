@@ -156,10 +156,10 @@ class _Shape:
         usage = self.usage(result.completion_tokens)
         parsed = self.rules.split(result.text) if self.rules is not None else None
         text, uses = (parsed.content or "", self._uses(parsed.tool_calls)) if parsed is not None else (result.text, [])
-        if not uses:
-            content = [{"type": "text", "text": text}]
-            return message_object(self.message_id, self.model, content, stop_reason(result), result.stop_string, usage)
+        # an empty answer has no blocks, as Anthropic's (which refuses an empty text block sent back in a history)
         content = [*([{"type": "text", "text": text}] if text else []), *uses]
+        if not uses:
+            return message_object(self.message_id, self.model, content, stop_reason(result), result.stop_string, usage)
         return message_object(self.message_id, self.model, content, "tool_use", None, usage)
 
     async def events(self, deltas: AsyncGenerator[TextDelta, None]) -> AsyncGenerator[dict[str, Any], None]:
@@ -168,12 +168,10 @@ class _Shape:
                 "type": "message_start",
                 "message": message_object(self.message_id, self.model, [], None, None, self.usage(0)),
             }
-            # With tools, the text is held back where it may be a `<tool_call>` and its block opens at the first
-            # text sent (none for a bare call); without, the text block opens at once.
+            # The text block opens at the first text sent: none for an empty answer or a bare call (with tools, the
+            # text is held back where it may be a `<tool_call>`).
             calls_in = self.rules.stream() if self.rules is not None else None
-            blocks = 0 if calls_in is not None else 1
-            if blocks:
-                yield _block_start(0, _TEXT_BLOCK)
+            blocks = 0
             yield {"type": "ping"}
             last: TextDelta | None = None
             async for delta in deltas:
@@ -192,7 +190,7 @@ class _Shape:
             if calls_in is not None:  # the rest of the text: all of it, or with calls the text beside them
                 rest, calls = calls_in.finish()
                 uses = self._uses(calls)
-                if not blocks and (rest or not uses):
+                if not blocks and rest:
                     blocks = 1
                     yield _block_start(0, _TEXT_BLOCK)
                 if rest:

@@ -307,6 +307,8 @@ class ResponsesRequest(_Request):
         """`text.format` in chat completions' `response_format` shape, which nests json_schema's fields."""
         fmt = self.text_format()
         if fmt.get("type") == "json_schema":
+            if "schema" not in fmt:  # optional on chat completions, required here (as OpenAI's Responses API)
+                raise Unsupported("text.format", "json_schema needs a 'name' and a 'schema'")
             return {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
         return fmt
 
