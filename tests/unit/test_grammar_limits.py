@@ -218,3 +218,21 @@ def test_concurrent_adopts_on_a_fresh_compiler_all_bind(
         assert all(c.bound() for c in asyncio.run(together()))
     finally:
         there.close()
+
+
+def test_numeric_bounds_past_2_to_the_53_are_refused_not_enforced_loosely() -> None:
+    """The grammar engine reads bounds as 64-bit floats: `maximum: 2^53 + 3` let 2^53 + 4 through with finish
+    "stop", and int64's whole range was refused as a regex it could not build. Such a bound is a 400 naming it;
+    2^53 itself, a property named like a keyword, and data (`const`, `enum`) that merely hold such keys are fine."""
+
+    def integer(**bounds: int) -> dict[str, Any]:
+        return {"type": "object", "properties": {"i": {"type": "integer", **bounds}}}
+
+    with pytest.raises(G.GrammarError, match=r"minimum 9007199254740993 \(at properties/i/minimum\) is beyond 2\^53"):
+        G.checked_schema(integer(minimum=2**53 + 1, maximum=2**53 + 3))
+    with pytest.raises(G.GrammarError, match="minimum -9223372036854775808"):
+        G.checked_schema({"anyOf": [{"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}]})
+    G.checked_schema(integer(minimum=-(2**53), maximum=2**53))
+    G.checked_schema({"type": "object", "properties": {"maximum": {"type": "integer", "maximum": 10}}})
+    G.checked_schema({"const": {"maximum": 10**30}, "enum": [{"minimum": 10**30}]})
+    G.checked_schema({"type": "number", "maximum": 1e300})  # a float bound, not a count: no exactness lost

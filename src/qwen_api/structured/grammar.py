@@ -76,7 +76,7 @@ def checked_schema(schema: dict[str, Any] | bool, param: str = "response_format"
         checked = {k: v for k, v in schema.items() if k != "$schema"} if isinstance(schema, dict) else schema
         try:
             jsonschema_rs.meta.validate(checked)
-            verdict = None
+            verdict = _inexact_bound(checked)
         except jsonschema_rs.ValidationError as exc:
             where = "/".join(str(p) for p in exc.instance_path)
             verdict = f"invalid JSON schema: {exc.message}" + (f" (at {where})" if where else "")
@@ -90,6 +90,33 @@ def checked_schema(schema: dict[str, Any] | bool, param: str = "response_format"
 
 # Each checked schema's verdict (None: valid; else why not), by the digest of its canonical JSON; on the event loop.
 _SCHEMA_VERDICTS: OrderedDict[bytes, str | None] = OrderedDict()
+
+
+# The grammar engine reads numeric bounds as 64-bit floats, exact up to 2^53: past that, an integer bound such as
+# `maximum: 2^53 + 3` let 2^53 + 4 through, and others were refused as unsatisfiable.
+_EXACT_LIMIT = 2**53
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})  # values, not schemas: their keys are data
+
+
+def _inexact_bound(schema: Any) -> str | None:
+    """Why a numeric bound of `schema` cannot be enforced exactly, or None; walked without recursion."""
+    todo = [(schema, "")]
+    while todo:
+        item, where = todo.pop()
+        if isinstance(item, list):
+            todo.extend((v, f"{where}{i}/") for i, v in enumerate(item))
+        if not isinstance(item, dict):
+            continue
+        for key, value in item.items():
+            if key in _BOUNDS and type(value) is int and abs(value) > _EXACT_LIMIT:  # 1e300 is no count: left be
+                return (
+                    f"{key} {value} (at {where}{key}) is beyond 2^53, past which the grammar engine cannot enforce "
+                    "a number exactly: narrow it or leave it out"
+                )
+            if key not in _DATA_KEYWORDS:
+                todo.append((value, f"{where}{key}/"))
+    return None
 
 
 def _depth_of(value: Any) -> int:
