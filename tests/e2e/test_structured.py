@@ -745,6 +745,20 @@ def test_a_call_whose_argument_holds_the_closing_tag_is_a_call_on_every_dialect(
         assert short.stop_reason == "max_tokens" and not any(b.type == "text" and b.text for b in short.content)
 
 
+def test_a_forced_call_to_a_function_without_parameters_has_no_arguments(native_tiny: InProcessServer) -> None:
+    """A function declared without `parameters` (or with `{}`) takes none: random weights wrote made-up keys into
+    its arguments, or ran to max_tokens inside them."""
+    client = client_of(native_tiny)
+    for function in ({"name": "ping"}, {"name": "ping", "parameters": {}}):
+        out = client.chat.completions.create(
+            model=model_of(native_tiny), messages=ASK, tools=[{"type": "function", "function": function}], n=4,
+            tool_choice={"type": "function", "function": {"name": "ping"}}, temperature=1.0, seed=1, max_tokens=40,
+        )  # fmt: skip
+        for choice in out.choices:
+            assert choice.finish_reason == "tool_calls", choice
+            assert [c.function.arguments for c in choice.message.tool_calls or []] == ["{}"]
+
+
 def test_auto_tools_beside_a_response_format_may_call_or_answer_in_the_format(native_tiny: InProcessServer) -> None:
     """OpenAI's agents send `tools` (auto) and a `response_format` together: the model either calls a tool or answers
     in the format. The grammar was the format's alone, so no call could ever come. A bias picks the branch: on `<`

@@ -85,7 +85,8 @@ def _call_schema(tools: list[dict[str, Any]], loose: bool = False) -> dict[str, 
     function's `parameters` (with `loose`, only a strict function's; any object for the others)."""
     options, defs = [], {}
     for k, t in enumerate(tools):
-        params = t["function"].get("parameters") or {"type": "object", "properties": {}}
+        # a function without parameters (left out, or `{}`) takes none: its arguments are `{}`, as OpenAI's
+        params = t["function"].get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
         check_parameters(params, param="tools")  # a bad parameters schema is a 400 naming tools
         if loose and not t["function"].get("strict"):
             params = {"type": "object"}
