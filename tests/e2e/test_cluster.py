@@ -8,11 +8,13 @@ The routing rules and the deployment's settings are checked without Ray in the f
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -101,6 +103,21 @@ def test_replicas_a_local_cluster_cannot_place_are_refused_and_an_unreachable_ad
     with pytest.raises(RuntimeError, match=r"cannot reach the Ray cluster at --ray-address 127\.0\.0\.1:"):
         check_reachable(f"127.0.0.1:{free_port()}", timeout=2)
     check_reachable("auto")  # Ray's to resolve
+    # a port that answers, but as no Ray cluster: ray.init waited on it without end
+    web = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(RuntimeError, match="answers, but not as a Ray cluster"):
+            check_reachable(f"127.0.0.1:{web.server_address[1]}", timeout=2)
+    finally:
+        web.shutdown()
+        web.server_close()
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers: the timeout ends the wait
+    try:
+        with pytest.raises(RuntimeError, match="cannot reach the Ray cluster"):
+            check_reachable(f"127.0.0.1:{silent.getsockname()[1]}", timeout=1)
+    finally:
+        silent.close()
 
 
 def test_a_front_stops_waiting_for_replicas_on_sigterm_and_exits_once_its_application_is_gone(

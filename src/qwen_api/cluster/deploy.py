@@ -64,17 +64,35 @@ def connect(settings: Settings) -> bool:
     return True
 
 
+# HTTP/2's client connection preface and an empty SETTINGS frame: a gRPC server (Ray's GCS) answers with its own
+# SETTINGS frame before any call, so before any authentication
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_SETTINGS = 4
+
+
 def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail now, with the address in the message, when nothing listens at a `HOST:PORT` address: `ray.init` would
-    wait for it without end (and the front never opens its port, nor stops on SIGTERM). `auto` and `ray://` addresses
-    are Ray's to resolve."""
+    """Fail now, with the address in the message, when nothing listens at a `HOST:PORT` address, or something that
+    is no gRPC server (a web server, the dashboard's port): `ray.init` would wait for it without end (and the front
+    never opens its port, nor stops on SIGTERM). Without TLS (`RAY_USE_TLS`), the port must answer HTTP/2's
+    preface with a SETTINGS frame, as Ray's GCS does. `auto` and `ray://` addresses are Ray's to resolve."""
     host, _, port = address.rpartition(":")
     if address == "auto" or "://" in address or not host or not port.isdigit():
         return
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as conn:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return  # a TLS handshake comes first: the preface would be refused by a Ray cluster too
+            conn.sendall(_HTTP2_PREFACE)
+            head = b""
+            while len(head) < 9 and (more := conn.recv(9 - len(head))):
+                head += more
     except OSError as exc:
         raise RuntimeError(f"cannot reach the Ray cluster at --ray-address {address}: {exc}") from None
+    if len(head) < 9 or head[3] != _SETTINGS:
+        raise RuntimeError(
+            f"--ray-address {address} answers, but not as a Ray cluster (its GCS speaks gRPC): give the head "
+            "node's GCS port (6379 unless `ray start --port` said otherwise), not its dashboard's or another service's"
+        )
 
 
 def check_fits(settings: Settings, cluster: dict[str, float], local: bool) -> None:
