@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 from qwen_api.settings import Settings
 
@@ -60,6 +61,17 @@ def serve(settings: Settings) -> int:
     return code
 
 
+def setting_errors(exc: Any) -> list[str]:
+    """A settings `ValidationError` as one line per bad value, naming its flag and its variable."""
+    lines = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        where = f"--{field.replace('_', '-')} (QWEN_API_{field.upper()}): " if field else ""
+        given = f" (got {error['input']!r})" if field and "input" in error else ""
+        lines.append(f"{where}{error['msg']}{given}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
@@ -67,8 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     command, rest = args[0], args[1:]
     if command == "serve":
-        # pydantic-settings reads these underscore init arguments at run time; its stubs do not declare them.
-        settings = Settings(_cli_parse_args=rest, _cli_prog_name="qwen-api serve")  # type: ignore[call-arg]
+        from pydantic import ValidationError
+
+        try:
+            # pydantic-settings reads these underscore init arguments at run time; its stubs do not declare them.
+            settings = Settings(_cli_parse_args=rest, _cli_prog_name="qwen-api serve")  # type: ignore[call-arg]
+        except ValidationError as exc:  # a bad value, from a flag or a variable: one line each, not a traceback
+            for line in setting_errors(exc):
+                print(f"qwen-api serve: {line}", file=sys.stderr)
+            return 2
         return serve(settings)
     print(f"qwen-api: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2

@@ -337,6 +337,28 @@ def test_stop_ends_the_stream_and_the_server_cancels_the_request(demo: InProcess
     assert content.text_content() == shown  # nothing more arrived
 
 
+def test_clear_while_an_answer_streams_forgets_that_turn_too(demo: InProcessServer, open_tab: OpenTab) -> None:
+    """Clear during a streamed answer: the aborted answer used to put its turn back into the history once its
+    stream ended, so the next question carried the cleared conversation."""
+    tab = open_tab(demo)
+    page = tab.page
+    expect_page(page.locator("#model-name")).to_have_text(served_model(demo))
+    set_value(page, "#max-tokens", "900")
+    send_chat(page, "Tell me a very long story about a dragon and a knight.")
+    page.wait_for_function(
+        "() => (document.querySelector('.message.assistant .content')?.textContent ?? '').length > 10",
+        timeout=WAIT_MS,
+    )
+    page.click("#clear")
+    expect_page(page.locator("#chat-empty")).to_have_text("Cleared. Ask something new.")
+    expect_page(page.locator("#send")).to_be_enabled()
+    set_value(page, "#max-tokens", "4")
+    send_chat(page, "Hi")
+    expect_page(page.locator(".message.assistant .stats")).to_contain_text("tokens", timeout=WAIT_MS)
+    sent = [r for r in tab.requests if r.url.endswith("/v1/chat/completions")]
+    assert [m["content"] for m in json.loads(sent[-1].post_data or "{}")["messages"]] == ["Hi"]
+
+
 def test_a_prompt_beyond_the_context_shows_a_readable_message(demo: InProcessServer, open_tab: OpenTab) -> None:
     tab = open_tab(demo)
     page = tab.page
@@ -346,6 +368,7 @@ def test_a_prompt_beyond_the_context_shows_a_readable_message(demo: InProcessSer
     error = page.locator(".message.assistant .error")
     expect_page(error).to_contain_text("Too long for the model's context")
     expect_page(error.locator(".error-detail")).to_contain_text("1000")  # the server's message, numbers included
+    expect_page(page.locator("#chat-input")).to_have_value("word " * 200)  # given back, to be sent again
     # A refused request leaves no turn in the history: the next one is answered.
     set_value(page, "#max-tokens", "4")
     send_chat(page, "Hi")
@@ -511,6 +534,19 @@ def test_markdown_renderer_builds_elements_and_keeps_every_tag_as_text(
     assert shape["pre"] == ['const x = "<script>";'] and shape["lang"] == "language-js"
     assert shape["markup"] == 0
     assert tab.page.evaluate("() => typeof window.bad") == "undefined"
+    # Over plain http from another machine there is no clipboard API (a secure context's only): Copy still copies.
+    tab.page.evaluate(
+        """() => {
+          Object.defineProperty(window, "isSecureContext", { value: false });
+          const box = document.createElement("div");
+          box.id = "copy-test";
+          box.append(window.QwenMarkdown.render("```\\ncopy me\\n```"));
+          document.body.append(box);
+        }"""
+    )
+    tab.page.click("#copy-test button.copy")
+    expect_page(tab.page.locator("#copy-test button.copy")).to_have_text("Copied")
+    assert tab.page.locator("textarea[readonly]").count() == 0  # the copying text area is gone again
 
 
 # ---- the API key -------------------------------------------------------------------------------------------------
@@ -534,6 +570,9 @@ def test_the_api_key_is_asked_for_sent_as_a_header_and_a_wrong_one_reads_as_an_e
     error = page.locator(".message.assistant .error")
     expect_page(error).to_contain_text("Wrong or missing API key")
     expect_page(error).to_contain_text("Invalid or missing API key")  # the server's own words
+    # refused before any answer: no cursor blinks on in the failed bubble, and the message is back in the box
+    expect_page(page.locator(".message.assistant.streaming")).to_have_count(0)
+    expect_page(page.locator("#chat-input")).to_have_value("Hi")
 
     # The key travels only in the Authorization header, never in a URL.
     assert not [r.url for r in tab.requests if "key" in urlsplit(r.url).query or API_KEY in r.url]

@@ -29,6 +29,22 @@ def test_invalid_setting_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
         Settings()
 
 
+def test_a_bad_setting_value_is_one_line_naming_it_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from qwen_api.cli import main
+
+    assert main(["serve", "--port", "abc", "--max-batch-size", "0"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and "Traceback" not in "".join(lines)
+    assert lines[0].startswith("qwen-api serve: --port (QWEN_API_PORT): ") and "'abc'" in lines[0]
+    assert lines[1].startswith("qwen-api serve: --max-batch-size (QWEN_API_MAX_BATCH_SIZE): ")
+    monkeypatch.setenv("QWEN_API_DTYPE", "fp16")
+    assert main(["serve"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert "--dtype (QWEN_API_DTYPE)" in line and "'fp16'" in line
+
+
 def test_resolve_model_kinds(tmp_path) -> None:  # type: ignore[no-untyped-def]
     demo = resolve_model("demo")
     assert demo.name == DEMO_NAME and demo.gguf_file and (demo.path / demo.gguf_file).is_file()

@@ -9,7 +9,8 @@
 (() => {
   const $ = (id) => document.getElementById(id);
   const KEY_STORAGE = "qwen-api.playground.api-key";
-  const state = { mode: "chat", model: null, history: [], controller: null };
+  // `conversation` counts Clears: an answer still streaming when Clear is pressed belongs to the old conversation
+  const state = { mode: "chat", model: null, history: [], controller: null, conversation: 0 };
 
   // ---- API key and the served model ------------------------------------------------------------------------
 
@@ -278,6 +279,7 @@
         scrollToEnd();
       },
       fail(problem) {
+        message.classList.remove("streaming");
         message.classList.add("failed");
         message.append(errorBox(problem));
         scrollToEnd();
@@ -299,11 +301,19 @@
     return parts.join(" · ");
   }
 
+  /** A message the server refused before answering goes back in the box, to be sent again, unless something else
+   * was typed there meanwhile: it is not part of the conversation. */
+  function giveBack(text) {
+    if (!$("chat-input").value) $("chat-input").value = text;
+  }
+
   async function sendChat(text) {
+    const conversation = state.conversation;
     const problem = state.model ? null : await loadModel();
     if (problem || !state.model) {
       addUserMessage(text);
       addAssistantMessage().fail(problem || { title: "The server lists no model to talk to.", detail: "" });
+      giveBack(text);
       return;
     }
     const messages = [];
@@ -329,6 +339,7 @@
       if (reply.problem) {
         failed = true;
         bubble.fail(reply.problem);
+        giveBack(text);
         return;
       }
       for await (const { data } of sseEvents(reply.response.body)) {
@@ -362,7 +373,8 @@
       t.end = performance.now();
       setBusy(null);
       bubble.finish(failed ? "" : formatStats(t), t.stopped);
-      if (!failed && answer) state.history.push({ role: "user", content: text }, { role: "assistant", content: answer });
+      const kept = !failed && answer && state.conversation === conversation; // not if Clear came meanwhile
+      if (kept) state.history.push({ role: "user", content: text }, { role: "assistant", content: answer });
     }
   }
 
@@ -490,6 +502,7 @@
     $("clear").addEventListener("click", () => {
       stop();
       state.history = [];
+      state.conversation += 1;
       const empty = document.createElement("p");
       empty.id = "chat-empty";
       empty.className = "empty";

@@ -85,15 +85,30 @@
     });
   }
 
+  /** The clipboard API exists only in secure contexts (https, localhost): a page opened over plain http from
+   * another machine copies through a selected, off-screen text area instead. */
+  function copyText(text) {
+    if (navigator.clipboard && window.isSecureContext) return navigator.clipboard.writeText(text);
+    const area = el("textarea", "", text);
+    area.setAttribute("readonly", "");
+    area.style.position = "fixed";
+    area.style.left = "-9999px";
+    document.body.append(area);
+    area.select();
+    const copied = document.execCommand("copy");
+    area.remove();
+    return copied ? Promise.resolve() : Promise.reject(new Error("copy refused"));
+  }
+
   function codeBlock(code, lang, open) {
     const box = el("div", "code-block");
     const head = el("div", "code-head");
     head.append(el("span", "code-lang", lang || "code"));
-    if (navigator.clipboard && !open) {
+    if (!open) {
       const copy = el("button", "copy", "Copy");
       copy.type = "button";
       copy.addEventListener("click", () => {
-        navigator.clipboard.writeText(code).then(
+        copyText(code).then(
           () => (copy.textContent = "Copied"),
           () => (copy.textContent = "Copy failed"),
         );
