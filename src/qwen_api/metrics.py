@@ -136,6 +136,11 @@ class Metrics:
         if completion_tokens > 1:
             self.tpot.observe((e2e - ttft) / (completion_tokens - 1))
 
+    def sequence_left(self, completion_tokens: int) -> None:
+        """Called by the text layer when a sequence ends early (cancelled, timed out, failed): the tokens it
+        generated count as generated, as vLLM counts every step's; its latencies are no answer's."""
+        self.generation_tokens.inc(completion_tokens)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -89,9 +89,12 @@ class Completion:
 
 
 class SequenceObserver(Protocol):
-    """Told about every sequence that ends normally (metrics)."""
+    """Told about every sequence (metrics): how one that ends normally went, and what one left early (its client
+    gone, its time up, a failure) generated all the same."""
 
     def sequence_finished(self, completion_tokens: int, ttft: float, e2e: float) -> None: ...
+
+    def sequence_left(self, completion_tokens: int) -> None: ...
 
 
 class TextGenerator:
@@ -338,6 +341,7 @@ class TextGenerator:
             )
         produced = 0
         start, first = time.perf_counter(), 0.0
+        report = self.observer if observed else None  # until told how the sequence ended
         pending: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         ids: list[int] = []  # tokens not yet handed to a delta
         prompt: tuple[TokenLogprob, ...] | None = None  # the prompt's log-probabilities, for the next delta
@@ -361,8 +365,9 @@ class TextGenerator:
                     text += matcher.flush()
                 finish = "stop" if matcher.stopped else chunk.finish_reason
                 if finish is not None:
-                    if self.observer is not None and observed:
-                        self.observer.sequence_finished(produced, first, time.perf_counter() - start)
+                    if report is not None:
+                        report.sequence_finished(produced, first, time.perf_counter() - start)
+                        report = None
                     yield TextDelta(
                         index,
                         text,
@@ -381,6 +386,8 @@ class TextGenerator:
                     prompt = None
         finally:
             await tokens.aclose()
+            if report is not None and produced:  # left before its end: its tokens count too
+                report.sequence_left(produced)
 
     @staticmethod
     async def _collect(deltas: AsyncGenerator[TextDelta, None]) -> Completion:

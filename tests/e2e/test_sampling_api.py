@@ -172,6 +172,13 @@ def test_vllm_stop_token_ids_and_include_stop_str_in_output(api_server: InProces
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
         [last] = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason]
         assert last.model_extra["stop_reason"] == reason, extra
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    for extra, reason in (({"stop": [stop]}, stop), ({"extra_body": {"stop_token_ids": [token]}}, token)):
+        # with tools (auto) the stream ends through the calls' splitter: it carried no stop_reason
+        plain = api.chat.completions.create(**forced, tools=tools, **extra)
+        streamed = list(api.chat.completions.create(**forced, tools=tools, stream=True, **extra))
+        [last] = [c.choices[0] for c in streamed if c.choices and c.choices[0].finish_reason]
+        assert plain.choices[0].model_extra["stop_reason"] == last.model_extra["stop_reason"] == reason
     legacy = api.completions.create(
         model=name(api_server), prompt="Fruit:", max_tokens=6, logit_bias={str(token): 100}, stop=[stop]
     )

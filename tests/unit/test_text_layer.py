@@ -240,3 +240,33 @@ def test_the_stepped_fake_engine_steps_no_faster_than_its_host_work() -> None:
         assert asyncio.run(main()) >= 10 * 0.01
     finally:
         engine.shutdown()
+
+
+def test_a_sequence_left_early_still_reports_the_tokens_it_generated() -> None:
+    """The generation-token counter counted only sequences that reached their end: a stream its client left after
+    three tokens added nothing (vLLM counts every token it generates)."""
+
+    class Observer:
+        def __init__(self) -> None:
+            self.finished: list[int] = []
+            self.left: list[int] = []
+
+        def sequence_finished(self, completion_tokens: int, ttft: float, e2e: float) -> None:
+            self.finished.append(completion_tokens)
+
+        def sequence_left(self, completion_tokens: int) -> None:
+            self.left.append(completion_tokens)
+
+    async def main() -> None:
+        fake = FakeEngine(list(range(100, 120)))
+        observer = Observer()
+        gen = TextGenerator(fake, TOKENIZER, observer=observer)
+        deltas = gen.stream([1], SamplingParams(max_new_tokens=20))
+        for _ in range(3):
+            await anext(deltas)
+        await deltas.aclose()
+        assert (observer.finished, observer.left) == ([], [3])
+        await gen.complete([1], SamplingParams(max_new_tokens=5))
+        assert (observer.finished, observer.left) == ([5], [3])  # an answer that ended is told once, as ended
+
+    asyncio.run(main())

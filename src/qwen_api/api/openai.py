@@ -385,18 +385,19 @@ async def _chunks(
     # with tools, per choice: its text, held back where it may be (the start of) a <tool_call>
     calls_in = [rules.stream() for _ in range(choices)] if rules is not None else None
 
-    def tool_chunks(index: int, finish: str) -> list[dict[str, Any]]:
-        """The end of a choice with tools: the rest of its content, then its calls, then the finish."""
+    def tool_chunks(index: int, finish: str, reason: str | int | None) -> list[dict[str, Any]]:
+        """The end of a choice with tools: the rest of its content, then its calls, then the finish (with its
+        `stop_reason`, as the plain answer's)."""
         assert calls_in is not None
         rest, calls = calls_in[index].finish()
         out = [chunk(index, rest, None)] if rest else []
         if not calls:  # its text, but a call cut off by the token limit (`parse_tool_calls`)
-            return [*out, chunk(index, None, finish)]
+            return [*out, chunk(index, None, finish, reason=reason)]
         for k, call in enumerate(calls):
             delta = {"tool_calls": [{"index": k, **call}]}
             choice = {"index": index, "delta": delta, "finish_reason": None, "logprobs": None}
             out.append({**head, "object": obj, "choices": [choice], **usage_now(index)})
-        return [*out, chunk(index, None, "tool_calls")]
+        return [*out, chunk(index, None, "tool_calls", reason=reason)]
 
     completion_tokens = 0
     try:
@@ -424,7 +425,7 @@ async def _chunks(
             if d.finish_reason is not None:
                 completion_tokens += d.completion_tokens
                 if calls_in is not None:
-                    for c in tool_chunks(d.index, d.finish_reason):
+                    for c in tool_chunks(d.index, d.finish_reason, _stop_reason(d)):
                         yield c
                 else:
                     yield chunk(d.index, None, d.finish_reason, reason=_stop_reason(d))
