@@ -630,6 +630,22 @@ def test_prefix_cache_hits_and_keeps_tokens(engine: NativeEngine, hf_model) -> N
     assert pool.hit_blocks - hits == 3
 
 
+def test_a_requests_samples_share_their_prompts_blocks(engine: NativeEngine, hf_model) -> None:  # type: ignore[no-untyped-def]
+    """A request's n samples (sequences started in one tick with one prompt) each computed and held the whole
+    prompt: now the first reads it and the others take its full blocks from the prefix cache, keeping the tokens."""
+    pool = engine.cache.pool
+    prompt = random_prompt(70, seed=81)  # four full blocks of 16, and a tail
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    hits = pool.hit_blocks
+    results = run_many(engine, [(prompt, params)] * 3)
+    assert pool.hit_blocks - hits == 2 * 4  # each of the two followers took the leader's four blocks
+    assert results == [reference(hf_model, prompt, 8)] * 3
+    other = random_prompt(70, seed=82)  # different prompts in one tick share nothing, and wait for nothing
+    hits = pool.hit_blocks
+    assert run_many(engine, [(other, params), ([*other[:69], 5], params)])[0] == reference(hf_model, other, 8)
+    assert pool.hit_blocks == hits
+
+
 # Two 16-token blocks that differ in their first four tokens and whose CPython tuple hashes are equal (found by
 # inverting the unkeyed tuple hash, which any client can do; the prefix index once keyed blocks by that hash).
 _COLLIDING = [[(v >> (16 * i)) & 0xFFFF for i in range(4)] for v in (8102973175393867537, 17038303644805935641)]

@@ -206,9 +206,10 @@ class NativeEngine:
 
     def _submit(self, seq: Sequence) -> None:
         """Hand `seq` to the worker together with every sequence started in the same tick of its event loop (a
-        request's n samples): they enter the same step, so they share their steps the same way each time they are
-        asked for (in 16-bit the logits depend on the batch's shape; README, `seed`). The hand-off is the loop's
-        next callback, which runs once every task made ready in this tick has reached its first wait."""
+        request's n samples): they are scheduled the same way each time they are asked for (in 16-bit the logits
+        depend on the batch's shape; README, `seed`), the first reading their prompt and the others its cached
+        blocks (`scheduler.Sequence.leader`). The hand-off is the loop's next callback, which runs once every task
+        made ready in this tick has reached its first wait."""
         loop = seq.handle.loop
         arriving = self._arriving.setdefault(loop, [])
         arriving.append(seq)
@@ -216,8 +217,14 @@ class NativeEngine:
             loop.call_soon(self._hand_off, loop)
 
     def _hand_off(self, loop: asyncio.AbstractEventLoop) -> None:
+        arrived = self._arriving.pop(loop)
+        leaders: dict[tuple[str | None, tuple[int, ...]], Sequence] = {}
+        for seq in arrived:  # a request's samples: the first reads the prompt, the others share its blocks
+            key = (seq.params.cache_salt, tuple(seq.tokens))
+            if (lead := leaders.setdefault(key, seq)) is not seq and seq.params.prompt_logprobs is None:
+                seq.leader = lead
         with self._incoming_lock:
-            self._incoming.extend(self._arriving.pop(loop))
+            self._incoming.extend(arrived)
         self._wake.set()
 
     def _death(self) -> str | None:
