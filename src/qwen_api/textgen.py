@@ -29,13 +29,22 @@ T = TypeVar("T")
 class PromptTooLong(ValueError):
     """Prompt tokens plus requested new tokens exceed what one sequence may hold. Never truncated silently."""
 
-    def __init__(self, prompt_tokens: int, max_new_tokens: int, limit: int, at_least: bool = False) -> None:
-        """`at_least`: `prompt_tokens` is a bound from the prompt's length, not its count (it was never tokenised)."""
+    def __init__(
+        self, prompt_tokens: int, max_new_tokens: int, limit: int, at_least: bool = False, none_kept: bool = False
+    ) -> None:
+        """`at_least`: `prompt_tokens` is a bound from the prompt's length, not its count (it was never tokenised).
+        `none_kept`: the request asked for no new token (max_tokens 0), and `max_new_tokens` is the one the engine
+        draws all the same while it reads the prompt."""
         self.prompt_tokens, self.max_new_tokens, self.limit = prompt_tokens, max_new_tokens, limit
         has = f"at least {prompt_tokens}" if at_least else f"{prompt_tokens}"
+        asked = (
+            "no new token was requested, but reading a prompt draws one (left out of the answer)"
+            if none_kept
+            else f"up to {max_new_tokens} new tokens were requested"
+        )
         super().__init__(
-            f"the prompt has {has} tokens and up to {max_new_tokens} new tokens were requested: "
-            f"{prompt_tokens + max_new_tokens} exceeds this model's limit of {limit} tokens"
+            f"the prompt has {has} tokens and {asked}: {prompt_tokens + max_new_tokens} exceeds this model's limit "
+            f"of {limit} tokens"
         )
 
 

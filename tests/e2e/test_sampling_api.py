@@ -318,6 +318,12 @@ def test_echo_scores_the_prompt_as_generation_would(api_server: InProcessServer)
         with pytest.raises(openai.BadRequestError) as info:
             api.completions.create(**{"model": model, "prompt": ids, "echo": True, **bad})
         assert info.value.body["param"] == param
+    # a prompt that fills the context: max_tokens 0 still needs room for the token drawn while it is read, and the
+    # error says so (it said "up to 1 new tokens were requested" to a client that asked for none)
+    full = [ids[1]] * generator.engine.max_context_tokens
+    with pytest.raises(openai.BadRequestError) as info:
+        api.completions.create(model=model, prompt=full, max_tokens=0, echo=True, logprobs=1)
+    assert info.value.code == "context_length_exceeded" and "no new token was requested" in info.value.message
 
 
 def test_responses_take_vllm_top_k_logit_bias_and_request_id(api_server: InProcessServer) -> None:

@@ -37,7 +37,7 @@ from qwen_api.engine.base import TokenLogprob
 from qwen_api.settings import Settings
 from qwen_api.structured.grammar import GrammarError
 from qwen_api.structured.tools import CallRules
-from qwen_api.textgen import Completion, TextDelta, TextGenerator
+from qwen_api.textgen import Completion, PromptTooLong, TextDelta, TextGenerator
 
 router = APIRouter(prefix="/v1")
 
@@ -78,7 +78,12 @@ class _Context:
         requested = max(requested, 1)
         params = body.sampling_params(requested, generator.sampling_defaults, generator.vocab_size)
         for ids in every:
-            generator.check_fits(ids, params.max_new_tokens)
+            try:
+                generator.check_fits(ids, params.max_new_tokens)
+            except PromptTooLong as exc:
+                if not empty:
+                    raise
+                raise PromptTooLong(exc.prompt_tokens, exc.max_new_tokens, exc.limit, none_kept=True) from None
         if (grammar := body.grammar()) is not None:
             try:
                 params = dataclasses.replace(params, constraint=await generator.grammars.compile(*grammar))
