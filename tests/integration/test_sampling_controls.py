@@ -249,3 +249,72 @@ def test_the_transformers_engine_scores_a_long_prompt_a_slice_at_a_time(tiny_qwe
     expected = [float(full[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
     assert [e.token for e in scored] == prompt[1:]
     assert np.allclose([e.logprob for e in scored], expected, atol=1e-4)
+
+
+def test_the_transformers_engine_scores_one_prompt_at_a_time_and_drops_cancelled_ones(tiny_qwen2_dir: Path) -> None:
+    """Scorings ran on the event loop's thread pool, several at once (each holding a whole prompt's activations),
+    and a request cancelled while its scoring waited still had it run: memory grew with clients that gave up."""
+    import threading
+
+    from qwen_api.engine.transformers_engine import TransformersEngine
+
+    settings = Settings(model=str(tiny_qwen2_dir), engine="transformers", max_batch_size=2, dtype="float32")
+    engine = default_loader(settings, resolve_model(settings.model))().engine
+    assert isinstance(engine, TransformersEngine)
+    real, gate, lock = engine._score_prompt, threading.Event(), threading.Lock()
+    started: list[int] = []
+    running = [0, 0]  # now, most at once
+
+    def held(ids: list[int], k: int) -> tuple[TokenLogprob, ...]:
+        with lock:
+            started.append(len(ids))
+            running[0] += 1
+            running[1] = max(running)
+        gate.wait(30)
+        try:
+            return real(ids, k)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    engine._score_prompt = held  # type: ignore[method-assign]
+    params = SamplingParams(max_new_tokens=1, temperature=0.0, prompt_logprobs=1)
+
+    async def answer(prompt: list[int]) -> int:
+        chunks = [c async for c in engine.generate(prompt, params)]
+        return len(chunks[0].prompt_logprobs or ())
+
+    async def main() -> None:
+        tasks = [asyncio.create_task(answer([100 + i] * 40)) for i in range(4)]
+        await asyncio.sleep(0.5)  # the first scoring runs, held; the others wait for the scorer's thread
+        tasks[0].cancel()  # its client leaves: its scoring runs on, and the next must still wait for it
+        tasks[2].cancel()  # its client leaves before its scoring began: it never runs
+        await asyncio.sleep(0.5)
+        assert running == [1, 1]
+        gate.set()
+        assert await tasks[1] == await tasks[3] == 39
+        await asyncio.gather(tasks[0], tasks[2], return_exceptions=True)
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert started == [40, 40, 40] and running[1] == 1
+
+
+def test_the_transformers_engine_counts_a_waiting_prompts_lookups_once(tiny_qwen2_dir: Path) -> None:
+    """transformers' scheduler searches the prefix cache for a waiting request at each pass until there is room
+    for it: each search was counted, and under memory pressure the queried tokens read ~48 times too many."""
+    from qwen_api.engine.transformers_engine import TransformersEngine
+
+    settings = Settings(model=str(tiny_qwen2_dir), engine="transformers", max_batch_size=2, dtype="float32")
+    engine = default_loader(settings, resolve_model(settings.model))().engine
+    assert isinstance(engine, TransformersEngine)
+    try:
+        cache = engine._manager.batch_processor.cache
+        for _ in range(3):  # as the scheduler does while the request waits
+            cache.search_prefix_match("seq-waiting", list(range(100, 400)))
+        cache.free_blocks("seq-waiting")
+        assert engine.stats().prefix_queried_tokens == 300
+    finally:
+        engine.shutdown()

@@ -10,10 +10,12 @@ manager has no sampling processor of its own and ends each step with an argmax o
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from qwen_api.engine import transformers_processors
@@ -89,7 +91,8 @@ class TransformersEngine:
         self._peak_batch = 0
         self.on_step: Callable[[int], None] | None = None
         self._queried_tokens = self._hit_tokens = 0  # prompt tokens looked up in the prefix cache / found there
-        self._scoring = asyncio.Semaphore(1)  # prompts scored for their log-probabilities (`_score_prompt`)
+        self._scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompt-scorer")  # `_score_prompt`
+        self._looked_up: set[str] = set()  # request ids whose prompt the prefix cache was searched for
         self._count_steps_of_each_batch_processor()
         self._manager.start()
         self.max_context_tokens = min(self._wait_for_cache_capacity(), _model_context(model))
@@ -130,8 +133,10 @@ class TransformersEngine:
             if request_id.startswith("salted-"):
                 return 0
             found = int(search(request_id, prompt_ids))
-            self._queried_tokens += len(prompt_ids)
-            self._hit_tokens += found
+            if request_id not in self._looked_up:  # searched again at each pass while it waits for room: count once
+                self._looked_up.add(request_id)
+                self._queried_tokens += len(prompt_ids)
+                self._hit_tokens += found
             return found
 
         def mark_unsalted(state: Any, complete_blocks: Any) -> None:
@@ -160,8 +165,10 @@ class TransformersEngine:
         check_prompt_ids(prompt_ids, self._vocab_size)
         prompt_logprobs = None
         if params.prompt_logprobs is not None:  # computed before the sequence is queued, off the event loop
-            async with self._scoring:  # one at a time: each holds a whole prompt's activations
-                prompt_logprobs = await asyncio.to_thread(self._score_prompt, prompt_ids, params.prompt_logprobs)
+            # on the scorer's one thread: one prompt at a time, as each holds a whole prompt's activations; a request
+            # cancelled while its scoring waits is dropped from the queue (one that began runs to its end)
+            score = functools.partial(self._score_prompt, prompt_ids, params.prompt_logprobs)
+            prompt_logprobs = await asyncio.get_running_loop().run_in_executor(self._scorer, score)
         # a salted sequence's id says so, for as long as transformers holds any of its state (`_keep_salted_apart`)
         request_id = f"{'salted' if params.cache_salt is not None else 'seq'}-{next(self._ids)}"
         outputs: asyncio.Queue[Any] = asyncio.Queue()
@@ -205,6 +212,7 @@ class TransformersEngine:
             self._grammar.unregister(request_id)
             self._controls.unregister(request_id)
             self._sampling.unregister(request_id)
+            self._looked_up.discard(request_id)
             if not finished:
                 self._manager.cancel_request(request_id)
                 with self._manager.output_router._lock:
@@ -261,6 +269,7 @@ class TransformersEngine:
         )
 
     def shutdown(self) -> None:
+        self._scorer.shutdown(wait=False, cancel_futures=True)
         if self._manager.is_running():
             self._manager.stop(block=True, timeout=10)
 
