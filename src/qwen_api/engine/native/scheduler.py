@@ -203,7 +203,9 @@ class Scheduler:
         """Whether `seq` waits for its leader, which runs, to index the prompt's full blocks, so as to share them
         (a leader that finished, was cancelled, refused or preempted is waited for no more)."""
         lead = seq.leader
-        return lead is not None and lead.hashed < lead.prompt_len // self.pool.block_size and lead in self.running
+        if lead is None or not self.pool.prefix_cache:  # without the cache there is nothing to share
+            return False
+        return lead.hashed < lead.prompt_len // self.pool.block_size and lead in self.running
 
     def _admit(self, step: Step, budget: int) -> list[Sequence]:
         refused: list[Sequence] = []
