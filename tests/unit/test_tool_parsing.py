@@ -49,6 +49,13 @@ def test_an_argument_may_hold_the_closing_tag_itself() -> None:
     assert unclosed.content is None and json.loads(unclosed.tool_calls[0]["function"]["arguments"]) == {"html": html}
 
 
+def test_json_nested_past_the_stack_is_no_call_and_no_crash() -> None:
+    deep = "<tool_call>" + "[" * 100_000 + "]" * 100_000 + "</tool_call>"
+    assert parse_tool_calls(f"x {deep}") == ParsedOutput(f"x {deep}", [])
+    args = json.dumps("[" * 100_000 + "]" * 100_000)
+    assert parse_tool_calls(f'<tool_call>{{"name": "f", "arguments": {args}}}</tool_call>').tool_calls == []
+
+
 def test_a_whole_call_left_unclosed_with_text_after_it_is_a_call() -> None:
     """A strict function's grammar lets the closing tag be left out and text follow: the call counts, and the text
     after it stays content."""

@@ -284,7 +284,7 @@ def _json_at(text: str, start: int) -> tuple[Any, int]:
     """The JSON value that starts at `start`, and where it ends; (None, -1) when none does (not JSON, or cut off)."""
     try:
         return _JSON.raw_decode(text, start)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past Python's stack, no call of any function
         return None, -1
 
 
@@ -296,7 +296,7 @@ def _call_of(body: Any) -> tuple[str, dict[str, Any]] | None:
     if isinstance(args, str):
         try:
             args = json.loads(args)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     return (name, args) if isinstance(args, dict) else None
 
