@@ -3,8 +3,8 @@
 Requests by route and status, rejections and cancellations by reason, tokens in and out, per-sequence time to
 first token, time per output token and end-to-end latency, the engine's batch size per step, and what is read
 from the engine and admission at scrape time: running, waiting and admitted sequences, and where the engine keeps
-its own KV cache (native, llama.cpp), its usage, prefix-cache lookups and hits, and preemptions (each only from
-an engine that reports it: a missing series is not a zero).
+its own KV cache (native, llama.cpp), its usage and preemptions, and prefix-cache lookups and hits (every engine)
+(each only from an engine that reports it: a missing series is not a zero).
 
 The same load also goes out under vLLM's names, labelled `model_name` as vLLM's are (`vllm:num_requests_running`,
 `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc` and its older name `vllm:gpu_cache_usage_perc`, a 0-1

@@ -340,14 +340,10 @@ class TextGenerator:
     ) -> AsyncGenerator[TextDelta, None]:
         """One sequence as text deltas; a stop string ends it (and cancels it in the engine) at once."""
         stops = stop if isinstance(stop, Stops) else Stops(tuple(stop))
-        if stops.special_text:  # special tokens are text, but the end token that ends the answer is not (vLLM)
-            ends = () if params.ignore_eos else self.engine.end_token_ids
-            detokenizer, matcher = IncrementalDetokenizer(self.tokenizer), StopMatcher(stops, end_ids=ends)
-        else:
-            detokenizer, matcher = (
-                IncrementalDetokenizer(self.tokenizer, skip_ids=self._special_ids),
-                StopMatcher(stops),
-            )
+        # with special tokens as text, the end token that ends the answer is none of it all the same (vLLM)
+        skip = () if stops.special_text else self._special_ids
+        ends = self.engine.end_token_ids if stops.special_text and not params.ignore_eos else ()
+        detokenizer, matcher = IncrementalDetokenizer(self.tokenizer, skip_ids=skip), StopMatcher(stops, end_ids=ends)
         produced = 0
         start, first = time.perf_counter(), 0.0
         report = self.observer if observed else None  # until told how the sequence ended

@@ -209,6 +209,14 @@ class StreamOptions(_OpenAIRequest):
     continuous_usage_stats: bool = False
 
 
+def token_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """A route's `logit_bias` as (token id, bias) pairs (`schema.bias_pairs`); `Unsupported` where they cannot be."""
+    try:
+        return bias_pairs(bias, vocab_size)
+    except ValueError as exc:
+        raise Unsupported("logit_bias", str(exc)) from None
+
+
 class _SamplingRequest(_OpenAIRequest):
     """Fields shared by chat and text completions. A field sent as null takes its default."""
 
@@ -389,13 +397,6 @@ class _SamplingRequest(_OpenAIRequest):
         """Whether each chunk carries its choice's usage so far (vLLM's `continuous_usage_stats`)."""
         return self.include_usage() and bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
-    def token_bias(self, vocab_size: int) -> tuple[tuple[int, float], ...]:
-        """logit_bias as (token id, bias) pairs (`schema.bias_pairs`); `Unsupported` where they cannot be."""
-        try:
-            return bias_pairs(self.logit_bias, vocab_size)
-        except ValueError as exc:
-            raise Unsupported("logit_bias", str(exc)) from None
-
     def logprobs_wanted(self) -> int | None:
         """None when no log-probabilities are asked for, else how many alternatives each token lists."""
         return None
@@ -424,7 +425,7 @@ class _SamplingRequest(_OpenAIRequest):
             repetition_penalty=float(values["repetition_penalty"]),
             presence_penalty=float(values["presence_penalty"]),
             frequency_penalty=float(values["frequency_penalty"]),
-            logit_bias=self.token_bias(vocab_size),
+            logit_bias=token_bias(self.logit_bias, vocab_size),
             allowed_ids=tuple(sorted(set(self.allowed_token_ids or ()))),
             seed=self.seed,
             logprobs=self.logprobs_wanted(),

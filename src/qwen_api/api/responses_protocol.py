@@ -24,8 +24,9 @@ from qwen_api.api.openai_protocol import (
     FunctionDefinition,
     ToolCall,
     Unsupported,
+    token_bias,
 )
-from qwen_api.api.schema import RequestModel, at_most, bias_pairs, checked_logit_bias, resolve_sampling
+from qwen_api.api.schema import RequestModel, at_most, checked_logit_bias, resolve_sampling
 from qwen_api.engine.base import SamplingParams
 from qwen_api.structured.grammar import GrammarError, response_format_grammar, response_format_schema
 from qwen_api.structured.tools import CallRules, check_functions, tools_grammar
@@ -358,14 +359,10 @@ class ResponsesRequest(_Request):
         """What the request sets, else the model's generation-config defaults, else OpenAI's."""
         values = resolve_sampling(self, model_defaults, _DIALECT_DEFAULTS)
         values["top_k"] = max(int(values["top_k"]), 0)  # -1: off, as 0
-        try:
-            bias = bias_pairs(self.logit_bias, vocab_size)
-        except ValueError as exc:
-            raise Unsupported("logit_bias", str(exc)) from None
         return SamplingParams(
             max_new_tokens=max_new_tokens,
             logprobs=self.logprobs_wanted(),
-            logit_bias=bias,
+            logit_bias=token_bias(self.logit_bias, vocab_size),
             cache_salt=self.cache_salt,
             **values,
         )

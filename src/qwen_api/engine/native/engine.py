@@ -219,7 +219,7 @@ class NativeEngine:
     def _hand_off(self, loop: asyncio.AbstractEventLoop) -> None:
         arrived = self._arriving.pop(loop)
         leaders: dict[tuple[str | None, tuple[int, ...]], Sequence] = {}
-        for seq in arrived:  # a request's samples: the first reads the prompt, the others share its blocks
+        for seq in arrived if len(arrived) > 1 else ():  # a request's samples: one reads the prompt for the others
             key = (seq.params.cache_salt, tuple(seq.tokens))
             if (lead := leaders.setdefault(key, seq)) is not seq and seq.params.prompt_logprobs is None:
                 seq.leader = lead
