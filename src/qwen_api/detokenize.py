@@ -119,7 +119,8 @@ class Stops:
 
     Stop strings, and optionally a block, (opening, closing) marker, inside which they do not match: with tools,
     a `<tool_call>` block's arguments may hold a stop string, and a call cut there would be neither a call nor
-    content (its markup would leak into the answer's text). `token_ids`: tokens that end the text once generated
+    content (its markup would leak into the answer's text); the closing marker inside one of the block's JSON strings
+    does not close it. `token_ids`: tokens that end the text once generated
     (vLLM's `stop_token_ids`). `include`: the stop string or stop token that ended the text stays at its end (vLLM's
     `include_stop_str_in_output`); as in vLLM, the end token that ends an answer counts as a stop token here.
     `special_text`: special tokens are written as their text (`<|im_start|>`) rather than left out (vLLM's
@@ -146,6 +147,7 @@ class StopMatcher:
         self._stop_ids, self._end_ids = stops.token_ids, frozenset(end_ids)
         self.token_ids = self._stop_ids | self._end_ids  # the tokens that end the text
         self._inside = False  # within a shielded block
+        self._in_string = self._escaped = False  # where that reading stands in the block's JSON
         self._pending = ""
         self._quiet = 0  # chars at the start of `_pending` pushed unarmed: a stop string must end past them
         self.stopped = False
@@ -173,9 +175,10 @@ class StopMatcher:
         while True:
             if shield and self._inside:  # no stop string counts until the block closes
                 close = shield[1]
-                at = self._pending.find(close)
+                at = self._block_close(close)
                 if at < 0:
-                    out.append(self._release(_partial_at_end(self._pending, [close])))
+                    # what is held back is the start of a marker (no quote or backslash): read again, it changes nothing
+                    out.append(self._release(0 if self._in_string else _partial_at_end(self._pending, [close])))
                     return "".join(out)
                 out.append(self._release(len(self._pending) - at - len(close)))
                 self._inside = False
@@ -184,7 +187,7 @@ class StopMatcher:
             opened = self._pending.find(shield[0]) if shield else -1
             if shield and opened >= 0 and (not found or opened < min(found)[0]):  # a stop string wins a tie
                 out.append(self._release(len(self._pending) - opened - len(shield[0])))
-                self._inside = True
+                self._inside, self._in_string, self._escaped = True, False, False
                 continue
             if found:
                 cut, self.matched = min(found)
@@ -195,6 +198,25 @@ class StopMatcher:
             markers = [*self._stops, shield[0]] if shield else self._stops
             out.append(self._release(_partial_at_end(self._pending, markers)))
             return "".join(out)
+
+    def _block_close(self, close: str) -> int:
+        """Where the shielded block's `close` marker starts in `_pending`, or -1: a marker inside one of the
+        block's JSON strings (a tool call's argument may hold `</tool_call>`) does not close it."""
+        text = self._pending
+        for i in range(len(text)):
+            c = text[i]
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif c == "\\":
+                    self._escaped = True
+                elif c == '"':
+                    self._in_string = False
+            elif c == '"':
+                self._in_string = True
+            elif text.startswith(close, i):
+                return i
+        return -1
 
     def _release(self, keep: int) -> str:
         """Emit all of the pending text but its last `keep` characters."""

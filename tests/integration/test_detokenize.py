@@ -59,6 +59,7 @@ def test_stop_strings_never_leak(pieces: list[str], stops: list[str], emitted: s
 
 CALL = '<tool_call>{"name": "f", "arguments": {"q": "a STOP b"}}</tool_call>'
 SHIELD = ("<tool_call>", "</tool_call>")
+TRICKY = '<tool_call>{"name": "f", "arguments": {"html": "</tool_call> STOP"}}</tool_call>'
 
 
 @pytest.mark.parametrize(
@@ -71,6 +72,9 @@ SHIELD = ("<tool_call>", "</tool_call>")
         (f"<tool{CALL}", ["<tool"], "", "<tool"),  # a stop string that starts where a block would wins
         ('<tool_call>{"q": "STOP', ["STOP"], '<tool_call>{"q": "STOP', None),  # a block the sequence ends inside
         ("<tool_ca STOP", ["STOP"], "<tool_ca ", "STOP"),  # the start of a marker that never completes
+        (f"{TRICKY} STOP", ["STOP"], f"{TRICKY} ", "STOP"),  # a closing marker in an argument closes nothing
+        ('<tool_call>{"q": "a\\"</tool_call> STOP"}', ["STOP"], '<tool_call>{"q": "a\\"</tool_call> STOP"}', None),
+        ('<tool_call>{"q": "a\\\\"}</tool_call> STOP', ["STOP"], '<tool_call>{"q": "a\\\\"}</tool_call> ', "STOP"),
     ],
 )
 def test_stop_strings_do_not_count_inside_a_shielded_block(
