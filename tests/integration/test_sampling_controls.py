@@ -302,6 +302,41 @@ def test_the_transformers_engine_scores_one_prompt_at_a_time_and_drops_cancelled
     assert started == [40, 40, 40] and running[1] == 1
 
 
+def test_the_transformers_engine_scores_a_prompt_beside_generating_sequences_as_alone(tiny_qwen2_dir: Path) -> None:
+    """The scorer's forward pass ran on its own thread at the same time as the batch's steps, and then came out
+    wrong (56 of 60 prompts scored beside 4 generating sequences; echo with logprobs, lm-eval's loglikelihood, under
+    load): the two now take turns."""
+    from qwen_api.engine.transformers_engine import TransformersEngine
+
+    settings = Settings(model=str(tiny_qwen2_dir), engine="transformers", max_batch_size=4, dtype="float32")
+    engine = default_loader(settings, resolve_model(settings.model))().engine
+    assert isinstance(engine, TransformersEngine)
+    prompt = list(range(100, 111))
+    alone = [e.logprob for e in engine._score_prompt(prompt, 0)]
+    busy = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+
+    async def drain(ids: list[int]) -> None:
+        async for _ in engine.generate(ids, busy):
+            pass
+
+    async def main() -> list[list[float]]:
+        loop, scored = asyncio.get_running_loop(), []
+        for _ in range(4):
+            traffic = [asyncio.create_task(drain(list(range(200 + i, 230 + i)))) for i in range(4)]
+            for _ in range(3):
+                entries = await loop.run_in_executor(None, engine._score_prompt, prompt, 0)
+                scored.append([e.logprob for e in entries])
+            await asyncio.gather(*traffic)
+        return scored
+
+    try:
+        scored = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert engine.stats().steps > 0
+    assert all(np.allclose(s, alone, atol=1e-5) for s in scored), [max(abs(np.subtract(s, alone))) for s in scored]
+
+
 def test_the_transformers_engine_counts_a_waiting_prompts_lookups_once(tiny_qwen2_dir: Path) -> None:
     """transformers' scheduler searches the prefix cache for a waiting request at each pass until there is room
     for it: each search was counted, and under memory pressure the queried tokens read ~48 times too many."""

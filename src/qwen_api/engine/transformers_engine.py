@@ -13,6 +13,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -92,6 +93,9 @@ class TransformersEngine:
         self.on_step: Callable[[int], None] | None = None
         self._queried_tokens = self._hit_tokens = 0  # prompt tokens looked up in the prefix cache / found there
         self._scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompt-scorer")  # `_score_prompt`
+        # The scorer's forward pass and the batch's take turns: run together, the scorer's came out wrong (56 of 60
+        # prompts scored beside 4 generating sequences on the CPU; the shared state is inside transformers)
+        self._forward = threading.Lock()
         self._looked_up: set[str] = set()  # request ids whose prompt the prefix cache was searched for
         self._count_steps_of_each_batch_processor()
         self._manager.start()
@@ -107,6 +111,13 @@ class TransformersEngine:
         def create_counted() -> Any:
             processor = create()
             self._keep_salted_apart(processor.cache)
+            compute = processor.model_runner.compute_batch
+
+            def compute_in_turn(*args: Any, **kwargs: Any) -> Any:
+                with self._forward:
+                    return compute(*args, **kwargs)
+
+            processor.model_runner.compute_batch = compute_in_turn
             schedule = processor.scheduler.schedule_batch
 
             def schedule_counted(*args: Any, **kwargs: Any) -> Any:
@@ -223,8 +234,8 @@ class TransformersEngine:
 
     def _score_prompt(self, prompt_ids: list[int], k: int) -> tuple[TokenLogprob, ...]:
         """The prompt's log-probabilities (`SamplingParams.prompt_logprobs`): the batching manager keeps no prompt
-        logits, so a forward pass of the model over the prompt alone, beside the batch (on its own thread), turned
-        into log-probabilities a slice of rows at a time. For the plain-head architectures (`_PLAIN_HEADS`, Qwen2
+        logits, so a forward pass of the model over the prompt alone, on its own thread between the batch's steps,
+        turned into log-probabilities a slice of rows at a time. For the plain-head architectures (`_PLAIN_HEADS`, Qwen2
         among them) the pass stops at the last hidden states and each slice goes through the head in turn: the
         whole prompt's logits were prompt x vocabulary (0.3 MB a token for Qwen2's 152k: 7.6 GB for 24,000 tokens,
         which got the server killed for memory)."""
@@ -233,11 +244,12 @@ class TransformersEngine:
         plain = getattr(self.model.config, "model_type", None) in _PLAIN_HEADS and hasattr(self.model, "model")
         with torch.inference_mode():
             ids = torch.tensor([prompt_ids], device=self.model.device)
-            if plain:
-                hidden = self.model.model(input_ids=ids, use_cache=False).last_hidden_state[0]
-                head = self.model.get_output_embeddings()
-            else:
-                hidden, head = self.model(input_ids=ids, use_cache=False).logits[0], None
+            with self._forward:  # in turn with the batch's steps (`__init__`)
+                if plain:
+                    hidden = self.model.model(input_ids=ids, use_cache=False).last_hidden_state[0]
+                    head = self.model.get_output_embeddings()
+                else:
+                    hidden, head = self.model(input_ids=ids, use_cache=False).logits[0], None
             entries: list[TokenLogprob] = []
             for start in range(0, len(prompt_ids) - 1, _SCORE_ROWS):
                 end = min(start + _SCORE_ROWS, len(prompt_ids) - 1)
@@ -295,6 +307,7 @@ _INTERNALS_STARTED = (
     "batch_processor.cache.max_tokens_read",
     "batch_processor.cache.search_prefix_match",
     "batch_processor.cache.mark_complete_blocks",
+    "batch_processor.model_runner.compute_batch",
 )
 
 
