@@ -69,7 +69,13 @@ class _LoadCollector(Collector):
         """The load under vLLM's names (see the module's docstring)."""
         label = [self._model_name()]
         gauges: list[tuple[str, str, float]] = [
-            ("vllm:num_requests_running", "Requests in the engine's batch", stats.running if stats else 0),
+            # vLLM's running requests are those in its batch, its waiting ones not among them (ours: `running` are
+            # all unfinished sequences, `waiting` some of them)
+            (
+                "vllm:num_requests_running",
+                "Requests in the engine's batch",
+                stats.running - stats.waiting if stats else 0,
+            ),
             ("vllm:num_requests_waiting", "Requests waiting for a batch slot", stats.waiting if stats else 0),
         ]
         if stats is not None and stats.kv_usage is not None:

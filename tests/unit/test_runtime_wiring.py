@@ -103,3 +103,16 @@ def test_an_engine_on_a_gpu_gets_the_gil_back_within_half_a_millisecond(monkeypa
         assert WORKER_SWITCH_INTERVAL_S <= 0.001
     finally:
         sys.setswitchinterval(before)
+
+
+def test_vllm_running_requests_are_those_in_the_batch_not_the_queue() -> None:
+    """vLLM's `num_requests_running` counts its batch; ours counted every unfinished sequence, queued ones too, so
+    a gateway or autoscaler reading both gauges saw the queue twice (8 running and 4 waiting for 4 in the batch)."""
+    from qwen_api.engine.base import EngineStats
+    from qwen_api.metrics import Metrics
+
+    stats = EngineStats(running=8, waiting=4, active=4, steps=10, peak_batch_size=4)
+    text = Metrics(lambda: stats, lambda: 8, lambda: "m").render().decode()
+    assert 'vllm:num_requests_running{model_name="m"} 4.0' in text
+    assert 'vllm:num_requests_waiting{model_name="m"} 4.0' in text
+    assert "qwen_api_running_sequences 8.0" in text  # ours keeps its documented meaning: every unfinished sequence
