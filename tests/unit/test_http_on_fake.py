@@ -501,3 +501,25 @@ def test_a_model_that_failed_to_load_gets_503s_without_retry_after() -> None:
                 assert r.status_code == 503 and "retry-after" not in r.headers, r.headers
 
     asyncio.run(main())
+
+
+def test_no_ray_replica_free_in_time_is_a_429_in_each_routes_shape() -> None:
+    """The Ray front's engine raises NoReplicaFree when every replica stayed full for its 30 s (another front's
+    traffic on them): a 429 with Retry-After, as its own admission gives, where it was a 500."""
+    from qwen_api.cluster.client import NoReplicaFree
+
+    async def test(client: httpx.AsyncClient, fake: FakeEngine, _: Admission) -> None:
+        async def full(*_: object) -> Any:
+            raise NoReplicaFree(30)
+            yield  # an async generator, as the engine's
+
+        fake.generate = full  # type: ignore[method-assign]
+        chat = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+        r = await client.post("/v1/chat/completions", json=chat)
+        assert (r.status_code, r.headers.get("retry-after"), r.json()["error"]["code"]) == (429, "1", "overloaded")
+        r = await client.post("/v1/messages", json={**chat, "max_tokens": 8})
+        assert (r.status_code, r.json()["error"]["type"]) == (429, "rate_limit_error")
+        r = await client.post("/generate", json={"prompt": "hi"})
+        assert r.status_code == 429 and "no engine replica took the request" in r.json()["detail"]
+
+    run(test)

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from ray.exceptions import ActorDiedError, RayTaskError, TaskCancelledError
 
+from qwen_api.admission import Overloaded
 from qwen_api.cluster.client import RemoteEngine, ReplicaBoard, ReplicaCounts
 from qwen_api.engine.base import ConstraintFailed, EngineDead, EngineError, SamplingParams, TokenChunk, TokenLogprob
 
@@ -312,12 +313,14 @@ def test_a_stream_that_ends_without_a_finish_reason_fails() -> None:
     assert counts(board) == {"a": ReplicaCounts()} and idle(engine)
 
 
-def test_a_request_no_replica_takes_in_time_fails_and_is_cancelled() -> None:
+def test_a_request_no_replica_takes_in_time_is_overloaded_and_cancelled() -> None:
+    """Every replica full (another front on them, or a dead one's replacement loading): a 429 with Retry-After, as
+    the front's own admission gives, rather than a 500 after 30 s."""
     stream = Stream(None)  # never named: no replica took it
     engine, board, handle = engine_over(stream, assign_timeout=0.05)
 
     async def main() -> None:
-        with pytest.raises(EngineError, match=r"no engine replica took the request within 0\.05 s"):
+        with pytest.raises(Overloaded, match=r"no engine replica took the request within 0\.05 s"):
             async with aclosing(engine.generate([1], PARAMS)) as chunks:
                 await anext(chunks)
         assert no_other_task()

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from qwen_api import __version__
-from qwen_api.admission import Draining
+from qwen_api.admission import Draining, Overloaded
 from qwen_api.api.deps import GeneratorDep, GuardDep, RuntimeDep, SettingsDep, log_outputs, log_prompt
 from qwen_api.api.errors import NOT_LOADED, failure_detail, invalid_field
 from qwen_api.api.guard import ClientDisconnected, CutOff, RequestTimeout
@@ -83,7 +83,7 @@ async def generate(
         return sse_response(events, lambda e: {"detail": failure_detail(e)}, on_close=ticket.release)
     try:
         completions = await guard.complete(request, ticket, generator.complete(prompt_ids, params, n=n))
-    except (EngineError, ValueError, RequestTimeout, ClientDisconnected, CutOff):
+    except (EngineError, ValueError, RequestTimeout, ClientDisconnected, CutOff, Overloaded):
         raise
     except Exception as exc:  # anything else the engine throws is still "generation failed", never a bare 500
         raise EngineError(f"{type(exc).__name__}: {exc}") from exc

@@ -24,6 +24,7 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwen_api.admission import Overloaded
 from qwen_api.engine.base import (
     ConstraintFailed,
     EngineDead,
@@ -35,6 +36,17 @@ from qwen_api.engine.base import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class NoReplicaFree(Overloaded):
+    """No replica took the sequence in time: every one was full (another front's traffic, or a dead replica's
+    replacement still loading). A 429 with Retry-After, as when this front is full, not a failure."""
+
+    def __init__(self, seconds: float) -> None:
+        Exception.__init__(
+            self, f"Server overloaded: no engine replica took the request within {seconds:g} s; retry shortly"
+        )
+
 
 RETRIES = 1  # a sequence with no token yet is sent once more, to a live replica (not more: it may be what kills them)
 
@@ -125,7 +137,7 @@ class RemoteEngine:
                             raise failure  # mapped below, as if the stream had raised it here
                     return
                 except TimeoutError:
-                    raise EngineError(f"no engine replica took the request within {self._assign_timeout:g} s") from None
+                    raise NoReplicaFree(self._assign_timeout) from None
                 except RayError as exc:
                     cause = getattr(exc, "cause", None)
                     if isinstance(cause, ConstraintFailed):  # the request's grammar failed: a 400, as in one process
