@@ -116,3 +116,23 @@ def test_vllm_running_requests_are_those_in_the_batch_not_the_queue() -> None:
     assert 'vllm:num_requests_running{model_name="m"} 4.0' in text
     assert 'vllm:num_requests_waiting{model_name="m"} 4.0' in text
     assert "qwen_api_running_sequences 8.0" in text  # ours keeps its documented meaning: every unfinished sequence
+
+
+def test_shutdown_waits_for_a_worker_mid_step_however_long(caplog: pytest.LogCaptureFixture) -> None:
+    """An engine's shutdown joined its worker for 10 s and went on: the llama.cpp worker, mid-step on a loaded
+    machine, then decoded on a model the interpreter's teardown freed (SIGSEGV). It now waits for the step to end,
+    saying so as it waits."""
+    import threading
+    import time
+
+    from qwen_api.engine.base import join_worker
+
+    release = threading.Event()
+    worker = threading.Thread(target=release.wait, args=(5,))
+    worker.start()
+    threading.Timer(0.35, release.set).start()
+    started = time.monotonic()
+    join_worker(worker, "test engine shutdown", report_every=0.1)
+    assert not worker.is_alive() and time.monotonic() - started >= 0.3
+    waits = [r.getMessage() for r in caplog.records if "still waiting for its worker" in r.getMessage()]
+    assert len(waits) >= 2 and waits[0].startswith("test engine shutdown")

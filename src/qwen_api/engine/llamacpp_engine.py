@@ -55,6 +55,7 @@ from qwen_api.engine.base import (
     checked_chunk,
     common_prefix_len,
     hand_over,
+    join_worker,
     relay,
 )
 from qwen_api.engine.sampler import Row, hold_back
@@ -430,7 +431,7 @@ class LlamaCppEngine:
     def shutdown(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=10)
+        join_worker(self._thread, "llama.cpp engine shutdown")
 
 
 def safe_model_params(defaults: Callable[[], Any] | None = None) -> Any:

@@ -47,6 +47,7 @@ from qwen_api.engine.base import (
     check_prompt_ids,
     checked_chunk,
     hand_over,
+    join_worker,
     relay,
 )
 from qwen_api.engine.native.config import load_config
@@ -396,7 +397,7 @@ class NativeEngine:
     def shutdown(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=10)
+        join_worker(self._thread, "native engine shutdown")
 
 
 def _to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
