@@ -523,3 +523,25 @@ def test_no_ray_replica_free_in_time_is_a_429_in_each_routes_shape() -> None:
         assert r.status_code == 429 and "no engine replica took the request" in r.json()["detail"]
 
     run(test)
+
+
+def test_a_body_not_sent_as_json_is_told_to_send_it_so() -> None:
+    """`curl -d '{...}'` sends a form-encoded body, which FastAPI does not read as JSON: the error said "Input should
+    be a valid dictionary", which does not say what to change. It names the Content-Type, in each route's shape."""
+
+    async def test(client: httpx.AsyncClient, *_: object) -> None:
+        chat = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        form = {"content-type": "application/x-www-form-urlencoded"}
+        wanted = "the body must be JSON sent with 'Content-Type: application/json'"
+        r = await client.post("/v1/chat/completions", content=json.dumps(chat), headers=form)
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith(wanted)
+        assert "'application/x-www-form-urlencoded'" in r.json()["error"]["message"]
+        r = await client.post("/v1/messages", content=json.dumps(chat))  # no Content-Type at all
+        assert r.status_code == 400 and r.json()["type"] == "error"
+        assert r.json()["error"]["message"] == f"{wanted}; it was sent with none"
+        r = await client.post("/generate", content=json.dumps({"prompt": "hi"}), headers=form)
+        assert r.status_code == 422 and r.json()["detail"][0]["msg"].startswith(wanted)
+        r = await client.post("/v1/chat/completions", json=[chat])  # JSON, but no object: told as it was
+        assert r.status_code == 400 and "valid dictionary" in r.json()["error"]["message"]
+
+    run(test)

@@ -295,13 +295,26 @@ def _error_text(error: Any, model: Any = None) -> str:
     return f"{where}: {what}" if where else what
 
 
+def _not_sent_as_json(request: Request, errors: Sequence[Any]) -> list[Any]:
+    """FastAPI reads a body as JSON only when its Content-Type says so: `curl -d '{...}'` (form-encoded), or no
+    Content-Type at all, gave "Input should be a valid dictionary", which does not say what to change."""
+    kind = request.headers.get("content-type")
+    whole_body = len(errors) == 1 and tuple(errors[0].get("loc", ())) == ("body",)
+    if not whole_body or errors[0].get("type") != "model_attributes_type" or (kind and "json" in kind.lower()):
+        return list(errors)  # (a JSON body that is no object, `[1]`, is told so as it is)
+    got = f"it was sent as {kind.split(';')[0]!r}" if kind else "it was sent with none"
+    msg = f"the body must be JSON sent with 'Content-Type: application/json'; {got}"
+    return [{**errors[0], "msg": msg}]
+
+
 async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    errors = _not_sent_as_json(request, exc.errors())
     if not _is_openai(request):  # FastAPI's own shape, but NaN/inf inputs must not break the JSON encoder
         # cut before the encoder too: it recurses into the inputs as well
-        detail = jsonable_encoder(_json_safe(exc.errors()))
+        detail = jsonable_encoder(_json_safe(errors))
         return JSONResponse({"detail": _json_safe(detail)}, status_code=422)
-    errors, model = exc.errors(), _body_model(request)
+    model = _body_model(request)
     first = errors[0] if errors else {}
     loc = _field_path(first.get("loc", ()), model)
     param = None if first.get("type") == "json_invalid" else ".".join(loc) or None
