@@ -360,3 +360,21 @@ def test_a_reader_cancelled_from_outside_fails_the_sequence_instead_of_hanging()
 
     asyncio.run(main())
     assert stream.cancelled and counts(board) == {"a": ReplicaCounts()} and idle(engine)
+
+
+def test_a_failed_deploy_says_what_the_replicas_failed_with() -> None:
+    """The front's error said only "Failed to update the deployments ['engine']": the replicas' own error (a model
+    that cannot be read) was left in Ray's deployment status, where the operator did not see it."""
+    from types import SimpleNamespace
+
+    from qwen_api.cluster.deploy import DEPLOYMENT_NAME, _failure
+
+    trace = "The deployment failed to start 3 times in a row.\nTraceback (most recent call last):\n  File ...\n"
+    deployment = SimpleNamespace(message=trace + "safetensors_rust.SafetensorError: Error while deserializing\n\n")
+    app = SimpleNamespace(
+        message="Failed to update the deployments ['engine'].", deployments={DEPLOYMENT_NAME: deployment}
+    )
+    assert _failure(app) == (
+        "Failed to update the deployments ['engine']: safetensors_rust.SafetensorError: Error while deserializing"
+    )
+    assert _failure(SimpleNamespace(message="gone", deployments={})) == "gone"

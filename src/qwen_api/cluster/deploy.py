@@ -191,7 +191,7 @@ def deploy(settings: Settings, started: bool, stopping: Callable[[], bool] = lam
     if existing is not None:
         if existing.status == "DEPLOY_FAILED":  # a str enum: nothing serves there, and waiting on it cannot help
             raise RuntimeError(
-                f"the Ray Serve application {APP_NAME!r} on this cluster failed to deploy ({existing.message}); "
+                f"the Ray Serve application {APP_NAME!r} on this cluster failed to deploy ({_failure(existing)}); "
                 f"delete it (`serve.delete({APP_NAME!r})`) or let whatever deployed it fix it, then start again"
             )
         log.info("attaching to the Ray Serve application %r already deployed", APP_NAME)
@@ -226,7 +226,7 @@ def _wait_running(stopping: Callable[[], bool], period: float = 0.5, report_ever
         if app.status == "RUNNING":  # a str enum
             return
         if app.status == "DEPLOY_FAILED":
-            raise RuntimeError(f"the Ray Serve application {APP_NAME!r} failed to deploy: {app.message}")
+            raise RuntimeError(f"the Ray Serve application {APP_NAME!r} failed to deploy: {_failure(app)}")
         if stopping():
             raise RuntimeError("stopped while the engine replicas were starting")
         if time.monotonic() - reported > report_every:
@@ -252,3 +252,12 @@ def undeploy(deployed: Deployed, reachable: bool = True) -> None:
             serve.shutdown()
     finally:
         ray.shutdown()
+
+
+def _failure(app: Any) -> str:
+    """Why an application failed to deploy: its own message says only which deployment failed ("Failed to update
+    the deployments ['engine']"); the deployment's holds the replicas' error, whose last line says what it was (a
+    model that cannot be read, a missing file)."""
+    deployment = app.deployments.get(DEPLOYMENT_NAME)
+    lines = [line.strip() for line in str(getattr(deployment, "message", "") or "").splitlines() if line.strip()]
+    return f"{str(app.message).rstrip('.')}: {lines[-1]}" if lines else str(app.message)
