@@ -545,3 +545,19 @@ def test_a_body_not_sent_as_json_is_told_to_send_it_so() -> None:
         assert r.status_code == 400 and "valid dictionary" in r.json()["error"]["message"]
 
     run(test)
+
+
+def test_an_empty_response_format_is_refused_as_any_without_a_type() -> None:
+    """`response_format: {}` was taken as no format at all (free text) where any other object without a `type` is
+    refused, as OpenAI refuses it and as the Responses route refused `text.format: {}`."""
+
+    async def test(client: httpx.AsyncClient, *_: object) -> None:
+        chat = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "response_format": {}}
+        r = await client.post("/v1/chat/completions", json=chat)
+        assert r.status_code == 400 and "unknown response_format type None" in r.json()["error"]["message"]
+        r = await client.post("/generate", json={"prompt": "hi", "response_format": {}})
+        assert r.status_code == 422 and "unknown response_format type None" in r.text
+        r = await client.post("/generate", json={"prompt": "hi", "response_format": None})
+        assert r.status_code == 200  # null still means none
+
+    run(test)

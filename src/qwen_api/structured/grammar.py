@@ -417,9 +417,9 @@ def response_format_schema(response_format: dict[str, Any] | None) -> dict[str, 
 
     Closed and strict as the request schemas are: a field the format's type does not have (a `schema` beside
     `json_object`, a `name` beside `text`) or a field of the wrong type (`strict: "yes"`) is a `GrammarError`."""
-    if not response_format:
+    if response_format is None:
         return None
-    kind = response_format.get("type")
+    kind = response_format.get("type")  # `{}` too is refused: it asks for no format, and OpenAI wants the type
     if not isinstance(kind, str) or kind not in _FORMAT_FIELDS:
         raise GrammarError(f"unknown response_format type {kind!r}: use 'text', 'json_object' or 'json_schema'")
     if unknown := set(response_format) - {"type"} - _FORMAT_FIELDS[kind]:
