@@ -74,7 +74,7 @@ class _LoadCollector(Collector):
             (
                 "vllm:num_requests_running",
                 "Requests in the engine's batch",
-                stats.running - stats.waiting if stats else 0,
+                max(0, stats.running - stats.waiting) if stats else 0,  # a cancelled one may linger in a queue
             ),
             ("vllm:num_requests_waiting", "Requests waiting for a batch slot", stats.waiting if stats else 0),
         ]
