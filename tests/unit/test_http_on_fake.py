@@ -561,3 +561,23 @@ def test_an_empty_response_format_is_refused_as_any_without_a_type() -> None:
         assert r.status_code == 200  # null still means none
 
     run(test)
+
+
+def test_an_empty_stop_string_is_a_400_as_in_vllm() -> None:
+    """`stop: ""` (or one in a list) was dropped without a word on chat and text completions, where vLLM and our
+    own /v1/messages (`stop_sequences`) refuse it."""
+
+    async def test(client: httpx.AsyncClient, *_: object) -> None:
+        chat = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+        for route, body in (
+            ("/v1/chat/completions", chat),
+            ("/v1/completions", {"model": "fake-model", "prompt": "hi"}),
+        ):
+            for stop in ("", ["x", ""]):
+                r = await client.post(route, json={**body, "stop": stop})
+                assert r.status_code == 400 and r.json()["error"]["param"] == "stop", (route, stop, r.text)
+                assert "stop cannot contain an empty string" in r.json()["error"]["message"]
+        r = await client.post("/v1/chat/completions", json={**chat, "stop": ["x"]})
+        assert r.status_code == 200
+
+    run(test)

@@ -293,6 +293,8 @@ class _SamplingRequest(_OpenAIRequest):
         stops = [stop] if isinstance(stop, str) else stop or []
         if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_LENGTH for s in stops):
             raise ValueError(f"at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_LENGTH} characters")
+        if not all(stops):  # vLLM's rule, and /v1/messages' (it was dropped without a word)
+            raise ValueError("stop cannot contain an empty string")
         return stop
 
     @field_validator("n")
