@@ -97,14 +97,16 @@ class TransformersEngine:
         # prompts scored beside 4 generating sequences on the CPU; the shared state is inside transformers)
         self._forward = threading.Lock()
         self._looked_up: set[str] = set()  # request ids whose prompt the prefix cache was searched for
-        self._count_steps_of_each_batch_processor()
+        self._hook_each_batch_processor()
         self._manager.start()
         self.max_context_tokens = min(self._wait_for_cache_capacity(), _model_context(model))
         check_internals(self._manager, started=True)
 
     # ----------------------------------------------------------------------------------------- set-up
-    def _count_steps_of_each_batch_processor(self) -> None:
-        """Record how many sequences each forward step carries: the proof that requests share the model."""
+    def _hook_each_batch_processor(self) -> None:
+        """On each batch processor the manager makes: record how many sequences each forward step carries (the
+        proof that requests share the model), run its steps in turn with the prompt scorer (`_forward`), and keep
+        salted sequences out of its prefix sharing (`_keep_salted_apart`)."""
         manager = self._manager
         create = manager._create_batch_processor
 
